@@ -1,0 +1,30 @@
+# Two commands are all a user needs: `make run` and `make test`.
+# Both create or update .venv from pyproject.toml on their own.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CONFIG ?= config.example.yaml
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Starts the relay on 127.0.0.1:2525 in sandbox mode: local stand-ins for Entra ID and
+# Exchange Online, every delivered message kept as a file. No Microsoft account needed.
+run: $(STAMP)
+	$(BIN)/smtp-oauth-relay run --sandbox --config $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/ruff check relay tests bench
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .sandbox build *.egg-info

@@ -1,0 +1,100 @@
+"""Logging: one line per event on stderr, with a timestamp and the message id.
+
+The message id is carried in a context variable, so every line logged while a message is
+being handled, in any module, names that message without passing the id around. The
+formatter also scrubs known secret values as a last line of defence, and the libraries
+that would log protocol lines (aiosmtpd logs AUTH exchanges at INFO) are kept quiet.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+message_id: contextvars.ContextVar[str] = contextvars.ContextVar("message_id", default="-")
+
+# Loggers that see protocol lines or HTTP bodies; they never go below WARNING.
+_NOISY = ("mail.log", "aiosmtpd", "aiosmtplib", "msal", "urllib3", "requests", "asyncio")
+
+# Insertion-ordered and capped: tokens are registered as they are issued, for years.
+_redactions: dict[str, None] = {}
+_MAX_REDACTIONS = 256
+
+
+def redact(value: str) -> None:
+    """Register a secret value (token, client secret) that must never appear in a log line."""
+    if value and len(value) >= 6:
+        _redactions.pop(value, None)
+        _redactions[value] = None
+        while len(_redactions) > _MAX_REDACTIONS:
+            del _redactions[next(iter(_redactions))]
+
+
+def _scrub(text: str) -> str:
+    for value in list(_redactions):
+        if value in text:
+            text = text.replace(value, "[REDACTED]")
+    return text
+
+
+@contextmanager
+def message_context(mid: str) -> Iterator[None]:
+    token = message_id.set(mid)
+    try:
+        yield
+    finally:
+        message_id.reset(token)
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "msgid"):
+            record.msgid = message_id.get()
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    converter = time.gmtime
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s.%(msecs)03dZ %(levelname)-7s %(name)s [%(msgid)s] "
+                         "%(message)s", datefmt="%Y-%m-%dT%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _scrub(super().format(record))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers; extra fields given to a call are kept."""
+
+    _STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"msgid", "message"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msgid": getattr(record, "msgid", "-"),
+            "msg": record.getMessage(),
+        }
+        out.update({k: v for k, v in record.__dict__.items() if k not in self._STD})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return _scrub(json.dumps(out, default=str))
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_ContextFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in _NOISY:
+        logging.getLogger(name).setLevel(logging.WARNING)
