@@ -8,6 +8,7 @@ Relative file paths are taken relative to the directory of the config file.
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import re
 import socket
@@ -108,6 +109,13 @@ def _check_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         return ipaddress.ip_network(str(value), strict=False)
     except ValueError:
         raise ValueError(f"{value!r} is not a network (expected e.g. 10.0.0.0/8)") from None
+
+
+def _check_password_hash(value: str) -> str:
+    from relay.passwords import check_hash_format
+
+    check_hash_format(value)
+    return value
 
 
 def _check_https(value: str) -> str:
@@ -235,7 +243,7 @@ class Credential(_Model):
     certificate: CertificateCredential | None = None
     ca_file: Path | None = None
     refresh_before: Duration = 600.0
-    secret_expires: str | None = None
+    secret_expires: dt.date | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> Credential:
@@ -277,15 +285,8 @@ class Profile(_Model):
 class User(_Model):
     """A local SMTP account for AUTH PLAIN/LOGIN (hash from ``smtp-oauth-relay hash-password``)."""
 
-    password_hash: str
+    password_hash: Annotated[str, AfterValidator(_check_password_hash)]
     profile: Name | None = None
-
-    @model_validator(mode="after")
-    def _hash_format(self) -> User:
-        from relay.passwords import check_hash_format
-
-        check_hash_format(self.password_hash)
-        return self
 
 
 class Route(_Model):

@@ -1,0 +1,113 @@
+"""The delivery step: one message, one profile, one attempt through the upstream.
+
+This is the single place that knows how a profile becomes a token and an upstream
+session, and how their failures become an SMTP reply. The receiving side calls it while
+the client waits; a durable queue calls the very same method for each (re)try.
+
+Reply classes follow one rule: only the upstream's own permanent rejection of the message
+is permanent. Everything about our side — the token endpoint, the login, the network —
+is transient (4xx), so a legacy app keeps the message and tries again instead of
+dropping it. A rejected login in particular is never a reason to bounce mail.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from relay.config import Config, Profile
+from relay.message import DeliveryResult, Outbound, Reply
+from relay.tokens import TokenError, Tokens
+from relay.upstream import AuthenticationRejected, UpstreamClient
+
+log = logging.getLogger(__name__)
+
+# What the usual XOAUTH2 rejections mean, for the operator reading the log.
+_AUTH_HINTS = {
+    "5.7.139": "SMTP AUTH is disabled for the mailbox or tenant: run "
+               "Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false "
+               "(security defaults also disable it)",
+    "5.7.3": "Exchange does not accept the app for this mailbox: check that "
+             "New-ServicePrincipal was run for the app and that the service principal has "
+             "FullAccess on the mailbox (Add-MailboxPermission), and that the tenant is right",
+}
+
+
+def explain_auth_rejection(reply: Reply) -> str:
+    code = reply.enhanced or ""
+    for prefix, hint in _AUTH_HINTS.items():
+        if code.startswith(prefix) or prefix in reply.text:
+            return hint
+    return "see README 'Troubleshooting'; `smtp-oauth-relay token` shows the token's claims"
+
+
+class Deliverer:
+    """Turns an :class:`Outbound` into an upstream delivery for its profile.
+
+    Upstream clients are made once per upstream (they hold the TLS context); token
+    providers come from the shared :class:`Tokens` registry, one per credential.
+    """
+
+    def __init__(self, config: Config, tokens: Tokens) -> None:
+        self._tokens = tokens
+        self._config = config
+        self._clients: dict[tuple[str, str], UpstreamClient] = {}
+        self.update(config)
+
+    def update(self, config: Config) -> None:
+        """Use a new config; upstream clients whose settings did not change are kept."""
+        clients: dict[tuple[str, str], UpstreamClient] = {}
+        helo = config.server.hostname
+        for profile in config.profiles.values():
+            upstream = config.upstream_for(profile)
+            key = (upstream.model_dump_json(), upstream.helo_name or helo)
+            clients[key] = self._clients.get(key) or UpstreamClient(
+                upstream, upstream.helo_name or helo)
+        self._config, self._clients = config, clients
+
+    def _client(self, profile: Profile) -> UpstreamClient:
+        upstream = self._config.upstream_for(profile)
+        helo = upstream.helo_name or self._config.server.hostname
+        return self._clients[(upstream.model_dump_json(), helo)]
+
+    async def deliver(self, msg: Outbound, *,
+                      require_all_recipients: bool = True) -> DeliveryResult:
+        profile = self._config.profiles.get(msg.profile)
+        if profile is None:
+            return DeliveryResult(Reply(451, f"4.3.5 Profile {msg.profile} is no longer "
+                                             "configured; message kept for retry"))
+        client = self._client(profile)
+        provider = self._tokens.provider(profile.credential)
+        started = time.monotonic()
+        try:
+            token = await provider.get()
+        except TokenError as exc:
+            return self._token_failure(msg, profile, exc)
+        try:
+            return await client.send(msg, profile.mailbox, token,
+                                     require_all_recipients=require_all_recipients)
+        except AuthenticationRejected as first:
+            log.warning("upstream rejected the token for %s (%s); fetching a new token and "
+                        "retrying once", profile.mailbox, first.reply)
+        try:
+            token = await provider.refresh(stale=token)
+        except TokenError as exc:
+            return self._token_failure(msg, profile, exc)
+        try:
+            return await client.send(msg, profile.mailbox, token,
+                                     require_all_recipients=require_all_recipients)
+        except AuthenticationRejected as second:
+            log.error("upstream rejected a fresh token for mailbox %s (profile %s): %s — %s "
+                      "[%.1f s]", profile.mailbox, msg.profile, second.reply,
+                      explain_auth_rejection(second.reply), time.monotonic() - started)
+            return DeliveryResult(Reply(
+                451, f"4.7.0 Upstream refused the relay's login for {profile.mailbox}: "
+                     f"{second.reply}; message not sent, try again later"))
+
+    @staticmethod
+    def _token_failure(msg: Outbound, profile: Profile, exc: TokenError) -> DeliveryResult:
+        log.error("no OAuth token for credential %s (profile %s): %s",
+                  profile.credential, msg.profile, exc.message)
+        return DeliveryResult(Reply(
+            451, f"4.7.0 Relay cannot obtain an OAuth token for profile {msg.profile} "
+                 "(see the relay's log); try again later"))

@@ -1,0 +1,93 @@
+"""Sandbox mode: the relay runs against local stand-ins instead of Microsoft's services.
+
+``smtp-oauth-relay run --sandbox`` (and ``make run``) needs no Microsoft account: a fake
+Entra ID issues tokens over HTTPS and a fake Exchange Online demands STARTTLS and a valid
+XOAUTH2 token, exactly as the real ones do, and keeps every delivered message as a file.
+The user's profiles, users and routing are used unchanged; only credentials and upstreams
+are pointed at the stand-ins. Sandbox mode is only ever entered on request and announced
+loudly — it is never a fallback for a config that lacks credentials.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from relay.config import Config, Credential, Upstream
+from relay.sandbox.entra import FakeEntra
+from relay.sandbox.exchange import FakeExchange
+from relay.sandbox.pki import create_pki
+
+SANDBOX_UPSTREAM = "sandbox"
+
+
+class Sandbox:
+    """Starts the stand-ins and rewrites a config to use them."""
+
+    def __init__(self, directory: Path, *, token_lifetime: float = 3600) -> None:
+        self.directory = directory.resolve()
+        self.maildir = self.directory / "mail"
+        self._pki = create_pki(self.directory / "pki")
+        self.entra = FakeEntra(self._pki, token_lifetime=token_lifetime)
+        self.exchange = FakeExchange(self._pki, self.entra.validate_token, maildir=self.maildir)
+
+    async def start(self) -> None:
+        self.maildir.mkdir(parents=True, exist_ok=True)
+        self.entra.start()
+        try:
+            await self.exchange.start()
+        except BaseException:
+            self.entra.stop()
+            raise
+
+    async def stop(self) -> None:
+        try:
+            await self.exchange.stop()
+        finally:
+            self.entra.stop()
+
+    async def __aenter__(self) -> Sandbox:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def apply(self, config: Config) -> Config:
+        """Point every credential and profile of ``config`` at the stand-ins."""
+        credentials: dict[str, Credential] = {}
+        for name, cred in config.credentials.items():
+            secret = secrets.token_urlsafe(24)
+            self.entra.add_app(cred.tenant_id, cred.client_id, secret=secret)
+            credentials[name] = Credential(
+                tenant_id=cred.tenant_id, client_id=cred.client_id, cloud=cred.cloud,
+                authority=self.entra.url, scope=cred.scopes[0],
+                client_secret={"value": secret}, ca_file=self._pki.ca_file,
+                refresh_before=cred.refresh_before)
+        upstream = Upstream(host=self.exchange.host, port=self.exchange.port, tls="starttls",
+                            ca_file=self._pki.ca_file, timeout=30)
+        profiles = {}
+        for name, profile in config.profiles.items():
+            for pattern in profile.send_as:
+                self.exchange.allow_send_as(profile.mailbox, pattern)
+            profiles[name] = profile.model_copy(update={"upstream": SANDBOX_UPSTREAM})
+        return config.model_copy(update={
+            "credentials": credentials,
+            "upstreams": {SANDBOX_UPSTREAM: upstream},
+            "profiles": profiles,
+        })
+
+    def banner(self, listening: list[tuple[str, int]]) -> str:
+        where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in listening)
+        lines = [
+            "SANDBOX MODE - nothing is sent to Microsoft, no mail leaves this machine.",
+            f"Entra ID (token endpoint) is simulated at {self.entra.url}",
+            f"Exchange Online is simulated at {self.exchange.host}:{self.exchange.port} "
+            "(STARTTLS + XOAUTH2 enforced)",
+            f"Delivered messages are kept in {self.maildir}",
+            f"Send mail to the relay at {where}",
+        ]
+        width = max(len(line) for line in lines) + 4
+        bar = "#" * width
+        body = "\n".join(f"# {line.ljust(width - 4)} #" for line in lines)
+        return f"{bar}\n{body}\n{bar}"

@@ -1,0 +1,150 @@
+"""`smtp-oauth-relay check` and config validation: every error names the key and the problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from relay.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = """
+profiles:
+  system: {mailbox: relay@contoso.com, credential: main}
+routing: {system_profile: system}
+credentials:
+  main:
+    tenant_id: t
+    client_id: c
+    client_secret: {env: TEST_RELAY_SECRET}
+"""
+
+
+def run_check(tmp_path: Path, text: str, env: dict[str, str] | None = None,
+              ) -> subprocess.CompletedProcess[str]:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(textwrap.dedent(text))
+    return subprocess.run([sys.executable, "-m", "relay", "check", "--config", str(cfg)],
+                          capture_output=True, text=True, env={"PATH": "/usr/bin", **(env or {})},
+                          timeout=60, cwd=ROOT)
+
+
+def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAY_CLIENT_SECRET", "x" * 20)
+    cfg = load_config(ROOT / "config.example.yaml")
+    assert cfg.routing.system_profile == "system"
+    assert [(lst.address, lst.port) for lst in cfg.server.listeners] == [("127.0.0.1", 2525)]
+
+
+def test_check_ok(tmp_path: Path) -> None:
+    res = run_check(tmp_path, GOOD, {"TEST_RELAY_SECRET": "s" * 20})
+    assert res.returncode == 0, res.stderr
+    assert "OK" in res.stdout
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (GOOD, "credentials.main.client_secret: environment variable TEST_RELAY_SECRET is not set"),
+    (GOOD.replace("relay@contoso.com", "relay.contoso.com"),
+     "profiles.system.mailbox: 'relay.contoso.com' is not an e-mail address"),
+    (GOOD.replace("credential: main}", "credential: mian}"),
+     "profiles.system.credential: unknown credential 'mian' (known: main)"),
+    (GOOD.replace("system_profile: system", "system_profile: sytsem"),
+     "routing.system_profile: unknown profile 'sytsem'"),
+    (GOOD + "server: {max_mesage_size: 10MB}\n",
+     "server.max_mesage_size: unknown setting"),
+    (GOOD + "server: {idle_timeout: soon}\n",
+     "server.idle_timeout: expected a duration such as 30s, 5m, 1h or 5d, got 'soon'"),
+    (GOOD + "server: {listeners: [{address: localhost}]}\n",
+     "server.listeners.0.address: 'localhost' is not an IPv4 or IPv6 address"),
+    (GOOD + "server: {relay_networks: [10.0.0.300/8]}\n",
+     "server.relay_networks.0: '10.0.0.300/8' is not a network"),
+    (GOOD + "server: {listeners: [{tls: starttls}]}\n",
+     "server.listeners.0.tls: tls: starttls needs server.tls.certificate_file"),
+    (GOOD.replace("client_secret: {env: TEST_RELAY_SECRET}", "client_secret: hunter2hunter2"),
+     "credentials.main.client_secret: give the secret as {env: VARIABLE}"),
+    (GOOD.replace("client_secret: {env: TEST_RELAY_SECRET}",
+                  "client_secret: {file: missing-secret}"),
+     "credentials.main.client_secret: file "),
+    (GOOD + "users: {bob: {password_hash: plain}}\n",
+     "users.bob.password_hash: password_hash must come from `smtp-oauth-relay hash-password`"),
+    ("profiles: [1, 2\n", "invalid YAML: line 2"),
+    ("- just\n- a list\n", "the top level must be a mapping"),
+])
+def test_check_reports_key_and_problem(tmp_path: Path, text: str, expected: str) -> None:
+    res = run_check(tmp_path, text)
+    assert res.returncode == 78, res.stdout + res.stderr
+    assert expected in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_check_missing_file(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "relay", "check", "--config",
+                          str(tmp_path / "nope.yaml")], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert res.returncode == 78
+    assert "nope.yaml: file not found" in res.stderr
+
+
+def test_all_problems_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({
+            "profiles": {"a": {"mailbox": "a@b.c", "credential": "x"},
+                         "b": {"mailbox": "b@b.c", "credential": "y"}},
+        }, check_secrets=False)
+    paths = [p for p, _ in err.value.problems]
+    assert paths == ["profiles.a.credential", "profiles.b.credential"]
+
+
+def test_secret_file_and_relative_paths(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("s3cr3t-value\n")
+    (tmp_path / "config.yaml").write_text(
+        GOOD.replace("{env: TEST_RELAY_SECRET}", "{file: secret}"))
+    cfg = load_config(tmp_path / "config.yaml")
+    ref = cfg.credentials["main"].client_secret
+    assert ref is not None and ref.file == tmp_path / "secret"
+    secret = ref.resolve()
+    assert secret.reveal() == "s3cr3t-value"
+    assert "s3cr3t" not in repr(secret) and "s3cr3t" not in f"{secret}"
+    assert "s3cr3t" not in repr(cfg)
+
+
+def test_systemd_credential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "client-secret").write_text("from-systemd")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    cfg = parse_config({
+        "profiles": {"s": {"mailbox": "a@b.c", "credential": "main"}},
+        "credentials": {"main": {"tenant_id": "t", "client_id": "c",
+                                 "client_secret": {"credential": "client-secret"}}}})
+    ref = cfg.credentials["main"].client_secret
+    assert ref is not None and ref.resolve().reveal() == "from-systemd"
+
+
+@pytest.mark.parametrize(("cloud", "authority", "scope", "smtp"), [
+    ("global", "https://login.microsoftonline.com/t", "https://outlook.office365.com/.default",
+     "smtp.office365.com"),
+    ("gcc-high", "https://login.microsoftonline.us/t", "https://outlook.office365.us/.default",
+     "smtp.office365.us"),
+    ("china", "https://login.partner.microsoftonline.cn/t", "https://partner.outlook.cn/.default",
+     "smtp.partner.outlook.cn"),
+])
+def test_cloud_presets(cloud: str, authority: str, scope: str, smtp: str) -> None:
+    cfg = parse_config({
+        "profiles": {"s": {"mailbox": "a@b.c", "credential": "main"}},
+        "credentials": {"main": {"tenant_id": "t", "client_id": "c", "cloud": cloud,
+                                 "client_secret": {"value": "v"}}}})
+    cred = cfg.credentials["main"]
+    assert cred.authority_url == authority
+    assert cred.scopes == [scope]
+    upstream = cfg.upstream_for(cfg.profiles["s"])
+    assert (upstream.host, upstream.port, upstream.tls) == (smtp, 587, "starttls")
+
+
+def test_sizes_and_durations() -> None:
+    cfg = parse_config({"server": {"max_message_size": "10MiB", "idle_timeout": "2m"}})
+    assert cfg.server.max_message_size == 10 * 1024 * 1024
+    assert cfg.server.idle_timeout == 120
