@@ -1,0 +1,87 @@
+"""Shared fixtures: a relay running on loopback against the protocol-enforcing stand-ins.
+
+The stand-ins are the same ones `run --sandbox` uses (relay/sandbox/): a fake Entra ID over
+HTTPS that issues expiring, signed tokens and can fail on request, and a fake Exchange Online
+that demands STARTTLS and a valid XOAUTH2 token and records what it accepted.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.app import Relay
+from relay.config import Config, parse_config
+from relay.passwords import hash_password
+from relay.sandbox.service import Sandbox
+
+PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22"}
+_HASHES = {user: hash_password(pw, ln=10) for user, pw in PASSWORDS.items()}
+
+BASE_CONFIG: dict[str, Any] = {
+    "server": {"hostname": "relay.test", "listeners": [{"address": "127.0.0.1", "port": 0}]},
+    "users": {
+        "alice": {"password_hash": _HASHES["alice"], "profile": "alice"},
+        "bob": {"password_hash": _HASHES["bob"]},
+    },
+    "profiles": {
+        "system": {"mailbox": "relay@contoso.com", "credential": "main"},
+        "alice": {"mailbox": "alice@contoso.com", "credential": "main"},
+    },
+    "routing": {"system_profile": "system"},
+    "credentials": {"main": {"tenant_id": "contoso-tenant", "client_id": "relay-app",
+                             "client_secret": {"value": "replaced-by-sandbox"}}},
+}
+
+
+def build_config(overrides: dict[str, Any] | None = None) -> Config:
+    """BASE_CONFIG with ``overrides`` merged in (dicts merge, everything else replaces)."""
+    data = copy.deepcopy(BASE_CONFIG)
+
+    def merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+        for key, value in new.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    merge(data, overrides or {})
+    return parse_config(data, check_secrets=False, check_files=False)
+
+
+@pytest.fixture
+async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    async with Sandbox(tmp_path / "sandbox") as sb:
+        yield sb
+
+
+RelayFactory = Callable[..., Awaitable[Relay]]
+
+
+@pytest.fixture
+async def start_relay(sandbox: Sandbox) -> AsyncIterator[RelayFactory]:
+    """Start a relay wired to ``sandbox``; call with config overrides. Stopped at teardown."""
+    relays: list[Relay] = []
+
+    async def start(overrides: dict[str, Any] | None = None) -> Relay:
+        relay = Relay(sandbox.apply(build_config(overrides)))
+        await relay.start()
+        relays.append(relay)
+        return relay
+
+    yield start
+    for relay in relays:
+        await relay.stop()
+
+
+@pytest.fixture
+async def relay(start_relay: RelayFactory) -> Relay:
+    return await start_relay()
+
+
+def address(relay: Relay) -> tuple[str, int]:
+    return relay.listening[0]

@@ -1,0 +1,170 @@
+"""The command line, run as a user would: real processes, real sockets, sandbox stand-ins."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from relay import __version__
+from relay.app import Relay
+from relay.passwords import PasswordVerifier
+from relay.sandbox.service import Sandbox
+from tests.conftest import PASSWORDS, address
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SANDBOX_CONFIG = """
+server:
+  listeners: [{address: 127.0.0.1, port: 0}]
+profiles:
+  system: {mailbox: relay@contoso.com, credential: main}
+routing: {system_profile: system}
+credentials:
+  main:
+    tenant_id: contoso
+    client_id: app
+    client_secret: {env: SECRET_THAT_IS_NOT_SET}
+"""
+
+
+def relay_cmd(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "SECRET_THAT_IS_NOT_SET"}
+    return subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env=env, **kw)  # type: ignore[call-overload]
+
+
+@pytest.fixture
+def sandbox_config(tmp_path: Path) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(SANDBOX_CONFIG))
+    return path
+
+
+def test_version() -> None:
+    res = relay_cmd("--version")
+    assert res.returncode == 0
+    assert res.stdout.strip() == f"smtp-oauth-relay {__version__}"
+
+
+def test_no_command_is_a_usage_error() -> None:
+    res = relay_cmd()
+    assert res.returncode == 2
+    assert "usage:" in res.stderr
+
+
+async def test_hash_password_roundtrip() -> None:
+    res = relay_cmd("hash-password", "--stdin", input="correct horse battery\n")
+    assert res.returncode == 0, res.stderr
+    encoded = res.stdout.strip()
+    assert encoded.startswith("$scrypt$")
+    assert "correct horse" not in res.stdout
+    verifier = PasswordVerifier({"u": encoded})
+    assert await verifier.verify("u", b"correct horse battery")
+    assert not await verifier.verify("u", b"correct horse battery!")
+
+
+def test_hash_password_rejects_short() -> None:
+    res = relay_cmd("hash-password", "--stdin", input="short\n")
+    assert res.returncode == 1
+    assert "at least 8" in res.stderr
+
+
+def test_run_without_secret_fails_naming_the_setting(sandbox_config: Path) -> None:
+    res = relay_cmd("run", "--config", str(sandbox_config))
+    assert res.returncode == 78
+    assert ("credentials.main.client_secret: environment variable SECRET_THAT_IS_NOT_SET "
+            "is not set") in res.stderr
+    assert "SANDBOX" not in res.stderr                  # never a silent fallback
+
+
+def test_token_in_sandbox(sandbox_config: Path, tmp_path: Path) -> None:
+    res = relay_cmd("token", "--config", str(sandbox_config), "--sandbox",
+                    "--sandbox-dir", str(tmp_path / "sb"))
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"audience:\s+https://outlook\.office365\.com", res.stdout)
+    assert re.search(r"tenant:\s+contoso", res.stdout)
+    assert re.search(r"roles:\s+SMTP\.SendAsApp", res.stdout)
+    assert "expires_in" in res.stdout
+    assert "warning" not in res.stderr
+
+
+def test_token_json_in_sandbox(sandbox_config: Path, tmp_path: Path) -> None:
+    import json
+
+    res = relay_cmd("token", "--config", str(sandbox_config), "--sandbox", "--json",
+                    "--sandbox-dir", str(tmp_path / "sb"))
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["roles"] == ["SMTP.SendAsApp"]
+    assert 3000 < info["expires_in"] <= 3600
+
+
+def test_send_test_in_sandbox(sandbox_config: Path, tmp_path: Path) -> None:
+    res = relay_cmd("send-test", "--config", str(sandbox_config), "--sandbox",
+                    "--sandbox-dir", str(tmp_path / "sb"), "--to", "you@example.com")
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"^[0-9A-F]{12}: 250 ", res.stdout, re.M)
+    [eml] = (tmp_path / "sb" / "mail").glob("*.eml")
+    assert b"To: you@example.com" in eml.read_bytes()
+
+
+def test_sandbox_run_delivers_and_stops_on_sigterm(sandbox_config: Path, tmp_path: Path) -> None:
+    """What `make run` does: start in sandbox mode, take a message, keep it as a file."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "run", "--sandbox", "--config", str(sandbox_config),
+         "--sandbox-dir", str(tmp_path / "sb")],
+        stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stderr is not None
+        banner = ""
+        port = None
+        for line in proc.stderr:
+            banner += line
+            if m := re.search(r"Send mail to the relay at 127\.0\.0\.1:(\d+)", line):
+                port = int(m.group(1))
+                break
+        assert port, banner
+        assert "SANDBOX MODE" in banner
+        assert str(tmp_path / "sb" / "mail") in banner
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail("app@contoso.com", ["someone@example.com"],
+                            b"Subject: hello\r\n\r\nfrom a legacy app\r\n")
+        [eml] = (tmp_path / "sb" / "mail").glob("*.eml")
+        assert eml.read_bytes().endswith(b"from a legacy app\r\n")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.client
+@pytest.mark.skipif(shutil.which("swaks") is None,
+                    reason="swaks is not installed (apt-get install swaks; .ci/run does)")
+async def test_swaks_with_auth_login(relay: Relay, sandbox: Sandbox) -> None:
+    host, port = address(relay)
+    proc = await asyncio.create_subprocess_exec(
+        "swaks", "--server", f"{host}:{port}", "--ehlo", "swaks.test",
+        "--from", "alice@contoso.com", "--to", "to@example.com",
+        "--auth", "LOGIN", "--auth-user", "alice", "--auth-password", PASSWORDS["alice"],
+        "--header", "Subject: sent by swaks",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    transcript = out.decode(errors="replace")
+    assert proc.returncode == 0, transcript
+    assert "235 " in transcript
+    [got] = sandbox.exchange.messages
+    assert got.mailbox == "alice@contoso.com"
+    assert got.rcpt_tos == ["to@example.com"]
+    assert b"Subject: sent by swaks" in got.data
