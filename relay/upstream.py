@@ -1,0 +1,461 @@
+"""Hand one message to the upstream (Exchange Online) over SMTP, logged in with XOAUTH2.
+
+Two rules shape this module. First, the token is only ever sent over TLS that verified
+the server: in ``starttls`` mode a server that does not offer STARTTLS gets no AUTH at
+all. Second, only the upstream's own verdict on a message may be permanent: its replies
+to MAIL, RCPT and DATA are passed on as given (code and text), while everything about the
+path there - DNS, connect, TLS, timeouts, a dropped connection, a refused session - becomes
+``451 4.4.x`` naming host:port and the cause, so that the sending application keeps the
+message and tries again. A rejected login is raised as :class:`AuthenticationRejected`,
+because the caller (not this module) decides to fetch a new token and retry.
+
+:class:`UpstreamSession` is one authenticated SMTP session that can carry several
+messages; :class:`UpstreamClient` holds the TLS context and sends one message per session
+today. A durable queue can later keep sessions open per mailbox and reopen them when the
+token changes (SMTP allows only one AUTH per session).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import aiosmtplib
+from aiosmtplib import (
+    SMTPConnectResponseError,
+    SMTPConnectTimeoutError,
+    SMTPDataError,
+    SMTPException,
+    SMTPRecipientRefused,
+    SMTPResponseException,
+    SMTPSenderRefused,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
+
+from relay.config import Upstream
+from relay.log import redact
+from relay.message import DeliveryResult, Outbound, Reply
+from relay.secrets import Secret
+
+log = logging.getLogger(__name__)
+
+_QUIT_TIMEOUT = 5.0
+# DATA: the final reply may only come after the whole message went out; allow for a slow
+# link (2 Mbit/s) on top of the configured timeout rather than failing big messages.
+_DATA_BYTES_PER_SECOND = 250_000
+
+
+class HasAccessToken(Protocol):
+    """What :mod:`relay.tokens` hands out; only the access token is used here."""
+
+    @property
+    def access_token(self) -> Secret: ...
+
+
+class AuthenticationRejected(Exception):
+    """The upstream refused the XOAUTH2 login with a 5xx (e.g. ``535 5.7.3``)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(f"upstream rejected the login: {reply}")
+        self.reply = reply
+
+
+class UpstreamUnavailable(Exception):
+    """No usable session: ``reply`` is what the sending client should be told (4xx)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+def build_tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Verify the upstream against ``ca_file`` only, or else the system trust store."""
+    try:
+        ctx = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load CA file {ca_file}: "
+                         f"{getattr(exc, 'strerror', None) or exc}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _find(exc: BaseException, kind: type[_E]) -> _E | None:
+    return next((e for e in _causes(exc) if isinstance(e, kind)), None)
+
+
+def _digest(token: HasAccessToken) -> bytes:
+    return hashlib.sha256(token.access_token.reveal().encode()).digest()
+
+
+def refusal_for(refused: dict[str, Reply], total: int) -> Reply:
+    """One reply for a transaction abandoned because recipients were refused.
+
+    Permanent only if every refusal was permanent, so one temporary refusal makes the
+    client retry the whole message; the upstream's own words are kept per recipient.
+    """
+    permanent = all(r.permanent for r in refused.values())
+    first = next(r for r in refused.values() if r.permanent == permanent)
+    code = first.code if 400 <= first.code < 600 else (550 if permanent else 450)
+    enhanced = first.enhanced or ("5.1.0" if permanent else "4.1.0")
+    details = "; ".join(f"<{rcpt}>: {reply}" for rcpt, reply in refused.items())
+    return Reply(code, f"{enhanced} Upstream refused {len(refused)} of {total} "
+                       f"recipient(s), message not sent: {details}")
+
+
+class UpstreamSession:
+    """One SMTP session with the upstream: connect, TLS, EHLO, XOAUTH2, then messages."""
+
+    def __init__(self, upstream: Upstream, helo_name: str, tls_context: ssl.SSLContext) -> None:
+        self.upstream = upstream
+        self.helo_name = helo_name
+        self.where = _host_port(upstream.host, upstream.port)
+        self._tls = tls_context
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._stage = "connect"
+        self.mailbox: str | None = None
+        self._token_digest: bytes | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._smtp is not None and self._smtp.is_connected and self.mailbox is not None
+
+    def authenticated_as(self, mailbox: str, token: HasAccessToken) -> bool:
+        """True if this open session was logged in as ``mailbox`` with this very token."""
+        return (self.is_open and (self.mailbox or "").lower() == mailbox.lower()
+                and self._token_digest == _digest(token))
+
+    # --- opening -------------------------------------------------------------------------
+
+    async def open(self, mailbox: str, token: HasAccessToken) -> None:
+        """Connect and log in; raises :class:`UpstreamUnavailable` (4xx reply inside) or
+        :class:`AuthenticationRejected`. The session is closed when either is raised."""
+        if self._smtp is not None:
+            raise RuntimeError("session already opened")
+        implicit = self.upstream.tls == "implicit"
+        smtp = aiosmtplib.SMTP(
+            hostname=self.upstream.host, port=self.upstream.port,
+            local_hostname=self.helo_name, timeout=self.upstream.timeout,
+            use_tls=implicit, start_tls=False, tls_context=self._tls)
+        self._smtp = smtp
+        try:
+            self._stage = "connect"
+            await smtp.connect()
+            self._stage = "EHLO"
+            await smtp.ehlo()
+            if not implicit:
+                if not smtp.supports_extension("starttls"):
+                    raise UpstreamUnavailable(Reply(
+                        451, f"4.7.0 Upstream {self.where} does not offer STARTTLS; the relay "
+                             "does not send credentials without TLS (is something on the "
+                             "path stripping STARTTLS, or does the upstream need "
+                             "tls: implicit?)"))
+                self._stage = "STARTTLS"
+                await smtp.starttls()
+                self._stage = "EHLO"
+                await smtp.ehlo()
+            self._stage = "AUTH"
+            await self._authenticate(smtp, mailbox, token)
+        except BaseException as exc:
+            self._abort()
+            if isinstance(exc, AuthenticationRejected | UpstreamUnavailable):
+                raise
+            if isinstance(exc, SMTPResponseException) and 400 <= exc.code < 600:
+                raise UpstreamUnavailable(self._session_reply(exc.code, exc.message)) from exc
+            if isinstance(exc, Exception):
+                raise UpstreamUnavailable(self._failure(exc)) from exc
+            raise
+        self.mailbox = mailbox
+        self._token_digest = _digest(token)
+
+    def _session_reply(self, code: int, text: str) -> Reply:
+        """A refusal before any message was offered: 4xx as given, 5xx made temporary,
+        since it is about the relay's session, not about the message."""
+        if 400 <= code < 500:
+            return Reply(code, text)
+        return Reply(451, f"4.4.1 Upstream {self.where} refused the session at "
+                          f"{self._stage}: {code} {' '.join(text.split())}")
+
+    async def _authenticate(self, smtp: aiosmtplib.SMTP, mailbox: str,
+                            token: HasAccessToken) -> None:
+        """SASL XOAUTH2 in the two-step form: the 2-3 kB response goes on its own line,
+        not on the AUTH command line (RFC 4954's 512-octet command limit)."""
+        if "xoauth2" not in smtp.server_auth_methods:
+            offered = " ".join(smtp.server_auth_methods).upper() or "none"
+            raise UpstreamUnavailable(Reply(
+                451, f"4.7.0 Upstream {self.where} does not offer AUTH XOAUTH2 "
+                     f"(offers: {offered}); check the upstream host"))
+        access = token.access_token.reveal()
+        redact(access)
+        payload = base64.b64encode(f"user={mailbox}\x01auth=Bearer {access}\x01\x01".encode())
+        response = await smtp.execute_command(b"AUTH", b"XOAUTH2")
+        challenge = ""
+        if response.code == 334:
+            response = await smtp.execute_command(payload)
+            if response.code == 334:
+                # Gmail/Dovecot style: an error challenge first; an empty line gets the verdict.
+                challenge = _decode_challenge(response.message)
+                response = await smtp.execute_command(b"")
+        if response.code == 235:
+            return
+        text = response.message + (f" (server said: {challenge})" if challenge else "")
+        if 400 <= response.code < 500:
+            raise UpstreamUnavailable(Reply(response.code, text))
+        if 500 <= response.code < 600:
+            raise AuthenticationRejected(Reply(response.code, text))
+        raise UpstreamUnavailable(Reply(
+            451, f"4.4.2 Upstream {self.where} gave an unexpected reply to AUTH: "
+                 f"{response.code} {' '.join(response.message.split())}"))
+
+    # --- sending -------------------------------------------------------------------------
+
+    async def send_one(self, msg: Outbound, *,
+                       require_all_recipients: bool = True) -> DeliveryResult:
+        """One transaction. ``accepted`` lists recipients the message was delivered to,
+        ``refused`` those the upstream refused at RCPT; the reply applies to the rest.
+
+        With ``require_all_recipients`` any refusal abandons the message (RSET) so the
+        client can retry it whole; otherwise it goes to the accepted recipients.
+        """
+        smtp = self._smtp
+        if smtp is None or not self.is_open:
+            raise RuntimeError("session is not open")
+        try:
+            return await self._transaction(smtp, msg, require_all_recipients)
+        except BaseException as exc:
+            self._abort()
+            if isinstance(exc, SMTPException | OSError | TimeoutError):
+                return DeliveryResult(self._failure(exc))
+            raise
+
+    def _mail_options(self, smtp: aiosmtplib.SMTP, msg: Outbound) -> tuple[list[str], bool]:
+        """The client's BODY/SMTPUTF8 where the upstream supports them, and our SIZE."""
+        options: list[str] = []
+        utf8 = False
+        for option in msg.mail_options:
+            key, _, value = option.partition("=")
+            key, value = key.upper(), value.upper()
+            if key == "BODY" and value in ("7BIT", "8BITMIME") \
+                    and smtp.supports_extension("8bitmime"):
+                options.append(f"BODY={value}")
+            elif key == "SMTPUTF8" and not value and smtp.supports_extension("smtputf8"):
+                utf8 = True
+        addresses = [msg.mail_from, *msg.rcpt_tos]
+        if not utf8 and not all(a.isascii() for a in addresses) \
+                and smtp.supports_extension("smtputf8"):
+            utf8 = True
+        if utf8:
+            options.append("SMTPUTF8")
+        if smtp.supports_extension("size"):
+            options.append(f"SIZE={len(msg.data)}")
+        return options, utf8
+
+    def _reply(self, code: int, text: str) -> Reply:
+        """The upstream's verdict on the transaction, passed on as given."""
+        if code == 530:
+            # "not authenticated" mid-session is the relay's fault, never the message's
+            return Reply(451, f"4.7.0 Upstream {self.where} says the relay is not "
+                              f"authenticated: {code} {' '.join(text.split())}")
+        if 400 <= code < 600:
+            return Reply(code, text)
+        return Reply(451, f"4.4.2 Upstream {self.where} gave an unexpected reply at "
+                          f"{self._stage}: {code} {' '.join(text.split())}")
+
+    async def _transaction(self, smtp: aiosmtplib.SMTP, msg: Outbound,
+                           require_all: bool) -> DeliveryResult:
+        options, utf8 = self._mail_options(smtp, msg)
+        encoding = "utf-8" if utf8 else "ascii"
+        self._stage = "MAIL FROM"
+        try:
+            await smtp.mail(msg.mail_from, options=options, encoding=encoding)
+        except SMTPSenderRefused as exc:
+            return DeliveryResult(self._reply(exc.code, exc.message))
+        except UnicodeEncodeError:
+            return DeliveryResult(Reply(550, f"5.6.7 Sender <{msg.mail_from}> is not ASCII "
+                                             f"and upstream {self.where} lacks SMTPUTF8"))
+        except ValueError:
+            return DeliveryResult(Reply(501, f"5.1.7 Bad sender address <{msg.mail_from}>"))
+
+        self._stage = "RCPT TO"
+        accepted: list[str] = []
+        refused: dict[str, Reply] = {}
+        for rcpt in msg.rcpt_tos:
+            try:
+                await smtp.rcpt(rcpt, encoding=encoding)
+            except SMTPRecipientRefused as exc:
+                refused[rcpt] = self._reply(exc.code, exc.message)
+                if not smtp.is_connected:  # 421: the upstream is closing the session
+                    self._abort()
+                    return DeliveryResult(refused[rcpt], [], refused)
+            except UnicodeEncodeError:
+                refused[rcpt] = Reply(550, "5.6.7 Address is not ASCII and upstream "
+                                           "lacks SMTPUTF8")
+            except ValueError:
+                refused[rcpt] = Reply(501, "5.1.3 Bad recipient address syntax")
+            else:
+                accepted.append(rcpt)
+
+        if refused and (require_all or not accepted):
+            self._stage = "RSET"
+            await self._rset(smtp)
+            return DeliveryResult(refusal_for(refused, len(msg.rcpt_tos)), [], refused)
+
+        self._stage = "DATA"
+        timeout = self.upstream.timeout + len(msg.data) / _DATA_BYTES_PER_SECOND
+        try:
+            response = await smtp.data(msg.data, timeout=timeout)
+        except SMTPDataError as exc:
+            return DeliveryResult(self._reply(exc.code, exc.message), [], refused)
+        return DeliveryResult(Reply(response.code, response.message), accepted, refused)
+
+    async def _rset(self, smtp: aiosmtplib.SMTP) -> None:
+        try:
+            await smtp.rset()
+        except (SMTPException, OSError, TimeoutError):
+            self._abort()
+
+    # --- closing -------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """QUIT politely (briefly), then drop the connection whatever happened."""
+        smtp, self._smtp = self._smtp, None
+        self.mailbox = None
+        if smtp is None:
+            return
+        try:
+            if smtp.is_connected:
+                await smtp.quit(timeout=min(self.upstream.timeout, _QUIT_TIMEOUT))
+        except (SMTPException, OSError, TimeoutError):
+            pass
+        finally:
+            smtp.close()
+
+    def _abort(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        self.mailbox = None
+        if smtp is not None:
+            smtp.close()
+
+    def _failure(self, exc: BaseException) -> Reply:
+        """A 451 naming host:port, the protocol step and the cause of a broken path."""
+        where, stage, timeout = self.where, self._stage, self.upstream.timeout
+        if (cert := _find(exc, ssl.SSLCertVerificationError)) is not None:
+            detail = cert.verify_message or cert.reason or str(cert)
+            if "mismatch" in detail.lower():
+                hint = f"the certificate is not valid for {self.upstream.host}; check the host"
+            else:
+                hint = ("if the upstream uses a private CA, set upstreams.<name>.ca_file "
+                        "to that CA")
+            return Reply(451, f"4.4.1 TLS with upstream {where} failed: certificate verify "
+                              f"failed ({detail}) - {hint}")
+        if (tls := _find(exc, ssl.SSLError)) is not None:
+            return Reply(451, f"4.4.1 TLS handshake with upstream {where} failed: "
+                              f"{tls.reason or tls}")
+        if (dns := _find(exc, socket.gaierror)) is not None:
+            return Reply(451, f"4.4.1 Cannot resolve upstream host {self.upstream.host}: "
+                              f"{dns.strerror or dns}")
+        if _find(exc, ConnectionRefusedError) is not None:
+            return Reply(451, f"4.4.1 Cannot connect to upstream {where}: connection refused")
+        if isinstance(exc, SMTPConnectTimeoutError):
+            return Reply(451, f"4.4.1 Cannot connect to upstream {where}: no answer within "
+                              f"{timeout:g} s")
+        if isinstance(exc, SMTPConnectResponseError):
+            return self._session_reply(exc.code, exc.message)
+        after = "; the message may or may not have been accepted" if stage == "DATA" else ""
+        if isinstance(exc, SMTPTimeoutError | TimeoutError):
+            return Reply(451, f"4.4.2 Upstream {where} did not answer within {timeout:g} s "
+                              f"during {stage}{after}")
+        if isinstance(exc, SMTPServerDisconnected | ConnectionError):
+            return Reply(451, f"4.4.2 Upstream {where} closed the connection during "
+                              f"{stage}{after}")
+        if isinstance(exc, SMTPResponseException):
+            return Reply(451, f"4.4.2 Upstream {where} sent an invalid reply during {stage}: "
+                              f"{' '.join(exc.message.split())}")
+        if isinstance(exc, OSError):
+            verb = "Cannot connect to" if stage == "connect" else "Network error with"
+            return Reply(451, f"4.4.1 {verb} upstream {where} during {stage}: "
+                              f"{exc.strerror or exc.__class__.__name__}")
+        return Reply(451, f"4.4.2 Upstream {where} failed during {stage}: "
+                          f"{exc.__class__.__name__}: {exc}")
+
+
+def _decode_challenge(message: str) -> str:
+    """The readable part of an XOAUTH2 error challenge (base64 JSON), if any."""
+    try:
+        text = base64.b64decode(message.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    text = " ".join(text.split())
+    return text[:300] if text.isprintable() else ""
+
+
+class UpstreamClient:
+    """Delivers messages to one upstream; the TLS context is built once, here."""
+
+    def __init__(self, upstream: Upstream, helo_name: str) -> None:
+        self.upstream = upstream
+        self.helo_name = helo_name
+        self.where = _host_port(upstream.host, upstream.port)
+        self.tls_context = build_tls_context(upstream.ca_file)
+
+    def session(self) -> UpstreamSession:
+        return UpstreamSession(self.upstream, self.helo_name, self.tls_context)
+
+    async def send(self, msg: Outbound, mailbox: str, token: HasAccessToken, *,
+                   require_all_recipients: bool = True) -> DeliveryResult:
+        """Deliver ``msg`` as ``mailbox`` in a session of its own.
+
+        Raises :class:`AuthenticationRejected` when the login is refused; every other
+        outcome, including infrastructure failures (as 451), is the returned result.
+        """
+        started = time.monotonic()
+        session = self.session()
+        try:
+            try:
+                await session.open(mailbox, token)
+            except UpstreamUnavailable as exc:
+                result = DeliveryResult(exc.reply)
+            except AuthenticationRejected as exc:
+                self._log(msg, mailbox, exc.reply, started, "login refused")
+                raise
+            else:
+                result = await session.send_one(
+                    msg, require_all_recipients=require_all_recipients)
+        finally:
+            await session.close()
+        note = f"{len(result.refused)} refused" if result.refused else ""
+        self._log(msg, mailbox, result.reply, started, note)
+        return result
+
+    def _log(self, msg: Outbound, mailbox: str, reply: Reply, started: float,
+             note: str) -> None:
+        log.log(logging.INFO if reply.ok else logging.WARNING,
+                "upstream %s mailbox=%s rcpts=%d reply=%s%s (%.2f s)",
+                 self.where, mailbox, len(msg.rcpt_tos), reply,
+                 f" [{note}]" if note else "", time.monotonic() - started)
