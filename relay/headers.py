@@ -1,0 +1,399 @@
+"""Byte-exact header editing: change the few fields the policy must, leave every other byte.
+
+Re-serialising a message with the ``email`` package re-folds headers, re-encodes bodies and
+normalises line endings, which breaks DKIM signatures and S/MIME, and surprises people who
+compare what they sent with what arrived. So the message is split into fields and body at
+the byte level, only the fields that are changed are rendered anew (with ``email.policy.SMTP``,
+so non-ASCII names get RFC 2047 encoded words and long lines are folded), and everything
+else is written back exactly as it came.
+
+Values are still *read* with the standard ``email`` header registry, never with regexes: it
+knows folding, quoted display names containing ``@`` or ``,``, encoded words and raw UTF-8
+(RFC 6532). Raw bytes are decoded as UTF-8 with ``surrogateescape`` so that nothing is lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.errors
+import email.utils
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from email.headerregistry import Address, BaseHeader
+from email.policy import SMTP, SMTPUTF8, EmailPolicy
+from email.policy import default as _default_policy
+
+__all__ = [
+    "Address",
+    "HeaderBlock",
+    "HeaderError",
+    "ParsedAddresses",
+    "RawMessage",
+    "clean_display_name",
+    "received_header",
+]
+
+# A field starts with a name of printable ASCII other than ":", then (obsolete syntax allows
+# white space before) the colon; the same rule as the email package's feed parser.
+_FIELD_START = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+_FIELD_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")
+_LINE_BREAKS = re.compile(r"\r\n|\r|\n")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+# The registry reports these for input it had to guess at; a guessed address must not
+# decide who a message is sent as.
+_SERIOUS_DEFECTS = (email.errors.InvalidHeaderDefect, email.errors.HeaderMissingRequiredValue)
+
+# Last resort for a single ``name <addr>`` whose name has unquoted specials, e.g.
+# ``Sales @ HQ <sales@example.com>`` or ``Smith, John <js@example.com>``: the standard parser
+# (correctly, by the grammar) takes ``Sales@HQ`` or two addresses from those. Devices send
+# them anyway, and the angle brackets make the intended address unambiguous.
+_NAME_ANGLE_ADDR = re.compile(r"^\s*(?P<name>[^<>]*?)\s*<\s*(?P<addr>[^<>\s@]+@[^<>\s@]+)\s*>\s*$")
+
+_POLICIES: dict[tuple[bytes, bool], EmailPolicy] = {
+    (b"\r\n", False): SMTP,
+    (b"\n", False): SMTP.clone(linesep="\n"),
+    (b"\r\n", True): SMTPUTF8,
+    (b"\n", True): SMTPUTF8.clone(linesep="\n"),
+}
+
+
+class HeaderError(ValueError):
+    """A header field could not be understood well enough to act on it."""
+
+
+@dataclass(frozen=True)
+class ParsedAddresses:
+    """The addresses of one header name; ``salvaged`` when only the fallback could read them."""
+
+    addresses: list[Address]
+    salvaged: bool = False
+
+
+@dataclass
+class _Field:
+    raw: bytes
+    name: str
+    parsed: BaseHeader | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> str:
+        return self.name.lower()
+
+
+def _detect_eol(data: bytes) -> bytes:
+    nl = data.find(b"\n")
+    if nl > 0 and data[nl - 1] == 0x0D:
+        return b"\r\n"
+    if nl >= 0:
+        return b"\n"
+    return b"\r\n"
+
+
+def clean_display_name(name: str) -> str:
+    """A display name safe to render: bytes that were not UTF-8 decoded, controls removed.
+
+    Legacy senders that put 8-bit bytes in headers without saying which charset almost
+    always mean Windows-1252, so undecodable bytes are read that way instead of being
+    turned into replacement characters.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        name = name.encode("utf-8", "surrogateescape").decode("cp1252", "replace")
+    return " ".join(_CONTROL.sub(" ", name).split())
+
+
+def _needs_utf8(header: BaseHeader) -> bool:
+    for addr in getattr(header, "addresses", ()):
+        if not (addr.username.isascii() and addr.domain.isascii()):
+            return True
+    return False
+
+
+class RawMessage:
+    """A message as header fields plus an untouched body, editable field by field.
+
+    The header section ends at the first empty line, or at the first line that is neither
+    a field nor a continuation (that line and everything after it are kept, verbatim, as
+    the body, much as the email package's parser reads them).
+    """
+
+    def __init__(self, data: bytes) -> None:
+        view = memoryview(data)
+        self._prepended: list[bytes] = []
+        self._fields: list[_Field] = []
+        self.changed = False
+        pos, size = 0, len(data)
+        body_start = size
+        separator_end = size
+        while pos < size:
+            nl = data.find(b"\n", pos)
+            end = size if nl < 0 else nl + 1
+            first = data[pos]
+            if data.startswith((b"\r\n", b"\n"), pos) and (end - pos) <= 2:
+                body_start, separator_end = pos, end
+                break
+            if first in b" \t" and self._fields:
+                last = self._fields[-1]
+                last.raw += data[pos:end]
+            elif first not in b" \t" and (m := _FIELD_START.match(data, pos)):
+                self._fields.append(_Field(data[pos:end], m.group(1).decode("ascii")))
+            else:
+                body_start = separator_end = pos
+                break
+            pos = end
+        self.eol = _detect_eol(data)
+        self._separator = view[body_start:separator_end]
+        self._body = view[separator_end:]
+
+    @classmethod
+    def parse(cls, data: bytes) -> RawMessage:
+        return cls(data)
+
+    # --- reading ---------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Field names in order, as written (for diagnostics and tests)."""
+        return [f.name for f in self._fields]
+
+    def __contains__(self, name: str) -> bool:
+        key = name.lower()
+        return any(f.key == key for f in self._fields)
+
+    def raw_fields(self, name: str) -> list[bytes]:
+        key = name.lower()
+        return [f.raw for f in self._fields if f.key == key]
+
+    @property
+    def body(self) -> bytes:
+        return bytes(self._body)
+
+    def get_all(self, name: str) -> list[BaseHeader]:
+        """Every field called ``name``, parsed by the email header registry.
+
+        Raises :class:`HeaderError` when the registry itself fails on a value (it does, on a
+        few malformed inputs such as ``From: x@``), so callers deal with one exception type.
+        """
+        key = name.lower()
+        return [self._parsed(f) for f in self._fields if f.key == key]
+
+    @staticmethod
+    def _value(f: _Field) -> str:
+        text = f.raw.decode("utf-8", "surrogateescape")
+        value = text.split(":", 1)[1].lstrip(" \t")
+        return _LINE_BREAKS.sub("", value).rstrip(" \t")
+
+    def _parsed(self, f: _Field) -> BaseHeader:
+        if f.parsed is None:
+            try:
+                f.parsed = _default_policy.header_factory(f.name, self._value(f))
+            except Exception as exc:  # the registry raises IndexError etc. on odd input
+                raise HeaderError(f"{f.name} header cannot be parsed") from exc
+        return f.parsed
+
+    def addresses(self, name: str) -> list[Address]:
+        """The addresses in every ``name`` field; :class:`HeaderError` if any is unusable."""
+        return self.parse_addresses(name).addresses
+
+    def parse_addresses(self, name: str) -> ParsedAddresses:
+        """Like :meth:`addresses`, and says whether the lenient fallback had to be used.
+
+        An address list counts as unusable when the registry fails, reports that it had to
+        guess, or yields an address without a local part or domain — unless the whole value
+        is a single ``name <addr>`` (see ``_NAME_ANGLE_ADDR``).
+        """
+        out: list[Address] = []
+        salvaged = False
+        key = name.lower()
+        for f in self._fields:
+            if f.key != key:
+                continue
+            value = self._value(f)
+            try:
+                header = self._parsed(f)
+                problem = self._address_problem(f.name, header)
+            except HeaderError as exc:
+                problem = str(exc)
+                header = None
+            if problem is None and header is not None:
+                out.extend(header.addresses)  # type: ignore[attr-defined]
+                continue
+            rescued = _salvage(value)
+            if rescued is None:
+                raise HeaderError(problem)
+            out.append(rescued)
+            salvaged = True
+        return ParsedAddresses(out, salvaged)
+
+    @staticmethod
+    def _address_problem(name: str, header: BaseHeader) -> str | None:
+        if not hasattr(header, "addresses"):
+            return f"{name} is not an address header"
+        for defect in header.defects:
+            if isinstance(defect, _SERIOUS_DEFECTS):
+                return f"{name} header cannot be parsed: {_short(str(defect))}"
+        for addr in header.addresses:
+            if not addr.username or not addr.domain:
+                return f"{name} header has an incomplete address {_short(addr.addr_spec)!r}"
+        return None
+
+    # --- editing ---------------------------------------------------------------------
+
+    def remove(self, name: str) -> int:
+        """Remove every field called ``name``; returns how many there were."""
+        key = name.lower()
+        before = len(self._fields)
+        self._fields = [f for f in self._fields if f.key != key]
+        removed = before - len(self._fields)
+        self.changed = self.changed or bool(removed)
+        return removed
+
+    def set(self, name: str, value: str | Address | Sequence[Address]) -> None:
+        """Replace the first ``name`` field in place (others go), or add one at the end."""
+        raw = self.render(name, value)
+        key = name.lower()
+        new = _Field(raw, name)
+        fields: list[_Field] = []
+        placed = False
+        for f in self._fields:
+            if f.key != key:
+                fields.append(f)
+            elif not placed:
+                fields.append(new)
+                placed = True
+        if not placed:
+            fields.append(new)
+        self._fields = fields
+        self.changed = True
+
+    def render(self, name: str, value: str | Address | Sequence[Address]) -> bytes:
+        """One field as bytes: folded to 78 columns, in this message's line-ending style."""
+        if not _FIELD_NAME.match(name):
+            raise ValueError(f"invalid header field name {name!r}")
+        if isinstance(value, str):
+            value = " ".join(_LINE_BREAKS.split(value))
+        header = SMTP.header_factory(name, value)
+        utf8 = _needs_utf8(header)
+        policy = _POLICIES[(self.eol, utf8)]
+        return header.fold(policy=policy).encode("utf-8" if utf8 else "ascii",
+                                                 "surrogateescape")
+
+    def prepend(self, raw_field: bytes) -> None:
+        """Put an already-rendered field (a trace field) before all others.
+
+        Its line endings are converted to the message's own, so that a CRLF ``Received:``
+        does not make an LF-only message mixed.
+        """
+        lines = _LINE_BREAKS.split(raw_field.decode("utf-8", "surrogateescape").rstrip("\r\n"))
+        eol = self.eol.decode("ascii")
+        self._prepended.insert(0, (eol.join(lines) + eol).encode("utf-8", "surrogateescape"))
+        self.changed = True
+
+    def to_bytes(self) -> bytes:
+        parts: list[bytes | memoryview] = list(self._prepended)
+        raws = [f.raw for f in self._fields]
+        has_more = bool(len(self._separator) or len(self._body))
+        for i, raw in enumerate(raws):
+            parts.append(raw)
+            # Only a field that ended the original data lacks a line end; it needs one
+            # once something follows it.
+            if not raw.endswith(b"\n") and (i + 1 < len(raws) or has_more):
+                parts.append(self.eol)
+        parts.append(self._separator)
+        parts.append(self._body)
+        return b"".join(parts)
+
+
+HeaderBlock = RawMessage
+
+
+def _short(text: str, limit: int = 120) -> str:
+    text = " ".join(_CONTROL.sub(" ", text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _salvage(value: str) -> Address | None:
+    m = _NAME_ANGLE_ADDR.match(value)
+    if not m:
+        return None
+    try:
+        addr = _default_policy.header_factory("To", m["addr"])
+    except Exception:  # same registry quirks as above
+        return None
+    if addr.defects or len(addr.addresses) != 1:
+        return None
+    spec = addr.addresses[0]
+    if not spec.username or not spec.domain:
+        return None
+    name = m["name"].strip()
+    if len(name) >= 2 and name[0] == name[-1] == '"' and '"' not in name[1:-1].replace('\\"', ""):
+        name = re.sub(r"\\(.)", r"\1", name[1:-1])
+    elif '"' in name:
+        return None  # an unbalanced quote: readers disagree on where the name ends
+    if "=?" in name:
+        name = str(_default_policy.header_factory("Subject", name))
+    return Address(display_name=name, username=spec.username, domain=spec.domain)
+
+
+# --- trace field --------------------------------------------------------------------------
+
+_HELO_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\;<>\"]")
+_TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_PATH_UNSAFE = re.compile(r"[^\x21-\x7e]|[<>()\\;]")
+_MAX_HELO = 100
+_MAX_PATH = 256
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _ip_literal(client_ip: str) -> str:
+    try:
+        ip = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return "unknown"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # an IPv4 client on a dual-stack socket
+    return f"[IPv6:{ip.compressed}]" if ip.version == 6 else f"[{ip}]"
+
+
+def _fold_tokens(head: str, tokens: Iterable[str], limit: int = 78) -> str:
+    lines = [head]
+    for token in tokens:
+        if len(lines[-1]) + 1 + len(token) > limit and lines[-1].strip() not in ("", head):
+            lines.append("\t" + token)
+        else:
+            lines[-1] += " " + token
+    return "\r\n".join(lines) + "\r\n"
+
+
+def received_header(*, client_helo: str, client_ip: str, hostname: str, protocol: str,
+                    message_id: str, recipient: str | None, when: dt.datetime) -> bytes:
+    """An RFC 5321 section 4.4 trace field, CRLF-terminated and folded at 78 columns.
+
+    Everything the client chose (HELO name, recipient) is cleaned so it cannot end the
+    field, open or close a comment, or fake the ``;`` before the date. ``recipient`` is
+    only given for single-recipient messages: a ``for`` clause listing every envelope
+    recipient would reveal Bcc recipients to all of them.
+    """
+    helo = _bounded(_HELO_UNSAFE.sub("?", client_helo), _MAX_HELO) or "unknown"
+    host = _bounded(_HELO_UNSAFE.sub("?", hostname), _MAX_HELO) or "localhost"
+    proto = _TOKEN_UNSAFE.sub("", protocol) or "SMTP"
+    mid = _TOKEN_UNSAFE.sub("", message_id) or "unknown"
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    date = email.utils.format_datetime(when)
+    tokens = [f"from {helo}", f"({_ip_literal(client_ip)})", f"by {host}",
+              "(smtp-oauth-relay)", f"with {proto}", f"id {mid}"]
+    if recipient is not None:
+        rcpt = _bounded(_PATH_UNSAFE.sub("", recipient), _MAX_PATH)
+        tokens.append(f"for <{rcpt}>;")
+    else:
+        tokens[-1] += ";"
+    tokens.append(date)
+    text = _fold_tokens("Received:", tokens)
+    return text.encode("ascii", "replace")

@@ -1,0 +1,179 @@
+"""Per-profile sender policy: what to do when an app sends as an address the mailbox may not.
+
+Exchange Online refuses a message (``SendAsDenied``) when the envelope sender or the From
+header is an address the authenticated mailbox has no Send As right for. Legacy apps and
+devices often cannot change their From, so each profile picks one of:
+
+- ``keep``: pass everything through and let Exchange decide (the mailbox has the rights);
+- ``rewrite``: send as the mailbox, keep the app's display name, and put the app's address
+  in ``Reply-To`` so replies still reach it;
+- ``reject``: refuse with a 550 that says exactly which setting to change.
+
+"Permitted" means the mailbox itself or a ``send_as`` glob. Headers are read with the email
+package (see :mod:`relay.headers`); only the fields changed here are re-rendered.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from relay.config import Profile
+from relay.headers import Address, HeaderError, RawMessage, clean_display_name
+from relay.message import Reply
+from relay.route import address_matches, normalize_address
+
+log = logging.getLogger(__name__)
+
+_UNSAFE_TEXT = re.compile(r"[^\x20-\x7e]")
+
+
+class PolicyRejected(Exception):
+    """The profile's policy refuses this sender; ``reply`` is the 550 to give the client."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    """What goes upstream.
+
+    ``rewritten`` is true when the envelope sender or any header was changed;
+    ``original_from`` holds the From header's address(es) when that header was replaced.
+    """
+
+    mail_from: str
+    data: bytes
+    rewritten: bool
+    original_from: str | None = None
+
+
+def is_permitted(profile: Profile, address: str) -> bool:
+    """The mailbox itself, or an address matching one of the profile's ``send_as`` globs."""
+    address = normalize_address(address)
+    if not address:
+        return False
+    return address.lower() == profile.mailbox.lower() or address_matches(address,
+                                                                         profile.send_as)
+
+
+def _safe(text: str, limit: int = 100) -> str:
+    # Reply lines are limited to 512 octets (RFC 5321 4.5.3.1.5); client text is bounded.
+    text = _UNSAFE_TEXT.sub("?", text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _advice(profile_name: str) -> str:
+    return f"add it to profiles.{profile_name}.send_as or use sender_policy: rewrite"
+
+
+def _rejected(text: str) -> PolicyRejected:
+    return PolicyRejected(Reply(550, f"5.7.1 {text}"))
+
+
+def check_envelope_sender(profile_name: str, profile: Profile, mail_from: str) -> None:
+    """At MAIL FROM: refuse early what a ``reject`` profile would refuse after DATA anyway."""
+    if profile.sender_policy != "reject":
+        return
+    sender = normalize_address(mail_from)
+    if is_permitted(profile, sender):
+        return
+    where = f"mailbox {profile.mailbox} (profile {profile_name})"
+    if not sender:
+        raise _rejected(f"The null sender <> is not permitted for {where}; send with "
+                        f"MAIL FROM:<{profile.mailbox}> or use sender_policy: rewrite")
+    raise _rejected(f"Sender {_safe(sender)} is not permitted for {where}; "
+                    f"{_advice(profile_name)}")
+
+
+def apply_sender_policy(profile_name: str, profile: Profile, mail_from: str,
+                        data: bytes) -> PolicyResult:
+    """Apply the profile's policy to one message; raises :class:`PolicyRejected`.
+
+    Never raises anything else for a malformed message: a From header that cannot be
+    parsed is "not permitted" (rewrite replaces it, reject refuses it with the reason).
+    """
+    sender = normalize_address(mail_from)
+    if profile.sender_policy == "keep":
+        # Exchange needs a sender to submit as; a bounce (null sender) goes as the mailbox.
+        return PolicyResult(sender or profile.mailbox, data, rewritten=not sender)
+    if profile.sender_policy == "reject":
+        check_envelope_sender(profile_name, profile, sender)
+        _check_from(profile_name, profile, RawMessage(data))
+        return PolicyResult(sender, data, rewritten=False)
+    return _rewrite(profile, sender, data)
+
+
+def _check_from(profile_name: str, profile: Profile, msg: RawMessage) -> None:
+    where = f"mailbox {profile.mailbox} (profile {profile_name})"
+    try:
+        addresses = msg.addresses("From")
+    except HeaderError as exc:
+        raise _rejected(f"{_safe(str(exc))}, so it cannot be checked against {where}; fix the "
+                        "From header or use sender_policy: rewrite") from None
+    if not addresses:
+        raise _rejected(f"The message has no From address; {where} needs one it is permitted "
+                        "to send as; add a From header or use sender_policy: rewrite")
+    for addr in addresses:
+        if not is_permitted(profile, addr.addr_spec):
+            raise _rejected(f"From address {_safe(addr.addr_spec)} is not permitted for "
+                            f"{where}; {_advice(profile_name)}")
+
+
+def _rewrite(profile: Profile, sender: str, data: bytes) -> PolicyResult:
+    mailbox = profile.mailbox
+    upstream_sender = sender if is_permitted(profile, sender) else mailbox
+    msg = RawMessage(data)
+    try:
+        parsed = msg.parse_addresses("From")
+        originals, salvaged = parsed.addresses, parsed.salvaged
+        from_ok = bool(originals) and all(is_permitted(profile, a.addr_spec) for a in originals)
+    except HeaderError as exc:
+        log.info("From header unusable (%s); sending as %s", exc, mailbox)
+        originals, salvaged, from_ok = [], False, False
+
+    original_from: str | None = None
+    if not from_ok:
+        name = next((a.display_name for a in originals if a.display_name), "")
+        msg.set("From", _mailbox_address(mailbox, clean_display_name(name)))
+        replies = [a for a in originals if a.username and a.domain
+                   and a.addr_spec.lower() != mailbox.lower()]
+        if replies and "Reply-To" not in msg:
+            msg.set("Reply-To", [Address(username=a.username, domain=a.domain)
+                                 for a in replies])
+        if originals:
+            original_from = ", ".join(a.addr_spec for a in originals)
+    elif salvaged:
+        # Permitted, but only readable by the lenient fallback: write it out the way
+        # Exchange (and everyone else) will read it as intended.
+        msg.set("From", [Address(display_name=clean_display_name(a.display_name),
+                                 username=a.username, domain=a.domain) for a in originals])
+
+    if "Sender" in msg and not _sender_ok(profile, msg):
+        msg.remove("Sender")
+    if from_ok and len(originals) > 1 and "Sender" not in msg:
+        # RFC 5322 requires a Sender when From lists several mailboxes.
+        msg.set("Sender", _mailbox_address(mailbox, ""))
+
+    changed = msg.changed or upstream_sender != sender
+    if changed:
+        log.debug("sender policy rewrite: envelope %s -> %s, From %s", sender or "<>",
+                  upstream_sender, "rewritten" if msg.changed else "kept")
+    return PolicyResult(upstream_sender, msg.to_bytes() if msg.changed else data,
+                        rewritten=changed, original_from=original_from)
+
+
+def _sender_ok(profile: Profile, msg: RawMessage) -> bool:
+    try:
+        addresses = msg.addresses("Sender")
+    except HeaderError:
+        return False
+    return bool(addresses) and all(is_permitted(profile, a.addr_spec) for a in addresses)
+
+
+def _mailbox_address(mailbox: str, display_name: str) -> Address:
+    username, _, domain = mailbox.rpartition("@")
+    return Address(display_name=display_name, username=username, domain=domain)
