@@ -22,6 +22,9 @@ from relay.tokens import Tokens
 
 log = logging.getLogger(__name__)
 
+# How long a SIGTERM waits for transactions in flight before closing them.
+SHUTDOWN_GRACE = 30.0
+
 
 class Relay:
     """All stages of one relay process, built from one :class:`Config`."""
@@ -34,6 +37,7 @@ class Relay:
         self.receiver = Receiver(config, router=Router(config), verifier=self.verifier,
                                  submit=self.submit)
         self._stopping = asyncio.Event()
+        self._listener_sync: asyncio.Future[None] | None = None
 
     async def submit(self, msg: Outbound) -> Reply:
         """Hand an accepted message on. Today: deliver while the client waits."""
@@ -51,26 +55,32 @@ class Relay:
         await self.receiver.start()
         log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in self.listening))
 
-    async def stop(self) -> None:
-        await self.receiver.stop()
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop accepting (new clients get 421), let transactions in flight finish."""
+        await self.receiver.stop(grace=grace)
         await self.tokens.aclose()
 
     def request_stop(self) -> None:
         self._stopping.set()
 
     def reload(self, load: Callable[[], Config]) -> bool:
-        """Swap in a new config; a broken one is logged and the running one kept."""
+        """Swap in a new config; a broken one is logged and the running one kept.
+
+        Everything that can fail (YAML, validation, TLS certificate, CA files) is tried
+        before anything is changed, so a failed reload leaves the relay exactly as it was.
+        Open client connections and the listeners that did not change are kept.
+        """
         try:
             config = load()
-        except ConfigError as exc:
+            self.receiver.update(config, Router(config), self.verifier)
+            self.deliverer.update(config)
+        except (ConfigError, ValueError, OSError) as exc:
             log.error("reload refused, keeping the running configuration:\n%s", exc)
             return False
-        if config.server.listeners != self.config.server.listeners:
-            log.warning("listener changes take effect after a restart")
         self.tokens.update(config)
-        self.deliverer.update(config)
         self.verifier.update({n: u.password_hash for n, u in config.users.items()})
-        self.receiver.update(config, router=Router(config), verifier=self.verifier)
+        if config.server.listeners != self.config.server.listeners:
+            self._listener_sync = asyncio.ensure_future(self.receiver.sync_listeners())
         self.config = config
         log.info("configuration reloaded")
         return True
@@ -98,7 +108,7 @@ class Relay:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            await self.stop()
+            await self.stop(grace=SHUTDOWN_GRACE)
 
 
 def config_loader(path: Path) -> Callable[[], Config]:

@@ -131,7 +131,7 @@ async def _token(args: argparse.Namespace, config: Config) -> int:
     try:
         token = await provider.get()
     except TokenError as exc:
-        _err(f"error: no token for credential {name}: {exc.message}")
+        _err(f"error: {exc.message}")
         return EX_TEMPFAIL if exc.transient else EX_UNAVAILABLE
     finally:
         await provider.aclose()
@@ -231,6 +231,58 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+# --- queue ------------------------------------------------------------------------------------
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from relay import queuectl
+    from relay.spool import Spool, SpoolError
+
+    config = load_config(args.config, check_secrets=False)
+    spool = Spool(config.spool.directory)
+    if not spool.root.is_dir():
+        _err(f"error: no spool at {spool.root} (spool.directory)")
+        return EX_CONFIG
+    try:
+        spool.open(on_tmpfs="warn")
+    except SpoolError as exc:
+        _err(f"error: {exc}")
+        return EX_UNAVAILABLE
+    action = args.action
+    try:
+        if action == "list":
+            rows = [queuectl.summary(st, e) for st, e in queuectl.iter_entries(spool)]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                for r in rows:
+                    print(f"{r['id']}  {r['state']:<8} {r['size']:>9}  {r['received']}  "
+                          f"{r['from'] or '<>'} -> {', '.join(r['recipients'])}"
+                          + (f"\n    {r['last_reply']}" if r["last_reply"] else ""))
+                print(f"-- {len(rows)} message(s)")
+            return EX_OK
+        if action == "flush":
+            print(f"{queuectl.flush(spool)} deferred message(s) due now")
+            return EX_OK
+        if not args.ids:
+            _err(f"error: queue {action} needs one or more message ids")
+            return EX_USAGE
+        failed = False
+        for mid in args.ids:
+            try:
+                if action == "show":
+                    info = queuectl.show(spool, mid)
+                    print(json.dumps(info, indent=2) if args.json else "\n".join(
+                        f"{k}: {v}" for k, v in info.items()))
+                else:
+                    print(getattr(queuectl, action)(spool, mid))
+            except queuectl.QueueCommandError as exc:
+                _err(f"error: {exc}")
+                failed = True
+        return EX_FAIL if failed else EX_OK
+    finally:
+        asyncio.run(spool.close())
+
+
 # --- parser -------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sender (default: the profile's mailbox)")
     p.add_argument("--subject", default="smtp-oauth-relay test message")
     sandbox_flag(p)
+    p = command("queue", cmd_queue, "inspect and manage the queue (works while the relay runs)")
+    p.add_argument("action", choices=["list", "show", "retry", "hold", "release", "delete",
+                                      "flush"])
+    p.add_argument("ids", nargs="*", metavar="ID", help="message id(s)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p = command("hash-password", cmd_hash_password,
                 "print a password hash for users.<name>.password_hash")
     p.add_argument("--stdin", action="store_true", help="read the password from standard input")

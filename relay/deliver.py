@@ -15,31 +15,13 @@ from __future__ import annotations
 import logging
 import time
 
+from relay.classify import classify
 from relay.config import Config, Profile
 from relay.message import DeliveryResult, Outbound, Reply
 from relay.tokens import TokenError, Tokens
 from relay.upstream import AuthenticationRejected, UpstreamClient
 
 log = logging.getLogger(__name__)
-
-# What the usual XOAUTH2 rejections mean, for the operator reading the log.
-_AUTH_HINTS = {
-    "5.7.139": "SMTP AUTH is disabled for the mailbox or tenant: run "
-               "Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false "
-               "(security defaults also disable it)",
-    "5.7.3": "Exchange does not accept the app for this mailbox: check that "
-             "New-ServicePrincipal was run for the app and that the service principal has "
-             "FullAccess on the mailbox (Add-MailboxPermission), and that the tenant is right",
-}
-
-
-def explain_auth_rejection(reply: Reply) -> str:
-    code = reply.enhanced or ""
-    for prefix, hint in _AUTH_HINTS.items():
-        if code.startswith(prefix) or prefix in reply.text:
-            return hint
-    return "see README 'Troubleshooting'; `smtp-oauth-relay token` shows the token's claims"
-
 
 class Deliverer:
     """Turns an :class:`Outbound` into an upstream delivery for its profile.
@@ -99,7 +81,7 @@ class Deliverer:
         except AuthenticationRejected as second:
             log.error("upstream rejected a fresh token for mailbox %s (profile %s): %s — %s "
                       "[%.1f s]", profile.mailbox, msg.profile, second.reply,
-                      explain_auth_rejection(second.reply), time.monotonic() - started)
+                      classify(second.reply).explanation, time.monotonic() - started)
             return DeliveryResult(Reply(
                 451, f"4.7.0 Upstream refused the relay's login for {profile.mailbox}: "
                      f"{second.reply}; message not sent, try again later"))
