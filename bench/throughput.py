@@ -22,10 +22,10 @@ import aiosmtplib
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.app import Relay  # noqa: E402
-from relay.config import parse_config  # noqa: E402
-from relay.log import setup_logging  # noqa: E402
-from relay.sandbox.service import Sandbox  # noqa: E402
+from relay.app import Relay
+from relay.config import parse_config
+from relay.log import setup_logging
+from relay.sandbox.service import Sandbox
 
 
 async def main(messages: int, concurrency: int, size: int) -> None:
