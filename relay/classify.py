@@ -1,0 +1,164 @@
+"""What an upstream reply means for the queue: deliver, wait, slow down, pause, alert, bounce.
+
+The SMTP class of a reply is not enough to act on. Exchange answers a missing permission
+and a bad login with 5xx, yet neither is the message's fault: bouncing them would throw
+away mail that goes through once the operator fixes the setup. A used-up daily quota is
+5xx too but frees itself within 24 hours. So the decision is a table of the replies
+Exchange Online is known to give (see /work/shared/microsoft-facts.md), first match wins,
+and only replies the table does not know fall back to their SMTP class.
+
+Patterns run over ``f"{code} {text}"`` and mostly look for the enhanced status code
+anywhere in it, so a reply the delivery step wrapped in its own words (for example
+``451 4.7.0 Upstream refused the relay's login ...: 535 5.7.3 ...``) is still recognised.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from relay.message import Reply
+
+
+class Action(enum.StrEnum):
+    DELIVERED = "delivered"
+    RETRY = "retry"                  # back off and try again later
+    THROTTLE = "throttle"            # lower this mailbox's concurrency, then retry
+    PAUSE_MAILBOX = "pause_mailbox"  # 24 h submission quota used: hold all its mail
+    AUTH = "auth"                    # token or permission problem: refresh, defer, alert
+    BOUNCE = "bounce"                # permanent for this recipient or message
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    explanation: str
+    alert: bool
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: re.Pattern[str]
+    action: Action
+    explanation: str  # may name the pattern's groups: {address}, {mailbox}
+    alert: bool = False
+
+
+def _status(code: str) -> str:
+    """A regex for an enhanced status code that does not also match 5.7.30 for 5.7.3."""
+    return r"(?<![\d.])" + re.escape(code) + r"(?!\.?\d)"
+
+
+def _rule(pattern: str, action: Action, explanation: str, alert: bool = False) -> Rule:
+    return Rule(re.compile(pattern, re.IGNORECASE), action, explanation, alert)
+
+
+_SP = "the app's service principal"
+
+TABLE: tuple[Rule, ...] = (
+    _rule(r"^4\d\d .*(?:sender thread limit|concurrent connections limit) exceeded"
+          r"|^432 " + _status("4.3.2"),
+          Action.THROTTLE,
+          "Exchange allows only a few concurrent sessions per mailbox (3); other senders may "
+          "share this mailbox: lowering the relay's concurrency for it for a while"),
+    # Before the Sent Items rule: this exception's name contains "QuotaExceededException".
+    _rule(r"SubmissionQuotaExceededException|" + _status("5.1.90"),
+          Action.PAUSE_MAILBOX,
+          "the mailbox has used its 10,000 recipients per rolling 24 hours: holding its mail "
+          "until the window frees (other programs sending as this mailbox count too)",
+          alert=True),
+    _rule(r"^5\d\d " + _status("5.2.2") + r"|QuotaExceededException",
+          Action.RETRY,
+          "the sending mailbox is full (Exchange saves every sent message to Sent Items): "
+          "empty Sent Items, add a retention policy for it, or raise the mailbox quota",
+          alert=True),
+    _rule(_status("5.7.139"),
+          Action.AUTH,
+          "SMTP AUTH is disabled for the mailbox or the tenant: run Set-CASMailbox -Identity "
+          "<mailbox> -SmtpClientAuthenticationDisabled $false (and check Set-TransportConfig "
+          "-SmtpClientAuthenticationDisabled and security defaults, which also disable it)",
+          alert=True),
+    _rule(_status("5.7.3"),
+          Action.AUTH,
+          "Exchange rejected the app's token for this mailbox: check that New-ServicePrincipal "
+          f"was run for the app, that {_SP} has FullAccess on the mailbox "
+          "(Add-MailboxPermission), that the app has SMTP.SendAsApp with admin consent, and "
+          "that the tenant is the mailbox's tenant",
+          alert=True),
+    _rule(_status("5.7.57"),
+          Action.AUTH,
+          "Exchange saw no successful login in the session (the relay skipped AUTH or "
+          "something between the relay and Exchange interfered): this is a relay bug or a "
+          "proxy problem, not a problem of the message",
+          alert=True),
+    _rule(r"mailbox logon failure|^430 " + _status("4.2.0"),
+          Action.AUTH,
+          f"Exchange could not open the mailbox for {_SP}: check New-ServicePrincipal and "
+          "Add-MailboxPermission -AccessRights FullAccess for the mailbox",
+          alert=True),
+    _rule(_status("5.7.30"),
+          Action.AUTH,
+          "Exchange refused basic authentication: the upstream must use XOAUTH2",
+          alert=True),
+    _rule(_status("5.5.127") + r"|token will expire soon",
+          Action.AUTH,
+          "the token is about to expire: fetch a fresh one and retry"),
+    _rule(r"SendAsDenied(?:; (?P<mailbox>[^\s;]+) not allowed to send as (?P<address>[^\s;]+))?"
+          r"|" + _status("5.7.60"),
+          Action.BOUNCE,
+          "the mailbox {mailbox} lacks Send As permission for {address}: run "
+          "Add-RecipientPermission -Identity {address} -Trustee <mailbox or service principal> "
+          "-AccessRights SendAs and list it in the profile's send_as, or use "
+          "sender_policy: rewrite",
+          alert=True),
+    # Any other 530/534/535 is a login problem too, never the message's fault.
+    _rule(r"^53[045] ",
+          Action.AUTH,
+          "Exchange rejected the relay's login: see README 'Troubleshooting'; "
+          "`smtp-oauth-relay token` shows the token's claims",
+          alert=True),
+    _rule(r"^5\d\d (?:" + _status("5.7.705") + "|" + _status("5.7.708") + ")",
+          Action.BOUNCE,
+          "Microsoft is blocking outbound mail from the tenant or its IP address (reputation, "
+          "5.7.705 tenant over threshold / 5.7.708 IP not accepted): check the Restricted "
+          "entities page in the Defender portal or open a support case",
+          alert=True),
+    _rule(r"^4\d\d 4\.7\.[56]\d\d(?!\d)",
+          Action.RETRY,
+          "Exchange temporarily restricts mail from the tenant or its IP address; retrying"),
+    _rule(r"^421 ",
+          Action.RETRY,
+          "Exchange closed the session (busy, or shutting down the connection); retrying"),
+    _rule(r"^5\d\d (?:" + _status("5.1.1") + "|" + _status("5.1.10") + ")",
+          Action.BOUNCE,
+          "the recipient address does not exist"),
+    _rule(r"^552 |^5\d\d (?:" + _status("5.3.4") + "|" + _status("5.2.3") + ")",
+          Action.BOUNCE,
+          "the message is larger than the mailbox may send (Set-Mailbox -MaxSendSize) or "
+          "the upstream accepts"),
+)
+
+_BY_CLASS = {
+    2: Verdict(Action.DELIVERED, "accepted by the upstream", alert=False),
+    4: Verdict(Action.RETRY, "temporary failure; retrying", alert=False),
+    5: Verdict(Action.BOUNCE, "permanent failure", alert=False),
+}
+
+
+class _Fill(dict[str, str]):
+    """Template values: a group the reply did not contain reads as something generic."""
+
+    def __missing__(self, key: str) -> str:
+        return {"address": "the sender address", "mailbox": "used"}.get(key, f"<{key}>")
+
+
+def classify(reply: Reply) -> Verdict:
+    """The queue's decision for ``reply``; replies of other classes than 2/4/5 are retried."""
+    line = f"{reply.code} {' '.join(reply.text.split())}"
+    for rule in TABLE:
+        m = rule.pattern.search(line)
+        if m is not None:
+            groups = _Fill({k: v for k, v in m.groupdict().items() if v})
+            return Verdict(rule.action, rule.explanation.format_map(groups), rule.alert)
+    return _BY_CLASS.get(reply.code // 100, _BY_CLASS[4])

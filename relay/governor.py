@@ -1,0 +1,161 @@
+"""Per-mailbox pacing within Exchange Online's submission limits.
+
+Exchange answers a mailbox that goes over its limits with errors (432 4.3.2 for a fourth
+session, SubmissionQuotaExceededException after 10,000 recipients a day) or with silent
+delays. Keeping under the limits is cheaper than retrying after them, so the queue manager
+asks the governor before each attempt when a message may go.
+
+The governor is pure bookkeeping: every method takes ``now`` (seconds, from one clock the
+caller chooses) and nothing sleeps, so the queue decides how to wait and tests need no
+clock. Memory per mailbox is bounded whatever the traffic: the minute window keeps only
+as many timestamps as the limit allows, and the day window counts recipients in one
+bucket per minute (at most 1,441 buckets).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+MINUTE = 60.0
+DAY = 86_400.0
+SLOT_RETRY = 1.0       # ask again this soon when only a session slot is busy
+UNKNOWN_QUOTA_PAUSE = 3600.0  # quota used up by someone the governor does not see
+_SWEEP_EVERY = 3600.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_sessions: int = 3
+    messages_per_minute: int = 30
+    recipients_per_day: int = 10_000
+    throttle_cooldown: float = 600.0
+
+
+@dataclass
+class _Mailbox:
+    minute: deque[float]                     # start times of the latest sends
+    day: deque[tuple[float, int]] = field(default_factory=deque)  # (latest time, recipients)
+    day_total: int = 0
+    in_flight: int = 0
+    lowered: int = 0                         # sessions taken off max_sessions by throttling
+    recover_at: float = 0.0                  # when the next lowered step is given back
+    paused_until: float = 0.0
+    last_seen: float = 0.0
+
+    def expire(self, now: float, limits: Limits) -> None:
+        """Forget what no longer counts at ``now``: old sends, served pauses, cooldowns."""
+        while self.minute and self.minute[0] + MINUTE <= now:
+            self.minute.popleft()
+        while self.day and self.day[0][0] + DAY <= now:
+            self.day_total -= self.day.popleft()[1]
+        if self.paused_until <= now:
+            self.paused_until = 0.0
+        if self.lowered and now >= self.recover_at:
+            cooldown = limits.throttle_cooldown
+            steps = 1 + int((now - self.recover_at) // cooldown) if cooldown > 0 else self.lowered
+            self.lowered = max(0, self.lowered - steps)
+            self.recover_at += steps * limits.throttle_cooldown
+
+    def session_limit(self, limits: Limits) -> int:
+        return max(1, limits.max_sessions - self.lowered)
+
+
+class Governor:
+    """Answers "may this mailbox send now, and if not, when?" for the queue manager."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self._boxes: dict[str, _Mailbox] = {}
+        self._next_sweep = 0.0
+
+    def update(self, limits: Limits) -> None:
+        """New limits (config reload); what was recorded still counts against them."""
+        self.limits = limits
+        for box in self._boxes.values():
+            box.minute = deque(box.minute, maxlen=limits.messages_per_minute)
+            box.lowered = min(box.lowered, limits.max_sessions - 1)
+
+    def _box(self, mailbox: str, now: float) -> _Mailbox:
+        if now >= self._next_sweep:
+            self._sweep(now)
+        box = self._boxes.get(mailbox)
+        if box is None:
+            box = self._boxes[mailbox] = _Mailbox(
+                deque(maxlen=self.limits.messages_per_minute))
+        box.expire(now, self.limits)
+        box.last_seen = max(box.last_seen, now)
+        return box
+
+    def _sweep(self, now: float) -> None:
+        """Drop mailboxes idle for a day: their windows are empty, so nothing is lost."""
+        self._next_sweep = now + _SWEEP_EVERY
+        for name, box in list(self._boxes.items()):
+            if box.in_flight == 0 and box.paused_until <= now and box.last_seen + DAY <= now:
+                del self._boxes[name]
+
+    def ready_at(self, mailbox: str, recipients: int, now: float) -> float:
+        """``now`` if a message with ``recipients`` may start now, else the earliest time."""
+        box = self._box(mailbox, now)
+        limits = self.limits
+        at = max(now, box.paused_until)
+        if len(box.minute) >= limits.messages_per_minute:
+            at = max(at, box.minute[-limits.messages_per_minute] + MINUTE)
+        excess = box.day_total + recipients - limits.recipients_per_day
+        # A message over the daily limit on its own never fits; let Exchange answer it.
+        if excess > 0 and recipients <= limits.recipients_per_day:
+            for latest, count in box.day:
+                excess -= count
+                if excess <= 0:
+                    at = max(at, latest + DAY)
+                    break
+        if box.in_flight >= box.session_limit(limits):
+            at = max(at, now + SLOT_RETRY)
+        return at
+
+    def started(self, mailbox: str, recipients: int, now: float) -> None:
+        box = self._box(mailbox, now)
+        box.in_flight += 1
+        box.minute.append(now)
+        if box.day and int(box.day[-1][0] // MINUTE) == int(now // MINUTE):
+            _, count = box.day.pop()
+            box.day.append((now, count + recipients))
+        else:
+            box.day.append((now, recipients))
+        box.day_total += recipients
+
+    def finished(self, mailbox: str, now: float) -> None:
+        box = self._box(mailbox, now)
+        box.in_flight = max(0, box.in_flight - 1)
+
+    def throttled(self, mailbox: str, now: float) -> None:
+        """Exchange refused a session (432 4.3.2): one session fewer for a cooldown."""
+        box = self._box(mailbox, now)
+        box.lowered = min(box.lowered + 1, self.limits.max_sessions - 1)
+        box.recover_at = now + self.limits.throttle_cooldown
+
+    def quota_exceeded(self, mailbox: str, now: float) -> None:
+        """Exchange says the day's recipients are used: hold the mailbox until some expire.
+
+        When the relay's own sends explain the quota, the window frees as the oldest of
+        them turns 24 hours old. When they do not, other senders used it, whose sends the
+        governor cannot see: it looks again after an hour (sooner if its own expire first).
+        """
+        box = self._box(mailbox, now)
+        until = box.day[0][0] + DAY if box.day else math.inf
+        if box.day_total < self.limits.recipients_per_day:
+            until = min(until, now + UNKNOWN_QUOTA_PAUSE)
+        box.paused_until = until
+
+    def snapshot(self, mailbox: str, now: float) -> dict[str, Any]:
+        """For logs and metrics; ``sent_last_minute`` counts up to the per-minute limit."""
+        box = self._box(mailbox, now)
+        return {
+            "in_flight": box.in_flight,
+            "limit": box.session_limit(self.limits),
+            "sent_last_minute": len(box.minute),
+            "recipients_last_24h": box.day_total,
+            "paused_until": box.paused_until or None,
+        }

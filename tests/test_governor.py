@@ -1,0 +1,194 @@
+"""Per-mailbox pacing, driven by an explicit clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.governor import DAY, SLOT_RETRY, UNKNOWN_QUOTA_PAUSE, Governor, Limits
+
+MBX = "relay@contoso.com"
+
+
+def send(g: Governor, at: float, recipients: int = 1, mailbox: str = MBX) -> None:
+    """One complete send: the caller asked first, as the queue manager does."""
+    assert g.ready_at(mailbox, recipients, at) == at
+    g.started(mailbox, recipients, at)
+    g.finished(mailbox, at)
+
+
+def test_an_unused_mailbox_may_send_now() -> None:
+    g = Governor()
+    assert g.ready_at(MBX, 1, 5.0) == 5.0
+    assert g.snapshot(MBX, 5.0) == {"in_flight": 0, "limit": 3, "sent_last_minute": 0,
+                                    "recipients_last_24h": 0, "paused_until": None}
+
+
+def test_session_slots() -> None:
+    g = Governor()
+    for _ in range(3):
+        g.started(MBX, 1, 0.0)
+    assert g.ready_at(MBX, 1, 1.0) == 1.0 + SLOT_RETRY
+    g.finished(MBX, 2.0)
+    assert g.ready_at(MBX, 1, 2.0) == 2.0
+
+
+def test_messages_per_rolling_minute() -> None:
+    g = Governor()
+    for i in range(30):
+        send(g, float(i))
+    assert g.ready_at(MBX, 1, 29.5) == 60.0     # when the first send leaves the window
+    assert g.ready_at(MBX, 1, 59.9) == 60.0
+    send(g, 60.0)
+    assert g.ready_at(MBX, 1, 60.5) == 61.0     # rolling, not per calendar minute
+    assert g.ready_at(MBX, 1, 61.0) == 61.0
+
+
+def test_recipients_per_rolling_day() -> None:
+    g = Governor()
+    send(g, 0.0, 6000)
+    send(g, 3600.0, 3000)
+    now = 7200.0
+    assert g.ready_at(MBX, 1000, now) == now            # exactly the limit fits
+    assert g.ready_at(MBX, 1001, now) == DAY            # once the 6,000 leave the window
+    assert g.ready_at(MBX, 8000, now) == 3600.0 + DAY   # needs both sends gone
+    assert g.ready_at(MBX, 1001, DAY) == DAY
+    assert g.snapshot(MBX, DAY)["recipients_last_24h"] == 3000
+
+
+def test_a_message_over_the_daily_limit_is_left_to_exchange() -> None:
+    g = Governor()
+    send(g, 0.0, 5000)
+    assert g.ready_at(MBX, 10_001, 10.0) == 10.0
+
+
+def test_limits_combine_to_the_latest_blocker() -> None:
+    g = Governor(Limits(max_sessions=1, messages_per_minute=2, recipients_per_day=100))
+    g.started(MBX, 90, 0.0)
+    g.started(MBX, 5, 1.0)
+    # Slot busy (1 s), minute full (until 60), day full for 10 recipients: until both
+    # sends leave it, as they share a minute bucket, which leaves with its latest send.
+    assert g.ready_at(MBX, 1, 2.0) == 60.0
+    assert g.ready_at(MBX, 10, 2.0) == 1.0 + DAY
+    assert g.ready_at(MBX, 1, 60.0) == 60.0 + SLOT_RETRY  # only the slot is left
+    g.finished(MBX, 60.0)
+    g.finished(MBX, 60.0)
+    assert g.ready_at(MBX, 1, 61.0) == 61.0
+
+
+def test_throttle_lowers_concurrency_then_recovers_step_by_step() -> None:
+    g = Governor(Limits(throttle_cooldown=600.0))
+    g.throttled(MBX, 0.0)
+    g.throttled(MBX, 10.0)
+    assert g.snapshot(MBX, 10.0)["limit"] == 1
+    g.started(MBX, 1, 10.0)
+    assert g.ready_at(MBX, 1, 20.0) == 20.0 + SLOT_RETRY
+    assert g.snapshot(MBX, 609.0)["limit"] == 1
+    assert g.snapshot(MBX, 610.0)["limit"] == 2
+    assert g.ready_at(MBX, 1, 610.0) == 610.0
+    assert g.snapshot(MBX, 1210.0)["limit"] == 3
+    assert g.snapshot(MBX, 99_999.0)["limit"] == 3
+
+
+def test_throttle_recovery_catches_up_after_a_quiet_spell() -> None:
+    g = Governor(Limits(throttle_cooldown=600.0))
+    g.throttled(MBX, 0.0)
+    g.throttled(MBX, 0.0)
+    assert g.snapshot(MBX, 1300.0)["limit"] == 3
+
+
+def test_throttle_never_goes_below_one_session() -> None:
+    g = Governor()
+    for _ in range(10):
+        g.throttled(MBX, 0.0)
+    assert g.snapshot(MBX, 0.0)["limit"] == 1
+    assert g.snapshot(MBX, 600.0)["limit"] == 2      # one step per cooldown, not ten
+
+
+def test_zero_cooldown_means_no_throttling() -> None:
+    g = Governor(Limits(throttle_cooldown=0.0))
+    g.throttled(MBX, 5.0)
+    assert g.snapshot(MBX, 5.0)["limit"] == 3
+
+
+def test_quota_pause_until_own_sends_expire() -> None:
+    g = Governor()
+    send(g, 0.0, 4000)
+    send(g, 100.0, 6000)
+    g.quota_exceeded(MBX, 200.0)
+    assert g.snapshot(MBX, 200.0)["paused_until"] == DAY
+    assert g.ready_at(MBX, 1, 200.0) == DAY
+    assert g.ready_at(MBX, 20_000, 200.0) == DAY     # a pause holds every message
+    assert g.ready_at(MBX, 1, DAY) == DAY
+    assert g.snapshot(MBX, DAY)["paused_until"] is None
+
+
+@pytest.mark.parametrize(("recorded", "expected"), [
+    (None, 10.0 + UNKNOWN_QUOTA_PAUSE),          # nothing of ours: someone else's quota
+    (50, 10.0 + UNKNOWN_QUOTA_PAUSE),            # ours do not explain it: look again soon
+])
+def test_quota_used_by_other_senders(recorded: int | None, expected: float) -> None:
+    g = Governor()
+    if recorded is not None:
+        send(g, 0.0, recorded)
+    g.quota_exceeded(MBX, 10.0)
+    assert g.ready_at(MBX, 1, 10.0) == expected
+    assert g.ready_at(MBX, 1, expected) == expected
+
+
+def test_mailboxes_are_independent() -> None:
+    g = Governor(Limits(messages_per_minute=1))
+    send(g, 0.0, mailbox="a@x")
+    g.quota_exceeded("a@x", 0.0)
+    g.throttled("a@x", 0.0)
+    assert g.ready_at("b@x", 1, 1.0) == 1.0
+    assert g.snapshot("b@x", 1.0)["limit"] == 3
+
+
+def test_snapshot_values() -> None:
+    g = Governor()
+    send(g, 0.0, 7)
+    g.started(MBX, 3, 30.0)
+    g.throttled(MBX, 30.0)
+    assert g.snapshot(MBX, 40.0) == {"in_flight": 1, "limit": 2, "sent_last_minute": 2,
+                                     "recipients_last_24h": 10, "paused_until": None}
+    assert g.snapshot(MBX, 61.0)["sent_last_minute"] == 1
+
+
+def test_finished_without_started_does_not_go_negative() -> None:
+    g = Governor()
+    g.finished(MBX, 0.0)
+    assert g.snapshot(MBX, 0.0)["in_flight"] == 0
+
+
+def test_memory_stays_bounded() -> None:
+    g = Governor()
+    n = 100_000
+    for i in range(n):           # one send a second, ignoring ready_at on purpose
+        g.started(MBX, 1, float(i))
+        g.finished(MBX, float(i))
+    box = g._boxes[MBX]
+    assert len(box.minute) <= 30
+    assert len(box.day) <= DAY / 60 + 1
+    # Counted per minute bucket: at most one bucket's worth over the exact figure.
+    got = g.snapshot(MBX, n - 1.0)["recipients_last_24h"]
+    assert DAY <= got <= DAY + 60
+
+
+def test_idle_mailboxes_are_forgotten() -> None:
+    g = Governor()
+    send(g, 0.0, mailbox="old@x")
+    g.started("busy@x", 1, 0.0)
+    g.quota_exceeded("busy@x", 0.0)
+    send(g, 2 * DAY, mailbox="new@x")
+    assert set(g._boxes) == {"busy@x", "new@x"}
+
+
+def test_update_applies_to_recorded_sends() -> None:
+    g = Governor()
+    for i in range(20):
+        send(g, float(i))
+    g.update(Limits(messages_per_minute=10, max_sessions=1))
+    assert g.ready_at(MBX, 1, 20.0) == 19.0 - 9 + 60.0   # the 10th latest send leaves
+    assert g.snapshot(MBX, 20.0)["limit"] == 1
+    g.update(Limits(messages_per_minute=50))
+    assert g.ready_at(MBX, 1, 20.0) == 20.0
