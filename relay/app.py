@@ -1,14 +1,18 @@
 """The running relay: owns start-up, signals and shutdown of all the stages.
 
-receive (SMTP server) -> route + policy -> deliver (token + upstream). One object holds
-them so that start, stop and reload happen in one place and in the right order.
+receive (SMTP server) -> route + policy -> spool -> queue -> deliver (token + upstream).
+One object holds them so that start, stop and reload happen in one place and in the
+right order: the spool is recovered before anything is accepted, and on shutdown the
+listeners stop before the queue does, so nothing is accepted that cannot be stored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,14 +20,13 @@ from relay.config import Config, ConfigError
 from relay.deliver import Deliverer
 from relay.message import Outbound, Reply
 from relay.passwords import PasswordVerifier
+from relay.queue import Queue
 from relay.receive import Receiver
 from relay.route import Router
+from relay.spool import Spool
 from relay.tokens import Tokens
 
 log = logging.getLogger(__name__)
-
-# How long a SIGTERM waits for transactions in flight before closing them.
-SHUTDOWN_GRACE = 30.0
 
 
 class Relay:
@@ -33,6 +36,8 @@ class Relay:
         self.config = config
         self.tokens = Tokens(config)
         self.deliverer = Deliverer(config, self.tokens)
+        self.spool = Spool(config.spool.directory)
+        self.queue = Queue(self.spool, self.deliverer, config)
         self.verifier = PasswordVerifier({n: u.password_hash for n, u in config.users.items()})
         self.receiver = Receiver(config, router=Router(config), verifier=self.verifier,
                                  submit=self.submit)
@@ -40,24 +45,38 @@ class Relay:
         self._listener_sync: asyncio.Future[None] | None = None
 
     async def submit(self, msg: Outbound) -> Reply:
-        """Hand an accepted message on. Today: deliver while the client waits."""
-        result = await self.deliverer.deliver(msg)
-        if result.reply.ok:
-            return Reply(250, f"2.0.0 Ok: delivered as {msg.id}")
-        return result.reply
+        """Spool an accepted message; the 250 goes out only once it is safely on disk."""
+        profile = self.config.profiles.get(msg.profile)
+        wait = ((profile.synchronous if profile else None) or msg.synchronous
+                or self.config.delivery.synchronous)
+        try:
+            return await self.queue.submit(msg, wait=wait)
+        except OSError as exc:
+            log.error("cannot spool the message: %s", exc.strerror or exc)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return Reply(452, "4.3.1 Insufficient system storage; try again later")
+            return Reply(451, "4.3.0 Cannot store the message right now; try again later")
 
     @property
     def listening(self) -> list[tuple[str, int]]:
         return list(self.receiver.bound)
 
     async def start(self) -> None:
+        self.spool.open(on_tmpfs=self.config.spool.on_tmpfs)
+        await self.queue.start()
         self.tokens.start()
         await self.receiver.start()
-        log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in self.listening))
+        log.info("listening on %s; spool %s", ", ".join(
+            f"{h}:{p}" for h, p in self.listening), self.spool.root)
 
     async def stop(self, grace: float = 0.0) -> None:
-        """Stop accepting (new clients get 421), let transactions in flight finish."""
+        """Stop accepting (new clients get 421), let work in flight finish within ``grace``.
+
+        What is not finished by then stays in the spool and is delivered after a restart.
+        """
+        deadline = time.monotonic() + grace
         await self.receiver.stop(grace=grace)
+        await self.queue.stop(max(0.0, deadline - time.monotonic()))
         await self.tokens.aclose()
 
     def request_stop(self) -> None:
@@ -77,6 +96,9 @@ class Relay:
         except (ConfigError, ValueError, OSError) as exc:
             log.error("reload refused, keeping the running configuration:\n%s", exc)
             return False
+        if config.spool != self.config.spool:
+            log.warning("spool settings take effect after a restart")
+        self.queue.update(config)
         self.tokens.update(config)
         self.verifier.update({n: u.password_hash for n, u in config.users.items()})
         if config.server.listeners != self.config.server.listeners:
@@ -87,13 +109,15 @@ class Relay:
 
     async def serve(self, reload: Callable[[], Config] | None = None,
                     on_ready: Callable[[], None] | None = None) -> None:
-        """Run until SIGTERM/SIGINT; SIGHUP reloads the config when ``reload`` is given.
+        """Run until SIGTERM/SIGINT; SIGHUP reloads the config when ``reload`` is given,
+        SIGUSR1 makes every deferred message due now (like ``postqueue -f``).
 
         ``on_ready`` runs once every listener accepts connections (banner, readiness).
         """
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGUSR1, self.queue.flush)
         if reload is not None:
             loop.add_signal_handler(signal.SIGHUP, lambda: self.reload(reload))
         else:
@@ -106,9 +130,9 @@ class Relay:
             await self._stopping.wait()
             log.info("stopping")
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
-            await self.stop(grace=SHUTDOWN_GRACE)
+            await self.stop(grace=self.config.delivery.shutdown_timeout)
 
 
 def config_loader(path: Path) -> Callable[[], Config]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 import re
 import socket
 from collections.abc import Iterable
@@ -280,6 +281,7 @@ class Profile(_Model):
     upstream: Name | None = None
     sender_policy: Literal["keep", "rewrite", "reject"] = "rewrite"
     send_as: list[str] = Field(default_factory=list)
+    synchronous: Duration | None = None
 
 
 class User(_Model):
@@ -313,6 +315,7 @@ class Listener(_Model):
     port: Port = 2525
     tls: Literal["none", "starttls", "implicit"] = "none"
     require_tls: bool = False
+    synchronous: Duration | None = None
 
 
 class ServerTLS(_Model):
@@ -335,6 +338,44 @@ class Server(_Model):
     max_auth_failures: int = Field(default=3, ge=1)
 
 
+def _default_spool() -> Path:
+    """systemd's StateDirectory= (when set), else the FHS place for a daemon's state."""
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(state or "/var/lib/smtp-oauth-relay") / "spool"
+
+
+class SpoolSettings(_Model):
+    directory: Path = Field(default_factory=_default_spool)
+    on_tmpfs: Literal["refuse", "warn"] = "refuse"
+
+
+class MailboxLimits(_Model):
+    """Per-mailbox pacing; the defaults are Exchange Online's SMTP AUTH limits."""
+
+    max_sessions: int = Field(default=3, ge=1)
+    messages_per_minute: int = Field(default=30, ge=1)
+    recipients_per_day: int = Field(default=10_000, ge=1)
+    throttle_cooldown: Duration = 600.0
+
+
+class Delivery(_Model):
+    max_lifetime: Duration = 5 * 86400.0
+    retry_initial: Duration = 60.0
+    retry_max: Duration = 3600.0
+    bounce: Literal["sender", "operator", "none"] = "sender"
+    operator: Address | None = None
+    window: int = Field(default=100, ge=1)
+    synchronous: Duration | None = None
+    shutdown_timeout: Duration = 30.0
+    mailbox_limits: MailboxLimits = Field(default_factory=MailboxLimits)
+
+    @model_validator(mode="after")
+    def _operator(self) -> Delivery:
+        if self.bounce == "operator" and self.operator is None:
+            raise ValueError("bounce: operator needs delivery.operator (an address)")
+        return self
+
+
 class Logging(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -345,6 +386,8 @@ class Config(_Model):
     users: dict[Name, User] = Field(default_factory=dict)
     profiles: dict[Name, Profile] = Field(default_factory=dict)
     routing: Routing = Field(default_factory=Routing)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    delivery: Delivery = Field(default_factory=Delivery)
     credentials: dict[Name, Credential] = Field(default_factory=dict)
     upstreams: dict[Name, Upstream] = Field(default_factory=dict)
     logging: Logging = Field(default_factory=Logging)
@@ -442,7 +485,7 @@ def _absolutise(data: Any, base: Path, key: str = "") -> Any:
         return {k: _absolutise(v, base, str(k)) for k, v in data.items()}
     if isinstance(data, list):
         return [_absolutise(v, base, key) for v in data]
-    if isinstance(data, str) and (key == "file" or key.endswith("_file")):
+    if isinstance(data, str) and (key in ("file", "directory") or key.endswith("_file")):
         p = Path(data).expanduser()
         return str(p if p.is_absolute() else base / p)
     return data

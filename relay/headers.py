@@ -171,6 +171,10 @@ class RawMessage:
     def body(self) -> bytes:
         return bytes(self._body)
 
+    def header_section(self) -> bytes:
+        """The header fields as they stand (for a DSN's text/rfc822-headers part)."""
+        return b"".join([*self._prepended, *(f.raw for f in self._fields)])
+
     def get_all(self, name: str) -> list[BaseHeader]:
         """Every field called ``name``, parsed by the email header registry.
 

@@ -65,6 +65,12 @@ class Outbound:
     mail_options: list[str] = field(default_factory=list)
     client: str = ""
     user: str | None = None
+    # The envelope sender as the client gave it ("<>" for the null sender), when the
+    # sender policy changed ``mail_from``: delivery reports go here, not to the mailbox.
+    return_path: str | None = None
+    # How long the submitting client may wait for the first attempt (listener setting);
+    # None: answer as soon as the message is safely spooled.
+    synchronous: float | None = None
 
 
 @dataclass

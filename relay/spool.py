@@ -62,6 +62,7 @@ class Entry:
     mail_options: list[str] = field(default_factory=list)
     client: str = ""
     user: str | None = None
+    return_path: str | None = None
     attempts: int = 0
     next_attempt: float = 0.0
     last_reply: str | None = None
@@ -273,17 +274,20 @@ class Spool:
     def move(self, entry: Entry, src: State, dst: State, *, rewrite: bool = True) -> None:
         """Move ``entry`` from ``src`` to ``dst``, saving its (changed) metadata atomically."""
         old = self._find(src, entry.id)
+        if old is None:
+            # Someone else (an operator's `queue hold` or `delete`) moved it first.
+            raise FileNotFoundError(f"{entry.id} is no longer in {src}")
         new = self._meta_path(dst, entry)
         if rewrite:
             tmp = self.root / "tmp" / f"{entry.id}.json.{time.monotonic_ns()}"
             _write_synced(tmp, entry.to_json())
             os.replace(tmp, new)
-            if old is not None and old != new:
+            if old != new:
                 old.unlink(missing_ok=True)
-        elif old is not None:
+        else:
             os.replace(old, new)
         _fsync_dir(new.parent)
-        if old is not None and old.parent != new.parent:
+        if old.parent != new.parent:
             _fsync_dir(old.parent)
 
     def remove(self, entry_id: str, state: State) -> None:
@@ -330,6 +334,22 @@ class Spool:
                     del out[limit:]
         out.sort()
         return out[:limit]
+
+    def flush_deferred(self, now: float) -> int:
+        """Make every deferred message due at ``now``; returns how many were changed."""
+        count = 0
+        for name in list(self.names(State.DEFERRED)):
+            due, _, rest = name.partition("-")
+            if due.isdigit() and int(due) > now:
+                try:
+                    os.replace(self.root / State.DEFERRED / name,
+                               self.root / State.DEFERRED / f"{int(now):010d}-{rest}")
+                except FileNotFoundError:
+                    continue  # picked up by the queue meanwhile
+                count += 1
+        if count:
+            _fsync_dir(self.root / State.DEFERRED)
+        return count
 
     def count(self, state: State) -> int:
         return sum(1 for _ in self.names(state))

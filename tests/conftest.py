@@ -7,7 +7,9 @@ that demands STARTTLS and a valid XOAUTH2 token and records what it accepted.
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,9 @@ BASE_CONFIG: dict[str, Any] = {
         "alice": {"mailbox": "alice@contoso.com", "credential": "main"},
     },
     "routing": {"system_profile": "system"},
+    # Clients wait for the first attempt (so upstream verdicts reach them); retries are
+    # fast so that tests of the queue do not wait minutes.
+    "delivery": {"synchronous": 10, "retry_initial": "0.2s", "retry_max": "1s"},
     "credentials": {"main": {"tenant_id": "contoso-tenant", "client_id": "relay-app",
                              "client_secret": {"value": "replaced-by-sandbox"}}},
 }
@@ -85,3 +90,12 @@ async def relay(start_relay: RelayFactory) -> Relay:
 
 def address(relay: Relay) -> tuple[str, int]:
     return relay.listening[0]
+
+
+async def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll ``predicate`` until it is true; fail the test with a clear message otherwise."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.02)

@@ -11,6 +11,7 @@ import smtplib
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -139,7 +140,11 @@ def test_sandbox_run_delivers_and_stops_on_sigterm(sandbox_config: Path, tmp_pat
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.sendmail("app@contoso.com", ["someone@example.com"],
                             b"Subject: hello\r\n\r\nfrom a legacy app\r\n")
-        [eml] = (tmp_path / "sb" / "mail").glob("*.eml")
+        maildir = tmp_path / "sb" / "mail"
+        deadline = time.monotonic() + 20
+        while not list(maildir.glob("*.eml")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [eml] = maildir.glob("*.eml")
         assert eml.read_bytes().endswith(b"from a legacy app\r\n")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -10,7 +10,8 @@ import pytest
 
 from relay.app import Relay
 from relay.sandbox.service import Sandbox
-from tests.conftest import PASSWORDS, RelayFactory, address
+from relay.spool import Entry, State
+from tests.conftest import PASSWORDS, RelayFactory, address, wait_until
 
 MESSAGE = (
     b"From: Billing <billing@contoso.com>\r\n"
@@ -37,8 +38,10 @@ async def send(relay: Relay, sender: str, rcpts: list[str], data: bytes = MESSAG
                                use_tls=False, timeout=30) as client:
         if login:
             await client.login(*login)
-        _, response = await client.sendmail(sender, rcpts, data)
-        return response
+        await client.mail(sender)
+        for rcpt in rcpts:
+            await client.rcpt(rcpt)
+        return await client.data(data)
 
 
 def body_of(data: bytes) -> bytes:
@@ -157,46 +160,76 @@ async def test_entra_outage_with_valid_cached_token(
     assert len(sandbox.exchange.messages) == 2
 
 
-async def test_entra_outage_without_token_is_temporary(
-        relay: Relay, sandbox: Sandbox) -> None:
-    sandbox.entra.fail_next(500, count=100)
-    with pytest.raises(aiosmtplib.SMTPDataError) as err:
-        await send(relay, "billing@contoso.com", ["a@example.com"])
-    assert err.value.code == 451
-    assert "token" in err.value.message
+async def test_entra_outage_without_token_queues_the_message(
+        start_relay: RelayFactory, sandbox: Sandbox) -> None:
+    relay = await start_relay({"delivery": {"retry_initial": "1h"}})
+    sandbox.entra.fail_next(500, count=1000, retry_after=0)
+    response = await send(relay, "billing@contoso.com", ["a@example.com"])
+    assert response.code == 250 and "queued as" in response.message
     assert sandbox.exchange.messages == []
+    [entry] = deferred_entries(relay)
+    assert entry.last_reply is not None and entry.last_reply.startswith("451 4.7.0")
+    sandbox.entra.clear_failures()                            # Entra is back
+    relay.queue.flush()
+    await wait_until(lambda: len(sandbox.exchange.messages) == 1)
+
+
+def deferred_entries(relay: Relay) -> list[Entry]:
+    return [relay.spool.read(State.DEFERRED, n) for n in relay.spool.names(State.DEFERRED)]
 
 
 @pytest.mark.parametrize(("code", "text"), [
-    (451, "4.3.2 Temporary server error. Please try again later"),
-    (432, "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded"),
     (554, "5.2.252 SendAsDenied; relay@contoso.com not allowed to send as x@y"),
     (550, "5.7.708 Service unavailable. Access denied, traffic not accepted from this IP"),
 ])
-async def test_upstream_reply_class_reaches_client(
+async def test_permanent_upstream_reply_reaches_waiting_client(
         relay: Relay, sandbox: Sandbox, code: int, text: str) -> None:
     sandbox.exchange.fail_next("data", code, text)
     with pytest.raises(aiosmtplib.SMTPDataError) as err:
         await send(relay, "billing@contoso.com", ["a@example.com"])
     assert err.value.code == code
     assert text.split()[0] in err.value.message       # the upstream's text is passed on
+    assert relay.spool.count(State.DEFERRED) == relay.spool.count(State.FAILED) == 0
 
 
-async def test_upstream_rcpt_refusal_reaches_client(relay: Relay, sandbox: Sandbox) -> None:
+@pytest.mark.parametrize(("code", "text"), [
+    (451, "4.3.2 Temporary server error. Please try again later"),
+    (432, "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded"),
+])
+async def test_temporary_upstream_reply_is_queued_and_retried(
+        relay: Relay, sandbox: Sandbox, code: int, text: str) -> None:
+    sandbox.exchange.fail_next("data", code, text)
+    response = await send(relay, "billing@contoso.com", ["a@example.com"])
+    assert response.code == 250 and "queued as" in response.message
+    await wait_until(lambda: len(sandbox.exchange.messages) == 1)   # retried by the queue
+    assert relay.spool.count(State.DEFERRED) == 0
+
+
+async def test_partial_recipient_rejection_bounces_only_the_rejected(
+        relay: Relay, sandbox: Sandbox) -> None:
     sandbox.exchange.fail_next("rcpt", 550, "5.1.10 RESOLVER.ADR.RecipientNotFound",
                                recipient="ghost@example.com")
-    with pytest.raises(aiosmtplib.SMTPDataError) as err:
-        await send(relay, "billing@contoso.com", ["a@example.com", "ghost@example.com"])
-    assert err.value.code == 550
-    assert "ghost@example.com" in err.value.message
-    assert sandbox.exchange.messages == []          # nothing half-delivered
+    response = await send(relay, "billing@contoso.com", ["a@example.com", "ghost@example.com"])
+    assert response.code == 250
+    await wait_until(lambda: len(sandbox.exchange.messages) == 2)
+    original, dsn = sandbox.exchange.messages
+    assert original.rcpt_tos == ["a@example.com"]
+    assert dsn.rcpt_tos == ["billing@contoso.com"]           # the envelope sender
+    assert b"multipart/report" in dsn.data and b"ghost@example.com" in dsn.data
+    assert b"5.1.10" in dsn.data
+    [failed] = relay.spool.names(State.FAILED)
+    assert relay.spool.read(State.FAILED, failed).delivered == ["a@example.com"]
 
 
-async def test_upstream_down_is_temporary(relay: Relay, sandbox: Sandbox) -> None:
+async def test_upstream_down_keeps_the_message(
+        start_relay: RelayFactory, sandbox: Sandbox) -> None:
+    relay = await start_relay({"delivery": {"retry_initial": "1h"}})
     await sandbox.exchange.stop()
-    with pytest.raises(aiosmtplib.SMTPDataError) as err:
-        await send(relay, "billing@contoso.com", ["a@example.com"])
-    assert err.value.code == 451
+    response = await send(relay, "billing@contoso.com", ["a@example.com"])
+    assert response.code == 250
+    [entry] = deferred_entries(relay)
+    assert entry.last_reply is not None and entry.last_reply.startswith("451 4.4.1")
+    assert relay.spool.data_path(entry.id).exists()
 
 
 @pytest.mark.parametrize(("policy", "outcome"), [

@@ -258,12 +258,15 @@ class RelayHandler:
             outbound = Outbound(
                 id=mid, profile=profile_name, mail_from=policy.mail_from, rcpt_tos=rcpts,
                 data=data, mail_options=_upstream_options(envelope.mail_options, data),
-                client=session.client_ip, user=session.user)
+                client=session.client_ip, user=session.user,
+                return_path=envelope.mail_from if policy.mail_from != envelope.mail_from
+                else None,
+                synchronous=server.listener.synchronous)
             reply = await self._submit(server, outbound)
             log.info("message: client=%s user=%s profile=%s from=<%s>%s rcpts=%d size=%d "
                      "reply=%s", session.client_ip, session.user or "-", profile_name,
                      policy.mail_from,
-                     f" original_from=<{policy.original_from}>" if policy.rewritten else "",
+                     f" original_from=<{policy.original_from}>" if policy.original_from else "",
                      len(rcpts), len(data), reply)
             return _with_id(reply, mid)
 

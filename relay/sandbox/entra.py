@@ -296,6 +296,11 @@ class FakeEntra:
         with self._lock:
             self._failures.extend([(status, body, retry_after)] * count)
 
+    def clear_failures(self) -> None:
+        """Forget failures queued by :meth:`fail_next` (the outage is over)."""
+        with self._lock:
+            self._failures.clear()
+
     def revoke_all(self) -> None:
         """Roll the signing key over: every token issued so far stops validating."""
         with self._lock:

@@ -4,8 +4,9 @@
 Entra ID issues tokens over HTTPS and a fake Exchange Online demands STARTTLS and a valid
 XOAUTH2 token, exactly as the real ones do, and keeps every delivered message as a file.
 The user's profiles, users and routing are used unchanged; only credentials and upstreams
-are pointed at the stand-ins. Sandbox mode is only ever entered on request and announced
-loudly — it is never a fallback for a config that lacks credentials.
+are pointed at the stand-ins, and the spool lives in the sandbox directory. Sandbox mode
+is only ever entered on request and announced loudly — it is never a fallback for a
+config that lacks credentials.
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ class Sandbox:
             for pattern in profile.send_as:
                 self.exchange.allow_send_as(profile.mailbox, pattern)
             profiles[name] = profile.model_copy(update={"upstream": SANDBOX_UPSTREAM})
+        spool = config.spool.model_copy(update={"directory": self.directory / "spool"})
         return config.model_copy(update={
+            "spool": spool,
             "credentials": credentials,
             "upstreams": {SANDBOX_UPSTREAM: upstream},
             "profiles": profiles,
@@ -85,6 +88,7 @@ class Sandbox:
             f"Exchange Online is simulated at {self.exchange.host}:{self.exchange.port} "
             "(STARTTLS + XOAUTH2 enforced)",
             f"Delivered messages are kept in {self.maildir}",
+            f"The relay's queue (spool) is {self.directory / 'spool'}",
             f"Send mail to the relay at {where}",
         ]
         width = max(len(line) for line in lines) + 4

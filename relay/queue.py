@@ -1,0 +1,383 @@
+"""The queue manager: takes spooled messages through delivery attempts until each
+recipient is delivered or bounced.
+
+Like Postfix's qmgr it keeps only a bounded *window* of messages in memory (those being
+delivered); everything else waits on disk in incoming/ or deferred/, so the queue can grow
+to any length without the relay growing with it. Per recipient, the upstream's reply is
+classified (relay.classify): delivered recipients are done, permanently refused ones are
+reported to the sender in a DSN, the rest retry with exponential backoff and jitter until
+the message's lifetime runs out. The per-mailbox governor paces attempts to Exchange
+Online's limits; mail over a limit waits in the queue instead of being refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from relay.classify import Action, classify
+from relay.config import Config
+from relay.deliver import Deliverer
+from relay.dsn import build_dsn, is_auto_reply
+from relay.governor import Governor, Limits
+from relay.headers import RawMessage
+from relay.log import message_context
+from relay.message import DeliveryResult, Outbound, Reply, new_message_id
+from relay.spool import Entry, Spool, State
+
+log = logging.getLogger(__name__)
+
+# How long the dispatcher sleeps at most when nothing wakes it (new mail, a finished attempt).
+_IDLE_POLL = 10.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt did to a message (for a client waiting in synchronous mode)."""
+
+    state: str                     # "delivered" | "partial" | "deferred" | "failed"
+    reply: Reply
+
+
+def governor_limits(config: Config) -> Limits:
+    lim = config.delivery.mailbox_limits
+    return Limits(max_sessions=lim.max_sessions, messages_per_minute=lim.messages_per_minute,
+                  recipients_per_day=lim.recipients_per_day,
+                  throttle_cooldown=lim.throttle_cooldown)
+
+
+class Queue:
+    """Schedules delivery attempts for the messages in a :class:`Spool`."""
+
+    def __init__(self, spool: Spool, deliverer: Deliverer, config: Config, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.spool = spool
+        self.deliverer = deliverer
+        self.config = config
+        self.governor = Governor(governor_limits(config))
+        self._clock = clock
+        self._active: dict[str, asyncio.Task[Outcome]] = {}
+        self._wakeup = asyncio.Event()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._flushing: asyncio.Future[None] | None = None
+        # Earliest due time of a message deferred since the last scan (wakes the dispatcher
+        # on time; messages deferred before a restart are found by the periodic scan).
+        self._earliest = float("inf")
+
+    def update(self, config: Config) -> None:
+        self.config = config
+        self.governor.update(governor_limits(config))
+        self._wakeup.set()
+
+    # --- accepting ----------------------------------------------------------------------------
+
+    async def submit(self, msg: Outbound, *, wait: float | None = None) -> Reply:
+        """Spool ``msg`` durably, then answer. With ``wait``, try it first for that long."""
+        entry = Entry(id=msg.id, profile=msg.profile, mail_from=msg.mail_from,
+                      rcpt_tos=list(msg.rcpt_tos), size=len(msg.data),
+                      received_at=self._clock(), mail_options=list(msg.mail_options),
+                      client=msg.client, user=msg.user, return_path=msg.return_path)
+        await self.spool.accept(entry, msg.data)
+        queued = Reply(250, f"2.0.0 Ok: queued as {msg.id}")
+        if not wait or not self._claim(entry):
+            self._wakeup.set()
+            return queued
+        task = self._active[entry.id] = asyncio.create_task(
+            self._run_attempt(entry, State.INCOMING, synchronous=True))
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(task), wait)
+        except TimeoutError:
+            return queued                 # the attempt goes on; the queue owns the message
+        if outcome.state == "failed":
+            return outcome.reply
+        if outcome.state == "delivered":
+            return Reply(250, f"2.0.0 Ok: delivered as {msg.id}")
+        if outcome.state == "partial":
+            return Reply(250, f"2.0.0 Ok: delivered as {msg.id} to some recipients; "
+                              "the others were refused and a delivery report follows")
+        return queued
+
+    def _claim(self, entry: Entry) -> bool:
+        """Reserve a window slot for ``entry`` if it may go now (no await: atomic on the loop)."""
+        if self._stopping or entry.id in self._active:
+            return False
+        if len(self._active) >= self.config.delivery.window:
+            return False
+        mailbox = self._mailbox(entry)
+        if mailbox is None:
+            return True                   # unknown profile: the attempt will defer it
+        return self.governor.ready_at(mailbox, len(self._pending(entry)),
+                                      self._clock()) <= self._clock()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        report = await asyncio.to_thread(self.spool.recover)
+        if any(report.values()):
+            log.info("spool recovered: %s", ", ".join(f"{k} {v}" for k, v in report.items()))
+        self._dispatcher = asyncio.create_task(self._dispatch_loop())
+
+    async def stop(self, grace: float) -> None:
+        """Stop starting attempts, let running ones finish within ``grace`` seconds, keep the rest.
+
+        Attempts still running at the deadline are cancelled; their messages stay in active/
+        and go back to the queue when the relay starts again.
+        """
+        self._stopping = True
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+        running = list(self._active.values())
+        if running:
+            log.info("waiting up to %.0f s for %d delivery attempt(s)", grace, len(running))
+            _, pending = await asyncio.wait(running, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+                log.warning("%d attempt(s) interrupted; they stay queued", len(pending))
+        await self.spool.close()
+
+    def flush(self) -> None:
+        """Retry every deferred message now (SIGUSR1)."""
+        async def run() -> None:
+            n = await asyncio.to_thread(self.spool.flush_deferred, self._clock())
+            log.info("flush: %d deferred message(s) due now", n)
+            self._wakeup.set()
+
+        self._flushing = asyncio.ensure_future(run())
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    # --- dispatching --------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            self._wakeup.clear()
+            self._earliest = float("inf")
+            try:
+                next_due = await self._fill()
+            except Exception:
+                log.exception("queue scan failed; retrying")
+                next_due = self._clock() + 5
+            next_due = min(next_due, self._earliest)
+            timeout = min(_IDLE_POLL, max(0.05, next_due - self._clock()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    async def _fill(self) -> float:
+        """Start attempts for waiting messages while the window has room.
+
+        Returns when the dispatcher should look again (the earliest pacing delay seen).
+        """
+        now = self._clock()
+        next_due = now + _IDLE_POLL
+        room = self.config.delivery.window - len(self._active)
+        if room <= 0 or self._stopping:
+            return next_due
+        candidates = await asyncio.to_thread(self._candidates, now, room)
+        stagger: dict[str, int] = {}
+        for state, name in candidates:
+            mid = self.spool.id_from_name(name)
+            if mid is None or mid in self._active:
+                continue
+            try:
+                entry = await asyncio.to_thread(self.spool.read, state, name)
+            except (OSError, ValueError, TypeError) as exc:
+                log.error("spool: cannot read %s/%s (%s); skipping", state, name, exc)
+                continue
+            mailbox = self._mailbox(entry)
+            if mailbox is not None:
+                ready = self.governor.ready_at(mailbox, len(self._pending(entry)), now)
+                if ready > now:
+                    # Paced: wait on disk, spread out so they do not all wake at once.
+                    n = stagger[mailbox] = stagger.get(mailbox, 0) + 1
+                    entry.next_attempt = ready + (n - 1) * self._spacing()
+                    next_due = min(next_due, ready)
+                    await asyncio.to_thread(self.spool.move, entry, state, State.DEFERRED)
+                    continue
+            if len(self._active) >= self.config.delivery.window:
+                break
+            self._active[entry.id] = asyncio.create_task(self._run_attempt(entry, state))
+        return next_due
+
+    def _candidates(self, now: float, room: int) -> list[tuple[State, str]]:
+        out = [(State.INCOMING, n) for n, _ in zip(self.spool.names(State.INCOMING),
+                                                   range(room), strict=False)]
+        if len(out) < room:
+            out += [(State.DEFERRED, n) for n in self.spool.due(now, room - len(out))]
+        return out
+
+    def _spacing(self) -> float:
+        return 60.0 / max(1, self.config.delivery.mailbox_limits.messages_per_minute)
+
+    def _mailbox(self, entry: Entry) -> str | None:
+        profile = self.config.profiles.get(entry.profile)
+        return profile.mailbox if profile else None
+
+    @staticmethod
+    def _pending(entry: Entry) -> list[str]:
+        return [r for r in entry.rcpt_tos if r not in entry.delivered and r not in entry.failed]
+
+    # --- one attempt --------------------------------------------------------------------------
+
+    async def _run_attempt(self, entry: Entry, state: State, *,
+                           synchronous: bool = False) -> Outcome:
+        try:
+            with message_context(entry.id):
+                try:
+                    await asyncio.to_thread(self.spool.move, entry, state, State.ACTIVE,
+                                            rewrite=False)
+                except FileNotFoundError:
+                    log.info("no longer in %s (held or deleted by an operator)", state)
+                    return Outcome("deferred", Reply(250, "2.0.0 Ok: queued"))
+                return await self._attempt(entry, synchronous)
+        finally:
+            self._active.pop(entry.id, None)
+            self._wakeup.set()
+
+    async def _attempt(self, entry: Entry, synchronous: bool) -> Outcome:
+        data = await asyncio.to_thread(self.spool.read_data, entry.id)
+        pending = self._pending(entry)
+        mailbox = self._mailbox(entry)
+        msg = Outbound(id=entry.id, profile=entry.profile, mail_from=entry.mail_from,
+                       rcpt_tos=pending, data=data, mail_options=entry.mail_options,
+                       client=entry.client, user=entry.user)
+        started = self._clock()
+        if mailbox is not None:
+            self.governor.started(mailbox, len(pending), started)
+        try:
+            result = await self.deliverer.deliver(msg, require_all_recipients=False)
+        except Exception:
+            log.exception("delivery attempt crashed; deferring")
+            result = DeliveryResult(Reply(451, "4.3.0 Internal error during delivery"))
+        finally:
+            if mailbox is not None:
+                self.governor.finished(mailbox, self._clock())
+        return await self._settle(entry, pending, result, data, mailbox, synchronous)
+
+    async def _settle(self, entry: Entry, pending: list[str], result: DeliveryResult,
+                      data: bytes, mailbox: str | None, synchronous: bool) -> Outcome:
+        now = self._clock()
+        entry.attempts += 1
+        entry.last_reply = str(result.reply)
+        accepted = set(result.accepted)
+        actions: set[Action] = set()
+        alerted: set[str] = set()
+        for rcpt in pending:
+            if rcpt in accepted:
+                entry.delivered.append(rcpt)
+                continue
+            reply = result.refused.get(rcpt, result.reply)
+            verdict = classify(reply)
+            actions.add(verdict.action)
+            if verdict.alert and str(reply) not in alerted:
+                alerted.add(str(reply))
+                log.error("upstream: %s — %s", reply, verdict.explanation)
+            if verdict.action is Action.BOUNCE:
+                entry.failed[rcpt] = str(reply)
+        # Mailbox-wide reactions happen once per attempt, however many recipients it had.
+        if mailbox and Action.THROTTLE in actions:
+            self.governor.throttled(mailbox, now)
+        pause = bool(mailbox) and Action.PAUSE_MAILBOX in actions
+        if pause and mailbox:
+            self.governor.quota_exceeded(mailbox, now)
+        still = self._pending(entry)
+        log.info("attempt %d: %d delivered, %d failed, %d pending; %s", entry.attempts,
+                 len(accepted), len([r for r in pending if r in entry.failed]), len(still),
+                 result.reply)
+        reason = None
+        if still and now - entry.received_at >= self.config.delivery.max_lifetime:
+            reason = (f"gave up after {self.config.delivery.max_lifetime / 86400:g} days "
+                      f"and {entry.attempts} attempts")
+            for rcpt in still:
+                entry.failed[rcpt] = entry.last_reply or "451 4.4.7 Delivery time expired"
+            still = []
+        if not still:
+            if not entry.failed:
+                await asyncio.to_thread(self.spool.remove, entry.id, State.ACTIVE)
+                return Outcome("delivered", result.reply)
+            if synchronous and not entry.delivered:
+                # Nobody was reached and the client is still waiting: tell it, queue nothing.
+                await asyncio.to_thread(self.spool.remove, entry.id, State.ACTIVE)
+                return Outcome("failed", self._permanent_reply(entry, result))
+            await self._bounce(entry, data, reason)
+            await asyncio.to_thread(self.spool.move, entry, State.ACTIVE, State.FAILED)
+            if entry.delivered:
+                return Outcome("partial", result.reply)
+            return Outcome("failed", self._permanent_reply(entry, result))
+        delay = self._backoff(entry.attempts)
+        if mailbox and pause:
+            delay = max(delay, self.governor.ready_at(mailbox, len(still), now) - now)
+        entry.next_attempt = now + delay
+        await asyncio.to_thread(self.spool.move, entry, State.ACTIVE, State.DEFERRED)
+        self._earliest = min(self._earliest, entry.next_attempt)
+        log.info("deferred for %.0f s", delay)
+        return Outcome("deferred", result.reply)
+
+    @staticmethod
+    def _permanent_reply(entry: Entry, result: DeliveryResult) -> Reply:
+        if result.reply.permanent:
+            return result.reply
+        first = next(iter(entry.failed.values()))
+        code = first.split(" ", 1)
+        if len(code) == 2 and code[0].isdigit():
+            return Reply(int(code[0]), code[1])
+        return Reply(550, f"5.0.0 {first}")
+
+    def _backoff(self, attempts: int) -> float:
+        d = self.config.delivery
+        base = min(d.retry_max, d.retry_initial * 2 ** max(0, attempts - 1))
+        return base * random.uniform(0.8, 1.2)
+
+    # --- bounces ----------------------------------------------------------------------------
+
+    async def _bounce(self, entry: Entry, data: bytes, reason: str | None) -> None:
+        """Queue a DSN for the failed recipients, unless that would be a mail loop.
+
+        The DSN's envelope sender is the profile's mailbox, not the null sender RFC 3464
+        suggests: Exchange Online accepts submissions only from the authenticated mailbox.
+        Loops are still impossible, because a DSN is recognised by its own headers
+        (Auto-Submitted, multipart/report) and never bounced in turn.
+        """
+        policy = self.config.delivery.bounce
+        headers = RawMessage(data).header_section()
+        if policy == "none":
+            log.warning("bounce suppressed (delivery.bounce: none) for %s",
+                        ", ".join(entry.failed))
+            return
+        sender = entry.return_path if entry.return_path is not None else entry.mail_from
+        if policy == "sender" and (sender in ("", "<>") or is_auto_reply(headers)):
+            log.warning("no bounce: the message is itself a bounce or has a null sender")
+            return
+        to = sender if policy == "sender" else self.config.delivery.operator
+        profile = self.config.profiles.get(entry.profile)
+        if profile is None or to is None:
+            log.error("no bounce: profile %s is no longer configured", entry.profile)
+            return
+        upstream = self.config.upstream_for(profile)
+        dsn = build_dsn(
+            reporting_mta=self.config.server.hostname, sender_mailbox=profile.mailbox, to=to,
+            original_headers=headers, arrival=entry.received_at,
+            failed={r: _parse_reply(t) for r, t in entry.failed.items()},
+            remote_mta=upstream.host, original_envelope_id="", queue_id=entry.id,
+            reason=reason)
+        bounce = Entry(id=new_message_id(), profile=entry.profile, mail_from=profile.mailbox,
+                       rcpt_tos=[to], size=len(dsn), received_at=self._clock())
+        await self.spool.accept(bounce, dsn)
+        log.info("bounce %s queued to %s for %d recipient(s)", bounce.id, to, len(entry.failed))
+        self._wakeup.set()
+
+
+def _parse_reply(text: str) -> Reply:
+    code, _, rest = text.partition(" ")
+    return Reply(int(code), rest) if code.isdigit() else Reply(550, text)
