@@ -66,9 +66,11 @@ class Queue:
         self._dispatcher: asyncio.Task[None] | None = None
         self._stopping = False
         self._flushing: asyncio.Future[None] | None = None
-        # Earliest due time of a message deferred since the last scan (wakes the dispatcher
-        # on time; messages deferred before a restart are found by the periodic scan).
-        self._earliest = float("inf")
+        # When deferred/ must be scanned next: the earliest due time seen there (or set by
+        # a deferral since), at most _IDLE_POLL away. Finished attempts wake the dispatcher,
+        # but only incoming/ is looked at then, so a long deferred queue is not rescanned
+        # for every message.
+        self._next_deferred_scan = 0.0
 
     def update(self, config: Config) -> None:
         self.config = config
@@ -150,6 +152,7 @@ class Queue:
         async def run() -> None:
             n = await asyncio.to_thread(self.spool.flush_deferred, self._clock())
             log.info("flush: %d deferred message(s) due now", n)
+            self._deferred_until(0.0)
             self._wakeup.set()
 
         self._flushing = asyncio.ensure_future(run())
@@ -163,13 +166,11 @@ class Queue:
     async def _dispatch_loop(self) -> None:
         while True:
             self._wakeup.clear()
-            self._earliest = float("inf")
             try:
                 next_due = await self._fill()
             except Exception:
                 log.exception("queue scan failed; retrying")
                 next_due = self._clock() + 5
-            next_due = min(next_due, self._earliest)
             timeout = min(_IDLE_POLL, max(0.05, next_due - self._clock()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
@@ -184,7 +185,14 @@ class Queue:
         room = self.config.delivery.window - len(self._active)
         if room <= 0 or self._stopping:
             return next_due
-        candidates = await asyncio.to_thread(self._candidates, now, room)
+        scan_deferred = now >= self._next_deferred_scan
+        candidates, upcoming = await asyncio.to_thread(self._candidates, now, room,
+                                                       scan_deferred)
+        if scan_deferred:
+            self._next_deferred_scan = min(upcoming, now + _IDLE_POLL)
+            if len(candidates) >= room:
+                self._next_deferred_scan = now   # the window filled up: more may be due
+        next_due = min(next_due, self._next_deferred_scan)
         stagger: dict[str, int] = {}
         for state, name in candidates:
             mid = self.spool.id_from_name(name)
@@ -202,20 +210,27 @@ class Queue:
                     # Paced: wait on disk, spread out so they do not all wake at once.
                     n = stagger[mailbox] = stagger.get(mailbox, 0) + 1
                     entry.next_attempt = ready + (n - 1) * self._spacing()
-                    next_due = min(next_due, ready)
                     await asyncio.to_thread(self.spool.move, entry, state, State.DEFERRED)
+                    self._deferred_until(entry.next_attempt)
+                    next_due = min(next_due, entry.next_attempt)
                     continue
             if len(self._active) >= self.config.delivery.window:
                 break
             self._active[entry.id] = asyncio.create_task(self._run_attempt(entry, state))
         return next_due
 
-    def _candidates(self, now: float, room: int) -> list[tuple[State, str]]:
+    def _candidates(self, now: float, room: int, scan_deferred: bool,
+                    ) -> tuple[list[tuple[State, str]], float]:
+        """Messages to consider now (incoming first), and when the next deferred one is due."""
         out = [(State.INCOMING, n) for n, _ in zip(self.spool.names(State.INCOMING),
                                                    range(room), strict=False)]
-        if len(out) < room:
-            out += [(State.DEFERRED, n) for n in self.spool.due(now, room - len(out))]
-        return out
+        if not scan_deferred:
+            return out, float("inf")
+        due, upcoming = self.spool.due(now, max(0, room - len(out)))
+        return out + [(State.DEFERRED, n) for n in due], upcoming
+
+    def _deferred_until(self, when: float) -> None:
+        self._next_deferred_scan = min(self._next_deferred_scan, when)
 
     def _spacing(self) -> float:
         return 60.0 / max(1, self.config.delivery.mailbox_limits.messages_per_minute)
@@ -320,7 +335,7 @@ class Queue:
             delay = max(delay, self.governor.ready_at(mailbox, len(still), now) - now)
         entry.next_attempt = now + delay
         await asyncio.to_thread(self.spool.move, entry, State.ACTIVE, State.DEFERRED)
-        self._earliest = min(self._earliest, entry.next_attempt)
+        self._deferred_until(entry.next_attempt)
         log.info("deferred for %.0f s", delay)
         return Outcome("deferred", result.reply)
 

@@ -322,18 +322,24 @@ class Spool:
                 if item.name.endswith(".json"):
                     yield item.name
 
-    def due(self, now: float, limit: int) -> list[str]:
-        """Up to ``limit`` deferred names whose due time has come, earliest first."""
+    def due(self, now: float, limit: int) -> tuple[list[str], float]:
+        """Up to ``limit`` deferred names whose due time has come, earliest first, and the
+        due time of the earliest message that is not due yet (``inf`` if none)."""
         out: list[str] = []
+        upcoming = float("inf")
         for name in self.names(State.DEFERRED):
             due_s, _, _ = name.partition("-")
-            if due_s.isdigit() and int(due_s) <= now:
+            if not due_s.isdigit():
+                continue
+            if int(due_s) <= now:
                 out.append(name)
                 if len(out) >= limit * 4:
                     out.sort()
                     del out[limit:]
+            else:
+                upcoming = min(upcoming, float(due_s))
         out.sort()
-        return out[:limit]
+        return out[:limit], upcoming
 
     def flush_deferred(self, now: float) -> int:
         """Make every deferred message due at ``now``; returns how many were changed."""

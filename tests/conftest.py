@@ -92,10 +92,10 @@ def address(relay: Relay) -> tuple[str, int]:
     return relay.listening[0]
 
 
-async def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+async def wait_until(predicate: Callable[[], object], within: float = 10.0) -> None:
     """Poll ``predicate`` until it is true; fail the test with a clear message otherwise."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"condition not met within {within} s")
         await asyncio.sleep(0.02)

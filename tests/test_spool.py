@@ -55,8 +55,8 @@ def test_move_and_deferred_names_carry_due_time(spool: Spool) -> None:
     e.attempts, e.next_attempt, e.last_reply = 1, 1_000, "451 4.3.2 busy"
     spool.move(e, State.INCOMING, State.DEFERRED)
     assert list(spool.names(State.DEFERRED)) == ["0000001000-BBB.json"]
-    assert spool.due(now=999, limit=10) == []
-    assert spool.due(now=1000, limit=10) == ["0000001000-BBB.json"]
+    assert spool.due(now=999, limit=10) == ([], 1000)
+    assert spool.due(now=1000, limit=10) == (["0000001000-BBB.json"], float("inf"))
     again = spool.read(State.DEFERRED, "0000001000-BBB.json")
     assert again.attempts == 1 and again.last_reply == "451 4.3.2 busy"
     assert spool.locate("BBB") is not None and spool.locate("BBB")[0] is State.DEFERRED
@@ -66,7 +66,8 @@ def test_due_returns_earliest_first_and_bounded(spool: Spool) -> None:
     for i in range(50):
         e = entry(f"D{i:02d}", next_attempt=float(1000 + (i * 7) % 50))
         spool._store(e, b"x", State.DEFERRED)
-    due = spool.due(now=2000, limit=5)
+    due, upcoming = spool.due(now=2000, limit=5)
+    assert upcoming == float("inf")
     assert len(due) == 5
     assert due == sorted(due)
     assert due[0].startswith("0000001000-")
