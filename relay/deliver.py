@@ -12,12 +12,14 @@ dropping it. A rejected login in particular is never a reason to bounce mail.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from relay.classify import classify
 from relay.config import Config, Profile
 from relay.message import DeliveryResult, Outbound, Reply
+from relay.pool import SessionPool
 from relay.tokens import TokenError, Tokens
 from relay.upstream import AuthenticationRejected, UpstreamClient
 
@@ -26,31 +28,60 @@ log = logging.getLogger(__name__)
 class Deliverer:
     """Turns an :class:`Outbound` into an upstream delivery for its profile.
 
-    Upstream clients are made once per upstream (they hold the TLS context); token
-    providers come from the shared :class:`Tokens` registry, one per credential.
+    Upstream clients are made once per upstream (they hold the TLS context), each with a
+    :class:`SessionPool` that keeps its sessions open between messages; token providers
+    come from the shared :class:`Tokens` registry, one per credential.
     """
 
     def __init__(self, config: Config, tokens: Tokens) -> None:
         self._tokens = tokens
         self._config = config
-        self._clients: dict[tuple[str, str], UpstreamClient] = {}
+        self._pools: dict[tuple[str, str], SessionPool] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
         self.update(config)
 
     def update(self, config: Config) -> None:
-        """Use a new config; upstream clients whose settings did not change are kept."""
-        clients: dict[tuple[str, str], UpstreamClient] = {}
+        """Use a new config; upstream clients whose settings did not change are kept,
+        with their open sessions. Pools of changed or removed upstreams are closed
+        (their lent-out sessions when the attempt using them ends).
+
+        Everything that can fail (a CA file) is built before anything is changed.
+        """
+        pools: dict[tuple[str, str], SessionPool] = {}
         helo = config.server.hostname
+        max_sessions = config.delivery.mailbox_limits.max_sessions
         for profile in config.profiles.values():
             upstream = config.upstream_for(profile)
             key = (upstream.model_dump_json(), upstream.helo_name or helo)
-            clients[key] = self._clients.get(key) or UpstreamClient(
-                upstream, upstream.helo_name or helo)
-        self._config, self._clients = config, clients
+            if key not in pools:
+                pools[key] = self._pools.get(key) or SessionPool(
+                    UpstreamClient(upstream, upstream.helo_name or helo),
+                    max_sessions=max_sessions)
+        old, self._config, self._pools = self._pools, config, pools
+        for pool in pools.values():
+            pool.configure(max_sessions=max_sessions)
+        for key, pool in old.items():
+            if pools.get(key) is not pool:
+                self._retire(pool)
 
-    def _client(self, profile: Profile) -> UpstreamClient:
+    def _retire(self, pool: SessionPool) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:      # no loop, so no session was ever opened in this one
+            return
+        task = loop.create_task(pool.close())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def aclose(self) -> None:
+        """Close every upstream session (QUIT); at shutdown, after the queue stopped."""
+        await asyncio.gather(*(pool.close() for pool in self._pools.values()), *self._retiring,
+                             return_exceptions=True)
+
+    def _pool(self, profile: Profile) -> SessionPool:
         upstream = self._config.upstream_for(profile)
         helo = upstream.helo_name or self._config.server.hostname
-        return self._clients[(upstream.model_dump_json(), helo)]
+        return self._pools[(upstream.model_dump_json(), helo)]
 
     async def deliver(self, msg: Outbound, *,
                       require_all_recipients: bool = True) -> DeliveryResult:
@@ -58,32 +89,33 @@ class Deliverer:
         if profile is None:
             return DeliveryResult(Reply(451, f"4.3.5 Profile {msg.profile} is no longer "
                                              "configured; message kept for retry"))
-        client = self._client(profile)
+        pool = self._pool(profile)
         provider = self._tokens.provider(profile.credential)
+        mailbox = msg.mailbox or profile.mailbox
         started = time.monotonic()
         try:
             token = await provider.get()
         except TokenError as exc:
             return self._token_failure(msg, profile, exc)
         try:
-            return await client.send(msg, profile.mailbox, token,
-                                     require_all_recipients=require_all_recipients)
+            return await pool.send(msg, mailbox, token,
+                                   require_all_recipients=require_all_recipients)
         except AuthenticationRejected as first:
             log.warning("upstream rejected the token for %s (%s); fetching a new token and "
-                        "retrying once", profile.mailbox, first.reply)
+                        "retrying once", mailbox, first.reply)
         try:
             token = await provider.refresh(stale=token)
         except TokenError as exc:
             return self._token_failure(msg, profile, exc)
         try:
-            return await client.send(msg, profile.mailbox, token,
-                                     require_all_recipients=require_all_recipients)
+            return await pool.send(msg, mailbox, token,
+                                   require_all_recipients=require_all_recipients)
         except AuthenticationRejected as second:
             log.error("upstream rejected a fresh token for mailbox %s (profile %s): %s — %s "
-                      "[%.1f s]", profile.mailbox, msg.profile, second.reply,
+                      "[%.1f s]", mailbox, msg.profile, second.reply,
                       classify(second.reply).explanation, time.monotonic() - started)
             return DeliveryResult(Reply(
-                451, f"4.7.0 Upstream refused the relay's login for {profile.mailbox}: "
+                451, f"4.7.0 Upstream refused the relay's login for {mailbox}: "
                      f"{second.reply}; message not sent, try again later"))
 
     @staticmethod

@@ -10,9 +10,9 @@ message and tries again. A rejected login is raised as :class:`AuthenticationRej
 because the caller (not this module) decides to fetch a new token and retry.
 
 :class:`UpstreamSession` is one authenticated SMTP session that can carry several
-messages; :class:`UpstreamClient` holds the TLS context and sends one message per session
-today. A durable queue can later keep sessions open per mailbox and reopen them when the
-token changes (SMTP allows only one AUTH per session).
+messages; :class:`UpstreamClient` holds the TLS context and can send one message in a
+session of its own. :mod:`relay.pool` keeps sessions open per mailbox between messages and
+reopens them when the token changes (SMTP allows only one AUTH per session).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from relay.secrets import Secret
 log = logging.getLogger(__name__)
 
 _QUIT_TIMEOUT = 5.0
+_CHECK_TIMEOUT = 10.0
 # DATA: the final reply may only come after the whole message went out; allow for a slow
 # link (2 Mbit/s) on top of the configured timeout rather than failing big messages.
 _DATA_BYTES_PER_SECOND = 250_000
@@ -145,6 +146,12 @@ class UpstreamSession:
     @property
     def is_open(self) -> bool:
         return self._smtp is not None and self._smtp.is_connected and self.mailbox is not None
+
+    @property
+    def stage(self) -> str:
+        """The protocol step the session is at, or was at when it broke: a pool can tell
+        a connection lost before DATA (safe to retry elsewhere) from one lost during it."""
+        return self._stage
 
     def authenticated_as(self, mailbox: str, token: HasAccessToken) -> bool:
         """True if this open session was logged in as ``mailbox`` with this very token."""
@@ -340,6 +347,26 @@ class UpstreamSession:
         except (SMTPException, OSError, TimeoutError):
             self._abort()
 
+    async def check(self) -> bool:
+        """RSET an idle session before reusing it; False (and closed) if it fails.
+
+        A connection can die without a word (the upstream's idle timeout, a NAT entry
+        expiring); a reply proves it alive, and RSET also clears whatever transaction
+        state a previous message may have left behind. The wait is kept short, since a
+        healthy server answers RSET at once and a dead path would otherwise hold a message
+        for the whole command timeout.
+        """
+        smtp = self._smtp
+        if smtp is None or not self.is_open:
+            return False
+        self._stage = "RSET"
+        try:
+            await smtp.rset(timeout=min(self.upstream.timeout, _CHECK_TIMEOUT))
+        except (SMTPException, OSError, TimeoutError):
+            self._abort()
+            return False
+        return True
+
     # --- closing -------------------------------------------------------------------------
 
     async def close(self) -> None:
@@ -355,6 +382,11 @@ class UpstreamSession:
             pass
         finally:
             smtp.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once, without QUIT: for a session whose protocol state
+        is unknown (an attempt was cancelled mid-command), which must never be reused."""
+        self._abort()
 
     def _abort(self) -> None:
         smtp, self._smtp = self._smtp, None
@@ -442,7 +474,7 @@ class UpstreamClient:
             except UpstreamUnavailable as exc:
                 result = DeliveryResult(exc.reply)
             except AuthenticationRejected as exc:
-                self._log(msg, mailbox, exc.reply, started, "login refused")
+                self.log_delivery(msg, mailbox, exc.reply, started, "login refused")
                 raise
             else:
                 result = await session.send_one(
@@ -450,11 +482,12 @@ class UpstreamClient:
         finally:
             await session.close()
         note = f"{len(result.refused)} refused" if result.refused else ""
-        self._log(msg, mailbox, result.reply, started, note)
+        self.log_delivery(msg, mailbox, result.reply, started, note)
         return result
 
-    def _log(self, msg: Outbound, mailbox: str, reply: Reply, started: float,
-             note: str) -> None:
+    def log_delivery(self, msg: Outbound, mailbox: str, reply: Reply, started: float,
+                     note: str = "") -> None:
+        """The one delivery log line per attempt, whichever way the session was obtained."""
         log.log(logging.INFO if reply.ok else logging.WARNING,
                 "upstream %s mailbox=%s rcpts=%d reply=%s%s (%.2f s)",
                  self.where, mailbox, len(msg.rcpt_tos), reply,

@@ -101,6 +101,7 @@ class FakeExchange:
         self.commands: list[str] = []  # command lines seen; AUTH payloads replaced
         self.auth_attempts: list[AuthAttempt] = []
         self.sessions = 0
+        self.max_concurrent_sessions = 0  # high-water mark of open connections
         self.auth_ok = 0
         self.auth_failed = 0
         self.tls_context = self._server_tls_context(pki)
@@ -126,12 +127,17 @@ class FakeExchange:
         if server is None:
             return
         server.close()
+        await self.disconnect_all()
+        await server.wait_closed()
+
+    async def disconnect_all(self) -> None:
+        """Cut every open connection from the server's side, as Exchange's idle timeout
+        or a network failure would; the listener stays up."""
         tasks = []
         for conn in list(self._connections):
             tasks.extend(conn.abort())
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
 
     async def __aenter__(self) -> FakeExchange:
         await self.start()
@@ -139,6 +145,11 @@ class FakeExchange:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    @property
+    def open_sessions(self) -> int:
+        """Connections open right now; Exchange counts idle ones against its limit too."""
+        return len(self._connections)
 
     # --- configuration -------------------------------------------------------------------
 
@@ -326,6 +337,8 @@ class _ExchangeSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.fake._connections.add(self)
+        self.fake.max_concurrent_sessions = max(self.fake.max_concurrent_sessions,
+                                                len(self.fake._connections))
 
     def connection_lost(self, error: Exception | None) -> None:
         self.fake._connections.discard(self)
