@@ -77,6 +77,7 @@ class Relay:
         deadline = time.monotonic() + grace
         await self.receiver.stop(grace=grace)
         await self.queue.stop(max(0.0, deadline - time.monotonic()))
+        await self.deliverer.aclose()
         await self.tokens.aclose()
 
     def request_stop(self) -> None:
@@ -130,9 +131,16 @@ class Relay:
             await self._stopping.wait()
             log.info("stopping")
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-                loop.remove_signal_handler(sig)
-            await self.stop(grace=self.config.delivery.shutdown_timeout)
+            # Keep handling signals until the drain is over: a default SIGHUP or SIGUSR1
+            # handler would kill the process half-way through it.
+            for sig in (signal.SIGHUP, signal.SIGUSR1):
+                loop.add_signal_handler(sig, lambda s=sig: log.warning(
+                    "%s ignored: shutting down", signal.Signals(s).name))
+            try:
+                await self.stop(grace=self.config.delivery.shutdown_timeout)
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+                    loop.remove_signal_handler(sig)
 
 
 def config_loader(path: Path) -> Callable[[], Config]:

@@ -65,6 +65,9 @@ class Outbound:
     mail_options: list[str] = field(default_factory=list)
     client: str = ""
     user: str | None = None
+    # The mailbox the message is sent as, fixed when it is accepted: the sender policy
+    # already wrote it into the headers, so a later config change must not alter it.
+    mailbox: str | None = None
     # The envelope sender as the client gave it ("<>" for the null sender), when the
     # sender policy changed ``mail_from``: delivery reports go here, not to the mailbox.
     return_path: str | None = None

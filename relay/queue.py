@@ -81,10 +81,12 @@ class Queue:
 
     async def submit(self, msg: Outbound, *, wait: float | None = None) -> Reply:
         """Spool ``msg`` durably, then answer. With ``wait``, try it first for that long."""
+        profile = self.config.profiles.get(msg.profile)
         entry = Entry(id=msg.id, profile=msg.profile, mail_from=msg.mail_from,
                       rcpt_tos=list(msg.rcpt_tos), size=len(msg.data),
                       received_at=self._clock(), mail_options=list(msg.mail_options),
-                      client=msg.client, user=msg.user, return_path=msg.return_path)
+                      client=msg.client, user=msg.user, return_path=msg.return_path,
+                      mailbox=msg.mailbox or (profile.mailbox if profile else None))
         await self.spool.accept(entry, msg.data)
         queued = Reply(250, f"2.0.0 Ok: queued as {msg.id}")
         if not wait or not self._claim(entry):
@@ -93,7 +95,8 @@ class Queue:
         task = self._active[entry.id] = asyncio.create_task(
             self._run_attempt(entry, State.INCOMING, synchronous=True))
         try:
-            outcome = await asyncio.wait_for(asyncio.shield(task), wait)
+            async with asyncio.timeout(wait):
+                outcome = await asyncio.shield(task)
         except TimeoutError:
             return queued                 # the attempt goes on; the queue owns the message
         if outcome.state == "failed":
@@ -132,6 +135,7 @@ class Queue:
         and go back to the queue when the relay starts again.
         """
         self._stopping = True
+        self._wakeup.set()
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -164,7 +168,7 @@ class Queue:
     # --- dispatching --------------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
-        while True:
+        while not self._stopping:
             self._wakeup.clear()
             try:
                 next_due = await self._fill()
@@ -172,8 +176,11 @@ class Queue:
                 log.exception("queue scan failed; retrying")
                 next_due = self._clock() + 5
             timeout = min(_IDLE_POLL, max(0.05, next_due - self._clock()))
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that arrives as the event fires, and stop() would then wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
 
     async def _fill(self) -> float:
         """Start attempts for waiting messages while the window has room.
@@ -210,7 +217,15 @@ class Queue:
                     # Paced: wait on disk, spread out so they do not all wake at once.
                     n = stagger[mailbox] = stagger.get(mailbox, 0) + 1
                     entry.next_attempt = ready + (n - 1) * self._spacing()
-                    await asyncio.to_thread(self.spool.move, entry, state, State.DEFERRED)
+                    try:
+                        if state is State.DEFERRED:
+                            await asyncio.to_thread(self.spool.set_due, entry.id,
+                                                    entry.next_attempt)
+                        else:
+                            await asyncio.to_thread(self.spool.move, entry, state,
+                                                    State.DEFERRED, rewrite=False)
+                    except FileNotFoundError:
+                        continue                  # held or deleted by an operator
                     self._deferred_until(entry.next_attempt)
                     next_due = min(next_due, entry.next_attempt)
                     continue
@@ -236,6 +251,8 @@ class Queue:
         return 60.0 / max(1, self.config.delivery.mailbox_limits.messages_per_minute)
 
     def _mailbox(self, entry: Entry) -> str | None:
+        if entry.mailbox:
+            return entry.mailbox
         profile = self.config.profiles.get(entry.profile)
         return profile.mailbox if profile else None
 
@@ -266,7 +283,7 @@ class Queue:
         mailbox = self._mailbox(entry)
         msg = Outbound(id=entry.id, profile=entry.profile, mail_from=entry.mail_from,
                        rcpt_tos=pending, data=data, mail_options=entry.mail_options,
-                       client=entry.client, user=entry.user)
+                       client=entry.client, user=entry.user, mailbox=mailbox)
         started = self._clock()
         if mailbox is not None:
             self.governor.started(mailbox, len(pending), started)

@@ -84,6 +84,9 @@ def retry(spool: Spool, mid: str) -> str:
     if state is State.INCOMING:
         return f"{mid} is already waiting for its first attempt"
     entry.next_attempt = time.time()
+    if state is State.DEFERRED:
+        spool.set_due(mid, entry.next_attempt)
+        return f"{mid}: will be retried now"
     if state is State.FAILED:
         # A second chance: the failed recipients are tried again, with a fresh lifetime.
         entry.rcpt_tos = list(entry.failed) + [r for r in entry.rcpt_tos if r not in entry.failed]

@@ -8,14 +8,15 @@ and an operator can see (and repair) what is where with ``ls``::
     data/       <id>.eml: the message bytes, written once, never changed
     incoming/   <id>.json: accepted, waiting for the first delivery attempt
     active/     <id>.json: a delivery attempt is in progress
-    deferred/   <due>-<id>.json: waiting until <due> (epoch seconds) for the next attempt
+    deferred/   <id>.json: waiting; the file's modification time is the next attempt
     hold/       <id>.json: put on hold by the operator
     failed/     <id>.json: dead letters (bounced or expired), kept for inspection
     corrupt/    files the relay could not read, moved aside instead of deleted
 
 A message's state is the directory its metadata file is in; moving between states is one
-atomic rename. The due time is part of a deferred file's name so that the queue manager
-finds due messages by listing names, without opening files or keeping the queue in memory.
+atomic rename. As in Postfix, a deferred file's modification time is its due time, so the
+queue manager finds due messages by listing the directory, without opening files or
+keeping the queue in memory, and every file is found by its id alone.
 
 Durability: data and metadata are written to ``tmp/``, fsynced, renamed into place, and
 the directories are fsynced before :meth:`Spool.accept` returns. Directory fsyncs of
@@ -63,6 +64,7 @@ class Entry:
     client: str = ""
     user: str | None = None
     return_path: str | None = None
+    mailbox: str | None = None
     attempts: int = 0
     next_attempt: float = 0.0
     last_reply: str | None = None
@@ -160,33 +162,29 @@ class Spool:
         state was never acknowledged either and goes.
         """
         report = {"discarded": 0, "requeued": 0, "orphans": 0, "corrupt": 0}
-        for path in (self.root / "tmp").iterdir():
-            path.unlink(missing_ok=True)
-            report["discarded"] += 1
-        for path in (self.root / State.ACTIVE).iterdir():
-            os.replace(path, self.root / State.INCOMING / path.name)
-            report["requeued"] += 1
-        known: dict[str, Path] = {}
+        with os.scandir(self.root / "tmp") as it:
+            for item in it:
+                os.unlink(item.path)
+                report["discarded"] += 1
+        with os.scandir(self.root / State.ACTIVE) as it:
+            for item in it:
+                os.replace(item.path, self.root / State.INCOMING / item.name)
+                report["requeued"] += 1
         for state in State:
-            for path in (self.root / state).iterdir():
-                mid = self.id_from_name(path.name)
-                if mid is None or not (self.root / "data" / f"{mid}.eml").exists():
-                    os.replace(path, self.root / "corrupt" / path.name)
-                    report["corrupt"] += 1
-                    log.error("spool: %s/%s has no message data; moved to corrupt/",
-                              state, path.name)
-                    continue
-                # A crash inside move() can leave the old and the new metadata file; the
-                # newer one is the truth.
-                if (other := known.get(mid)) is not None:
-                    older = min(other, path, key=lambda p: p.stat().st_mtime_ns)
-                    older.unlink()
-                    path = other if older is path else path
-                known[mid] = path
-        for path in (self.root / "data").iterdir():
-            if path.suffix == ".eml" and path.stem not in known:
-                path.unlink(missing_ok=True)
-                report["orphans"] += 1
+            with os.scandir(self.root / state) as it:
+                for item in it:
+                    mid = self.id_from_name(item.name)
+                    if mid is None or not self.data_path(mid).exists():
+                        os.replace(item.path, self.root / "corrupt" / item.name)
+                        report["corrupt"] += 1
+                        log.error("spool: %s/%s has no message data; moved to corrupt/",
+                                  state, item.name)
+        with os.scandir(self.root / "data") as it:
+            for item in it:
+                mid = item.name[:-4] if item.name.endswith(".eml") else None
+                if mid is not None and self.locate(mid) is None:
+                    os.unlink(item.path)
+                    report["orphans"] += 1
         for name in ("data", "corrupt", *State):
             _fsync_dir(self.root / name)
         return report
@@ -195,15 +193,10 @@ class Spool:
 
     @staticmethod
     def id_from_name(name: str) -> str | None:
-        if not name.endswith(".json"):
-            return None
-        stem = name[:-5]
-        return stem.rsplit("-", 1)[-1] or None
+        return name[:-5] or None if name.endswith(".json") else None
 
-    def _meta_path(self, state: State, entry: Entry) -> Path:
-        if state is State.DEFERRED:
-            return self.root / state / f"{int(entry.next_attempt):010d}-{entry.id}.json"
-        return self.root / state / f"{entry.id}.json"
+    def _meta_path(self, state: State, mid: str) -> Path:
+        return self.root / state / f"{mid}.json"
 
     def data_path(self, mid: str) -> Path:
         return self.root / "data" / f"{mid}.eml"
@@ -215,7 +208,9 @@ class Spool:
         _write_synced(tmp / f"{entry.id}.eml", data)
         _write_synced(tmp / f"{entry.id}.json", entry.to_json())
         os.replace(tmp / f"{entry.id}.eml", self.data_path(entry.id))
-        os.replace(tmp / f"{entry.id}.json", self._meta_path(state, entry))
+        if state is State.DEFERRED:
+            os.utime(tmp / f"{entry.id}.json", (entry.next_attempt, entry.next_attempt))
+        os.replace(tmp / f"{entry.id}.json", self._meta_path(state, entry.id))
 
     async def accept(self, entry: Entry, data: bytes, state: State = State.INCOMING) -> None:
         """Store a new message; returns only once it would survive a crash or power loss."""
@@ -266,50 +261,63 @@ class Spool:
     # --- state changes -----------------------------------------------------------------------
 
     def read(self, state: State, name: str) -> Entry:
-        return Entry.from_json((self.root / state / name).read_bytes())
+        path = self.root / state / name
+        entry = Entry.from_json(path.read_bytes())
+        if state is State.DEFERRED:
+            entry.next_attempt = path.stat().st_mtime   # the file's time is the truth
+        return entry
 
     def read_data(self, mid: str) -> bytes:
         return self.data_path(mid).read_bytes()
 
     def move(self, entry: Entry, src: State, dst: State, *, rewrite: bool = True) -> None:
-        """Move ``entry`` from ``src`` to ``dst``, saving its (changed) metadata atomically."""
-        old = self._find(src, entry.id)
-        if old is None:
-            # Someone else (an operator's `queue hold` or `delete`) moved it first.
-            raise FileNotFoundError(f"{entry.id} is no longer in {src}")
-        new = self._meta_path(dst, entry)
+        """Move ``entry`` from ``src`` to ``dst``, saving its (changed) metadata atomically.
+
+        The state changes with one rename of the existing file, then the new content
+        replaces it, so there is never more than one metadata file per message. A crash
+        between the two leaves the right state with the previous content, which at worst
+        repeats a delivery that had just succeeded. Raises FileNotFoundError, changing
+        nothing, when the message is no longer in ``src`` (an operator moved it first).
+        """
+        old = self._meta_path(src, entry.id)
+        new = self._meta_path(dst, entry.id)
+        tmp = None
         if rewrite:
             tmp = self.root / "tmp" / f"{entry.id}.json.{time.monotonic_ns()}"
             _write_synced(tmp, entry.to_json())
-            os.replace(tmp, new)
+            if dst is State.DEFERRED:
+                os.utime(tmp, (entry.next_attempt, entry.next_attempt))
+        try:
             if old != new:
-                old.unlink(missing_ok=True)
-        else:
-            os.replace(old, new)
+                os.replace(old, new)
+            elif not old.exists():
+                raise FileNotFoundError(f"{entry.id} is no longer in {src}")
+        except FileNotFoundError:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            raise
+        if tmp is not None:
+            os.replace(tmp, new)
+        elif dst is State.DEFERRED:
+            os.utime(new, (entry.next_attempt, entry.next_attempt))
         _fsync_dir(new.parent)
         if old.parent != new.parent:
             _fsync_dir(old.parent)
 
+    def set_due(self, mid: str, when: float) -> None:
+        """Change when a deferred message is due (FileNotFoundError if it is not deferred)."""
+        os.utime(self._meta_path(State.DEFERRED, mid), (when, when))
+
     def remove(self, entry_id: str, state: State) -> None:
         """Forget a message that is finished (delivered), data and metadata."""
-        path = self._find(state, entry_id)
-        if path is not None:
-            path.unlink(missing_ok=True)
+        self._meta_path(state, entry_id).unlink(missing_ok=True)
         self.data_path(entry_id).unlink(missing_ok=True)
         _fsync_dir(self.root / state)
 
-    def _find(self, state: State, mid: str) -> Path | None:
-        if state is not State.DEFERRED:
-            path = self.root / state / f"{mid}.json"
-            return path if path.exists() else None
-        for path in (self.root / state).glob(f"*-{mid}.json"):
-            return path
-        return None
-
     def locate(self, mid: str) -> tuple[State, Path] | None:
         for state in State:
-            path = self._find(state, mid)
-            if path is not None:
+            path = self._meta_path(state, mid)
+            if path.exists():
                 return state, path
         return None
 
@@ -325,36 +333,37 @@ class Spool:
     def due(self, now: float, limit: int) -> tuple[list[str], float]:
         """Up to ``limit`` deferred names whose due time has come, earliest first, and the
         due time of the earliest message that is not due yet (``inf`` if none)."""
-        out: list[str] = []
+        out: list[tuple[float, str]] = []
         upcoming = float("inf")
-        for name in self.names(State.DEFERRED):
-            due_s, _, _ = name.partition("-")
-            if not due_s.isdigit():
-                continue
-            if int(due_s) <= now:
-                out.append(name)
-                if len(out) >= limit * 4:
-                    out.sort()
-                    del out[limit:]
-            else:
-                upcoming = min(upcoming, float(due_s))
+        with os.scandir(self.root / State.DEFERRED) as it:
+            for item in it:
+                if not item.name.endswith(".json"):
+                    continue
+                try:
+                    when = item.stat().st_mtime
+                except FileNotFoundError:
+                    continue        # picked up meanwhile
+                if when <= now:
+                    out.append((when, item.name))
+                    if len(out) >= max(limit, 1) * 4:
+                        out.sort()
+                        del out[limit:]
+                else:
+                    upcoming = min(upcoming, when)
         out.sort()
-        return out[:limit], upcoming
+        return [name for _, name in out[:limit]], upcoming
 
     def flush_deferred(self, now: float) -> int:
         """Make every deferred message due at ``now``; returns how many were changed."""
         count = 0
-        for name in list(self.names(State.DEFERRED)):
-            due, _, rest = name.partition("-")
-            if due.isdigit() and int(due) > now:
+        with os.scandir(self.root / State.DEFERRED) as it:
+            for item in it:
                 try:
-                    os.replace(self.root / State.DEFERRED / name,
-                               self.root / State.DEFERRED / f"{int(now):010d}-{rest}")
+                    if item.name.endswith(".json") and item.stat().st_mtime > now:
+                        os.utime(item.path, (now, now))
+                        count += 1
                 except FileNotFoundError:
-                    continue  # picked up by the queue meanwhile
-                count += 1
-        if count:
-            _fsync_dir(self.root / State.DEFERRED)
+                    continue        # picked up by the queue meanwhile
         return count
 
     def count(self, state: State) -> int:

@@ -122,16 +122,20 @@ async def test_utf8_8bit_message_arrives_byte_identical(
 
 
 async def test_fifty_concurrent_messages_share_one_token(
-        relay: Relay, sandbox: Sandbox) -> None:
-    await asyncio.gather(*(send(relay, "billing@contoso.com", [f"r{i}@example.com"])
-                           for i in range(50)))
-    assert len(sandbox.exchange.messages) == 50
+        start_relay: RelayFactory, sandbox: Sandbox) -> None:
+    relay = await start_relay({"delivery": {"mailbox_limits": {"messages_per_minute": 1000}}})
+    replies = await asyncio.gather(*(send(relay, "billing@contoso.com", [f"r{i}@example.com"])
+                                     for i in range(50)))
+    assert all(r.code == 250 for r in replies)
+    await wait_until(lambda: len(sandbox.exchange.messages) == 50)
     assert sandbox.entra.token_requests == 1
+    assert sandbox.exchange.max_concurrent_sessions <= 3      # Exchange's per-mailbox limit
 
 
 async def test_535_gets_a_new_token_and_succeeds(relay: Relay, sandbox: Sandbox) -> None:
     await send(relay, "billing@contoso.com", ["a@example.com"])
     sandbox.entra.revoke_all()                      # the cached token is now refused upstream
+    await sandbox.exchange.disconnect_all()         # (tokens are checked at AUTH: new session)
     await send(relay, "billing@contoso.com", ["b@example.com"])
     assert len(sandbox.exchange.messages) == 2
     assert sandbox.entra.token_requests == 2
@@ -300,6 +304,7 @@ async def test_no_secret_in_logs(relay: Relay, sandbox: Sandbox,
     caplog.set_level("DEBUG")
     await send(relay, "alice@contoso.com", ["a@example.com"], login=("alice", PASSWORDS["alice"]))
     sandbox.entra.revoke_all()
+    await sandbox.exchange.disconnect_all()
     await send(relay, "alice@contoso.com", ["a@example.com"], login=("alice", PASSWORDS["alice"]))
     text = caplog.text
     assert PASSWORDS["alice"] not in text

@@ -49,17 +49,39 @@ async def test_concurrent_accepts_share_directory_fsyncs(
     await spool.close()
 
 
-def test_move_and_deferred_names_carry_due_time(spool: Spool) -> None:
+def test_move_and_deferred_due_time(spool: Spool) -> None:
     spool._store(entry("BBB"), b"data", State.INCOMING)
     e = spool.read(State.INCOMING, "BBB.json")
     e.attempts, e.next_attempt, e.last_reply = 1, 1_000, "451 4.3.2 busy"
     spool.move(e, State.INCOMING, State.DEFERRED)
-    assert list(spool.names(State.DEFERRED)) == ["0000001000-BBB.json"]
+    assert list(spool.names(State.DEFERRED)) == ["BBB.json"]
+    assert (spool.root / "deferred" / "BBB.json").stat().st_mtime == 1000
     assert spool.due(now=999, limit=10) == ([], 1000)
-    assert spool.due(now=1000, limit=10) == (["0000001000-BBB.json"], float("inf"))
-    again = spool.read(State.DEFERRED, "0000001000-BBB.json")
+    assert spool.due(now=1000, limit=10) == (["BBB.json"], float("inf"))
+    again = spool.read(State.DEFERRED, "BBB.json")
     assert again.attempts == 1 and again.last_reply == "451 4.3.2 busy"
-    assert spool.locate("BBB") is not None and spool.locate("BBB")[0] is State.DEFERRED
+    assert again.next_attempt == 1000
+    spool.set_due("BBB", 5)
+    assert spool.read(State.DEFERRED, "BBB.json").next_attempt == 5
+    assert spool.locate("BBB") == (State.DEFERRED, spool.root / "deferred" / "BBB.json")
+    assert list((spool.root / "tmp").iterdir()) == []
+
+
+def test_move_of_a_message_someone_else_moved_changes_nothing(spool: Spool) -> None:
+    spool._store(entry("CCC"), b"data", State.INCOMING)
+    e = spool.read(State.INCOMING, "CCC.json")
+    spool.move(e, State.INCOMING, State.HOLD)            # an operator holds it
+    with pytest.raises(FileNotFoundError):
+        spool.move(e, State.INCOMING, State.DEFERRED)
+    assert spool.locate("CCC") == (State.HOLD, spool.root / "hold" / "CCC.json")
+    assert list((spool.root / "tmp").iterdir()) == []
+
+
+def test_flush_makes_deferred_due(spool: Spool) -> None:
+    for i in range(3):
+        spool._store(entry(f"F{i}", next_attempt=time.time() + 3600), b"x", State.DEFERRED)
+    assert spool.flush_deferred(time.time()) == 3
+    assert len(spool.due(time.time() + 1, 10)[0]) == 3
 
 
 def test_due_returns_earliest_first_and_bounded(spool: Spool) -> None:
@@ -69,8 +91,8 @@ def test_due_returns_earliest_first_and_bounded(spool: Spool) -> None:
     due, upcoming = spool.due(now=2000, limit=5)
     assert upcoming == float("inf")
     assert len(due) == 5
-    assert due == sorted(due)
-    assert due[0].startswith("0000001000-")
+    times = [spool.read(State.DEFERRED, n).next_attempt for n in due]
+    assert times == sorted(times) and times[0] == 1000
 
 
 def test_recover_after_crash(spool: Spool) -> None:
@@ -78,24 +100,12 @@ def test_recover_after_crash(spool: Spool) -> None:
     spool._store(entry("ACT"), b"2", State.ACTIVE)
     (spool.root / "tmp" / "HALF.eml").write_bytes(b"half written")
     (spool.root / "data" / "ORPHAN.eml").write_bytes(b"never acknowledged")
-    (spool.root / "deferred" / "0000000001-NODATA.json").write_bytes(b"{}")
+    (spool.root / "deferred" / "NODATA.json").write_bytes(b"{}")
     report = spool.recover()
     assert report == {"discarded": 1, "requeued": 1, "orphans": 1, "corrupt": 1}
     assert sorted(spool.names(State.INCOMING)) == ["ACT.json", "OK1.json"]
     assert not (spool.root / "data" / "ORPHAN.eml").exists()
-    assert (spool.root / "corrupt" / "0000000001-NODATA.json").exists()
-
-
-def test_recover_keeps_newer_of_duplicate_metadata(spool: Spool) -> None:
-    spool._store(entry("DUP"), b"1", State.INCOMING)
-    newer = entry("DUP", attempts=3, next_attempt=5.0)
-    path = spool.root / "deferred" / "0000000005-DUP.json"
-    path.write_bytes(newer.to_json())
-    old = spool.root / "incoming" / "DUP.json"
-    os.utime(old, ns=(1, 1))
-    spool.recover()
-    assert spool.locate("DUP") == (State.DEFERRED, path)
-    assert not old.exists()
+    assert (spool.root / "corrupt" / "NODATA.json").exists()
 
 
 def test_remove_deletes_data(spool: Spool) -> None:

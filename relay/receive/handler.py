@@ -259,6 +259,7 @@ class RelayHandler:
                 id=mid, profile=profile_name, mail_from=policy.mail_from, rcpt_tos=rcpts,
                 data=data, mail_options=_upstream_options(envelope.mail_options, data),
                 client=session.client_ip, user=session.user,
+                mailbox=config.profiles[profile_name].mailbox,
                 return_path=envelope.mail_from if policy.mail_from != envelope.mail_from
                 else None,
                 synchronous=server.listener.synchronous)
