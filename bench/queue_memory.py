@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.spool import Entry, Spool, State  # noqa: E402
+from relay.spool import Entry, Spool, State
 
 
 def fill(spool: Spool, count: int) -> None:
@@ -36,8 +37,9 @@ def fill(spool: Spool, count: int) -> None:
                       rcpt_tos=["a@example.com"], size=len(body), received_at=now,
                       next_attempt=now - 1)
         (spool.root / "data" / f"{mid}.eml").write_bytes(body)
-        (spool.root / State.DEFERRED / f"{int(now - 1):010d}-{mid}.json").write_bytes(
-            entry.to_json())
+        meta = spool.root / State.DEFERRED / f"{mid}.json"
+        meta.write_bytes(entry.to_json())
+        os.utime(meta, (now - 1, now - 1))          # a deferred file's mtime is its due time
 
 
 async def child(count: int, seconds: float) -> dict[str, float]:
@@ -73,11 +75,12 @@ async def child(count: int, seconds: float) -> dict[str, float]:
         relay = Relay(config)
         await relay.start()
         await asyncio.sleep(seconds)
-        attempts = sum(1 for _ in spool.names(State.DEFERRED))
         await relay.stop()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        attempts = sum(spool.read(State.DEFERRED, n).attempts for n in spool.names(State.DEFERRED))
+        queued = sum(spool.count(s) for s in State)
     return {"messages": count, "scan_ms": scan * 1000, "rss_before_mib": base / 1024,
-            "peak_rss_mib": peak / 1024, "still_queued": attempts}
+            "peak_rss_mib": peak / 1024, "attempts": attempts, "still_queued": queued}
 
 
 def main() -> None:
@@ -89,14 +92,15 @@ def main() -> None:
     if ns.child is not None:
         print(json.dumps(asyncio.run(child(ns.child, ns.seconds))))
         return
-    print(f"{'queued':>9} {'scan deferred/':>15} {'RSS after fill':>15} {'peak RSS':>9}")
+    print(f"{'queued':>9} {'scan deferred/':>15} {'RSS after fill':>15} {'peak RSS':>9} "
+          f"{'attempts made':>14} {'still queued':>13}")
     for size in ns.sizes:
         out = subprocess.run([sys.executable, __file__, "--child", str(size),
                               "--seconds", str(ns.seconds)],
                              capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{r['messages']:>9} {r['scan_ms']:>12.1f} ms {r['rss_before_mib']:>11.1f} MiB "
-              f"{r['peak_rss_mib']:>5.1f} MiB")
+              f"{r['peak_rss_mib']:>5.1f} MiB {r['attempts']:>14} {r['still_queued']:>13}")
 
 
 if __name__ == "__main__":
