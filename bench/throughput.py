@@ -2,9 +2,11 @@
 
     .venv/bin/python bench/throughput.py [--messages 2000] [--concurrency 20] [--size 20000]
 
-Everything runs in one process on loopback (relay, fake Entra ID, fake Exchange Online), so
-the figures are the relay's own overhead per message plus one upstream SMTP session per
-message; they are an upper bound for a real tenant, where Exchange's latency dominates.
+Everything runs in one process on loopback (relay, fake Entra ID, fake Exchange Online).
+"accepted" is what the application sees: each 250 comes only after the message is fsynced
+to the spool. "delivered" is when the last message reached the fake Exchange, through at
+most 3 reused upstream sessions for the one mailbox (Exchange's limit); the per-minute and
+per-day mailbox limits are lifted so that the relay, not the pacing, is measured.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ async def main(messages: int, concurrency: int, size: int) -> None:
             config = sandbox.apply(parse_config({
                 "server": {"listeners": [{"address": "127.0.0.1", "port": 0}],
                            "max_connections": concurrency + 10},
+                "spool": {"directory": f"{tmp}/spool"},
+                "delivery": {"mailbox_limits": {"messages_per_minute": 10**9,
+                                                "recipients_per_day": 10**9}},
                 "profiles": {"system": {"mailbox": "relay@contoso.com", "credential": "main"}},
                 "routing": {"system_profile": "system"},
                 "credentials": {"main": {"tenant_id": "t", "client_id": "c",
@@ -62,6 +67,10 @@ async def main(messages: int, concurrency: int, size: int) -> None:
             started = time.perf_counter()
             await asyncio.gather(*(client() for _ in range(concurrency)))
             elapsed = time.perf_counter() - started
+            while len(sandbox.exchange.messages) < messages:  # noqa: ASYNC110 - polling a fake
+                await asyncio.sleep(0.01)
+            drained = time.perf_counter() - started
+            sessions = sandbox.exchange.sessions
             await relay.stop()
             delivered = len(sandbox.exchange.messages)
             tokens = sandbox.entra.token_requests
@@ -70,12 +79,13 @@ async def main(messages: int, concurrency: int, size: int) -> None:
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"messages            {messages} x {len(data)} bytes, {concurrency} concurrent clients")
     print(f"delivered           {delivered}")
-    print(f"elapsed             {elapsed:.2f} s")
-    print(f"throughput          {messages / elapsed:.1f} messages/s")
-    print(f"latency p50         {statistics.median(latencies) * 1000:.1f} ms")
-    print(f"latency p95         {latencies[int(len(latencies) * 0.95) - 1] * 1000:.1f} ms")
-    print(f"latency max         {latencies[-1] * 1000:.1f} ms")
+    print(f"accepted in         {elapsed:.2f} s ({messages / elapsed:.1f} messages/s, durable)")
+    print(f"delivered in        {drained:.2f} s ({messages / drained:.1f} messages/s)")
+    print(f"accept latency p50  {statistics.median(latencies) * 1000:.1f} ms")
+    print(f"accept latency p95  {latencies[int(len(latencies) * 0.95) - 1] * 1000:.1f} ms")
+    print(f"accept latency max  {latencies[-1] * 1000:.1f} ms")
     print(f"token requests      {tokens}")
+    print(f"upstream sessions   {sessions}")
     print(f"peak RSS            {rss_mb:.0f} MiB (whole process, stand-ins included)")
 
 

@@ -167,3 +167,30 @@ async def test_restart_delivers_what_was_queued(sandbox: Sandbox) -> None:
         await wait_until(lambda: len(sandbox.exchange.messages) == 1)
     finally:
         await second.stop()
+
+
+async def test_synchronous_per_listener_and_per_profile(
+        start_relay: RelayFactory, sandbox: Sandbox) -> None:
+    # No waiting by default, but the profile asks for it: its client sees the 5xx.
+    relay = await start_relay({"delivery": {"synchronous": None},
+                               "profiles": {"system": {"synchronous": 5}}})
+    sandbox.exchange.fail_next("rcpt", 550, "5.1.1 User unknown")
+    try:
+        await send(relay, ["gone@example.com"])
+        raise AssertionError("expected a 5xx")
+    except aiosmtplib.SMTPDataError as err:
+        assert err.code == 550
+    # A listener that waits: same verdict for its clients.
+    relay2 = await start_relay({"delivery": {"synchronous": None}, "server": {
+        "listeners": [{"address": "127.0.0.1", "port": 0, "synchronous": 5}]}})
+    sandbox.exchange.fail_next("rcpt", 550, "5.1.1 User unknown")
+    try:
+        await send(relay2, ["gone@example.com"])
+        raise AssertionError("expected a 5xx")
+    except aiosmtplib.SMTPDataError as err:
+        assert err.code == 550
+    # Neither: the answer is 250 at once and the refusal becomes a DSN.
+    relay3 = await start_relay({"delivery": {"synchronous": None}})
+    sandbox.exchange.fail_next("rcpt", 550, "5.1.1 User unknown")
+    response = await send(relay3, ["gone@example.com"])
+    assert response.code == 250 and "queued as" in response.message
