@@ -16,9 +16,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from relay import notify
 from relay.config import Config, ConfigError
 from relay.deliver import Deliverer
+from relay.http import HttpEndpoint
 from relay.message import Outbound, Reply
+from relay.metrics import RelayMetrics
 from relay.passwords import PasswordVerifier
 from relay.queue import Queue
 from relay.receive import Receiver
@@ -34,13 +37,16 @@ class Relay:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.tokens = Tokens(config)
+        self.metrics = RelayMetrics()
+        self.tokens = Tokens(config, hooks=self.metrics)
         self.deliverer = Deliverer(config, self.tokens)
         self.spool = Spool(config.spool.directory)
-        self.queue = Queue(self.spool, self.deliverer, config)
+        self.queue = Queue(self.spool, self.deliverer, config, hooks=self.metrics)
         self.verifier = PasswordVerifier({n: u.password_hash for n, u in config.users.items()})
         self.receiver = Receiver(config, router=Router(config), verifier=self.verifier,
                                  submit=self.submit)
+        self.metrics.watch(self)
+        self.http = HttpEndpoint(self) if config.http.enabled else None
         self._stopping = asyncio.Event()
         self._listener_sync: asyncio.Future[None] | None = None
 
@@ -61,11 +67,25 @@ class Relay:
     def listening(self) -> list[tuple[str, int]]:
         return list(self.receiver.bound)
 
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """Where the HTTP endpoint listens (the bound port, also for ``port: 0``)."""
+        return self.http.address if self.http is not None else None
+
     async def start(self) -> None:
         self.spool.open(on_tmpfs=self.config.spool.on_tmpfs)
-        await self.queue.start()
-        self.tokens.start()
-        await self.receiver.start()
+        # The HTTP endpoint comes first, so that probes get answers (live, not ready yet)
+        # while a long spool is being recovered.
+        if self.http is not None:
+            await self.http.start()
+        try:
+            await self.queue.start()
+            self.tokens.start()
+            await self.receiver.start()
+        except BaseException:
+            if self.http is not None:
+                await self.http.stop()
+            raise
         log.info("listening on %s; spool %s", ", ".join(
             f"{h}:{p}" for h, p in self.listening), self.spool.root)
 
@@ -75,10 +95,16 @@ class Relay:
         What is not finished by then stays in the spool and is delivered after a restart.
         """
         deadline = time.monotonic() + grace
-        await self.receiver.stop(grace=grace)
-        await self.queue.stop(max(0.0, deadline - time.monotonic()))
-        await self.deliverer.aclose()
-        await self.tokens.aclose()
+        try:
+            await self.receiver.stop(grace=grace)
+            await self.queue.stop(max(0.0, deadline - time.monotonic()))
+            await self.deliverer.aclose()
+            await self.tokens.aclose()
+        finally:
+            # Last, so that /readyz says "shutting down" for the whole drain.
+            if self.http is not None:
+                await self.http.stop()
+            await self.metrics.close()
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -99,6 +125,11 @@ class Relay:
             return False
         if config.spool != self.config.spool:
             log.warning("spool settings take effect after a restart")
+        old_http, new_http = self.config.http, config.http
+        if (old_http.enabled, old_http.address, old_http.port) != (
+                new_http.enabled, new_http.address, new_http.port):
+            log.warning("http enabled/address/port take effect after a restart")
+        self.metrics.configure(config)
         self.queue.update(config)
         self.tokens.update(config)
         self.verifier.update({n: u.password_hash for n, u in config.users.items()})
@@ -120,17 +151,24 @@ class Relay:
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGUSR1, self.queue.flush)
         if reload is not None:
-            loop.add_signal_handler(signal.SIGHUP, lambda: self.reload(reload))
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._reload_notifying(reload))
         else:
             loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
                 "SIGHUP ignored: this instance cannot reload its configuration"))
+        watchdog: asyncio.Task[None] | None = None
         try:
             await self.start()
+            notify.ready(self._status())
+            watchdog = notify.start_watchdog(lambda: not self.queue.failed)
             if on_ready is not None:
                 on_ready()
             await self._stopping.wait()
             log.info("stopping")
         finally:
+            # The drain may take shutdown_timeout: ask systemd for that much (and a margin
+            # for closing up) so that a short TimeoutStopSec= does not kill it half-way.
+            notify.stopping("draining: no new mail accepted",
+                            timeout=self.config.delivery.shutdown_timeout + 15)
             # Keep handling signals until the drain is over: a default SIGHUP or SIGUSR1
             # handler would kill the process half-way through it.
             for sig in (signal.SIGHUP, signal.SIGUSR1):
@@ -139,8 +177,21 @@ class Relay:
             try:
                 await self.stop(grace=self.config.delivery.shutdown_timeout)
             finally:
+                await notify.stop_watchdog(watchdog)
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                     loop.remove_signal_handler(sig)
+
+    def _reload_notifying(self, load: Callable[[], Config]) -> None:
+        """SIGHUP: :meth:`reload`, bracketed by RELOADING=1 and READY=1 for systemd."""
+        notify.reloading("reloading configuration")
+        ok = self.reload(load)
+        notify.ready(self._status() if ok else
+                     "reload refused (see the log); running the previous configuration")
+
+    def _status(self) -> str:
+        """One line for ``systemctl status``."""
+        where = ", ".join(f"{h}:{p}" for h, p in self.listening) or "no listener"
+        return f"accepting mail on {where}"
 
 
 def config_loader(path: Path) -> Callable[[], Config]:

@@ -381,6 +381,20 @@ class Logging(_Model):
     format: Literal["text", "json"] = "text"
 
 
+class Http(_Model):
+    """The HTTP endpoint for probes and Prometheus: /healthz, /readyz, /metrics.
+
+    Loopback by default: the pages name credentials, mailboxes and queue sizes, which is
+    nothing for the network at large.
+    """
+
+    enabled: bool = True
+    address: IPAddress = "127.0.0.1"
+    port: Port = 8025
+    request_timeout: Duration = 10.0
+    cache_ttl: Duration = 5.0
+
+
 class Config(_Model):
     server: Server = Field(default_factory=Server)
     users: dict[Name, User] = Field(default_factory=dict)
@@ -391,6 +405,7 @@ class Config(_Model):
     credentials: dict[Name, Credential] = Field(default_factory=dict)
     upstreams: dict[Name, Upstream] = Field(default_factory=dict)
     logging: Logging = Field(default_factory=Logging)
+    http: Http = Field(default_factory=Http)
 
     def upstream_for(self, profile: Profile) -> Upstream:
         """The profile's named upstream, or the SMTP endpoint of its credential's cloud."""

@@ -78,6 +78,18 @@ class Deliverer:
         await asyncio.gather(*(pool.close() for pool in self._pools.values()), *self._retiring,
                              return_exceptions=True)
 
+    def upstream_sessions(self) -> dict[str, int]:
+        """Open upstream sessions per configured mailbox (what Exchange counts), for metrics."""
+        out: dict[str, int] = {}
+        seen: set[tuple[int, str]] = set()
+        for profile in self._config.profiles.values():
+            pool = self._pool(profile)
+            mailbox = profile.mailbox.lower()
+            if (id(pool), mailbox) not in seen:
+                seen.add((id(pool), mailbox))
+                out[mailbox] = out.get(mailbox, 0) + pool.open_sessions(mailbox)
+        return out
+
     def _pool(self, profile: Profile) -> SessionPool:
         upstream = self._config.upstream_for(profile)
         helo = upstream.helo_name or self._config.server.hostname
@@ -102,7 +114,9 @@ class Deliverer:
                                    require_all_recipients=require_all_recipients)
         except AuthenticationRejected as first:
             log.warning("upstream rejected the token for %s (%s); fetching a new token and "
-                        "retrying once", mailbox, first.reply)
+                        "retrying once", mailbox, first.reply,
+                        extra={"profile": msg.profile, "mailbox": mailbox,
+                               "credential": profile.credential, "reply": str(first.reply)})
         try:
             token = await provider.refresh(stale=token)
         except TokenError as exc:
@@ -111,9 +125,13 @@ class Deliverer:
             return await pool.send(msg, mailbox, token,
                                    require_all_recipients=require_all_recipients)
         except AuthenticationRejected as second:
+            duration = time.monotonic() - started
             log.error("upstream rejected a fresh token for mailbox %s (profile %s): %s — %s "
                       "[%.1f s]", mailbox, msg.profile, second.reply,
-                      classify(second.reply).explanation, time.monotonic() - started)
+                      classify(second.reply).explanation, duration,
+                      extra={"profile": msg.profile, "mailbox": mailbox,
+                             "credential": profile.credential, "reply": str(second.reply),
+                             "duration": round(duration, 3)})
             return DeliveryResult(Reply(
                 451, f"4.7.0 Upstream refused the relay's login for {mailbox}: "
                      f"{second.reply}; message not sent, try again later"))
@@ -121,7 +139,9 @@ class Deliverer:
     @staticmethod
     def _token_failure(msg: Outbound, profile: Profile, exc: TokenError) -> DeliveryResult:
         log.error("no OAuth token for credential %s (profile %s): %s",
-                  profile.credential, msg.profile, exc.message)
+                  profile.credential, msg.profile, exc.message,
+                  extra={"profile": msg.profile, "credential": profile.credential,
+                         "mailbox": msg.mailbox or profile.mailbox})
         return DeliveryResult(Reply(
             451, f"4.7.0 Relay cannot obtain an OAuth token for profile {msg.profile} "
                  "(see the relay's log); try again later"))

@@ -28,12 +28,29 @@ from relay.governor import Governor, Limits
 from relay.headers import RawMessage
 from relay.log import message_context
 from relay.message import DeliveryResult, Outbound, Reply, new_message_id
+from relay.metrics import NO_HOOKS, Hooks
 from relay.spool import Entry, Spool, State
 
 log = logging.getLogger(__name__)
 
 # How long the dispatcher sleeps at most when nothing wakes it (new mail, a finished attempt).
 _IDLE_POLL = 10.0
+# Failed recipients named in an attempt's log line; a message may have hundreds.
+_LOGGED_FAILURES = 5
+
+
+@dataclass(frozen=True)
+class _AttemptReport:
+    """What one attempt did, gathered for its log line and counters."""
+
+    entry: Entry
+    mailbox: str | None
+    pending: list[str]
+    accepted: set[str]
+    still: list[str]
+    result: DeliveryResult
+    duration: float
+    reason: str | None
 
 
 @dataclass(frozen=True)
@@ -55,10 +72,11 @@ class Queue:
     """Schedules delivery attempts for the messages in a :class:`Spool`."""
 
     def __init__(self, spool: Spool, deliverer: Deliverer, config: Config, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, hooks: Hooks = NO_HOOKS) -> None:
         self.spool = spool
         self.deliverer = deliverer
         self.config = config
+        self._hooks = hooks
         self.governor = Governor(governor_limits(config))
         self._clock = clock
         self._active: dict[str, asyncio.Task[Outcome]] = {}
@@ -88,6 +106,7 @@ class Queue:
                       client=msg.client, user=msg.user, return_path=msg.return_path,
                       mailbox=msg.mailbox or (profile.mailbox if profile else None))
         await self.spool.accept(entry, msg.data)
+        self._hooks.received(msg.profile)
         queued = Reply(250, f"2.0.0 Ok: queued as {msg.id}")
         if not wait or not self._claim(entry):
             self._wakeup.set()
@@ -164,6 +183,18 @@ class Queue:
     @property
     def in_flight(self) -> int:
         return len(self._active)
+
+    @property
+    def running(self) -> bool:
+        """Started (the spool is recovered) and not stopping: attempts are being made."""
+        return (self._dispatcher is not None and not self._dispatcher.done()
+                and not self._stopping)
+
+    @property
+    def failed(self) -> bool:
+        """The dispatcher ended although nobody stopped it: mail would pile up unsent."""
+        return (self._dispatcher is not None and self._dispatcher.done()
+                and not self._stopping)
 
     # --- dispatching --------------------------------------------------------------------------
 
@@ -287,6 +318,7 @@ class Queue:
         started = self._clock()
         if mailbox is not None:
             self.governor.started(mailbox, len(pending), started)
+        timer = time.monotonic()
         try:
             result = await self.deliverer.deliver(msg, require_all_recipients=False)
         except Exception:
@@ -295,10 +327,14 @@ class Queue:
         finally:
             if mailbox is not None:
                 self.governor.finished(mailbox, self._clock())
-        return await self._settle(entry, pending, result, data, mailbox, synchronous)
+        duration = time.monotonic() - timer
+        self._hooks.attempt(result.reply, duration)
+        return await self._settle(entry, pending, result, data, mailbox, synchronous,
+                                  duration)
 
     async def _settle(self, entry: Entry, pending: list[str], result: DeliveryResult,
-                      data: bytes, mailbox: str | None, synchronous: bool) -> Outcome:
+                      data: bytes, mailbox: str | None, synchronous: bool,
+                      duration: float) -> Outcome:
         now = self._clock()
         entry.attempts += 1
         entry.last_reply = str(result.reply)
@@ -314,7 +350,9 @@ class Queue:
             actions.add(verdict.action)
             if verdict.alert and str(reply) not in alerted:
                 alerted.add(str(reply))
-                log.error("upstream: %s — %s", reply, verdict.explanation)
+                log.error("upstream: %s — %s", reply, verdict.explanation,
+                          extra={"profile": entry.profile, "mailbox": mailbox,
+                                 "reply": str(reply)})
             if verdict.action is Action.BOUNCE:
                 entry.failed[rcpt] = str(reply)
         # Mailbox-wide reactions happen once per attempt, however many recipients it had.
@@ -324,9 +362,6 @@ class Queue:
         if pause and mailbox:
             self.governor.quota_exceeded(mailbox, now)
         still = self._pending(entry)
-        log.info("attempt %d: %d delivered, %d failed, %d pending; %s", entry.attempts,
-                 len(accepted), len([r for r in pending if r in entry.failed]), len(still),
-                 result.reply)
         reason = None
         if still and now - entry.received_at >= self.config.delivery.max_lifetime:
             reason = (f"gave up after {self.config.delivery.max_lifetime / 86400:g} days "
@@ -334,16 +369,21 @@ class Queue:
             for rcpt in still:
                 entry.failed[rcpt] = entry.last_reply or "451 4.4.7 Delivery time expired"
             still = []
+        report = _AttemptReport(entry, mailbox, pending, accepted, still, result, duration,
+                                reason)
         if not still:
             if not entry.failed:
                 await asyncio.to_thread(self.spool.remove, entry.id, State.ACTIVE)
+                self._report(report, "delivered")
                 return Outcome("delivered", result.reply)
             if synchronous and not entry.delivered:
                 # Nobody was reached and the client is still waiting: tell it, queue nothing.
                 await asyncio.to_thread(self.spool.remove, entry.id, State.ACTIVE)
+                self._report(report, "refused")
                 return Outcome("failed", self._permanent_reply(entry, result))
             await self._bounce(entry, data, reason)
             await asyncio.to_thread(self.spool.move, entry, State.ACTIVE, State.FAILED)
+            self._report(report, "bounced")
             if entry.delivered:
                 return Outcome("partial", result.reply)
             return Outcome("failed", self._permanent_reply(entry, result))
@@ -353,8 +393,52 @@ class Queue:
         entry.next_attempt = now + delay
         await asyncio.to_thread(self.spool.move, entry, State.ACTIVE, State.DEFERRED)
         self._deferred_until(entry.next_attempt)
-        log.info("deferred for %.0f s", delay)
+        self._report(report, "deferred", delay)
         return Outcome("deferred", result.reply)
+
+    def _report(self, r: _AttemptReport, event: str, delay: float | None = None) -> None:
+        """The one log line per attempt, and its counters, once the spool says so.
+
+        ``event`` is what became of the message: delivered, deferred, bounced (a delivery
+        report was queued) or refused (a waiting client was given the permanent reply).
+        """
+        entry = r.entry
+        delivered = [x for x in r.pending if x in r.accepted]
+        failed = [x for x in r.pending if x in entry.failed]
+        if delivered:
+            self._hooks.delivered(entry.profile, r.result.reply if r.result.reply.ok
+                                  else Reply(250, "2.0.0 Ok"))
+        if failed:
+            self._hooks.bounced(entry.profile, _parse_reply(entry.failed[failed[0]]))
+        if r.still:
+            self._hooks.deferred(entry.profile,
+                                 r.result.refused.get(r.still[0], r.result.reply))
+        tail = ""
+        if delay is not None:
+            tail = f"; next attempt in {delay:.1f} s" if delay < 10 else \
+                f"; next attempt in {delay:.0f} s"
+        if r.reason:
+            tail += f"; {r.reason}"
+        # Why recipients failed: the overall reply (e.g. 250 for the others) does not say.
+        failures = {rcpt: entry.failed[rcpt] for rcpt in failed[:_LOGGED_FAILURES]}
+        if failures:
+            more = len(failed) - len(failures)
+            tail += "; failed: " + ", ".join(f"<{k}> ({v})" for k, v in failures.items()) \
+                + (f" and {more} more" if more else "")
+        fields: dict[str, object] = {
+            "event": event, "attempt": entry.attempts, "profile": entry.profile,
+            "mailbox": r.mailbox, "client": entry.client or None, "user": entry.user,
+            "rcpts": len(r.pending), "delivered": len(delivered), "failed": len(failed),
+            "pending": len(r.still), "reply": str(r.result.reply),
+            "duration": round(r.duration, 3)}
+        if failures:
+            fields["failures"] = failures
+        if delay is not None:
+            fields["delay"] = round(delay, 1)
+        log.log(logging.WARNING if event in ("bounced", "refused") else logging.INFO,
+                "attempt %d %s: %d delivered, %d failed, %d pending; %s (%.2f s)%s",
+                entry.attempts, event, len(delivered), len(failed), len(r.still),
+                r.result.reply, r.duration, tail, extra=fields)
 
     @staticmethod
     def _permanent_reply(entry: Entry, result: DeliveryResult) -> Reply:
@@ -383,13 +467,15 @@ class Queue:
         """
         policy = self.config.delivery.bounce
         headers = RawMessage(data).header_section()
+        fields = {"event": "bounce", "profile": entry.profile, "rcpts": len(entry.failed)}
         if policy == "none":
             log.warning("bounce suppressed (delivery.bounce: none) for %s",
-                        ", ".join(entry.failed))
+                        ", ".join(entry.failed), extra=fields)
             return
         sender = entry.return_path if entry.return_path is not None else entry.mail_from
         if policy == "sender" and (sender in ("", "<>") or is_auto_reply(headers)):
-            log.warning("no bounce: the message is itself a bounce or has a null sender")
+            log.warning("no bounce: the message is itself a bounce or has a null sender",
+                        extra=fields)
             return
         to = sender if policy == "sender" else self.config.delivery.operator
         profile = self.config.profiles.get(entry.profile)
@@ -406,7 +492,8 @@ class Queue:
         bounce = Entry(id=new_message_id(), profile=entry.profile, mail_from=profile.mailbox,
                        rcpt_tos=[to], size=len(dsn), received_at=self._clock())
         await self.spool.accept(bounce, dsn)
-        log.info("bounce %s queued to %s for %d recipient(s)", bounce.id, to, len(entry.failed))
+        log.info("bounce %s queued to %s for %d recipient(s)", bounce.id, to, len(entry.failed),
+                 extra={**fields, "bounce_id": bounce.id, "mailbox": profile.mailbox})
         self._wakeup.set()
 
 

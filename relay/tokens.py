@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from relay.config import Config, Credential
 from relay.log import redact
+from relay.metrics import NO_HOOKS, Hooks
 from relay.secrets import Secret, SecretSourceError
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,10 @@ _ADVICE: dict[int, str] = {
 }
 
 
+# The application permission Exchange Online requires for SMTP AUTH with app-only tokens.
+SEND_AS_APP = "SMTP.SendAsApp"
+
+
 class TokenError(Exception):
     """No token could be obtained; ``message`` is safe to log and says what to do.
 
@@ -125,6 +130,7 @@ class Token:
     access_token: Secret
     expires_at: float
     claims: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    obtained_at: float = field(default=0.0, compare=False)  # when it was asked for
 
     @property
     def audience(self) -> str | None:
@@ -322,10 +328,11 @@ class TokenProvider:
     """The token of one credential, shared by every upstream session that uses it."""
 
     def __init__(self, name: str, credential: Credential, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, hooks: Hooks = NO_HOOKS) -> None:
         self.name = name
         self.credential = credential
         self._clock = clock
+        self._hooks = hooks
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"token-{name}")
         # Worker-thread state: only touched from the executor's single thread.
         self._app: Any = None
@@ -455,7 +462,8 @@ class TokenProvider:
             lifetime = float(result.get("expires_in", 0))
         except (TypeError, ValueError):
             lifetime = 0.0
-        token = Token(Secret(access_token), started + lifetime, decode_claims(access_token))
+        token = Token(Secret(access_token), started + lifetime, decode_claims(access_token),
+                      obtained_at=started)
         # The refresher renews refresh_before ahead of expiry, but not before half-way
         # through a token's life: tokens shorter than refresh_before must not make it spin.
         self._refresh_at = token.expires_at - min(self.credential.refresh_before, lifetime / 2)
@@ -466,19 +474,22 @@ class TokenProvider:
                         self.name, lifetime, self.credential.refresh_before)
         self._token = token
         self._retry_after = 0.0
-        log.info("token for credential %s acquired, expires in %d s", self.name, lifetime)
+        log.info("token for credential %s acquired, expires in %d s", self.name, lifetime,
+                 extra={"credential": self.name, "expires_in": int(lifetime)})
         return token
 
     def _failed(self, exc: TokenError) -> None:
         now = self._clock()
         self._retry_after = now + BACKOFF_MIN
+        self._hooks.token_error(self.name)
         token = self._token
+        fields = {"credential": self.name, "code": exc.code, "transient": exc.transient}
         if self._usable(token, now):
             assert token is not None
             log.warning("token refresh failed, still using the current token (valid %d s "
-                        "more): %s", token.expires_in(now), exc.message)
+                        "more): %s", token.expires_in(now), exc.message, extra=fields)
         else:
-            log.error("no token: %s", exc.message)
+            log.error("no token: %s", exc.message, extra=fields)
 
     def _acquire_blocking(self) -> dict[str, Any]:
         """Runs in the worker thread: build msal's app if needed, then fetch a fresh token."""
@@ -625,10 +636,12 @@ def _consume_exception(task: asyncio.Task[Token]) -> None:
 class Tokens:
     """One :class:`TokenProvider` per configured credential, kept across config reloads."""
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
+                 hooks: Hooks = NO_HOOKS) -> None:
         self._clock = clock
+        self._hooks = hooks
         self._started = False
-        self._providers = {name: TokenProvider(name, cred, clock=clock)
+        self._providers = {name: TokenProvider(name, cred, clock=clock, hooks=hooks)
                            for name, cred in config.credentials.items()}
 
     def provider(self, credential_name: str) -> TokenProvider:
@@ -659,7 +672,7 @@ class Tokens:
             if existing is not None and existing.credential == cred:
                 new[name] = existing
                 continue
-            provider = TokenProvider(name, cred, clock=self._clock)
+            provider = TokenProvider(name, cred, clock=self._clock, hooks=self._hooks)
             if self._started:
                 provider.start()
             new[name] = provider

@@ -20,6 +20,7 @@ from relay.app import Relay
 from relay.config import Config, parse_config
 from relay.passwords import hash_password
 from relay.sandbox.service import Sandbox
+from tests.relayproc import merge
 
 PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22"}
 _HASHES = {user: hash_password(pw, ln=10) for user, pw in PASSWORDS.items()}
@@ -40,20 +41,13 @@ BASE_CONFIG: dict[str, Any] = {
     "delivery": {"synchronous": 10, "retry_initial": "0.2s", "retry_max": "1s"},
     "credentials": {"main": {"tenant_id": "contoso-tenant", "client_id": "relay-app",
                              "client_secret": {"value": "replaced-by-sandbox"}}},
+    "http": {"port": 0},               # never the fixed default port in tests
 }
 
 
 def build_config(overrides: dict[str, Any] | None = None) -> Config:
     """BASE_CONFIG with ``overrides`` merged in (dicts merge, everything else replaces)."""
     data = copy.deepcopy(BASE_CONFIG)
-
-    def merge(into: dict[str, Any], new: dict[str, Any]) -> None:
-        for key, value in new.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = value
-
     merge(data, overrides or {})
     return parse_config(data, check_secrets=False, check_files=False)
 

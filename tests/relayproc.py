@@ -329,10 +329,11 @@ class RelayProcess:
 
 # --- a test's whole set-up ---------------------------------------------------------------------
 
-def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+def merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    """Config overrides: dicts merge key by key, everything else replaces."""
     for key, value in new.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
+            merge(into[key], value)
         else:
             into[key] = value
 
@@ -370,8 +371,9 @@ class Harness:
                                        "ca_file": str(self.fakes.pki.ca_file),
                                        "timeout": "10s"}},
             "logging": {"level": "info"},
+            "http": {"port": 0},
         }
-        _merge(self.config, overrides or {})
+        merge(self.config, overrides or {})
         self.write_config()
 
     @property

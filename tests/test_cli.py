@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SANDBOX_CONFIG = """
 server:
   listeners: [{address: 127.0.0.1, port: 0}]
+http: {port: 0}
 profiles:
   system: {mailbox: relay@contoso.com, credential: main}
 routing: {system_profile: system}

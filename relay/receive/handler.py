@@ -15,6 +15,7 @@ import datetime as dt
 import functools
 import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -177,7 +178,8 @@ class RelayHandler:
             if not (session.authenticated
                     or _in_networks(ip, config.server.relay_networks)):
                 log.warning("relay denied: client=%s sender=%s auth_offered=%s",
-                            ip, _path(address), server.offers_auth)
+                            ip, _path(address), server.offers_auth,
+                            extra={"event": "refused", "client": ip, "sender": address})
                 if server.offers_auth:
                     return "530 5.7.0 Authentication required"
                 return f"554 5.7.1 Relay access denied for {ip}"
@@ -193,13 +195,18 @@ class RelayHandler:
                     user=session.user, sender=address, client_ip=ip)
             except Unroutable as exc:
                 log.warning("unroutable: client=%s user=%s sender=%s reply=%s",
-                            ip, session.user, _path(address), exc.reply)
+                            ip, session.user, _path(address), exc.reply,
+                            extra={"event": "refused", "client": ip, "user": session.user,
+                                   "sender": address, "reply": str(exc.reply)})
                 return exc.reply.as_smtp()
             try:
                 check_envelope_sender(profile_name, config.profiles[profile_name], address)
             except PolicyRejected as exc:
                 log.warning("sender refused: client=%s user=%s profile=%s sender=%s reply=%s",
-                            ip, session.user, profile_name, _path(address), exc.reply)
+                            ip, session.user, profile_name, _path(address), exc.reply,
+                            extra={"event": "refused", "client": ip, "user": session.user,
+                                   "profile": profile_name, "sender": address,
+                                   "reply": str(exc.reply)})
                 return exc.reply.as_smtp()
             envelope.id = mid
             envelope.profile = profile_name
@@ -246,7 +253,10 @@ class RelayHandler:
             except PolicyRejected as exc:
                 log.warning("message refused by sender policy: client=%s user=%s "
                             "profile=%s sender=%s reply=%s", session.client_ip,
-                            session.user, profile_name, _path(envelope.mail_from), exc.reply)
+                            session.user, profile_name, _path(envelope.mail_from), exc.reply,
+                            extra={"event": "refused", "client": session.client_ip,
+                                   "user": session.user, "profile": profile_name,
+                                   "sender": envelope.mail_from, "reply": str(exc.reply)})
                 return exc.reply.as_smtp()
             rcpts = list(envelope.rcpt_tos)
             header = received_header(
@@ -263,12 +273,20 @@ class RelayHandler:
                 return_path=envelope.mail_from if policy.mail_from != envelope.mail_from
                 else None,
                 synchronous=server.listener.synchronous)
+            started = time.monotonic()
             reply = await self._submit(server, outbound)
+            duration = time.monotonic() - started
             log.info("message: client=%s user=%s profile=%s from=<%s>%s rcpts=%d size=%d "
-                     "reply=%s", session.client_ip, session.user or "-", profile_name,
-                     policy.mail_from,
+                     "reply=%s (%.2f s)", session.client_ip, session.user or "-",
+                     profile_name, policy.mail_from,
                      f" original_from=<{policy.original_from}>" if policy.original_from else "",
-                     len(rcpts), len(data), reply)
+                     len(rcpts), len(data), reply, duration,
+                     extra={"event": "received", "client": session.client_ip,
+                            "user": session.user, "profile": profile_name,
+                            "mailbox": outbound.mailbox, "sender": policy.mail_from,
+                            "original_sender": policy.original_from, "rcpts": len(rcpts),
+                            "size": len(data), "reply": str(reply),
+                            "duration": round(duration, 3)})
             return _with_id(reply, mid)
 
     async def _submit(self, server: RelaySMTP, outbound: Outbound) -> Reply:

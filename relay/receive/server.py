@@ -100,6 +100,16 @@ class Receiver:
     def sessions(self) -> int:
         return len(self._sessions)
 
+    @property
+    def unbound(self) -> list[Listener]:
+        """Configured listeners without a bound socket (readiness: still starting, or a
+        reload added one that could not be bound)."""
+        missing = list(self._settings.config.server.listeners)
+        for b in self._bound:
+            if b.listener in missing:
+                missing.remove(b.listener)
+        return missing
+
     # --- listeners -------------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -1,0 +1,347 @@
+"""The relay's HTTP endpoint: liveness and readiness probes, and Prometheus metrics.
+
+It runs on the relay's own event loop (``asyncio.start_server``), not in a thread and not
+in a web framework: three read-only pages need neither, and a probe answered by the very
+loop that moves the mail proves that loop is responsive. The server is small and
+defensive, because it may be published to a cluster network: GET and HEAD only, a
+request head of at most 8 KiB, one request per connection (``Connection: close``), a
+deadline for reading the request and for writing the answer, and a cap on connections.
+
+``/healthz``  200 ``ok`` while the process and its loop work; 503 if the queue's
+              dispatcher died (mail would be accepted and never sent: restart it).
+``/readyz``   200 when the relay can take and deliver mail: every listener bound and not
+              shutting down, the queue running, the spool writable (a probe file
+              written, fsynced and removed in a worker thread) and a token obtainable for
+              every credential (the cached one while valid, else a fetch with a short
+              timeout); otherwise 503 and a plain-text list of what is not ready. The
+              spool and token results are reused for ``http.cache_ttl``, so probes cannot
+              hammer Entra ID or the disk.
+``/metrics``  Prometheus' text format (see :mod:`relay.metrics`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from relay.metrics import CONTENT_TYPE
+from relay.tokens import MIN_USABLE, TokenError, TokenProvider
+
+if TYPE_CHECKING:
+    from relay.app import Relay
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_HEAD = 8192       # request line + headers; probes and Prometheus send ~200 B
+MAX_CONNECTIONS = 32
+TOKEN_TIMEOUT = 2.0           # readiness waits this long for a token fetch (it goes on)
+SPOOL_TIMEOUT = 2.0           # ... and this long for the spool probe
+_LINGER = 0.5                 # after an error reply, read what the client still sends
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def text(cls, status: int, text: str, **headers: str) -> Response:
+        return cls(status, text.encode(), headers=headers)
+
+    def render(self, *, head_only: bool = False) -> bytes:
+        lines = [f"HTTP/1.1 {self.status} {_REASONS.get(self.status, 'Unknown')}",
+                 f"Content-Type: {self.content_type}",
+                 f"Content-Length: {len(self.body)}",
+                 f"Date: {email.utils.formatdate(usegmt=True)}",
+                 "Cache-Control: no-store",
+                 "Connection: close",
+                 *(f"{k}: {v}" for k, v in self.headers.items())]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return head if head_only else head + self.body
+
+
+# --- readiness ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Readiness:
+    checks: list[Check]
+
+    @property
+    def ready(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def render(self) -> str:
+        """What is not ready first: a probe's log usually shows only the first lines."""
+        ordered = sorted(self.checks, key=lambda c: c.ok)
+        lines = [f"{c.name}: {'ok' if c.ok else 'NOT READY'}: {c.detail}" for c in ordered]
+        return ("ready" if self.ready else "not ready") + "\n" + "\n".join(lines) + "\n"
+
+
+class ReadinessCheck:
+    """Decides /readyz. Cheap checks (listeners, shutdown, queue) are made for every
+    probe; the spool probe and the tokens at most once per ``http.cache_ttl``, with one
+    evaluation in flight however many probes arrive."""
+
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+        self._cached: tuple[float, list[Check]] | None = None
+        self._evaluating: asyncio.Task[list[Check]] | None = None
+        self._spool_probe: asyncio.Future[None] | None = None
+        self._spool_probe_started = 0.0
+        self._probe_numbers = itertools.count(1)
+
+    async def result(self) -> Readiness:
+        checks = self._live_checks()
+        ttl = self._relay.config.http.cache_ttl
+        cached = self._cached
+        if cached is not None and time.monotonic() - cached[0] < ttl:
+            return Readiness(checks + cached[1])
+        if self._evaluating is None or self._evaluating.done():
+            self._evaluating = asyncio.ensure_future(self._evaluate())
+        # Shielded: a probe that gives up does not cancel the evaluation for the others.
+        return Readiness(checks + await asyncio.shield(self._evaluating))
+
+    def _live_checks(self) -> list[Check]:
+        relay = self._relay
+        receiver = relay.receiver
+        if receiver.draining:
+            listeners = Check("listeners", False, "shutting down: new connections get 421")
+        elif unbound := receiver.unbound:
+            where = ", ".join(f"{x.address}:{x.port}" for x in unbound)
+            listeners = Check("listeners", False, f"not bound: {where}")
+        else:
+            listeners = Check("listeners", True, "bound: " + ", ".join(
+                f"{h}:{p}" for h, p in relay.listening))
+        if relay.queue.failed:
+            queue = Check("queue", False, "the dispatcher stopped unexpectedly (see the log)")
+        elif not relay.queue.running:
+            queue = Check("queue", False, "not running (recovering the spool, or stopping)")
+        else:
+            queue = Check("queue", True, f"{relay.queue.in_flight} attempt(s) in flight")
+        return [listeners, queue]
+
+    async def _evaluate(self) -> list[Check]:
+        relay = self._relay
+        try:
+            providers = list(relay.tokens)
+            results = await asyncio.gather(
+                self._spool(), *(self._token(name, p) for name, p in providers))
+            checks = list(results)
+        except Exception:
+            log.exception("readiness check failed")
+            checks = [Check("readiness", False, "the check itself failed (see the log)")]
+        self._cached = (time.monotonic(), checks)
+        return checks
+
+    async def _spool(self) -> Check:
+        relay = self._relay
+        if not relay.queue.running:
+            # Recovery empties spool/tmp; a probe file there could vanish under it.
+            return Check("spool", False, "not checked while the queue is not running")
+        root = relay.spool.root
+        probe = self._spool_probe
+        if probe is not None and not probe.done():
+            stuck = time.monotonic() - self._spool_probe_started
+            return Check("spool", False, f"{root}: the previous write probe has not finished "
+                                         f"after {stuck:.0f} s (is the disk hung?)")
+        path = root / "tmp" / f".readyz-{os.getpid()}-{next(self._probe_numbers)}"
+        self._spool_probe_started = time.monotonic()
+        probe = self._spool_probe = asyncio.ensure_future(asyncio.to_thread(_write_probe,
+                                                                             path))
+        try:
+            async with asyncio.timeout(SPOOL_TIMEOUT):
+                await asyncio.shield(probe)
+        except TimeoutError:
+            return Check("spool", False, f"{root}: writing a probe file took more than "
+                                         f"{SPOOL_TIMEOUT:g} s")
+        except OSError as exc:
+            return Check("spool", False, f"{root} is not writable: {exc.strerror or exc}")
+        return Check("spool", True, f"{root} is writable")
+
+    async def _token(self, name: str, provider: TokenProvider) -> Check:
+        what = f"credential {name}"
+        token = provider.current
+        if token is not None and token.expires_in() > MIN_USABLE:
+            return Check(what, True, f"token valid for {token.expires_in():.0f} s")
+        try:
+            async with asyncio.timeout(TOKEN_TIMEOUT):
+                token = await provider.get()
+        except TimeoutError:
+            return Check(what, False, f"no valid token, and Entra ID did not answer within "
+                                      f"{TOKEN_TIMEOUT:g} s (the relay keeps trying)")
+        except TokenError as exc:
+            return Check(what, False, f"no valid token: {exc.message}")
+        return Check(what, True, f"token valid for {token.expires_in():.0f} s")
+
+    async def close(self) -> None:
+        for task in (self._evaluating, self._spool_probe):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+
+def _write_probe(path: Path) -> None:
+    """What accepting a message needs from the spool: create, write, fsync, remove."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, b"ready?\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+# --- the server --------------------------------------------------------------------------
+
+class HttpEndpoint:
+    """The HTTP server of one relay (``http:`` in the config)."""
+
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+        self.readiness = ReadinessCheck(relay)
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+        self.address: tuple[str, int] | None = None
+
+    async def start(self) -> None:
+        settings = self._relay.config.http
+        host = f"[{settings.address}]" if ":" in settings.address else settings.address
+        try:
+            self._server = await asyncio.start_server(
+                self._client, settings.address, settings.port, limit=MAX_REQUEST_HEAD,
+                reuse_address=True)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {host}:{settings.port} for the HTTP "
+                                     f"endpoint (http.address, http.port; or http.enabled: "
+                                     f"false): {exc.strerror or exc}") from exc
+        sockname = self._server.sockets[0].getsockname()
+        self.address = (sockname[0], sockname[1])
+        log.info("http endpoint on http://%s:%d (/healthz, /readyz, /metrics)",
+                 host, self.address[1])
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        clients = list(self._clients)
+        for task in clients:
+            task.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
+        await server.wait_closed()
+        await self.readiness.close()
+        self.address = None
+
+    # --- one connection ------------------------------------------------------------------
+
+    async def _client(self, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._clients.add(task)
+        timeout = self._relay.config.http.request_timeout
+        try:
+            if len(self._clients) > MAX_CONNECTIONS:
+                await self._send(writer, Response.text(503, "too many connections\n"),
+                                 within=1.0)
+                return
+            try:
+                async with asyncio.timeout(timeout):
+                    head = await reader.readuntil(b"\r\n\r\n")
+            except TimeoutError:
+                await self._send(writer, Response.text(408, "request timeout\n"), within=1.0)
+                return
+            except asyncio.LimitOverrunError:
+                await self._send(writer, Response.text(
+                    431, f"request head larger than {MAX_REQUEST_HEAD} bytes\n"), within=1.0)
+                await _linger(reader, writer)
+                return
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return                  # the client went away before finishing its request
+            method, response = await self._dispatch(head)
+            await self._send(writer, response, within=timeout, head_only=method == "HEAD")
+            if response.status in (400, 405):
+                await _linger(reader, writer)
+        except Exception:
+            log.exception("http: error while serving a request")
+        finally:
+            self._clients.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()
+
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, response: Response, *, within: float,
+                    head_only: bool = False) -> None:
+        """Write the answer within ``within`` seconds: a client that does not read is dropped."""
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(within):
+                writer.write(response.render(head_only=head_only))
+                await writer.drain()
+
+    async def _dispatch(self, head: bytes) -> tuple[str, Response]:
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = request_line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1]:
+            return "", Response.text(400, "bad request\n")
+        method, target, _ = parts
+        if method not in ("GET", "HEAD"):
+            return method, Response.text(405, "only GET and HEAD\n", Allow="GET, HEAD")
+        path = urlsplit(target).path if "://" in target else target.split("?", 1)[0]
+        if path == "/healthz":
+            return method, self._healthz()
+        if path == "/readyz":
+            result = await self.readiness.result()
+            return method, Response.text(200 if result.ready else 503, result.render())
+        if path == "/metrics":
+            return method, await self._metrics()
+        return method, Response.text(404, "not found: try /healthz, /readyz or /metrics\n")
+
+    def _healthz(self) -> Response:
+        if self._relay.queue.failed:
+            return Response.text(503, "unhealthy: the queue dispatcher stopped "
+                                      "unexpectedly (see the log)\n")
+        return Response.text(200, "ok\n")
+
+    async def _metrics(self) -> Response:
+        relay = self._relay
+        settings = relay.config.http
+        await relay.metrics.refresh(settings.cache_ttl, wait=min(5.0, settings.request_timeout))
+        return Response(200, relay.metrics.exposition(), content_type=CONTENT_TYPE)
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close and read away what the client still sends, briefly, before closing:
+    closing a socket with unread input resets the connection, and the client might
+    lose the error answer it was just sent."""
+    with contextlib.suppress(Exception):
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(_LINGER):
+            while await reader.read(MAX_REQUEST_HEAD):
+                pass

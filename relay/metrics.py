@@ -1,0 +1,402 @@
+"""Prometheus metrics of one relay, and the hooks through which the code paths report.
+
+Two kinds of numbers, measured two ways:
+
+* events are counted where they happen (a message accepted, the outcome of a delivery
+  attempt, a failed token fetch): the queue and the token providers call :class:`Hooks`,
+  which does nothing by default, so the CLI commands and the unit tests of one component
+  need no registry; :class:`RelayMetrics` turns the calls into counters and a histogram;
+* state is read when Prometheus scrapes (queue depth, token expiry, open sessions,
+  certificate and secret expiry), by a custom collector, so no code path has to keep a
+  gauge up to date and no value can drift from the truth.
+
+The queue is on disk and may be long: counting it means listing directories, which must
+not happen on the event loop nor for every scrape. :meth:`RelayMetrics.refresh` scans
+the spool (streaming, one ``stat`` per queued message, nothing kept per message) and reads
+the certificate files in a worker thread, at most once per ``http.cache_ttl``; the
+collector only reads the result.
+
+Every relay owns its own :class:`CollectorRegistry`, not prometheus_client's global one,
+so that two relays in one process (tests, an embedding application) do not share counts
+or collide on registration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import pkcs12
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from relay import __version__
+from relay.config import Config, SecretRef
+from relay.log import redact
+from relay.message import Reply
+from relay.spool import Spool, State
+
+if TYPE_CHECKING:
+    from relay.app import Relay
+
+log = logging.getLogger(__name__)
+
+PREFIX = "smtp_relay_"
+# The text format every Prometheus version reads (prometheus_client's "latest" moved on).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# An upstream attempt is a TLS handshake, a login and a transaction when no session is
+# pooled, a single transaction when one is; timeouts are 60 s per command.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# States whose messages are still waiting to go out (hold is the operator's business).
+_QUEUED = ("incoming", "active", "deferred")
+
+
+def reply_class(reply: Reply) -> str:
+    """``2xx``/``4xx``/``5xx``: few enough label values to keep every series cheap."""
+    return f"{reply.code // 100}xx" if 200 <= reply.code < 600 else "other"
+
+
+class Hooks:
+    """What the relay reports as it happens. This base ignores everything."""
+
+    def received(self, profile: str) -> None:
+        """A message was accepted: it is in the spool and the client was answered."""
+
+    def delivered(self, profile: str, reply: Reply) -> None:
+        """An attempt delivered the message to (some of) its recipients."""
+
+    def deferred(self, profile: str, reply: Reply) -> None:
+        """An attempt ended with recipients left for a later retry."""
+
+    def bounced(self, profile: str, reply: Reply) -> None:
+        """Recipients failed for good (a delivery report follows, or a waiting client
+        was given the permanent reply)."""
+
+    def attempt(self, reply: Reply, seconds: float) -> None:
+        """One delivery attempt through the upstream took ``seconds``."""
+
+    def token_error(self, credential: str) -> None:
+        """A token fetch for ``credential`` failed."""
+
+
+NO_HOOKS = Hooks()
+
+
+# --- reading state off the loop ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class SpoolStats:
+    """Messages per state, and when the oldest still-queued one arrived (epoch seconds)."""
+
+    counts: dict[str, int]
+    oldest_received: float | None
+
+
+def scan_spool(spool: Spool) -> SpoolStats:
+    """Count the spool's states by listing them (streamed: memory does not grow with the
+    queue). A message's arrival time is its data file's mtime: written once, at
+    acceptance, never touched again (deferred/ files' mtimes are due times instead)."""
+    counts: dict[str, int] = {}
+    oldest: float | None = None
+    for state in State:
+        n = 0
+        with contextlib.suppress(OSError):
+            for name in spool.names(state):
+                n += 1
+                mid = spool.id_from_name(name)
+                if state.value not in _QUEUED or mid is None:
+                    continue
+                try:
+                    arrived = os.stat(spool.data_path(mid)).st_mtime
+                except OSError:
+                    continue               # delivered or moved meanwhile
+                if oldest is None or arrived < oldest:
+                    oldest = arrived
+        counts[state.value] = n
+    n = 0
+    with contextlib.suppress(OSError), os.scandir(spool.root / "corrupt") as it:
+        for _ in it:
+            n += 1
+    counts["corrupt"] = n
+    return SpoolStats(counts, oldest)
+
+
+class _CertificateDates:
+    """Expiry of the certificates the config names, re-read only when a file changes."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, int, int], float | None] = {}
+
+    def read(self, config: Config) -> dict[str, float]:
+        out: dict[str, float] = {}
+        wanted: list[tuple[str, Path, bool, SecretRef | None]] = []
+        if config.server.tls is not None:
+            wanted.append(("server.tls", config.server.tls.certificate_file, False, None))
+        for name, cred in config.credentials.items():
+            cert = cred.certificate
+            if cert is None:
+                continue
+            source = f"credentials.{name}.certificate"
+            if cert.public_certificate_file is not None:
+                wanted.append((source, cert.public_certificate_file, False, None))
+            elif cert.pfx_file is not None:
+                wanted.append((source, cert.pfx_file, True, cert.passphrase))
+            # private_key_file + thumbprint: no certificate to read; Entra ID knows it.
+        cache: dict[tuple[str, int, int], float | None] = {}
+        for source, path, pfx, passphrase in wanted:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            key = (str(path), st.st_mtime_ns, st.st_size)
+            if key in self._cache:
+                cache[key] = self._cache[key]
+            else:
+                cache[key] = _not_after(path, pfx, passphrase)
+            if (when := cache[key]) is not None:
+                out[source] = when
+        self._cache = cache
+        return out
+
+
+def _not_after(path: Path, pfx: bool, passphrase: SecretRef | None) -> float | None:
+    """The leaf certificate's notAfter; None (logged at debug) if it cannot be read."""
+    try:
+        data = path.read_bytes()
+        if pfx:
+            secret = None
+            if passphrase is not None:
+                secret = passphrase.resolve().reveal()
+                redact(secret)
+            _, leaf, _ = pkcs12.load_key_and_certificates(
+                data, secret.encode() if secret else None)
+            if leaf is None:
+                return None
+        else:
+            leaf = x509.load_pem_x509_certificates(data)[0]
+        return leaf.not_valid_after_utc.timestamp()
+    except Exception as exc:
+        log.debug("cannot read the expiry date of %s (%s)", path, exc.__class__.__name__)
+        return None
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    taken: float                       # time.monotonic()
+    spool: SpoolStats
+    certificates: dict[str, float]
+
+
+# --- the metrics ------------------------------------------------------------------------
+
+class RelayMetrics(Hooks):
+    """The counters of one relay and the collector of its state, in its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._received = Counter(
+            PREFIX + "messages_received", "Messages accepted from clients (spooled).",
+            ["profile"], registry=r)
+        self._delivered = Counter(
+            PREFIX + "messages_delivered",
+            "Delivery attempts that delivered a message to (some of) its recipients.",
+            ["profile", "reply_class"], registry=r)
+        self._deferred = Counter(
+            PREFIX + "messages_deferred",
+            "Delivery attempts after which recipients were left for a retry.",
+            ["profile", "reply_class"], registry=r)
+        self._bounced = Counter(
+            PREFIX + "messages_bounced",
+            "Delivery attempts after which recipients failed for good.",
+            ["profile", "reply_class"], registry=r)
+        self._latency = Histogram(
+            PREFIX + "upstream_delivery_seconds",
+            "Duration of one delivery attempt through the upstream (token, session, "
+            "transaction).", ["reply_class"], buckets=LATENCY_BUCKETS, registry=r)
+        self._token_errors = Counter(
+            PREFIX + "token_errors", "Failed token fetches from Entra ID.",
+            ["credential"], registry=r)
+        self._relay: Relay | None = None
+        self._dates = _CertificateDates()
+        self._snapshot: _Snapshot | None = None
+        self._scan: asyncio.Task[None] | None = None
+
+    # --- hooks -----------------------------------------------------------------------------
+
+    def received(self, profile: str) -> None:
+        self._received.labels(profile).inc()
+
+    def delivered(self, profile: str, reply: Reply) -> None:
+        self._delivered.labels(profile, reply_class(reply)).inc()
+
+    def deferred(self, profile: str, reply: Reply) -> None:
+        self._deferred.labels(profile, reply_class(reply)).inc()
+
+    def bounced(self, profile: str, reply: Reply) -> None:
+        self._bounced.labels(profile, reply_class(reply)).inc()
+
+    def attempt(self, reply: Reply, seconds: float) -> None:
+        self._latency.labels(reply_class(reply)).observe(seconds)
+
+    def token_error(self, credential: str) -> None:
+        self._token_errors.labels(credential).inc()
+
+    # --- state -----------------------------------------------------------------------------
+
+    def watch(self, relay: Relay) -> None:
+        """Start reporting ``relay``'s state (call once its components exist)."""
+        self._relay = relay
+        self.registry.register(_StateCollector(self, relay))
+        self.configure(relay.config)
+
+    def configure(self, config: Config) -> None:
+        """Show a zero for every profile and credential, so rates and alerts work from
+        the first scrape instead of from the first event."""
+        for profile in config.profiles:
+            self._received.labels(profile)
+        for credential in config.credentials:
+            self._token_errors.labels(credential)
+
+    async def refresh(self, ttl: float, wait: float) -> None:
+        """Rescan the spool and certificate files if the last scan is older than ``ttl``.
+
+        One scan at a time, in a worker thread; a scan that takes longer than ``wait``
+        (a huge queue, a hung disk) goes on in the background and the scrape is served
+        from the previous one.
+        """
+        relay = self._relay
+        if relay is None:
+            return
+        snapshot = self._snapshot
+        if snapshot is not None and time.monotonic() - snapshot.taken < ttl:
+            return
+        if self._scan is None or self._scan.done():
+            self._scan = asyncio.ensure_future(self._rescan(relay))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await asyncio.shield(self._scan)
+
+    async def _rescan(self, relay: Relay) -> None:
+        config = relay.config
+
+        def scan() -> _Snapshot:
+            return _Snapshot(time.monotonic(), scan_spool(relay.spool), self._dates.read(config))
+
+        try:
+            self._snapshot = await asyncio.to_thread(scan)
+        except Exception:
+            log.warning("metrics: cannot scan the spool", exc_info=True)
+
+    @property
+    def snapshot(self) -> _Snapshot | None:
+        return self._snapshot
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+    async def close(self) -> None:
+        if self._scan is not None and not self._scan.done():
+            self._scan.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scan
+
+
+class _StateCollector(Collector):
+    """Gauges read from the relay when scraped (on the event loop: nothing here blocks)."""
+
+    def __init__(self, metrics: RelayMetrics, relay: Relay) -> None:
+        self._metrics = metrics
+        self._relay = relay
+
+    def collect(self) -> Iterator[Metric]:
+        relay = self._relay
+        now = time.time()
+        info = GaugeMetricFamily(PREFIX + "build_info", "The relay's version.",
+                                 labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        yield GaugeMetricFamily(PREFIX + "client_sessions",
+                                "Client SMTP connections open now.",
+                                value=relay.receiver.sessions)
+        upstream = GaugeMetricFamily(
+            PREFIX + "upstream_sessions",
+            "Upstream SMTP sessions per mailbox (idle, in use, opening or closing): what "
+            "Exchange counts against its per-mailbox connection limit.", labels=["mailbox"])
+        for mailbox, count in sorted(relay.deliverer.upstream_sessions().items()):
+            upstream.add_metric([mailbox], count)
+        yield upstream
+        yield from self._tokens(now)
+        yield from self._expiries(now)
+        yield from self._queue(now)
+
+    def _tokens(self, now: float) -> Iterator[Metric]:
+        age = GaugeMetricFamily(PREFIX + "token_age_seconds",
+                                "Age of the cached access token per credential.",
+                                labels=["credential"])
+        left = GaugeMetricFamily(PREFIX + "token_expires_in_seconds",
+                                 "Seconds until the cached access token expires (negative: "
+                                 "expired); absent while there is no token.",
+                                 labels=["credential"])
+        for name, provider in self._relay.tokens:
+            token = provider.current
+            if token is None:
+                continue
+            if token.obtained_at:
+                age.add_metric([name], max(0.0, now - token.obtained_at))
+            left.add_metric([name], token.expires_in(now))
+        yield age
+        yield left
+
+    def _expiries(self, now: float) -> Iterator[Metric]:
+        config = self._relay.config
+        secrets = GaugeMetricFamily(
+            PREFIX + "client_secret_expires_in_days",
+            "Days until a client secret expires (credentials.<name>.secret_expires).",
+            labels=["credential"])
+        for name, cred in config.credentials.items():
+            if cred.secret_expires is not None and cred.client_secret is not None:
+                expires = dt.datetime.combine(cred.secret_expires, dt.time.min, dt.UTC)
+                secrets.add_metric([name], (expires.timestamp() - now) / 86400)
+        yield secrets
+        certs = GaugeMetricFamily(
+            PREFIX + "certificate_expires_in_days",
+            "Days until a certificate expires; source is its key in the configuration "
+            "(server.tls, credentials.<name>.certificate).", labels=["source"])
+        snapshot = self._metrics.snapshot
+        if snapshot is not None:
+            for source, not_after in sorted(snapshot.certificates.items()):
+                certs.add_metric([source], (not_after - now) / 86400)
+        yield certs
+
+    def _queue(self, now: float) -> Iterator[Metric]:
+        snapshot = self._metrics.snapshot
+        if snapshot is None:
+            return
+        depth = GaugeMetricFamily(
+            PREFIX + "queue_messages",
+            "Messages in the spool per state (corrupt: files set aside for an operator).",
+            labels=["state"])
+        for state, count in snapshot.spool.counts.items():
+            depth.add_metric([state], count)
+        yield depth
+        oldest = snapshot.spool.oldest_received
+        yield GaugeMetricFamily(
+            PREFIX + "queue_oldest_message_age_seconds",
+            "Age of the oldest message waiting for delivery (incoming, active, deferred); "
+            "0 when none is.", value=max(0.0, now - oldest) if oldest is not None else 0.0)
+        yield GaugeMetricFamily(
+            PREFIX + "queue_scan_age_seconds",
+            "How old the spool scan behind the queue metrics is.",
+            value=max(0.0, time.monotonic() - snapshot.taken))
