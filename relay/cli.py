@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import email.utils
 import getpass
 import json
 import logging
 import sys
 from collections.abc import Callable
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +23,10 @@ from relay import __version__
 from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from relay.log import setup_logging
 from relay.message import Outbound, new_message_id
+from relay.testmessage import build_test_message
+from relay.tokens import SEND_AS_APP
 
 EX_OK, EX_FAIL, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 0, 1, 2, 69, 75, 78
-SEND_AS_APP = "SMTP.SendAsApp"
 
 log = logging.getLogger("relay.cli")
 
@@ -170,19 +169,6 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 # --- send-test ------------------------------------------------------------------------------
 
-def _test_message(sender: str, to: str, subject: str, hostname: str) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = sender
-    msg["To"] = to
-    msg["Subject"] = subject
-    msg["Date"] = email.utils.formatdate(localtime=True)
-    msg["Message-ID"] = email.utils.make_msgid(domain=hostname)
-    msg.set_content(
-        "This is a test message sent by `smtp-oauth-relay send-test`.\n"
-        "If you can read it, the relay's credential, token and mailbox permissions work.\n")
-    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
-
-
 async def _send_test(args: argparse.Namespace, config: Config) -> int:
     from relay.deliver import Deliverer
     from relay.tokens import Tokens
@@ -194,8 +180,8 @@ async def _send_test(args: argparse.Namespace, config: Config) -> int:
     profile = config.profiles[profile_name]
     sender = args.sender or profile.mailbox
     msg = Outbound(id=new_message_id(), profile=profile_name, mail_from=sender,
-                   rcpt_tos=[args.to], data=_test_message(sender, args.to, args.subject,
-                                                          config.server.hostname))
+                   rcpt_tos=[args.to], data=build_test_message(sender, args.to, args.subject,
+                                                                config.server.hostname))
     tokens = Tokens(config)
     try:
         result = await Deliverer(config, tokens).deliver(msg)
@@ -210,6 +196,21 @@ async def _send_test(args: argparse.Namespace, config: Config) -> int:
 def cmd_send_test(args: argparse.Namespace) -> int:
     setup_logging("info")
     return asyncio.run(_with_sandbox(args, lambda c: _send_test(args, c))())
+
+
+# --- doctor -------------------------------------------------------------------------------------
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from relay import doctor
+
+    setup_logging("critical")
+    for handler in logging.getLogger().handlers:  # the checklist says it all: no log lines
+        handler.setLevel(logging.CRITICAL)        # (setup_logging keeps libraries at WARNING)
+    reports = asyncio.run(doctor.diagnose(
+        args.config, profile=args.profile, send_to=args.send_to, step_timeout=args.timeout,
+        sandbox_dir=Path(args.sandbox_dir) if args.sandbox else None))
+    print(doctor.render_json(reports) if args.json else doctor.render_text(reports))
+    return EX_FAIL if doctor.failed(reports) else EX_OK
 
 
 # --- hash-password ----------------------------------------------------------------------------
@@ -323,6 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="sender", metavar="ADDRESS",
                    help="sender (default: the profile's mailbox)")
     p.add_argument("--subject", default="smtp-oauth-relay test message")
+    sandbox_flag(p)
+    p = command("doctor", cmd_doctor, "check each profile step by step (config, DNS, TCP, "
+                                      "TLS, token, login, MAIL/RCPT) and say how to fix "
+                                      "what fails; exit 1 on any failure")
+    p.add_argument("--profile", help="check only this profile (default: every profile)")
+    p.add_argument("--send-to", metavar="ADDRESS",
+                   help="also send one real test message to ADDRESS through each "
+                        "profile checked")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="network timeout for each step (default 10)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     sandbox_flag(p)
     p = command("queue", cmd_queue, "inspect and manage the queue (works while the relay runs)")
     p.add_argument("action", choices=["list", "show", "retry", "hold", "release", "delete",

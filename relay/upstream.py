@@ -163,6 +163,13 @@ class UpstreamSession:
     async def open(self, mailbox: str, token: HasAccessToken) -> None:
         """Connect and log in; raises :class:`UpstreamUnavailable` (4xx reply inside) or
         :class:`AuthenticationRejected`. The session is closed when either is raised."""
+        await self.connect()
+        await self.login(mailbox, token)
+
+    async def connect(self) -> None:
+        """The part of :meth:`open` that needs no token: connect, EHLO and (in starttls
+        mode) STARTTLS + EHLO, so a diagnosis can test the path before and apart from the
+        login. Raises :class:`UpstreamUnavailable` (closed); :attr:`stage` tells where."""
         if self._smtp is not None:
             raise RuntimeError("session already opened")
         implicit = self.upstream.tls == "implicit"
@@ -177,29 +184,52 @@ class UpstreamSession:
             self._stage = "EHLO"
             await smtp.ehlo()
             if not implicit:
+                self._stage = "STARTTLS"
                 if not smtp.supports_extension("starttls"):
                     raise UpstreamUnavailable(Reply(
                         451, f"4.7.0 Upstream {self.where} does not offer STARTTLS; the relay "
                              "does not send credentials without TLS (is something on the "
                              "path stripping STARTTLS, or does the upstream need "
                              "tls: implicit?)"))
-                self._stage = "STARTTLS"
                 await smtp.starttls()
                 self._stage = "EHLO"
                 await smtp.ehlo()
+        except BaseException as exc:
+            error = self._opening_failed(exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+    async def login(self, mailbox: str, token: HasAccessToken) -> None:
+        """XOAUTH2 on a session :meth:`connect` opened; raises like :meth:`open`."""
+        smtp = self._smtp
+        if smtp is None or self.mailbox is not None:
+            raise RuntimeError("login needs a connected session that is not logged in")
+        try:
             self._stage = "AUTH"
             await self._authenticate(smtp, mailbox, token)
         except BaseException as exc:
-            self._abort()
-            if isinstance(exc, AuthenticationRejected | UpstreamUnavailable):
+            error = self._opening_failed(exc)
+            if error is exc:
                 raise
-            if isinstance(exc, SMTPResponseException) and 400 <= exc.code < 600:
-                raise UpstreamUnavailable(self._session_reply(exc.code, exc.message)) from exc
-            if isinstance(exc, Exception):
-                raise UpstreamUnavailable(self._failure(exc)) from exc
-            raise
+            raise error from exc
         self.mailbox = mailbox
         self._token_digest = _digest(token)
+
+    def _opening_failed(self, exc: BaseException) -> BaseException:
+        """Close the half-open session; what :meth:`open` raises instead of ``exc``."""
+        self._abort()
+        if isinstance(exc, AuthenticationRejected | UpstreamUnavailable) \
+                or not isinstance(exc, Exception):
+            return exc
+        if isinstance(exc, SMTPResponseException) and 400 <= exc.code < 600:
+            return UpstreamUnavailable(self._session_reply(exc.code, exc.message))
+        return UpstreamUnavailable(self._failure(exc))
+
+    def transport_info(self, key: str) -> object:
+        """``get_extra_info(key)`` of the open connection (e.g. ``ssl_object``), or None."""
+        smtp = self._smtp
+        return smtp.get_transport_info(key) if smtp is not None and smtp.is_connected else None
 
     def _session_reply(self, code: int, text: str) -> Reply:
         """A refusal before any message was offered: 4xx as given, 5xx made temporary,
@@ -242,19 +272,21 @@ class UpstreamSession:
 
     # --- sending -------------------------------------------------------------------------
 
-    async def send_one(self, msg: Outbound, *,
-                       require_all_recipients: bool = True) -> DeliveryResult:
+    async def send_one(self, msg: Outbound, *, require_all_recipients: bool = True,
+                       dry_run: bool = False) -> DeliveryResult:
         """One transaction. ``accepted`` lists recipients the message was delivered to,
         ``refused`` those the upstream refused at RCPT; the reply applies to the rest.
 
         With ``require_all_recipients`` any refusal abandons the message (RSET) so the
         client can retry it whole; otherwise it goes to the accepted recipients.
+        ``dry_run`` stops before DATA (RSET instead): the upstream's verdict on sender and
+        recipients without sending anything, for diagnosis.
         """
         smtp = self._smtp
         if smtp is None or not self.is_open:
             raise RuntimeError("session is not open")
         try:
-            return await self._transaction(smtp, msg, require_all_recipients)
+            return await self._transaction(smtp, msg, require_all_recipients, dry_run)
         except BaseException as exc:
             self._abort()
             if isinstance(exc, SMTPException | OSError | TimeoutError):
@@ -295,7 +327,7 @@ class UpstreamSession:
                           f"{self._stage}: {code} {' '.join(text.split())}")
 
     async def _transaction(self, smtp: aiosmtplib.SMTP, msg: Outbound,
-                           require_all: bool) -> DeliveryResult:
+                           require_all: bool, dry_run: bool = False) -> DeliveryResult:
         options, utf8 = self._mail_options(smtp, msg)
         encoding = "utf-8" if utf8 else "ascii"
         self._stage = "MAIL FROM"
@@ -332,6 +364,13 @@ class UpstreamSession:
             self._stage = "RSET"
             await self._rset(smtp)
             return DeliveryResult(refusal_for(refused, len(msg.rcpt_tos)), [], refused)
+
+        if dry_run:
+            self._stage = "RSET"
+            await self._rset(smtp)
+            return DeliveryResult(Reply(250, "2.0.0 Sender and recipients accepted; dry run, "
+                                             "RSET instead of DATA: nothing was sent"),
+                                  accepted, refused)
 
         self._stage = "DATA"
         timeout = self.upstream.timeout + len(msg.data) / _DATA_BYTES_PER_SECOND

@@ -192,6 +192,9 @@ class FakeEntra:
     """Entra ID's OpenID discovery and v2.0 token endpoint on 127.0.0.1, over HTTPS.
 
     ``token_lifetime`` may be changed at any time; it applies to tokens issued afterwards.
+    So may ``extra_claims``: claims merged into every token issued afterwards (a value of
+    None removes the claim), to imitate tokens the relay must recognise as unusable, such
+    as a delegated token (``scp`` instead of ``roles``) or one from another tenant.
     ``resources`` lists the resource URIs (scope minus ``/.default``) that exist in every
     tenant. ``clock`` drives token issue and validation times, so a test can age tokens.
     """
@@ -200,6 +203,7 @@ class FakeEntra:
                  clock: Callable[[], float] = time.time) -> None:
         self.token_lifetime = token_lifetime
         self.resources: set[str] = set(DEFAULT_RESOURCES)
+        self.extra_claims: dict[str, Any] = {}
         self._clock = clock
         self._pki = pki
         self._lock = threading.Lock()
@@ -371,6 +375,11 @@ class FakeEntra:
             "tid": app.tenant_id, "uti": _b64(secrets.token_bytes(16)), "ver": "1.0",
             "wids": ["0997a1d0-0d1d-4acb-b408-d5ca73121e90"], "xms_idrel": "7 14",
         }
+        for name, value in dict(self.extra_claims).items():
+            if value is None:
+                claims.pop(name, None)
+            else:
+                claims[name] = value
         with self._lock:
             key, kid = self._key, self._kid
         header = {"typ": "JWT", "alg": "HS256", "kid": kid}

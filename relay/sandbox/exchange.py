@@ -36,10 +36,10 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException
 
 from relay.message import Reply
 from relay.sandbox.pki import LocalPKI
+from relay.tokens import SEND_AS_APP
 
 log = logging.getLogger(__name__)
 
-SEND_AS_APP = "SMTP.SendAsApp"
 MAX_MESSAGE_SIZE = 157_286_400  # what Exchange Online advertises in EHLO
 STAGES = frozenset({"connect", "ehlo", "auth", "mail", "rcpt", "data"})
 
@@ -88,6 +88,9 @@ class FakeExchange:
         self.hostname = hostname
         self.maildir = maildir
         self.offer_starttls = starttls  # False simulates a STARTTLS-stripping middlebox
+        # False: the app is authorised by RBAC for Applications (New-ManagementRoleAssignment
+        # -Role 'Application SMTP.SendAsApp'), so tokens without that role are accepted.
+        self.require_send_as_role = True
         self._validate = validate_token
         self._grants: set[str] | None = None
         self._send_as: dict[str, list[str]] = collections.defaultdict(list)
@@ -223,7 +226,7 @@ class FakeExchange:
             reason = " ".join(str(exc).replace(token, "[token]").split())[:200]
             return mailbox, reason or exc.__class__.__name__
         roles = claims.get("roles") or []
-        if SEND_AS_APP not in roles:
+        if SEND_AS_APP not in roles and self.require_send_as_role:
             return mailbox, f"token has no {SEND_AS_APP} role"
         if self._grants is not None and mailbox.lower() not in self._grants:
             return mailbox, f"app has no permission on mailbox {mailbox}"
