@@ -363,8 +363,13 @@ class TokenProvider:
         now = self._clock()
         if token is not None and token.expires_in(now) > self.credential.refresh_before:
             return token
-        if self._usable(token, now) and now < self._retry_after:
-            return token  # a recent fetch failed; the refresher retries with backoff
+        if self._usable(token, now):
+            # Due for renewal but still good: renew in the background (unless a fetch just
+            # failed: the refresher retries with backoff). Mail must not wait on a slow or
+            # hanging Entra ID while the token it has works.
+            if now >= self._retry_after:
+                self._start_fetch()
+            return token
         try:
             return await self._shared_fetch()
         except TokenError:
@@ -421,12 +426,16 @@ class TokenProvider:
 
     def _shared_fetch(self) -> asyncio.Future[Token]:
         """Join the fetch in flight or start one; a caller's cancellation does not stop it."""
+        return asyncio.shield(self._start_fetch())
+
+    def _start_fetch(self) -> asyncio.Task[Token]:
+        """The fetch in flight, or a new one; nobody needs to await it."""
         if self._inflight is None or self._inflight.done():
             task = asyncio.get_running_loop().create_task(self._fetch(),
                                                           name=f"token-fetch-{self.name}")
             task.add_done_callback(_consume_exception)
             self._inflight = task
-        return asyncio.shield(self._inflight)
+        return self._inflight
 
     async def _fetch(self) -> Token:
         if self._closed:

@@ -30,6 +30,7 @@ from relay.config import Config, Credential
 from relay.sandbox.entra import FakeEntra, InvalidToken
 from relay.sandbox.pki import LocalPKI, create_pki
 from relay.tokens import Token, TokenError, TokenProvider, Tokens, explain_entra_error
+from tests.conftest import wait_until
 
 TENANT = "11111111-2222-3333-4444-555555555555"
 CLIENT = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
@@ -92,6 +93,13 @@ def make(fake: FakeEntra, pki: LocalPKI, providers: list[TokenProvider]) -> Any:
     return _make
 
 
+async def renewed(provider: TokenProvider) -> Token:
+    """The outcome of the background renewal that get() started (it must have started one)."""
+    task = provider._inflight
+    assert task is not None, "no renewal in flight"
+    return await task
+
+
 # --- basics -----------------------------------------------------------------------------
 
 async def test_token_fetched_and_claims_decoded(fake: FakeEntra, make: Any) -> None:
@@ -130,9 +138,31 @@ async def test_new_token_when_refresh_window_reached(fake: FakeEntra, make: Any)
     clock.offset = 2000  # 1600 s left: still fresh
     assert await provider.get() is first
     clock.offset = first.expires_in(time.time()) - 599  # inside the refresh window
-    second = await provider.get()
+    # Still valid: handed out at once while the new one is fetched in the background.
+    assert await provider.get() is first
+    second = await renewed(provider)
     assert second.access_token != first.access_token
+    assert await provider.get() is second
     assert fake.token_requests == 2
+
+
+async def test_a_hanging_entra_does_not_hold_up_a_valid_token(fake: FakeEntra,
+                                                              make: Any) -> None:
+    clock = Clock()
+    provider = make(clock=clock, refresh_before=600)
+    first = await provider.get()
+    clock.offset = first.expires_in(time.time()) - 400  # renewal due, 400 s still valid
+    fake.hold_token_requests()
+    try:
+        for _ in range(3):
+            assert await provider.get() is first
+        await wait_until(lambda: fake.token_requests == 2)
+        assert provider._inflight is not None and not provider._inflight.done()
+    finally:
+        fake.release_token_requests()
+    second = await renewed(provider)
+    assert second.access_token != first.access_token
+    assert fake.token_requests == 2  # the three get()s shared one background fetch
 
 
 async def test_refresh_before_longer_than_lifetime(fake: FakeEntra, make: Any,
@@ -141,7 +171,9 @@ async def test_refresh_before_longer_than_lifetime(fake: FakeEntra, make: Any,
     fake.token_lifetime = 600
     provider = make(refresh_before=1200)
     with caplog.at_level(logging.WARNING, logger="relay.tokens"):
-        first, second = await provider.get(), await provider.get()
+        first = await provider.get()
+        assert await provider.get() is first  # valid: renewal goes on in the background
+        second = await renewed(provider)
     assert first.access_token != second.access_token
     assert fake.token_requests == 2
     assert caplog.text.count("not longer than refresh_before") == 1
@@ -197,6 +229,8 @@ async def test_entra_500_keeps_the_valid_cached_token(fake: FakeEntra, make: Any
     fake.fail_next(500)
     with caplog.at_level(logging.WARNING, logger="relay.tokens"):
         assert await provider.get() is first
+        with pytest.raises(TokenError):
+            await renewed(provider)
     assert fake.token_requests == 2
     assert "still using the current token" in caplog.text
     assert "HTTP 500" in caplog.text
@@ -467,7 +501,9 @@ async def test_no_secret_or_token_in_logs_or_errors(fake: FakeEntra, make: Any,
     token = await provider.get()
     clock.offset = token.expires_in(time.time()) - 100
     fake.fail_next(500, retry_after=0)
-    assert await provider.get() is token  # falls back to the cached token, with a warning
+    assert await provider.get() is token  # the cached token, while a renewal fails
+    with pytest.raises(TokenError):
+        await renewed(provider)
     fake.add_app(TENANT, CLIENT, secret="rotated-away")
     with pytest.raises(TokenError) as info:
         await provider.refresh(token)

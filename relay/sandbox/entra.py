@@ -204,6 +204,8 @@ class FakeEntra:
         self.token_lifetime = token_lifetime
         self.resources: set[str] = set(DEFAULT_RESOURCES)
         self.extra_claims: dict[str, Any] = {}
+        self._gate = threading.Event()  # cleared: token requests hang (a stuck Entra ID)
+        self._gate.set()
         self._clock = clock
         self._pki = pki
         self._lock = threading.Lock()
@@ -249,6 +251,7 @@ class FakeEntra:
         server, self._server = self._server, None
         if server is None:
             return
+        self._gate.set()  # requests held by hold_token_requests() end now
         server.shutdown()
         with self._lock:
             connections = list(self._connections)
@@ -299,6 +302,14 @@ class FakeEntra:
         """
         with self._lock:
             self._failures.extend([(status, body, retry_after)] * count)
+
+    def hold_token_requests(self) -> None:
+        """Make token requests hang until :meth:`release_token_requests` (at most 30 s):
+        an Entra ID that accepts connections but does not answer."""
+        self._gate.clear()
+
+    def release_token_requests(self) -> None:
+        self._gate.set()
 
     def clear_failures(self) -> None:
         """Forget failures queued by :meth:`fail_next` (the outage is over)."""
@@ -470,6 +481,7 @@ class FakeEntra:
         with self._lock:
             self._token_requests += 1
             failure = self._failures.pop(0) if self._failures else None
+        self._gate.wait(timeout=30)
         if failure is not None:
             status, fbody, retry_after = failure
             if fbody is None:
