@@ -118,8 +118,9 @@ class Relay:
         """
         try:
             config = load()
-            self.receiver.update(config, Router(config), self.verifier)
-            self.deliverer.update(config)
+            pools = self.deliverer.prepare(config)       # changes nothing yet
+            self.receiver.update(config, Router(config), self.verifier)  # or raises
+            self.deliverer.apply(config, pools)
         except (ConfigError, ValueError, OSError) as exc:
             log.error("reload refused, keeping the running configuration:\n%s", exc)
             return False

@@ -41,11 +41,16 @@ class Deliverer:
         self.update(config)
 
     def update(self, config: Config) -> None:
-        """Use a new config; upstream clients whose settings did not change are kept,
-        with their open sessions. Pools of changed or removed upstreams are closed
-        (their lent-out sessions when the attempt using them ends).
+        """Use a new config (:meth:`prepare` and :meth:`apply` in one step)."""
+        self.apply(config, self.prepare(config))
 
-        Everything that can fail (a CA file) is built before anything is changed.
+    def prepare(self, config: Config) -> dict[tuple[str, str], SessionPool]:
+        """Everything for ``config`` that can fail (a CA file), changing nothing yet, so
+        that a reload can check every stage before it switches any of them.
+
+        Upstream clients whose settings did not change are reused, with their open
+        sessions; pools for new settings are built but hold no session yet, so an
+        unused result needs no cleanup.
         """
         pools: dict[tuple[str, str], SessionPool] = {}
         helo = config.server.hostname
@@ -57,9 +62,14 @@ class Deliverer:
                 pools[key] = self._pools.get(key) or SessionPool(
                     UpstreamClient(upstream, upstream.helo_name or helo),
                     max_sessions=max_sessions)
+        return pools
+
+    def apply(self, config: Config, pools: dict[tuple[str, str], SessionPool]) -> None:
+        """Switch to what :meth:`prepare` built. Pools of changed or removed upstreams are
+        closed (their lent-out sessions when the attempt using them ends)."""
         old, self._config, self._pools = self._pools, config, pools
         for pool in pools.values():
-            pool.configure(max_sessions=max_sessions)
+            pool.configure(max_sessions=config.delivery.mailbox_limits.max_sessions)
         for key, pool in old.items():
             if pools.get(key) is not pool:
                 self._retire(pool)
