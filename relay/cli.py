@@ -62,10 +62,17 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from relay.spool import SpoolError
+
     config = _load(args, sandbox=args.sandbox)
     setup_logging(config.logging.level, config.logging.format)
     try:
         return asyncio.run(_run(args, config))
+    except SpoolError as exc:
+        # On tmpfs (refused), not writable, ...: the operator must change the directory
+        # or spool.*; restarting will not help (systemd: RestartPreventExitStatus=78).
+        log.error("cannot start: %s", exc)
+        return EX_CONFIG
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return EX_UNAVAILABLE if exc.errno else EX_FAIL

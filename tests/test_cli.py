@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import re
@@ -10,6 +11,7 @@ import signal
 import smtplib
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -174,3 +176,45 @@ async def test_swaks_with_auth_login(relay: Relay, sandbox: Sandbox) -> None:
     assert got.mailbox == "alice@contoso.com"
     assert got.rcpt_tos == ["to@example.com"]
     assert b"Subject: sent by swaks" in got.data
+
+
+@pytest.mark.parametrize(("claims", "warnings"), [
+    ({}, []),
+    ({"roles": None}, ["no SMTP.SendAsApp role", "RBAC for Applications"]),
+    ({"roles": None, "scp": "SMTP.Send"}, ["delegated token", "no SMTP.SendAsApp role"]),
+])
+async def test_token_warns_about_what_exchange_will_refuse(
+        sandbox: Sandbox, capsys: pytest.CaptureFixture[str], claims: dict[str, object],
+        warnings: list[str]) -> None:
+    """`token` says so when the token lacks the app role (or is delegated), exit 0 still:
+    with RBAC for Applications a token without the role is right."""
+    from relay import cli
+    from tests.conftest import build_config
+
+    sandbox.entra.extra_claims = dict(claims)
+    args = argparse.Namespace(credential=None, profile=None, json=False, config="c.yaml")
+    assert await cli._token(args, sandbox.apply(build_config())) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"^audience:\s+https://outlook\.office365\.com$", out, re.M)
+    for text in warnings:
+        assert text in err
+    assert ("warning" in err) == bool(warnings)
+
+
+def test_run_refuses_a_spool_on_tmpfs_without_a_traceback(tmp_path: Path) -> None:
+    from relay.spool import filesystem_type
+
+    if filesystem_type(Path("/dev/shm")) != "tmpfs":
+        pytest.skip("/dev/shm is not a tmpfs on this machine")
+    spool = Path(tempfile.mkdtemp(prefix="relay-spool-", dir="/dev/shm"))
+    try:
+        config = tmp_path / "config.yaml"
+        text = textwrap.dedent(SANDBOX_CONFIG).replace("{env: SECRET_THAT_IS_NOT_SET}",
+                                                       "{value: not-used}")
+        config.write_text(text + f"spool: {{directory: {spool}}}\n")
+        res = relay_cmd("run", "--config", str(config))
+        assert res.returncode == 78, res.stderr
+        assert "tmpfs" in res.stderr and "spool.on_tmpfs: warn" in res.stderr
+        assert "Traceback" not in res.stderr
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
