@@ -226,7 +226,8 @@ class CertificateCredential(_Model):
                              "public_certificate_file), or pfx_file")
         elif not (self.thumbprint or self.public_certificate_file):
             raise ValueError("private_key_file needs thumbprint or public_certificate_file")
-        if self.thumbprint and not re.fullmatch(r"[0-9A-Fa-f:]{40,}", self.thumbprint):
+        if self.thumbprint and not re.fullmatch(r"[0-9A-Fa-f]{40}",
+                                                self.thumbprint.replace(":", "")):
             raise ValueError("thumbprint must be the certificate's SHA-1 hex digest "
                              "(40 hex digits, as shown in Entra ID)")
         return self

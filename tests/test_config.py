@@ -148,3 +148,22 @@ def test_sizes_and_durations() -> None:
     cfg = parse_config({"server": {"max_message_size": "10MiB", "idle_timeout": "2m"}})
     assert cfg.server.max_message_size == 10 * 1024 * 1024
     assert cfg.server.idle_timeout == 120
+
+
+@pytest.mark.parametrize(("thumbprint", "ok"), [
+    ("3F2A" * 10, True),                                  # SHA-1, as Entra ID shows it
+    (":".join(["3f"] * 20), True),                        # as openssl prints it
+    ("3F2A" * 16, False),                                 # SHA-256: msal wants SHA-1 here
+    ("3F2A" * 9, False),
+    ("3G2A" * 10, False),
+])
+def test_certificate_thumbprint_is_a_sha1_digest(thumbprint: str, ok: bool) -> None:
+    data = {"credentials": {"main": {"tenant_id": "t", "client_id": "c", "certificate": {
+        "private_key_file": "app.key", "thumbprint": thumbprint}}}}
+    if ok:
+        parse_config(data, check_secrets=False, check_files=False)
+        return
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, check_secrets=False, check_files=False)
+    assert "credentials.main.certificate" in info.value.render()
+    assert "SHA-1" in info.value.render()
