@@ -123,9 +123,18 @@ async def test_utf8_8bit_message_arrives_byte_identical(
 
 async def test_fifty_concurrent_messages_share_one_token(
         start_relay: RelayFactory, sandbox: Sandbox) -> None:
+    # Entra ID holds the first token request: every message arrives while there is no
+    # token yet, so each delivery attempt needs one at the same moment.
+    sandbox.entra.hold_token_requests()
     relay = await start_relay({"delivery": {"mailbox_limits": {"messages_per_minute": 1000}}})
-    replies = await asyncio.gather(*(send(relay, "billing@contoso.com", [f"r{i}@example.com"])
-                                     for i in range(50)))
+    sends = asyncio.gather(*(send(relay, "billing@contoso.com", [f"r{i}@example.com"])
+                             for i in range(50)))
+    try:
+        await wait_until(lambda: relay.queue.in_flight >= 3)   # attempts waiting for it
+        assert sandbox.entra.token_requests == 1
+    finally:
+        sandbox.entra.release_token_requests()
+    replies = await sends
     assert all(r.code == 250 for r in replies)
     await wait_until(lambda: len(sandbox.exchange.messages) == 50)
     assert sandbox.entra.token_requests == 1
