@@ -74,17 +74,19 @@ class Relay:
 
     async def start(self) -> None:
         self.spool.open(on_tmpfs=self.config.spool.on_tmpfs)
-        # The HTTP endpoint comes first, so that probes get answers (live, not ready yet)
-        # while a long spool is being recovered.
-        if self.http is not None:
-            await self.http.start()
+        self.spool.claim()
         try:
+            # The HTTP endpoint comes first, so that probes get answers (live, not ready
+            # yet) while a long spool is being recovered.
+            if self.http is not None:
+                await self.http.start()
             await self.queue.start()
             self.tokens.start()
             await self.receiver.start()
         except BaseException:
             if self.http is not None:
-                await self.http.stop()
+                await self.http.stop()      # a no-op if it never started
+            self.spool.unclaim()
             raise
         log.info("listening on %s; spool %s", ", ".join(
             f"{h}:{p}" for h, p in self.listening), self.spool.root)
@@ -105,6 +107,7 @@ class Relay:
             if self.http is not None:
                 await self.http.stop()
             await self.metrics.close()
+            self.spool.unclaim()
 
     def request_stop(self) -> None:
         self._stopping.set()

@@ -269,12 +269,22 @@ def cmd_queue(args: argparse.Namespace) -> int:
                 print(f"-- {len(rows)} message(s)")
             return EX_OK
         if action == "flush":
-            print(f"{queuectl.flush(spool)} deferred message(s) due now")
+            try:
+                done = queuectl.flush(spool)
+            except (queuectl.QueueCommandError, OSError) as exc:
+                _err(f"error: {exc}")
+                temporary = isinstance(exc, queuectl.QueueCommandError) and exc.temporary
+                return EX_TEMPFAIL if temporary else EX_FAIL
+            if args.json:
+                print(json.dumps({"action": action, "done": done, "skipped": []}, indent=2))
+            else:
+                print(f"{len(done)} deferred message(s) due now")
             return EX_OK
         if not args.ids:
             _err(f"error: queue {action} needs one or more message ids")
             return EX_USAGE
-        failed = False
+        done: list[str] = []
+        skipped: list[dict[str, Any]] = []
         for mid in args.ids:
             try:
                 if action == "show":
@@ -282,11 +292,28 @@ def cmd_queue(args: argparse.Namespace) -> int:
                     print(json.dumps(info, indent=2) if args.json else "\n".join(
                         f"{k}: {v}" for k, v in info.items()))
                 else:
-                    print(getattr(queuectl, action)(spool, mid))
+                    text = getattr(queuectl, action)(spool, mid)
+                    if not args.json:
+                        print(text)
+                done.append(mid)
+                continue
             except queuectl.QueueCommandError as exc:
-                _err(f"error: {exc}")
-                failed = True
-        return EX_FAIL if failed else EX_OK
+                reason, temporary = str(exc), exc.temporary
+            except OSError as exc:
+                # Not a race queuectl knows about (permissions, a missing directory): one
+                # line naming the message and the file, not a traceback.
+                where = f" ({exc.filename})" if exc.filename else ""
+                reason = f"{mid}: {exc.strerror or exc}{where}"
+                temporary = isinstance(exc, FileNotFoundError)
+            _err(f"error: {reason}")
+            skipped.append({"id": mid, "reason": reason, "temporary": temporary})
+        if args.json and action != "show":
+            print(json.dumps({"action": action, "done": done, "skipped": skipped}, indent=2))
+        # A mistake (no such message, wrong state) needs the operator; a message that
+        # merely changed meanwhile needs only another try.
+        if any(not s["temporary"] for s in skipped):
+            return EX_FAIL
+        return EX_TEMPFAIL if skipped else EX_OK
     finally:
         asyncio.run(spool.close())
 
@@ -344,10 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     sandbox_flag(p)
     p = command("queue", cmd_queue, "inspect and manage the queue (works while the relay runs)")
+    p.epilog = ("exit status: 0 done, 1 a message is not in the queue or not in a state the "
+                "command works on, 75 a message changed while the command ran (try again)")
     p.add_argument("action", choices=["list", "show", "retry", "hold", "release", "delete",
                                       "flush"])
     p.add_argument("ids", nargs="*", metavar="ID", help="message id(s)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true",
+                   help='print JSON; for changes: {"action", "done": [ids], '
+                        '"skipped": [{"id", "reason", "temporary"}]}')
     p = command("hash-password", cmd_hash_password,
                 "print a password hash for users.<name>.password_hash")
     p.add_argument("--stdin", action="store_true", help="read the password from standard input")

@@ -1,24 +1,48 @@
 """Operator commands on the spool: ``smtp-oauth-relay queue list|show|retry|hold|release|
 delete|flush``, like Postfix's mailq and postsuper.
 
-They work whether the relay is running or not, because every change is one atomic rename
-or unlink of a metadata file, and messages in active/ (being delivered right now) are
-left alone. A running relay picks up retried or released messages within seconds
-(immediately after ``systemctl kill -s USR1 smtp-oauth-relay``).
+They work whether the relay is running or not: every change follows the spool's protocol
+(relay.spool's docstring), a single rename or unlink of a message's metadata file that fails,
+changing nothing, if the relay took the message meanwhile. Messages in active/ (being
+delivered right now) are left alone, and the commands take the spool's operator lock, so
+that two operators cannot interleave either. A running relay picks up retried or released
+messages within seconds (immediately after ``systemctl kill -s USR1 smtp-oauth-relay``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from relay.spool import Entry, Spool, State
+from relay.spool import Entry, Spool, SpoolBusy, State
+
+# How long a command waits for another operator's command to finish.
+LOCK_WAIT = 10.0
+# How often a lookup is repeated when the message moves between finding and reading it.
+_LOOKUPS = 3
 
 
 class QueueCommandError(Exception):
-    """An operator command that cannot be carried out (message text is for the operator)."""
+    """An operator command that cannot be carried out (message text is for the operator).
+
+    ``temporary``: the message changed while the command ran (the relay took it, or another
+    operator's command holds the lock); running the command again may well work.
+    """
+
+    def __init__(self, text: str, *, temporary: bool = False) -> None:
+        super().__init__(text)
+        self.temporary = temporary
+
+
+def _changed(spool: Spool, mid: str, was: State) -> QueueCommandError:
+    """The error for a move that lost the race (the rename found nothing to move)."""
+    found = spool.locate(mid)
+    now = f"now in {found[0]}" if found else "no longer in the queue"
+    return QueueCommandError(f"{mid} changed while the command ran (was in {was}, {now}); "
+                             "try again", temporary=True)
 
 
 def iter_entries(spool: Spool, states: list[State] | None = None,
@@ -49,7 +73,10 @@ def show(spool: Spool, mid: str) -> dict[str, Any]:
     state, entry = _locate(spool, mid)
     out = summary(state, entry) | {"delivered": entry.delivered, "failed": entry.failed,
                                     "client": entry.client, "user": entry.user}
-    out["headers"] = _headers(spool.read_data(mid))
+    try:
+        out["headers"] = _headers(spool.read_data(mid))
+    except FileNotFoundError:
+        raise _changed(spool, mid, state) from None      # delivered or deleted just now
     return out
 
 
@@ -61,11 +88,20 @@ def _headers(data: bytes) -> str:
 
 
 def _locate(spool: Spool, mid: str) -> tuple[State, Entry]:
-    found = spool.locate(mid)
-    if found is None:
-        raise QueueCommandError(f"no message {mid} in the queue")
-    state, path = found
-    return state, Entry.from_json(path.read_bytes())
+    # The relay may move the message between finding and reading it (deferred -> active,
+    # say): then look again, a few times, rather than fail on a message that is there.
+    for _ in range(_LOOKUPS):
+        found = spool.locate(mid)
+        if found is None:
+            raise QueueCommandError(f"no message {mid} in the queue")
+        state, path = found
+        try:
+            return state, spool.read(state, path.name)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, TypeError) as exc:
+            raise QueueCommandError(f"{mid}: cannot read {state}/{path.name}: {exc}") from None
+    raise QueueCommandError(f"{mid} keeps changing state; try again", temporary=True)
 
 
 def _movable(spool: Spool, mid: str, allowed: tuple[State, ...]) -> tuple[State, Entry]:
@@ -78,43 +114,73 @@ def _movable(spool: Spool, mid: str, allowed: tuple[State, ...]) -> tuple[State,
     return state, entry
 
 
+@contextlib.contextmanager
+def _operator(spool: Spool) -> Iterator[None]:
+    """The operator lock for one command on one message; busy becomes a clear error."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(spool.operator_lock(LOCK_WAIT))
+        except SpoolBusy as exc:
+            raise QueueCommandError(str(exc), temporary=True) from None
+        yield
+
+
+def _apply(spool: Spool, mid: str, state: State, change: Callable[[], object]) -> None:
+    """Make one change to the spool; if the relay took the message first, say so."""
+    try:
+        change()
+    except FileNotFoundError:
+        raise _changed(spool, mid, state) from None
+
+
 def retry(spool: Spool, mid: str) -> str:
     """Make a deferred (or failed) message due now."""
-    state, entry = _movable(spool, mid, (State.DEFERRED, State.FAILED, State.INCOMING))
-    if state is State.INCOMING:
-        return f"{mid} is already waiting for its first attempt"
-    entry.next_attempt = time.time()
-    if state is State.DEFERRED:
-        spool.set_due(mid, entry.next_attempt)
-        return f"{mid}: will be retried now"
-    if state is State.FAILED:
+    with _operator(spool):
+        state, entry = _movable(spool, mid, (State.DEFERRED, State.FAILED, State.INCOMING))
+        if state is State.INCOMING:
+            return f"{mid} is already waiting for its first attempt"
+        now = time.time()
+        if state is State.DEFERRED:
+            _apply(spool, mid, state, lambda: spool.set_due(mid, now))
+            return f"{mid}: will be retried now"
         # A second chance: the failed recipients are tried again, with a fresh lifetime.
+        # failed/ is ours under the lock, so the new content may be written there first.
         entry.rcpt_tos = list(entry.failed) + [r for r in entry.rcpt_tos if r not in entry.failed]
         entry.failed = {}
-        entry.received_at = time.time()
-    spool.move(entry, state, State.DEFERRED)
-    return f"{mid}: will be retried now"
+        entry.received_at = entry.next_attempt = now
+        _apply(spool, mid, state, lambda: spool.move(entry, state, State.DEFERRED))
+        return f"{mid}: will be retried now"
 
 
 def hold(spool: Spool, mid: str) -> str:
-    state, entry = _movable(spool, mid, (State.INCOMING, State.DEFERRED))
-    spool.move(entry, state, State.HOLD)
-    return f"{mid}: on hold"
+    with _operator(spool):
+        state, entry = _movable(spool, mid, (State.INCOMING, State.DEFERRED))
+        # No rewrite: incoming/ and deferred/ are shared with the relay, and the file as it
+        # is (with the attempts the relay recorded) is what a release must bring back.
+        _apply(spool, mid, state, lambda: spool.move(entry, state, State.HOLD, rewrite=False))
+        return f"{mid}: on hold"
 
 
 def release(spool: Spool, mid: str) -> str:
-    state, entry = _movable(spool, mid, (State.HOLD,))
-    entry.next_attempt = time.time()
-    spool.move(entry, state, State.DEFERRED)
-    return f"{mid}: released"
+    with _operator(spool):
+        state, entry = _movable(spool, mid, (State.HOLD,))
+        entry.next_attempt = time.time()      # becomes the file's mtime: due now
+        _apply(spool, mid, state,
+               lambda: spool.move(entry, state, State.DEFERRED, rewrite=False))
+        return f"{mid}: released"
 
 
 def delete(spool: Spool, mid: str) -> str:
-    state, _ = _movable(spool, mid, (State.INCOMING, State.DEFERRED, State.HOLD, State.FAILED))
-    spool.remove(mid, state)
-    return f"{mid}: deleted"
+    with _operator(spool):
+        state, _ = _movable(spool, mid, (State.INCOMING, State.DEFERRED, State.HOLD,
+                                         State.FAILED))
+        # remove() unlinks the metadata first and only then the data: if the relay has
+        # just taken the message into active/, the unlink fails and the data stays.
+        _apply(spool, mid, state, lambda: spool.remove(mid, state))
+        return f"{mid}: deleted"
 
 
-def flush(spool: Spool) -> int:
-    """Make every deferred message due now; returns how many."""
-    return spool.flush_deferred(time.time())
+def flush(spool: Spool) -> list[str]:
+    """Make every deferred message due now; returns their ids."""
+    with _operator(spool):
+        return spool.flush_deferred_ids(time.time())

@@ -21,6 +21,32 @@ keeping the queue in memory, and every file is found by its id alone.
 Durability: data and metadata are written to ``tmp/``, fsynced, renamed into place, and
 the directories are fsynced before :meth:`Spool.accept` returns. Directory fsyncs of
 concurrent arrivals are shared (group commit), so durability does not cap throughput.
+
+State changes. The relay and ``queue`` commands run by an operator (other processes) work
+on the same spool at once, so the protocol keeps one invariant: at every instant, for
+every message, exactly one ``<state>/<id>.json`` exists, and its data exists with it.
+
+* A state change is one ``rename(src/<id>.json, dst/<id>.json)``. The rename is also the
+  lock: of two processes moving the same message, the second one's rename fails with
+  ENOENT, changing nothing, and that party reports it (operator) or moves on (relay).
+* Nothing is written to a message's name after that rename: a second step (say, new
+  content renamed over ``dst/<id>.json``) could recreate the file in a directory that the
+  other process has already moved the message out of, leaving it in two states.
+* New content is therefore written *before* the move, by the one party that owns the
+  source state: to ``tmp/``, fsynced, given its due time as mtime when it is going to
+  deferred/, and renamed over ``src/<id>.json`` in place. active/ is owned by the relay's
+  queue (operator commands leave it alone); hold/ and failed/ by operator commands, which
+  serialize among themselves with :meth:`Spool.operator_lock`. In the shared states,
+  incoming/ and deferred/, content is never rewritten; only the mtime changes (``utime``
+  is atomic and fails, too, if the file has gone).
+* Deleting a message starts by unlinking its metadata (the claim: it fails if the message
+  was taken meanwhile); only then its data is unlinked.
+
+A crash (kill -9, power loss) between any two of these system calls leaves a state that
+:meth:`Spool.recover` resolves deterministically: a temporary file in tmp/ is discarded; a
+rewritten file still in its source state stays there (from active/ it goes back to
+incoming/ with the attempt's outcome recorded, so delivered recipients are not sent
+again); data whose metadata was unlinked is an orphan and goes, completing the delete.
 """
 
 from __future__ import annotations
@@ -28,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import fcntl
 import json
 import logging
 import os
@@ -48,6 +75,11 @@ class State(enum.StrEnum):
 
 
 _DIRS = ("tmp", "data", "corrupt", *(s.value for s in State))
+RELAY_LOCK = "relay.lock"   # see Spool.claim
+
+# States whose files only one party changes (see the module docstring), so that their
+# content can be rewritten in place before a move. incoming/ and deferred/ are shared.
+_OWNED = frozenset({State.ACTIVE, State.HOLD, State.FAILED})
 
 
 @dataclass
@@ -81,6 +113,10 @@ class Entry:
 
 class SpoolError(Exception):
     """The spool cannot be used (not writable, on tmpfs when that is refused, ...)."""
+
+
+class SpoolBusy(SpoolError):
+    """Another operator command holds the spool's operator lock; try again shortly."""
 
 
 def filesystem_type(path: Path) -> str:
@@ -128,6 +164,7 @@ class Spool:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._claim_fd: int | None = None
         self._commit_waiters: list[asyncio.Future[None]] = []
         self._commit_wakeup: asyncio.Event | None = None
         self._committer: asyncio.Task[None] | None = None
@@ -152,6 +189,36 @@ class Spool:
             if on_tmpfs == "refuse":
                 raise SpoolError(text + "; set spool.on_tmpfs: warn to accept the risk")
             log.warning("%s", text)
+
+    def claim(self) -> None:
+        """Become the one relay that delivers from this spool, until :meth:`unclaim`.
+
+        Two relays on one spool would deliver messages twice: the second one's recovery
+        puts the first one's active/ messages back into incoming/ and discards its
+        half-written arrivals. The claim is a flock on ``relay.lock`` (holding the pid, for
+        the error message), so the kernel releases it when the relay dies, even by kill -9.
+        ``queue`` commands do not claim the spool: they work beside a running relay.
+        """
+        path = self.root / RELAY_LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            raise SpoolError(f"cannot open {path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise SpoolError(f"another relay (pid {holder}) is using the spool {self.root}; "
+                             "give each relay a spool of its own") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._claim_fd = fd
+
+    def unclaim(self) -> None:
+        if self._claim_fd is not None:
+            os.close(self._claim_fd)    # releases the flock
+            self._claim_fd = None
 
     def recover(self) -> dict[str, int]:
         """Bring the spool back to a consistent state after a stop or a crash.
@@ -271,35 +338,38 @@ class Spool:
         return self.data_path(mid).read_bytes()
 
     def move(self, entry: Entry, src: State, dst: State, *, rewrite: bool = True) -> None:
-        """Move ``entry`` from ``src`` to ``dst``, saving its (changed) metadata atomically.
+        """Move ``entry`` from ``src`` to ``dst`` with one rename (see the module docstring).
 
-        The state changes with one rename of the existing file, then the new content
-        replaces it, so there is never more than one metadata file per message. A crash
-        between the two leaves the right state with the previous content, which at worst
-        repeats a delivery that had just succeeded. Raises FileNotFoundError, changing
-        nothing, when the message is no longer in ``src`` (an operator moved it first).
+        With ``rewrite``, ``entry`` becomes the file's content first, replacing the file in
+        ``src``; only the party that owns ``src`` may do that (the relay for active/,
+        operator commands under :meth:`operator_lock` for hold/ and failed/), so it is
+        refused for incoming/ and deferred/. Going to deferred/, the file gets
+        ``entry.next_attempt`` as its mtime before it appears there, so nobody ever sees it
+        there with a wrong due time. Raises FileNotFoundError, changing nothing, when the
+        message is no longer in ``src`` (another process moved or deleted it first).
         """
+        if rewrite and src not in _OWNED:
+            raise ValueError(f"metadata in {src}/ is shared and never rewritten in place")
         old = self._meta_path(src, entry.id)
         new = self._meta_path(dst, entry.id)
-        tmp = None
+        due = (entry.next_attempt, entry.next_attempt)
         if rewrite:
-            tmp = self.root / "tmp" / f"{entry.id}.json.{time.monotonic_ns()}"
+            tmp = self.root / "tmp" / f"{entry.id}.json.{os.getpid()}.{time.monotonic_ns()}"
             _write_synced(tmp, entry.to_json())
             if dst is State.DEFERRED:
-                os.utime(tmp, (entry.next_attempt, entry.next_attempt))
-        try:
-            if old != new:
-                os.replace(old, new)
-            elif not old.exists():
+                os.utime(tmp, due)
+            if not old.exists():
+                # Not racy: nobody but the caller changes an owned state's files. Checked so
+                # that a caller's mistake cannot create a second metadata file.
+                os.unlink(tmp)
                 raise FileNotFoundError(f"{entry.id} is no longer in {src}")
-        except FileNotFoundError:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-            raise
-        if tmp is not None:
-            os.replace(tmp, new)
+            # Raises FileNotFoundError if a relay starting meanwhile cleared tmp/; then the
+            # message is as it was.
+            os.replace(tmp, old)
         elif dst is State.DEFERRED:
-            os.utime(new, (entry.next_attempt, entry.next_attempt))
+            os.utime(old, due)          # FileNotFoundError if it has gone: nothing changed
+        if old != new:
+            os.rename(old, new)         # the state change, and the only one
         _fsync_dir(new.parent)
         if old.parent != new.parent:
             _fsync_dir(old.parent)
@@ -309,10 +379,45 @@ class Spool:
         os.utime(self._meta_path(State.DEFERRED, mid), (when, when))
 
     def remove(self, entry_id: str, state: State) -> None:
-        """Forget a message that is finished (delivered), data and metadata."""
-        self._meta_path(state, entry_id).unlink(missing_ok=True)
-        self.data_path(entry_id).unlink(missing_ok=True)
+        """Forget a message (delivered, or deleted by an operator): metadata, then data.
+
+        Unlinking the metadata is the claim: if the message has left ``state`` meanwhile
+        (the relay took a deferred message into active/ just as an operator deleted it),
+        it raises FileNotFoundError and the data is left alone. A crash between the two
+        unlinks leaves orphaned data, which :meth:`recover` removes.
+        """
+        os.unlink(self._meta_path(state, entry_id))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.data_path(entry_id))
+        # data/ needs no fsync of its own: data that comes back after a crash has no
+        # metadata, and recovery removes it.
         _fsync_dir(self.root / state)
+
+    @contextlib.contextmanager
+    def operator_lock(self, wait: float = 10.0) -> Iterator[None]:
+        """Hold the lock that makes operator commands (``queue ...``) take turns.
+
+        It is what makes hold/ and failed/ owned states (see the module docstring): two
+        operators retrying and deleting the same failed message cannot interleave. The
+        relay never takes it. It is a flock on the spool directory itself, so it needs no
+        file of its own and the kernel releases it when a command dies, even by kill -9.
+        Raises :class:`SpoolBusy` after ``wait`` seconds.
+        """
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise SpoolBusy(f"another queue command is working on {self.root}; "
+                                        "try again") from None
+                    time.sleep(0.02)
+            yield
+        finally:
+            os.close(fd)            # releases the lock
 
     def locate(self, mid: str) -> tuple[State, Path] | None:
         for state in State:
@@ -355,16 +460,21 @@ class Spool:
 
     def flush_deferred(self, now: float) -> int:
         """Make every deferred message due at ``now``; returns how many were changed."""
-        count = 0
+        return len(self.flush_deferred_ids(now))
+
+    def flush_deferred_ids(self, now: float) -> list[str]:
+        """Make every deferred message due at ``now``; returns the ids of those changed."""
+        changed: list[str] = []
         with os.scandir(self.root / State.DEFERRED) as it:
             for item in it:
+                mid = self.id_from_name(item.name)
                 try:
-                    if item.name.endswith(".json") and item.stat().st_mtime > now:
+                    if mid is not None and item.stat().st_mtime > now:
                         os.utime(item.path, (now, now))
-                        count += 1
+                        changed.append(mid)
                 except FileNotFoundError:
                     continue        # picked up by the queue meanwhile
-        return count
+        return changed
 
     def count(self, state: State) -> int:
         return sum(1 for _ in self.names(state))

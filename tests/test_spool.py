@@ -1,15 +1,20 @@
-"""The spool's on-disk promises: durable accept, atomic state moves, crash recovery."""
+"""The spool's on-disk promises: durable accept, atomic state moves, crash recovery, and
+the state-change protocol under concurrent operations and crashes at every step."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from relay.spool import Entry, Spool, SpoolError, State, filesystem_type
+from relay import queuectl
+from relay.spool import Entry, Spool, SpoolBusy, SpoolError, State, filesystem_type
 
 
 def entry(mid: str, **kw: object) -> Entry:
@@ -52,8 +57,9 @@ async def test_concurrent_accepts_share_directory_fsyncs(
 def test_move_and_deferred_due_time(spool: Spool) -> None:
     spool._store(entry("BBB"), b"data", State.INCOMING)
     e = spool.read(State.INCOMING, "BBB.json")
+    spool.move(e, State.INCOMING, State.ACTIVE, rewrite=False)      # an attempt starts
     e.attempts, e.next_attempt, e.last_reply = 1, 1_000, "451 4.3.2 busy"
-    spool.move(e, State.INCOMING, State.DEFERRED)
+    spool.move(e, State.ACTIVE, State.DEFERRED)                     # ... and is deferred
     assert list(spool.names(State.DEFERRED)) == ["BBB.json"]
     assert (spool.root / "deferred" / "BBB.json").stat().st_mtime == 1000
     assert spool.due(now=999, limit=10) == ([], 1000)
@@ -70,9 +76,11 @@ def test_move_and_deferred_due_time(spool: Spool) -> None:
 def test_move_of_a_message_someone_else_moved_changes_nothing(spool: Spool) -> None:
     spool._store(entry("CCC"), b"data", State.INCOMING)
     e = spool.read(State.INCOMING, "CCC.json")
-    spool.move(e, State.INCOMING, State.HOLD)            # an operator holds it
+    spool.move(e, State.INCOMING, State.HOLD, rewrite=False)     # an operator holds it
     with pytest.raises(FileNotFoundError):
-        spool.move(e, State.INCOMING, State.DEFERRED)
+        spool.move(e, State.INCOMING, State.DEFERRED, rewrite=False)
+    with pytest.raises(FileNotFoundError):
+        spool.move(e, State.INCOMING, State.ACTIVE, rewrite=False)
     assert spool.locate("CCC") == (State.HOLD, spool.root / "hold" / "CCC.json")
     assert list((spool.root / "tmp").iterdir()) == []
 
@@ -134,3 +142,272 @@ def test_tmpfs_is_refused_or_warned(caplog: pytest.LogCaptureFixture) -> None:
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --- the state-change protocol: interleavings with another process, and crashes ----------------
+#
+# Each change the spool makes to a name in it (rename, replace, unlink, utime) is a step.
+# Running another process's whole operation before each step of an operation, and crashing
+# before each step, covers every point where a concurrent queue command, the relay's queue
+# or kill -9 can come in, deterministically.
+
+class Crash(BaseException):
+    """kill -9 here: the operation stops before the step (no except clause catches it)."""
+
+
+class Steps:
+    """Instruments os.rename/replace/unlink/utime (pathlib uses them too) under ``root``.
+
+    ``before(n)`` runs before step n of the operation under test; whatever it does itself
+    (the other process's operation) runs straight through, uncounted. ``check()`` runs after
+    every call, the other operation's included: it is the invariant that must always hold.
+    """
+
+    CALLS = ("rename", "replace", "unlink", "utime")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+        self.root = str(root)
+        self.count = 0
+        self.before: Callable[[int], None] | None = None
+        self.check: Callable[[], None] | None = None
+        self._inside = False
+        for name in self.CALLS:
+            monkeypatch.setattr(os, name, self._wrap(getattr(os, name)))
+
+    def _wrap(self, real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(path: Any, *args: Any, **kw: Any) -> Any:
+            if not os.fspath(path).startswith(self.root):
+                return real(path, *args, **kw)
+            if not self._inside:
+                n, self.count = self.count, self.count + 1
+                if self.before is not None:
+                    self._inside = True
+                    try:
+                        self.before(n)
+                    finally:
+                        self._inside = False
+            try:
+                return real(path, *args, **kw)
+            finally:
+                if self.check is not None:
+                    self.check()
+        return call
+
+    def reset(self) -> None:
+        self.count, self.before, self.check = 0, None, None
+
+
+def places(spool: Spool, mid: str) -> list[str]:
+    return [str(s) for s in State if (spool.root / s / f"{mid}.json").exists()]
+
+
+def in_one_place(spool: Spool, mid: str, *, may_go: bool = False) -> None:
+    """The invariant: the message is in exactly one state, with its data (or deleted)."""
+    where = places(spool, mid)
+    assert len(where) == 1 or (may_go and not where), f"{mid} is in {where or 'no state'}"
+    if where:
+        assert spool.data_path(mid).exists(), f"{mid} is in {where[0]}/ without its data"
+
+
+def relay_takes(spool: Spool, mid: str) -> None:
+    """What the relay's dispatcher does with a waiting message: read it, claim it for an
+    attempt by moving it to active/. Losing the race to someone else is fine."""
+    for state in (State.INCOMING, State.DEFERRED):
+        with contextlib.suppress(FileNotFoundError):
+            e = spool.read(state, f"{mid}.json")
+            spool.move(e, state, State.ACTIVE, rewrite=False)
+            return
+
+
+def relay_defers(spool: Spool, mid: str) -> None:
+    """What the relay does after a failed attempt: record it and defer (due at once)."""
+    e = spool.read(State.ACTIVE, f"{mid}.json")
+    e.attempts, e.last_reply, e.next_attempt = 1, "451 4.4.1 try later", time.time() - 1
+    spool.move(e, State.ACTIVE, State.DEFERRED)
+
+
+def relay_bounces(spool: Spool, mid: str) -> None:
+    e = spool.read(State.ACTIVE, f"{mid}.json")
+    e.attempts, e.failed = 1, {"x@y.z": "550 5.1.1 no such user"}
+    spool.move(e, State.ACTIVE, State.FAILED)
+
+
+def relay_paces(spool: Spool, mid: str) -> None:
+    e = spool.read(State.INCOMING, f"{mid}.json")
+    e.next_attempt = time.time() + 60
+    spool.move(e, State.INCOMING, State.DEFERRED, rewrite=False)
+
+
+def operator(action: str) -> Callable[[Spool, str], None]:
+    """``queue ACTION ID`` as the CLI runs it; a refusal (the message moved) is fine."""
+    def run(spool: Spool, mid: str) -> None:
+        with contextlib.suppress(queuectl.QueueCommandError):
+            getattr(queuectl, action)(spool, mid)
+    return run
+
+
+def failed_entry(mid: str) -> Entry:
+    return entry(mid, attempts=3, failed={"x@y.z": "550 5.1.1 no such user"})
+
+
+Setup = tuple[State, Callable[[str], Entry]]
+
+# name: (where the message starts, the operation under test, the other process's operation,
+#        whether the message may end up deleted)
+RACES: dict[str, tuple[Setup, Callable[[Spool, str], None], Callable[[Spool, str], None],
+                       bool]] = {
+    # An operator releases a held message; the relay's dispatcher sees it in deferred/.
+    "release-vs-dispatcher": ((State.HOLD, entry), operator("release"), relay_takes, False),
+    # The relay defers after an attempt; an operator holds the message.
+    "defer-vs-hold": ((State.ACTIVE, entry), relay_defers, operator("hold"), False),
+    # An operator deletes a deferred message; the relay takes it for an attempt.
+    "delete-vs-dispatcher": ((State.DEFERRED, entry), operator("delete"), relay_takes, True),
+    # An operator holds a message; the relay takes it for an attempt.
+    "hold-vs-dispatcher": ((State.INCOMING, entry), operator("hold"), relay_takes, False),
+    # Two operators: one retries a dead letter, the other deletes it.
+    "retry-vs-delete": ((State.FAILED, failed_entry), operator("retry"), operator("delete"),
+                        True),
+}
+
+
+@pytest.fixture
+def steps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Steps:
+    # A second operator command waits for the first one's lock; here it runs *inside* the
+    # first one, so it must give up quickly instead of waiting for it.
+    monkeypatch.setattr(queuectl, "LOCK_WAIT", 0.05, raising=False)
+    return Steps(monkeypatch, tmp_path)
+
+
+def fresh(tmp_path: Path, name: str, setup: Setup, mid: str = "RACE") -> Spool:
+    s = Spool(tmp_path / name)
+    s.open(on_tmpfs="warn")
+    state, make = setup
+    s._store(make(mid), b"Subject: race\r\n\r\nbody\r\n", state)
+    return s
+
+
+@pytest.mark.parametrize("race", list(RACES))
+def test_a_concurrent_operation_at_any_step_leaves_the_message_in_one_state(
+        steps: Steps, tmp_path: Path, race: str) -> None:
+    setup, first, second, may_go = RACES[race]
+    probe = fresh(tmp_path, f"{race}-probe", setup)
+    steps.reset()
+    first(probe, "RACE")
+    n = steps.count
+    assert n >= 1, "the operation changed nothing: this test would prove nothing"
+    steps.reset()
+    # Before step k of the first operation, for every k; then one after the other.
+    for k in range(n + 1):
+        spool = fresh(tmp_path, f"{race}-{k}", setup)
+        steps.reset()
+        steps.check = lambda s=spool: in_one_place(s, "RACE", may_go=may_go)
+
+        def interleave(step: int, spool: Spool = spool, k: int = k) -> None:
+            if step == k:
+                second(spool, "RACE")
+
+        steps.before = interleave
+        first(spool, "RACE")
+        if k == n:
+            second(spool, "RACE")
+        steps.reset()
+        in_one_place(spool, "RACE", may_go=may_go)
+        assert list((spool.root / "tmp").iterdir()) == [], f"step {k}: tmp/ not cleaned up"
+        where = places(spool, "RACE")
+        if where and where[0] in ("deferred", "hold") and setup[0] is State.ACTIVE:
+            # The attempt's outcome survived, whoever moved the message last.
+            assert spool.read(State(where[0]), "RACE.json").attempts == 1, (k, where)
+
+
+def test_an_operator_delete_never_removes_the_data_of_a_message_being_delivered(
+        steps: Steps, tmp_path: Path) -> None:
+    spool = fresh(tmp_path, "spool", (State.DEFERRED, entry))
+    steps.reset()
+    taken: list[int] = []
+
+    def the_relay_takes_it(step: int) -> None:     # between the command's check and act
+        relay_takes(spool, "RACE")
+        taken.append(step)
+
+    steps.before = the_relay_takes_it
+    with pytest.raises(queuectl.QueueCommandError, match="changed while") as err:
+        queuectl.delete(spool, "RACE")
+    assert taken == [0]
+    assert err.value.temporary
+    assert places(spool, "RACE") == ["active"]
+    assert spool.read_data("RACE").startswith(b"Subject: race")
+
+
+# Operations and the states the message may be in once the relay has recovered from a
+# crash before any of their steps: the state before, or the state after (for active/, the
+# state before is incoming/: recovery requeues what was being delivered).
+CRASHES: dict[str, tuple[Setup, Callable[[Spool, str], None], set[str]]] = {
+    "relay takes": ((State.DEFERRED, entry), relay_takes, {"deferred", "incoming"}),
+    "relay paces": ((State.INCOMING, entry), relay_paces, {"incoming", "deferred"}),
+    "relay defers": ((State.ACTIVE, entry), relay_defers, {"incoming", "deferred"}),
+    "relay bounces": ((State.ACTIVE, entry), relay_bounces, {"incoming", "failed"}),
+    "relay delivered": ((State.ACTIVE, entry), lambda s, m: s.remove(m, State.ACTIVE),
+                        {"incoming", "gone"}),
+    "queue hold": ((State.DEFERRED, entry), operator("hold"), {"deferred", "hold"}),
+    "queue release": ((State.HOLD, entry), operator("release"), {"hold", "deferred"}),
+    "queue retry": ((State.FAILED, failed_entry), operator("retry"), {"failed", "deferred"}),
+    "queue delete": ((State.HOLD, entry), operator("delete"), {"hold", "gone"}),
+}
+
+
+@pytest.mark.parametrize("operation", list(CRASHES))
+def test_a_crash_at_any_step_is_resolved_by_recovery(
+        steps: Steps, tmp_path: Path, operation: str) -> None:
+    setup, run, allowed = CRASHES[operation]
+    probe = fresh(tmp_path, f"{operation}-probe", setup)
+    steps.reset()
+    run(probe, "RACE")
+    n = steps.count
+    steps.reset()
+    seen: set[str] = set()
+    for k in range(n):
+        spool = fresh(tmp_path, f"{operation}-{k}", setup)
+        steps.reset()
+
+        def crash(step: int, k: int = k) -> None:
+            if step == k:
+                raise Crash
+
+        steps.before = crash
+        with pytest.raises(Crash):
+            run(spool, "RACE")
+        steps.reset()
+        spool.recover()                                  # the relay starts again
+        where = places(spool, "RACE")
+        state = where[0] if where else "gone"
+        assert state in allowed, f"crash before step {k}: {operation} left it in {where}"
+        in_one_place(spool, "RACE", may_go="gone" in allowed)
+        if state == "gone":
+            assert not spool.data_path("RACE").exists()
+        if operation == "queue retry" and state == "deferred":
+            assert spool.read(State.DEFERRED, "RACE.json").failed == {}
+        assert list((spool.root / "tmp").iterdir()) == []
+        assert list((spool.root / "corrupt").iterdir()) == []
+        seen.add(state)
+    # Crashing before the last step still leaves the message where it was; the state after
+    # is reached only by the step itself, so both outcomes are exercised above.
+    assert seen, "no step was crashed"
+
+
+def test_content_of_shared_states_is_never_rewritten(spool: Spool) -> None:
+    spool._store(entry("SHR"), b"data", State.DEFERRED)
+    e = spool.read(State.DEFERRED, "SHR.json")
+    e.attempts = 7
+    with pytest.raises(ValueError, match="shared"):
+        spool.move(e, State.DEFERRED, State.HOLD)
+    assert spool.read(State.DEFERRED, "SHR.json").attempts == 0
+
+
+def test_operator_lock_excludes_a_second_holder(spool: Spool) -> None:
+    with spool.operator_lock():
+        started = time.monotonic()
+        with pytest.raises(SpoolBusy), spool.operator_lock(wait=0.1):
+            pass
+        assert time.monotonic() - started < 2
+    with spool.operator_lock(wait=0):                     # released on exit
+        pass

@@ -1,10 +1,10 @@
-"""Reload in process: a refused reload changes nothing, in any stage.
-
-(Reloads of a real process by SIGHUP are in test_process.py.)
+"""The relay's lifecycle in process: a refused reload changes nothing, in any stage;
+one relay per spool. (Reloads of a real process by SIGHUP are in test_process.py.)
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import aiosmtplib
@@ -13,6 +13,7 @@ import pytest
 from relay.app import Relay
 from relay.config import Config
 from relay.sandbox.service import Sandbox
+from relay.spool import SpoolError
 from tests.conftest import build_config, wait_until
 from tests.test_end_to_end import send
 
@@ -55,3 +56,24 @@ async def test_reload_refused_by_a_later_stage_leaves_the_earlier_ones_alone(
         assert info.value.code == 452
     finally:
         await relay.stop()
+
+
+async def test_one_relay_per_spool(sandbox: Sandbox) -> None:
+    """A second relay on the same spool would requeue the first one's messages in
+    delivery and deliver them twice: it refuses to start, and says who holds the spool."""
+    config = sandbox.apply(build_config())
+    first = Relay(config)
+    await first.start()
+    try:
+        second = Relay(config)
+        with pytest.raises(SpoolError, match=rf"another relay \(pid {os.getpid()}\)"):
+            await second.start()
+        assert second.listening == []
+        reply = await send(first, "app@contoso.com", ["a@example.com"])  # unharmed
+        assert reply.code == 250
+    finally:
+        await first.stop()
+    # Stopped (or killed: the kernel drops the lock), the spool is free again.
+    again = Relay(config)
+    await again.start()
+    await again.stop()
