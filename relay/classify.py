@@ -33,8 +33,12 @@ class Action(enum.StrEnum):
 @dataclass(frozen=True)
 class Verdict:
     action: Action
-    explanation: str
+    explanation: str      # for the operator's log: the full diagnosis and fix
     alert: bool
+    # For the sender (a synchronous client's 5xx, the DSN): what went wrong and who can fix
+    # it, in a line. It may only repeat what the upstream's reply already says (addresses),
+    # never the relay's own settings, so it is safe to show to anyone who submits mail.
+    hint: str = ""
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Rule:
     action: Action
     explanation: str  # may name the pattern's groups: {address}, {mailbox}
     alert: bool = False
+    hint: str = ""    # the same groups; see Verdict.hint
 
 
 def _status(code: str) -> str:
@@ -50,8 +55,9 @@ def _status(code: str) -> str:
     return r"(?<![\d.])" + re.escape(code) + r"(?!\.?\d)"
 
 
-def _rule(pattern: str, action: Action, explanation: str, alert: bool = False) -> Rule:
-    return Rule(re.compile(pattern, re.IGNORECASE), action, explanation, alert)
+def _rule(pattern: str, action: Action, explanation: str, alert: bool = False,
+          hint: str = "") -> Rule:
+    return Rule(re.compile(pattern, re.IGNORECASE), action, explanation, alert, hint)
 
 
 _SP = "the app's service principal"
@@ -111,7 +117,12 @@ TABLE: tuple[Rule, ...] = (
           "Add-RecipientPermission -Identity {address} -Trustee <mailbox or service principal> "
           "-AccessRights SendAs and list it in the profile's send_as, or use "
           "sender_policy: rewrite",
-          alert=True),
+          alert=True,
+          # The sender cannot fix this; it must know that resending will not help and
+          # what to ask the relay's administrator for.
+          hint="the mailbox {mailbox} lacks Send As permission for {address}; the relay's "
+               "administrator must grant it (Add-RecipientPermission) or add the address "
+               "to the profile's send_as"),
     # Any other 530/534/535 is a login problem too, never the message's fault.
     _rule(r"^53[045] ",
           Action.AUTH,
@@ -160,5 +171,6 @@ def classify(reply: Reply) -> Verdict:
         m = rule.pattern.search(line)
         if m is not None:
             groups = _Fill({k: v for k, v in m.groupdict().items() if v})
-            return Verdict(rule.action, rule.explanation.format_map(groups), rule.alert)
+            return Verdict(rule.action, rule.explanation.format_map(groups), rule.alert,
+                           rule.hint.format_map(groups))
     return _BY_CLASS.get(reply.code // 100, _BY_CLASS[4])

@@ -11,12 +11,14 @@ from __future__ import annotations
 import email.policy
 import email.utils
 import re
+import textwrap
 import time
 from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage, Message, MIMEPart
 from email.parser import BytesHeaderParser
 
+from relay.classify import classify
 from relay.message import Reply
 
 # SMTP's line ending, never 8-bit content. Bodies are wrapped at 78 when they are encoded;
@@ -92,6 +94,12 @@ def build_dsn(*, reporting_mta: str, sender_mailbox: str, to: str, original_head
     for rcpt, reply, action in outcomes:
         text += ["", f"<{rcpt}>: {action}", f"    The message was answered{where} with:",
                  f"    {reply}"]
+        # What the reply means, when the relay knows (e.g. a missing Send As permission):
+        # the upstream's words alone rarely tell the sender that resending cannot help.
+        hint = classify(reply).hint
+        if hint:
+            text += ["", *textwrap.wrap(f"What this means: {hint}.", width=74,
+                                        initial_indent="    ", subsequent_indent="    ")]
 
     per_message = [("Reporting-MTA", f"dns; {reporting_mta}"),
                    ("Arrival-Date", _date(arrival))]

@@ -111,21 +111,30 @@ class Queue:
         if not wait or not self._claim(entry):
             self._wakeup.set()
             return queued
+        # The one source of truth for "the client is still waiting": this future is not
+        # done. The attempt answers through it (set_result); when the wait ends without an
+        # answer it is cancelled here, and from then on the client has been told 250 and
+        # the attempt must report failures by DSN like any asynchronous one. Both sides
+        # check and complete it without an await in between, so they cannot both win.
+        waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         task = self._active[entry.id] = asyncio.create_task(
-            self._run_attempt(entry, State.INCOMING, synchronous=True))
+            self._run_attempt(entry, State.INCOMING, waiter=waiter))
         try:
-            async with asyncio.timeout(wait):
-                outcome = await asyncio.shield(task)
-        except TimeoutError:
-            return queued                 # the attempt goes on; the queue owns the message
-        if outcome.state == "failed":
-            return outcome.reply
-        if outcome.state == "delivered":
-            return Reply(250, f"2.0.0 Ok: delivered as {msg.id}")
-        if outcome.state == "partial":
-            return Reply(250, f"2.0.0 Ok: delivered as {msg.id} to some recipients; "
-                              "the others were refused and a delivery report follows")
-        return queued
+            await asyncio.wait((waiter, task), timeout=wait,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Also when this coroutine is cancelled: nobody is left to hear a 5xx.
+            if not waiter.done():
+                waiter.cancel()
+        if not waiter.cancelled():
+            # Answered: the attempt only finishes its spool update (a refused message is
+            # being removed). Wait for that, so that the reply goes out once the spool
+            # agrees with it (asyncio.wait never cancels the task, even if this is).
+            await asyncio.wait((task,))
+            return waiter.result()
+        if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
+            raise exc                     # crashed before answering: the client gets a 4xx
+        return queued                     # the attempt goes on; the queue owns the message
 
     def _claim(self, entry: Entry) -> bool:
         """Reserve a window slot for ``entry`` if it may go now (no await: atomic on the loop)."""
@@ -294,7 +303,8 @@ class Queue:
     # --- one attempt --------------------------------------------------------------------------
 
     async def _run_attempt(self, entry: Entry, state: State, *,
-                           synchronous: bool = False) -> Outcome:
+                           waiter: asyncio.Future[Reply] | None = None) -> Outcome:
+        """One attempt; ``waiter`` is the synchronous client's answer while it waits."""
         try:
             with message_context(entry.id):
                 try:
@@ -302,13 +312,17 @@ class Queue:
                                             rewrite=False)
                 except FileNotFoundError:
                     log.info("no longer in %s (held or deleted by an operator)", state)
-                    return Outcome("deferred", Reply(250, "2.0.0 Ok: queued"))
-                return await self._attempt(entry, synchronous)
+                    outcome = Outcome("deferred", Reply(250, "2.0.0 Ok: queued"))
+                else:
+                    outcome = await self._attempt(entry, waiter)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(_client_reply(entry.id, outcome))
+                return outcome
         finally:
             self._active.pop(entry.id, None)
             self._wakeup.set()
 
-    async def _attempt(self, entry: Entry, synchronous: bool) -> Outcome:
+    async def _attempt(self, entry: Entry, waiter: asyncio.Future[Reply] | None) -> Outcome:
         data = await asyncio.to_thread(self.spool.read_data, entry.id)
         pending = self._pending(entry)
         mailbox = self._mailbox(entry)
@@ -329,11 +343,10 @@ class Queue:
                 self.governor.finished(mailbox, self._clock())
         duration = time.monotonic() - timer
         self._hooks.attempt(result.reply, duration)
-        return await self._settle(entry, pending, result, data, mailbox, synchronous,
-                                  duration)
+        return await self._settle(entry, pending, result, data, mailbox, waiter, duration)
 
     async def _settle(self, entry: Entry, pending: list[str], result: DeliveryResult,
-                      data: bytes, mailbox: str | None, synchronous: bool,
+                      data: bytes, mailbox: str | None, waiter: asyncio.Future[Reply] | None,
                       duration: float) -> Outcome:
         now = self._clock()
         entry.attempts += 1
@@ -371,17 +384,29 @@ class Queue:
             still = []
         report = _AttemptReport(entry, mailbox, pending, accepted, still, result, duration,
                                 reason)
+        if not still and not entry.failed:
+            await asyncio.to_thread(self.spool.remove, entry.id, State.ACTIVE)
+            self._report(report, "delivered")
+            return Outcome("delivered", result.reply)
+        if not still and not entry.delivered and waiter is not None and not waiter.done():
+            # Nobody was reached and the client is still waiting: it gets the 5xx, so the
+            # failure is its own and nothing is queued or bounced. The answer is given
+            # before the next await, so the client's wait cannot now expire into a
+            # "250 queued" for a message that is about to be removed.
+            refusal = self._permanent_reply(entry, result)
+            waiter.set_result(refusal)
+            await asyncio.to_thread(self.spool.remove, entry.id, State.ACTIVE)
+            self._report(report, "refused")
+            return Outcome("failed", refusal)
+        # As Postfix does, recipients refused for good are reported now, in one DSN naming
+        # only them, while the others are still retried. Earlier failures are not listed
+        # again: they are in entry.failed, so they were never pending in this attempt. The
+        # DSN is spooled before entry.failed is saved, so a crash in between repeats a
+        # report at worst and never loses one.
+        fresh = {rcpt: entry.failed[rcpt] for rcpt in pending if rcpt in entry.failed}
+        if fresh:
+            await self._bounce(entry, fresh, data, reason)
         if not still:
-            if not entry.failed:
-                await asyncio.to_thread(self.spool.remove, entry.id, State.ACTIVE)
-                self._report(report, "delivered")
-                return Outcome("delivered", result.reply)
-            if synchronous and not entry.delivered:
-                # Nobody was reached and the client is still waiting: tell it, queue nothing.
-                await asyncio.to_thread(self.spool.remove, entry.id, State.ACTIVE)
-                self._report(report, "refused")
-                return Outcome("failed", self._permanent_reply(entry, result))
-            await self._bounce(entry, data, reason)
             await asyncio.to_thread(self.spool.move, entry, State.ACTIVE, State.FAILED)
             self._report(report, "bounced")
             if entry.delivered:
@@ -391,6 +416,8 @@ class Queue:
         if mailbox and pause:
             delay = max(delay, self.governor.ready_at(mailbox, len(still), now) - now)
         entry.next_attempt = now + delay
+        # The rewrite saves entry.delivered and entry.failed: the next attempt sends only
+        # to the recipients still pending, and reports none of this attempt's twice.
         await asyncio.to_thread(self.spool.move, entry, State.ACTIVE, State.DEFERRED)
         self._deferred_until(entry.next_attempt)
         self._report(report, "deferred", delay)
@@ -435,47 +462,60 @@ class Queue:
             fields["failures"] = failures
         if delay is not None:
             fields["delay"] = round(delay, 1)
-        log.log(logging.WARNING if event in ("bounced", "refused") else logging.INFO,
+        log.log(logging.WARNING if event in ("bounced", "refused") or failed else logging.INFO,
                 "attempt %d %s: %d delivered, %d failed, %d pending; %s (%.2f s)%s",
                 entry.attempts, event, len(delivered), len(failed), len(r.still),
                 r.result.reply, r.duration, tail, extra=fields)
 
     @staticmethod
     def _permanent_reply(entry: Entry, result: DeliveryResult) -> Reply:
+        """The 5xx for a waiting client: the upstream's reply, then what it means if known."""
         if result.reply.permanent:
-            return result.reply
-        first = next(iter(entry.failed.values()))
-        code = first.split(" ", 1)
-        if len(code) == 2 and code[0].isdigit():
-            return Reply(int(code[0]), code[1])
-        return Reply(550, f"5.0.0 {first}")
+            reply = result.reply
+        else:
+            first = next(iter(entry.failed.values()))
+            code = first.split(" ", 1)
+            reply = (Reply(int(code[0]), code[1]) if len(code) == 2 and code[0].isdigit()
+                     else Reply(550, f"5.0.0 {first}"))
+        hint = classify(reply).hint
+        if not hint:
+            return reply
+        # A continuation line, so the upstream's own line stays as it was (apps and people
+        # search for it) and no line gets near SMTP's 512-octet limit; RFC 2034 wants the
+        # enhanced code on every line.
+        status = reply.enhanced or f"{reply.code // 100}.0.0"
+        return Reply(reply.code, f"{reply.text.rstrip()}\n{status} {hint}")
 
     def _backoff(self, attempts: int) -> float:
         d = self.config.delivery
-        base = min(d.retry_max, d.retry_initial * 2 ** max(0, attempts - 1))
-        return base * random.uniform(0.8, 1.2)
+        return backoff(attempts, d.retry_initial, d.retry_max)
 
     # --- bounces ----------------------------------------------------------------------------
 
-    async def _bounce(self, entry: Entry, data: bytes, reason: str | None) -> None:
-        """Queue a DSN for the failed recipients, unless that would be a mail loop.
+    async def _bounce(self, entry: Entry, failed: dict[str, str], data: bytes,
+                      reason: str | None) -> None:
+        """Queue a DSN for the ``failed`` recipients, unless that would be a mail loop.
 
         The DSN's envelope sender is the profile's mailbox, not the null sender RFC 3464
         suggests: Exchange Online accepts submissions only from the authenticated mailbox.
         Loops are still impossible, because a DSN is recognised by its own headers
-        (Auto-Submitted, multipart/report) and never bounced in turn.
+        (Auto-Submitted, multipart/report) and never bounced in turn, whatever
+        delivery.bounce says: with ``operator`` too, a failed DSN would otherwise produce a
+        DSN to the operator, which can fail the same way, forever. Like Postfix's double
+        bounce, the buck stops with the log (and the message in failed/).
         """
         policy = self.config.delivery.bounce
         headers = RawMessage(data).header_section()
-        fields = {"event": "bounce", "profile": entry.profile, "rcpts": len(entry.failed)}
+        fields = {"event": "bounce", "profile": entry.profile, "rcpts": len(failed)}
         if policy == "none":
             log.warning("bounce suppressed (delivery.bounce: none) for %s",
-                        ", ".join(entry.failed), extra=fields)
+                        ", ".join(failed), extra=fields)
             return
         sender = entry.return_path if entry.return_path is not None else entry.mail_from
-        if policy == "sender" and (sender in ("", "<>") or is_auto_reply(headers)):
-            log.warning("no bounce: the message is itself a bounce or has a null sender",
-                        extra=fields)
+        if sender in ("", "<>") or is_auto_reply(headers):
+            log.warning("no bounce for message %s (failed: %s): it is itself a delivery "
+                        "report or an auto-reply, or has a null sender, and reporting on it "
+                        "could loop", entry.id, ", ".join(failed), extra=fields)
             return
         to = sender if policy == "sender" else self.config.delivery.operator
         profile = self.config.profiles.get(entry.profile)
@@ -486,15 +526,42 @@ class Queue:
         dsn = build_dsn(
             reporting_mta=self.config.server.hostname, sender_mailbox=profile.mailbox, to=to,
             original_headers=headers, arrival=entry.received_at,
-            failed={r: _parse_reply(t) for r, t in entry.failed.items()},
+            failed={r: _parse_reply(t) for r, t in failed.items()},
             remote_mta=upstream.host, original_envelope_id="", queue_id=entry.id,
             reason=reason)
         bounce = Entry(id=new_message_id(), profile=entry.profile, mail_from=profile.mailbox,
                        rcpt_tos=[to], size=len(dsn), received_at=self._clock())
         await self.spool.accept(bounce, dsn)
-        log.info("bounce %s queued to %s for %d recipient(s)", bounce.id, to, len(entry.failed),
+        log.info("bounce %s queued to %s for %d recipient(s)", bounce.id, to, len(failed),
                  extra={**fields, "bounce_id": bounce.id, "mailbox": profile.mailbox})
         self._wakeup.set()
+
+
+def backoff(attempts: int, initial: float, maximum: float) -> float:
+    """The delay after the ``attempts``-th failed attempt: doubling from ``initial``, at most
+    ``maximum``, with jitter so that messages deferred together do not retry together.
+
+    The jitter (±20 %) is drawn within the bounds rather than added after the cap: a
+    retry_max of one hour must mean at most one hour, and clipping instead would put half
+    of the capped retries on exactly the same delay. So the result lies within
+    [0.8 x step, min(1.2 x step, maximum)], where step = min(maximum, initial x 2^(n-1)).
+    """
+    step = min(maximum, initial * 2 ** max(0, attempts - 1))
+    high = min(step * 1.2, maximum)
+    low = min(step * 0.8, high)
+    return random.uniform(low, high)
+
+
+def _client_reply(mid: str, outcome: Outcome) -> Reply:
+    """What a client still waiting for the first attempt is told about it."""
+    if outcome.state == "failed":
+        return outcome.reply
+    if outcome.state == "delivered":
+        return Reply(250, f"2.0.0 Ok: delivered as {mid}")
+    if outcome.state == "partial":
+        return Reply(250, f"2.0.0 Ok: delivered as {mid} to some recipients; "
+                          "the others were refused for good")
+    return Reply(250, f"2.0.0 Ok: queued as {mid}")
 
 
 def _parse_reply(text: str) -> Reply:

@@ -117,3 +117,27 @@ def test_multiline_replies_are_matched_as_one_line() -> None:
 def test_submission_quota_wins_over_the_sent_items_quota() -> None:
     both = Reply(554, "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException")
     assert classify(both).action is Action.PAUSE_MAILBOX
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("5.2.252 SendAsDenied; app@contoso.com not allowed to send as printer@contoso.com; "
+     "STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied",
+     ("app@contoso.com lacks Send As permission for printer@contoso.com",)),
+    ("5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied",
+     ("lacks Send As permission for the sender address",)),
+    ("5.7.60 SMTP; Client does not have permissions to send as this sender", ()),
+])
+def test_send_as_denied_has_a_hint_for_the_sender(text: str, words: tuple[str, ...]) -> None:
+    hint = classify(Reply(554, text)).hint
+    for word in (*words, "Add-RecipientPermission", "send_as", "administrator"):
+        assert word in hint
+    # One line, and nothing of the relay's own set-up (those details are for the log).
+    assert "\n" not in hint and "{" not in hint
+    assert "Trustee" not in hint and "service principal" not in hint
+
+
+def test_only_replies_the_relay_can_explain_to_a_sender_have_a_hint() -> None:
+    with_hint = {text for code, text, *_ in CASES if classify(Reply(code, text)).hint}
+    assert with_hint and all("SendAs" in t or "5.7.60" in t for t in with_hint)
+    # A login problem is the operator's, never the sender's, business.
+    assert classify(Reply(535, "5.7.3 Authentication unsuccessful")).hint == ""

@@ -158,3 +158,20 @@ def test_is_auto_reply(headers: bytes, expected: bool) -> None:
 
 def test_a_dsn_is_recognised_as_an_auto_reply() -> None:
     assert is_auto_reply(dsn())
+
+
+def test_send_as_denied_explains_the_missing_permission_in_the_human_part() -> None:
+    _, text, blocks, _ = parse(dsn())
+    flat = " ".join(text.split())
+    assert "What this means: the mailbox relay@contoso.com lacks Send As permission for " \
+           "app@contoso.com" in flat
+    assert "Add-RecipientPermission" in flat and "send_as" in flat
+    assert str(SEND_AS) in flat                        # the upstream's words stay too
+    assert blocks[1]["Diagnostic-Code"] == f"smtp; {SEND_AS}"   # machine part unchanged
+    explained = text[text.index("    What this means"):]   # wrapped for a mail reader
+    assert max(len(line) for line in explained.splitlines()) <= 78
+
+
+def test_a_reply_without_a_known_meaning_gets_no_explanation() -> None:
+    _, text, _, _ = parse(dsn(failed={"bob@example.net": Reply(550, "5.1.1 User unknown")}))
+    assert "What this means" not in text
