@@ -335,6 +335,13 @@ class Server(_Model):
     max_recipients: int = Field(default=500, ge=1)
     max_line_length: int = Field(default=65536, ge=1000)
     idle_timeout: Duration = 300.0
+    # A byte every (idle_timeout - 1 s) would hold a connection for ever. A line,
+    # once begun, must be complete within line_timeout (Postfix's smtpd_timeout with
+    # smtpd_per_record_deadline, Exim's smtp_receive_timeout: 5 min), and a connection
+    # lasts at most session_timeout (time the relay spends handing mail over is not
+    # counted): 1 h carries a 150 MB message over a link of 340 kbit/s.
+    line_timeout: Duration = 300.0
+    session_timeout: Duration = 3600.0
     max_connections: int = Field(default=100, ge=1)
     max_auth_failures: int = Field(default=3, ge=1)
 

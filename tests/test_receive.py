@@ -14,6 +14,7 @@ import logging
 import smtplib
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -370,6 +371,59 @@ async def test_auth_syntax_errors_are_answered(start: Start) -> None:
     assert "AUTH LOGIN PLAIN" in await c.ehlo()
 
 
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Log records at ERROR or with a traceback: a client must never cause one."""
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.ERROR or r.exc_info is not None]
+
+
+TOO_LONG_AUTH = (500, "5.5.6 Authentication exchange line is too long")
+
+
+@pytest.mark.parametrize(("mechanism", "answer"), [
+    ("LOGIN", "A" * 5000),                   # a 5000-byte user name
+    ("PLAIN", b64(b"x" * 3000)),             # a 4 kB base64 continuation response
+])
+async def test_overlong_auth_answer_is_refused_and_counted(
+        start: Start, mechanism: str, answer: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    h = await start(REFUSED_NETWORK)
+    c = await connect(h)
+    await c.ehlo()
+    assert (await c.cmd(f"AUTH {mechanism}"))[0] == 334
+    assert await c.cmd(answer) == TOO_LONG_AUTH
+    assert await c.cmd("NOOP") == (250, "2.0.0 OK")           # still in step
+    failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert failures == [f"AUTH {mechanism} failed: client=127.0.0.1 user='' "
+                        "reason=answer line too long"]
+    assert errors_logged(caplog) == []
+    assert (await c.cmd(f"AUTH PLAIN {plain('alice', PASSWORDS['alice'])}"))[0] == 235
+    assert (await c.send("alice@contoso.com", ["x@example.com"]))[0] == 250
+
+
+async def test_auth_answer_beyond_the_stream_limit_is_dropped_whole(
+        start: Start, caplog: pytest.LogCaptureFixture) -> None:
+    # Longer than the reader's buffer (max_line_length + 1) several times over, and sent
+    # in pieces: all of it must be dropped, none taken as the next command.
+    h = await start({"server": {"max_line_length": 1000, "max_auth_failures": 3,
+                                **REFUSED_NETWORK["server"]}})
+    c = await connect(h)
+    await c.ehlo()
+    assert await c.cmd(f"AUTH LOGIN {b64('alice')}") == (334, b64("Password:"))
+    for _ in range(10):
+        c.writer.write(b"QUIT " * 2000)
+        await c.writer.drain()
+    assert await c.cmd(b"RSET") == TOO_LONG_AUTH
+    assert await c.cmd("NOOP") == (250, "2.0.0 OK")
+    assert "user='alice' reason=answer line too long" in caplog.text
+    assert (await c.cmd("AUTH PLAIN"))[0] == 334
+    assert await c.cmd(b"=" * 1500) == TOO_LONG_AUTH
+    assert (await c.cmd("AUTH LOGIN"))[0] == 334
+    assert await c.cmd(b"=" * 3000) == (421, "4.7.0 Too many authentication failures")
+    assert await c.closed()
+    assert errors_logged(caplog) == []
+
+
 async def test_password_never_logged(start: Start, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger="mail.log")
@@ -420,20 +474,28 @@ async def test_too_many_recipients(start: Start) -> None:
     assert h.submit.messages[0].rcpt_tos == ["a@example.com", "b@example.com"]
 
 
-async def test_long_lines_get_an_error_and_the_session_goes_on(start: Start) -> None:
+async def test_long_lines_get_an_error_and_the_session_goes_on(
+        start: Start, caplog: pytest.LogCaptureFixture) -> None:
+    # 1000 makes the reader's buffer 1001 bytes: these lines overrun it (aiosmtpd drops
+    # the rest of the line), not only the command and line length checks.
     h = await start({"server": {"max_line_length": 1000}})
     c = await connect(h)
     await c.ehlo()
-    code, text = await c.cmd("NOOP " + "x" * 5000)
-    assert code == 500 and text.startswith("5.5.2")
+    assert await c.cmd("NOOP " + "x" * 5000) == (500, "5.5.2 Command line too long")
+    assert await c.cmd("NOOP " + "x" * 200_000) == (500, "5.5.2 Command line too long")
+    assert await c.cmd("NOOP " + "x" * 600) == (500, "5.5.2 Command line too long")
     long_body = MESSAGE + b"y" * 3000 + b"\r\nend\r\n"
     code, text = await c.send(SYSTEM, ["a@example.com"], long_body)
     assert (code, text) == (500, "5.5.2 Line too long (limit 1000 octets)")
+    huge_body = MESSAGE + b"y" * 200_000 + b"\r\nend\r\n"
+    code, text = await c.send(SYSTEM, ["a@example.com"], huge_body)
+    assert (code, text) == (500, "5.5.2 Line too long (limit 1000 octets)")
     assert h.submit.messages == []
-    assert (await c.cmd("NOOP"))[0] == 250
+    assert await c.cmd("NOOP") == (250, "2.0.0 OK")
     ok_body = MESSAGE + b"z" * 990 + b"\r\n"
     assert (await c.send(SYSTEM, ["a@example.com"], ok_body))[0] == 250
     assert body_after_received(h.submit.messages[0].data) == ok_body
+    assert errors_logged(caplog) == []
 
 
 async def test_idle_timeout_closes_with_421(start: Start) -> None:
@@ -452,6 +514,137 @@ async def test_slow_submission_does_not_count_as_idle(start: Start) -> None:
     c = await connect(h)
     await c.ehlo()
     assert (await c.send(SYSTEM, ["a@example.com"]))[0] == 250
+
+
+TIMEOUT_421 = (421, "4.4.2 relay.test Error: timeout exceeded")
+
+
+async def trickle(c: Client, data: bytes, interval: float) -> None:
+    """Send ``data`` one byte every ``interval`` s: never idle, never a complete line."""
+    for i in range(len(data)):
+        c.writer.write(data[i:i + 1])
+        await c.writer.drain()
+        await asyncio.sleep(interval)
+
+
+@pytest.mark.parametrize("phase", ["command", "auth", "data"])
+async def test_trickled_line_is_cut_at_line_timeout(
+        start: Start, phase: str, caplog: pytest.LogCaptureFixture) -> None:
+    # A byte every 0.05 s keeps a 0.25 s idle timer from ever firing; the line deadline
+    # ends it 0.5 s after the line's first byte.
+    h = await start({"server": {"idle_timeout": "0.25s", "line_timeout": "0.5s"}})
+    c = await connect(h)
+    if phase != "command":
+        await c.ehlo()
+    if phase == "auth":
+        assert (await c.cmd("AUTH LOGIN"))[0] == 334
+    if phase == "data":
+        for line in (f"MAIL FROM:<{SYSTEM}>", "RCPT TO:<a@example.com>", "DATA"):
+            assert (await c.cmd(line))[0] in (250, 354)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    sender = asyncio.create_task(trickle(c, b"NOOP " + b"x" * 200, 0.05))
+    try:
+        assert await c.reply() == TIMEOUT_421
+    finally:
+        sender.cancel()
+    assert 0.5 <= loop.time() - began < 1.5
+    assert await c.closed()
+    await until(lambda: h.receiver.sessions == 0)
+    assert h.submit.messages == []
+    assert "line timeout: client=127.0.0.1" in caplog.text
+
+
+async def test_slow_message_of_quick_lines_is_not_cut(start: Start) -> None:
+    # The line deadline is per line: a message that takes several line_timeouts in all
+    # (a large message on a slow link) goes through.
+    h = await start({"server": {"idle_timeout": "0.25s", "line_timeout": "0.15s"}})
+    c = await connect(h)
+    await c.ehlo()
+    for line in (f"MAIL FROM:<{SYSTEM}>", "RCPT TO:<a@example.com>", "DATA"):
+        assert (await c.cmd(line))[0] in (250, 354)
+    lines = MESSAGE.splitlines(keepends=True) + [b"line %d\r\n" % i for i in range(8)]
+    for line in lines:
+        c.writer.write(line[:3])                # lines in two pieces, as TCP may split them
+        await asyncio.sleep(0.02)
+        c.writer.write(line[3:])
+        await asyncio.sleep(0.03)
+    c.writer.write(b".\r\n")
+    assert (await c.reply())[0] == 250
+    assert body_after_received(h.submit.messages[0].data) == b"".join(lines)
+
+
+async def test_session_timeout_ends_a_session_of_complete_lines(
+        start: Start, caplog: pytest.LogCaptureFixture) -> None:
+    # Each NOOP is quick, so neither idle_timeout nor line_timeout ever fires.
+    h = await start({"server": {"idle_timeout": "0.2s", "line_timeout": "0.2s",
+                                "session_timeout": "0.6s"}})
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    c = await connect(h)
+    answers = []
+    for _ in range(30):                         # 1.5 s at most, even if nothing cuts it
+        answers.append(await c.cmd("NOOP"))
+        if answers[-1] == TIMEOUT_421:
+            break
+        await asyncio.sleep(0.05)
+    assert answers.pop() == TIMEOUT_421
+    assert 0.6 <= loop.time() - began < 1.5
+    assert len(answers) >= 5 and set(answers) == {(250, "2.0.0 OK")}
+    assert await c.closed()
+    assert "session timeout: client=127.0.0.1" in caplog.text
+
+
+async def test_session_timeout_does_not_count_the_relays_own_work(start: Start) -> None:
+    # The hand-over takes longer than the whole session budget: the client still gets
+    # its reply, and the 421 only once its own time is used up.
+    h = await start({"server": {"session_timeout": "0.3s"}})
+    h.submit.delay = 0.45
+    c = await connect(h)
+    await c.ehlo()
+    assert (await c.send(SYSTEM, ["a@example.com"]))[0] == 250
+    assert await c.reply() == TIMEOUT_421
+    assert await c.closed()
+    assert len(h.submit.finished) == 1
+
+
+async def test_session_deadline_during_hand_over_is_answered_first(
+        start: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The deadline falls due while the received message is being prepared (the event
+    # loop is held, as by a slow policy check), so it is noticed only once the hand-over
+    # has begun: the message's reply must still come before the 421, or the client
+    # would send it again.
+    import relay.receive.handler as handler_module
+    original = handler_module.received_header
+
+    def slow_received_header(**kwargs: Any) -> bytes:
+        time.sleep(0.4)                                # blocks the loop past the deadline
+        return original(**kwargs)
+
+    monkeypatch.setattr(handler_module, "received_header", slow_received_header)
+    h = await start({"server": {"session_timeout": "0.3s"}})
+    c = await connect(h)
+    await c.ehlo()
+    code, text = await c.send(SYSTEM, ["a@example.com"])
+    assert code == 250 and queued_id(text) == h.submit.messages[0].id
+    assert await c.reply() == TIMEOUT_421
+    assert await c.closed()
+
+
+def test_timeout_defaults_and_validation() -> None:
+    server = build_config().server
+    assert (server.idle_timeout, server.line_timeout, server.session_timeout) == (
+        300, 300, 3600)
+    assert build_config({"server": {"line_timeout": "2m",
+                                    "session_timeout": "2h"}}).server.session_timeout == 7200
+    for key, value, problem in [
+            ("line_timeout", 0, "must be greater than zero"),
+            ("session_timeout", "0s", "must be greater than zero"),
+            ("session_timeout", "-5m", "expected a duration such as 30s, 5m, 1h or 5d"),
+            ("line_timeout", "soon", "expected a duration such as 30s, 5m, 1h or 5d")]:
+        with pytest.raises(ConfigError) as err:
+            build_config({"server": {key: value}})
+        assert f"server.{key}: {problem}" in str(err.value)
 
 
 async def test_max_connections(start: Start) -> None:

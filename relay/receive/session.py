@@ -4,8 +4,10 @@ aiosmtpd gives the SMTP state machine; this subclass adds what it has no setting
 asynchronous password checks (its ``_authenticate`` is synchronous, so AUTH PLAIN and
 LOGIN are reimplemented), per-connection decisions (AUTH over plaintext only from
 loopback, the connection limit, draining for shutdown), an idle timer that counts bytes
-rather than commands (so a slow 30 MB upload is not cut off), a ``421`` before an idle
-close, and enhanced status codes on the replies aiosmtpd sends without one.
+rather than commands (so a slow 30 MB upload is not cut off), deadlines per line and per
+session (so a client that trickles bytes cannot hold a connection slot for ever), a
+``421`` before any timeout close, and enhanced status codes on the replies aiosmtpd sends
+without one.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 TOO_MANY_AUTH_FAILURES = "421 4.7.0 Too many authentication failures"
+# RFC 4954 6: the client's answer is longer than the mechanism's buffer.
+AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication exchange line is too long"
 # The null reverse-path of bounces and receipts, as carried in envelope.mail_from.
 NULL_SENDER = "<>"
 
@@ -60,6 +64,11 @@ _DATA_REFUSALS = {_LINE_TOO_LONG, "552 Error: Too much mail data",
 
 # Longest user name written to the log; the rest is cut so a client cannot flood it.
 _MAX_LOGGED_USER = 64
+# Longest line (with CRLF) accepted as an answer in an AUTH exchange. A PLAIN or LOGIN
+# answer is a user name and a password: 1.5 kB once decoded is far beyond any real one
+# (2048 is also Postfix's line_length_limit), and anything longer is refused before it
+# is decoded or checked.
+_MAX_AUTH_LINE = 2048
 
 
 @dataclass(frozen=True)
@@ -156,6 +165,18 @@ class RelaySMTP(SMTP):
         self._refused = False
         self._auth_failures = 0
         self._timer_paused = False
+        self._line_timeout = server.line_timeout
+        self._session_timeout = server.session_timeout
+        # When the line now arriving began (loop time), or None after a complete line.
+        self._line_started: float | None = None
+        self._line_handle: asyncio.TimerHandle | None = None
+        self._session_handle: asyncio.TimerHandle | None = None
+        self._session_started = 0.0
+        # Time spent with the clocks paused, and when the current pause began.
+        self._paused_total = 0.0
+        self._paused_at: float | None = None
+        # The session deadline passed while the relay was working: close after its reply.
+        self._session_expired = False
         # Both are read by SMTP.__init__: the limit sizes the StreamReader, and the
         # class-level dict of command sizes would otherwise be shared (and grown by
         # every EHLO) across all connections.
@@ -202,6 +223,12 @@ class RelaySMTP(SMTP):
                 bool(self.require_starttls) or not self._loopback_check(self.client_ip))
             log.debug("connection: client=%s listener=%s:%d", self.client_ip,
                       self.listener.address, self.listener.port)
+            # Counted from the first connection_made only: STARTTLS gives no new budget.
+            self._session_started = self.loop.time()
+            self._session_handle = self.loop.call_later(self._session_timeout,
+                                                        self._session_deadline)
+        # aiosmtpd drops unread plaintext at STARTTLS: no line is in progress any more.
+        self._line_started = None
         super().connection_made(transport)
         # Called again after STARTTLS with a fresh session (RFC 3207 4.2): set it up anew.
         assert self.session is not None
@@ -212,6 +239,9 @@ class RelaySMTP(SMTP):
         if self._refused:
             return
         self._gate.release(self)
+        for handle in (self._line_handle, self._session_handle):
+            if handle is not None:
+                handle.cancel()
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
@@ -225,27 +255,101 @@ class RelaySMTP(SMTP):
         # Any bytes from the client count as activity, also in the middle of DATA.
         if not self._timer_paused and self._timeout_handle is not None:
             self._reset_timeout()
+        self._track_line(data)
         super().data_received(data)
+
+    # --- timeouts --------------------------------------------------------------------------
+    # idle_timeout: silence (any byte resets it). line_timeout: one line, once begun, must
+    # be complete in this time whatever the pace of its bytes (Postfix's per-record
+    # deadline, Exim's smtp_receive_timeout). session_timeout: the whole connection. The
+    # relay's own working time (pause_idle_timer) never counts against the client.
+
+    def _track_line(self, data: bytes) -> None:
+        """Note when the line being received began, and arm the line deadline for it."""
+        if not data:
+            return
+        if data.endswith(b"\n"):
+            self._line_started = None
+        elif self._line_started is None or b"\n" in data:
+            self._line_started = self.loop.time()
+            if self._line_handle is None:
+                self._line_handle = self.loop.call_later(self._line_timeout,
+                                                         self._line_deadline)
+
+    def _line_deadline(self) -> None:
+        # One timer per session, re-armed for the line now in progress rather than
+        # cancelled and created for every line of a large DATA.
+        self._line_handle = None
+        if self._line_started is None or self.transport is None:
+            return
+        remaining = self._line_started + self._line_timeout - self.loop.time()
+        if self._timer_paused or remaining > 0:
+            delay = self._line_timeout if self._timer_paused else remaining
+            self._line_handle = self.loop.call_later(delay, self._line_deadline)
+            return
+        self._timed_out("line timeout", logging.WARNING)
+
+    def _session_left(self) -> float:
+        """Seconds of the session budget left; time the clocks were paused is free."""
+        now = self.loop.time()
+        paused = self._paused_total
+        if self._paused_at is not None:
+            paused += now - self._paused_at
+        return self._session_started + self._session_timeout + paused - now
+
+    def _session_deadline(self) -> None:
+        self._session_handle = None
+        if self.transport is None or self._timer_paused:
+            return                                  # resume_idle_timer re-arms it
+        left = self._session_left()
+        if left > 0:
+            self._session_handle = self.loop.call_later(left, self._session_deadline)
+            return
+        self._timed_out("session timeout", logging.WARNING)
+
+    def _timed_out(self, what: str, level: int) -> None:
+        """Say 421 (RFC 5321 4.5.3.2 lets the server close on a timeout) and close."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        log.log(level, "%s: client=%s", what, self.client_ip)
+        self._writer.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n"
+                           .encode("ascii", errors="replace"))
+        self.transport.close()
 
     def _timeout_cb(self) -> None:
         if self.transport is None:
             return
-        if not self.transport.is_closing():
-            log.info("idle timeout: client=%s", self.client_ip)
-            self._writer.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n"
-                               .encode("ascii", errors="replace"))
+        self._timed_out("idle timeout", logging.INFO)
         super()._timeout_cb()
 
     def pause_idle_timer(self) -> None:
-        """Stop the idle clock while the relay, not the client, is the one working."""
+        """Stop the client's clocks while the relay, not the client, is the one working."""
         self._timer_paused = True
+        self._paused_at = self.loop.time()
         if self._timeout_handle is not None:
             self._timeout_handle.cancel()
 
     def resume_idle_timer(self) -> None:
+        now = self.loop.time()
+        if self._paused_at is not None:
+            self._paused_total += now - self._paused_at
+            self._paused_at = None
         self._timer_paused = False
-        if self.transport is not None:
-            self._reset_timeout()
+        if self._line_started is not None:
+            # A line the client began while waiting for the relay gets a full budget.
+            self._line_started = now
+        if self.transport is None:
+            return
+        self._reset_timeout()
+        if self._session_handle is None and not self._session_expired:
+            left = self._session_left()
+            if left > 0:
+                self._session_handle = self.loop.call_later(left, self._session_deadline)
+            else:
+                # Due at the very moment the hand-over began: the reply to the message
+                # comes first (cutting it off would make the client send it again),
+                # then push() closes.
+                self._session_expired = True
 
     @property
     def idle(self) -> bool:
@@ -302,6 +406,9 @@ class RelaySMTP(SMTP):
         if code == "421" and self.transport is not None:
             # 421 means the server closes the channel (RFC 5321 3.8).
             self.transport.close()
+        elif self._session_expired and not self._timer_paused:
+            # The reply to the message handed over when the session deadline passed.
+            self._timed_out("session timeout", logging.WARNING)
 
     async def handle_exception(self, error: Exception) -> str:
         # The handler's version also gets the session, to log the client with the error.
@@ -314,13 +421,11 @@ class RelaySMTP(SMTP):
 
     async def auth_PLAIN(self, _: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
-            blob = await self._auth_response(b"")
-            if blob is None:
-                return AuthResult(success=False, handled=True)
+            blob = await self._auth_response("PLAIN", b"")
         else:
             blob = await self._decode_initial(args[1])
-            if blob is None:
-                return AuthResult(success=False, handled=True)
+        if isinstance(blob, AuthResult):
+            return blob
         parts = blob.split(b"\x00")
         if len(parts) != 3:
             await self.push("501 5.5.2 Cannot split the AUTH PLAIN response")
@@ -333,42 +438,73 @@ class RelaySMTP(SMTP):
 
     async def auth_LOGIN(self, _: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
-            login = await self._auth_response(b"Username:")
+            login = await self._auth_response("LOGIN", b"Username:")
         else:
             login = await self._decode_initial(args[1])
-        if login is None:
-            return AuthResult(success=False, handled=True)
-        password = await self._auth_response(b"Password:")
-        if password is None:
-            return AuthResult(success=False, handled=True)
+        if isinstance(login, AuthResult):
+            return login
+        password = await self._auth_response("LOGIN", b"Password:", login)
+        if isinstance(password, AuthResult):
+            return password
         return await self._check("LOGIN", login, password)
 
-    async def _decode_initial(self, text: str) -> bytes | None:
+    async def _decode_initial(self, text: str) -> bytes | AuthResult:
+        """The initial response of the AUTH command, or the result if it is unusable."""
         if text == "=":                     # RFC 4954: an empty initial response
             return b""
         try:
             return base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             await self.push("501 5.5.2 Cannot decode base64")
-            return None
+            return AuthResult(success=False, handled=True)
 
-    async def _auth_response(self, challenge: bytes) -> bytes | None:
-        """Send a 334 challenge and return the decoded answer, or None (already answered).
+    async def _auth_response(self, mechanism: str, challenge: bytes, login: bytes = b""
+                             ) -> bytes | AuthResult:
+        """Send a 334 challenge and return the decoded answer, or the exchange's result.
 
         aiosmtpd's ``challenge_auth`` logs an undecodable answer, which may well be a
-        password typed in clear; this one logs nothing the client sent.
+        password typed in clear; this one logs nothing the client sent. ``login`` (known
+        once LOGIN has its user name) is only for the log line of a failure.
         """
         await self.push(b"334 " + base64.b64encode(challenge))
-        line = await self._reader.readline()
+        line = await self._read_auth_line()
+        if line is None:
+            # A failed attempt like a wrong password: it counts towards
+            # max_auth_failures and gets the log line fail2ban reads.
+            return await self._failed(mechanism, login, reply=AUTH_LINE_TOO_LONG,
+                                      reason="answer line too long")
         blob = line.strip()
         if blob == b"*":
             await self.push("501 5.7.0 Authentication aborted")
-            return None
+            return AuthResult(success=False, handled=True)
         try:
             return base64.b64decode(blob, validate=True)
         except (binascii.Error, ValueError):
             await self.push("501 5.5.2 Cannot decode base64")
+            return AuthResult(success=False, handled=True)
+
+    async def _read_auth_line(self) -> bytes | None:
+        """One line of the client's, or None if longer than ``_MAX_AUTH_LINE``.
+
+        ``StreamReader.readline`` raises on a line beyond the stream limit and, if its end
+        has not arrived yet, leaves the rest to be read as the next command. Like
+        aiosmtpd's command loop, this reads and drops an over-long line up to and
+        including its LF, so the session stays in step with the client.
+        """
+        too_long = False
+        while True:
+            try:
+                line = await self._reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.read(exc.consumed)       # no LF within the limit
+                too_long = True
+                continue
+            except asyncio.IncompleteReadError as exc:      # EOF: readline's behaviour
+                line = exc.partial
+            break
+        if too_long or len(line) > _MAX_AUTH_LINE:
             return None
+        return line
 
     async def _check(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
         try:
@@ -383,14 +519,16 @@ class RelaySMTP(SMTP):
                  loggable_user(user))
         return AuthResult(success=True, auth_data=user)
 
-    async def _failed(self, mechanism: str, login: bytes) -> AuthResult:
+    async def _failed(self, mechanism: str, login: bytes, *, reply: str | None = None,
+                      reason: str | None = None) -> AuthResult:
+        """Count a failed attempt; the reply is ``reply`` or aiosmtpd's 535 5.7.8."""
         self._auth_failures += 1
         # One line per failure with the client address, for fail2ban and the like.
-        log.warning("AUTH %s failed: client=%s user=%s", mechanism, self.client_ip,
-                    loggable_user(login))
+        log.warning("AUTH %s failed: client=%s user=%s%s", mechanism, self.client_ip,
+                    loggable_user(login), f" reason={reason}" if reason else "")
         if self._auth_failures >= self.settings.config.server.max_auth_failures:
             log.warning("too many AUTH failures, closing: client=%s failures=%d",
                         self.client_ip, self._auth_failures)
             await self.push(TOO_MANY_AUTH_FAILURES)
             return AuthResult(success=False, handled=True)
-        return AuthResult(success=False, handled=False)   # aiosmtpd answers 535 5.7.8
+        return AuthResult(success=False, handled=False, message=reply)
