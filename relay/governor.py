@@ -10,6 +10,11 @@ caller chooses) and nothing sleeps, so the queue decides how to wait and tests n
 clock. Memory per mailbox is bounded whatever the traffic: the minute window keeps only
 as many timestamps as the limit allows, and the day window counts recipients in one
 bucket per minute (at most 1,441 buckets).
+
+Exchange's windows do not restart with the relay, so the windows and a quota pause are
+exported (:meth:`Governor.export`) for the queue to keep in the spool and restored at
+start-up; with wall-clock ``now`` values they mean the same after a restart. Sessions in
+flight and throttling steps describe live connections and are not kept.
 """
 
 from __future__ import annotations
@@ -70,6 +75,41 @@ class Governor:
         self.limits = limits or Limits()
         self._boxes: dict[str, _Mailbox] = {}
         self._next_sweep = 0.0
+        self.changes = 0    # bumped by whatever export() would show differently
+
+    def export(self, now: float) -> dict[str, Any]:
+        """What must survive a restart, as JSON-ready data (see the module docstring)."""
+        boxes: dict[str, Any] = {}
+        for name, box in self._boxes.items():
+            box.expire(now, self.limits)
+            if box.day or box.minute or box.paused_until:
+                boxes[name] = {"day": [[t, n] for t, n in box.day], "minute": list(box.minute),
+                               "paused_until": box.paused_until}
+        return {"version": 1, "mailboxes": boxes}
+
+    def restore(self, data: Any, now: float) -> int:
+        """Take back what :meth:`export` gave (before any attempt starts); returns how many
+        mailboxes. Malformed parts are skipped: pacing state is advice, never a reason not
+        to start."""
+        restored = 0
+        boxes = data.get("mailboxes") if isinstance(data, dict) else None
+        for name, saved in (boxes or {}).items():
+            try:
+                day = deque((float(t), int(n)) for t, n in saved["day"])
+                minute = deque((float(t) for t in saved["minute"]),
+                               maxlen=self.limits.messages_per_minute)
+                paused_until = float(saved["paused_until"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            box = self._box(str(name), now)
+            box.day, box.day_total = day, sum(n for _, n in day)
+            box.minute, box.paused_until = minute, paused_until
+            box.expire(now, self.limits)
+            if box.day or box.minute or box.paused_until:
+                restored += 1
+            else:
+                del self._boxes[str(name)]      # it all expired while the relay was down
+        return restored
 
     def update(self, limits: Limits) -> None:
         """New limits (config reload); what was recorded still counts against them."""
@@ -117,6 +157,7 @@ class Governor:
 
     def started(self, mailbox: str, recipients: int, now: float) -> None:
         box = self._box(mailbox, now)
+        self.changes += 1
         box.in_flight += 1
         box.minute.append(now)
         if box.day and int(box.day[-1][0] // MINUTE) == int(now // MINUTE):
@@ -144,6 +185,7 @@ class Governor:
         governor cannot see: it looks again after an hour (sooner if its own expire first).
         """
         box = self._box(mailbox, now)
+        self.changes += 1
         until = box.day[0][0] + DAY if box.day else math.inf
         if box.day_total < self.limits.recipients_per_day:
             until = min(until, now + UNKNOWN_QUOTA_PAUSE)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 _IDLE_POLL = 10.0
 # Failed recipients named in an attempt's log line; a message may have hundreds.
 _LOGGED_FAILURES = 5
+# The governor's windows are saved in the spool this often (when they changed) and at stop:
+# a crash forgets at most this much of a mailbox's day, and Exchange's own quota reply
+# still pauses the mailbox should that matter.
+GOVERNOR_FILE = "governor.json"
+_GOVERNOR_SAVE_EVERY = 30.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,7 @@ class Queue:
         # but only incoming/ is looked at then, so a long deferred queue is not rescanned
         # for every message.
         self._next_deferred_scan = 0.0
+        self._governor_saved = (0, 0.0)        # (governor.changes, monotonic time) saved
 
     def update(self, config: Config) -> None:
         self.config = config
@@ -154,7 +161,36 @@ class Queue:
         report = await asyncio.to_thread(self.spool.recover)
         if any(report.values()):
             log.info("spool recovered: %s", ", ".join(f"{k} {v}" for k, v in report.items()))
+        await self._load_governor()
         self._dispatcher = asyncio.create_task(self._dispatch_loop())
+
+    async def _load_governor(self) -> None:
+        raw = await asyncio.to_thread(self.spool.load_state, GOVERNOR_FILE)
+        if raw is None:
+            return
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            log.warning("%s in the spool is not valid JSON; pacing starts afresh",
+                        GOVERNOR_FILE)
+            return
+        n = self.governor.restore(data, self._clock())
+        log.debug("pacing state of %d mailbox(es) restored", n)
+        self._governor_saved = (self.governor.changes, time.monotonic())
+
+    async def _save_governor(self, *, force: bool = False) -> None:
+        """Save the governor's windows when they changed (at most every 30 s unless forced)."""
+        changes, saved_at = self._governor_saved
+        if self.governor.changes == changes:
+            return
+        if not force and time.monotonic() - saved_at < _GOVERNOR_SAVE_EVERY:
+            return
+        self._governor_saved = (self.governor.changes, time.monotonic())
+        data = json.dumps(self.governor.export(self._clock())).encode()
+        try:
+            await asyncio.to_thread(self.spool.save_state, GOVERNOR_FILE, data)
+        except OSError as exc:
+            log.warning("cannot save the pacing state: %s", exc.strerror or exc)
 
     async def stop(self, grace: float) -> None:
         """Stop starting attempts, let running ones finish within ``grace`` seconds, keep the rest.
@@ -177,6 +213,7 @@ class Queue:
             if pending:
                 await asyncio.wait(pending)
                 log.warning("%d attempt(s) interrupted; they stay queued", len(pending))
+        await self._save_governor(force=True)
         await self.spool.close()
 
     def flush(self) -> None:
@@ -212,6 +249,7 @@ class Queue:
             self._wakeup.clear()
             try:
                 next_due = await self._fill()
+                await self._save_governor()
             except Exception:
                 log.exception("queue scan failed; retrying")
                 next_due = self._clock() + 5

@@ -220,6 +220,19 @@ class Spool:
             os.close(self._claim_fd)    # releases the flock
             self._claim_fd = None
 
+    def save_state(self, name: str, data: bytes) -> None:
+        """Keep a small file of the relay's own next to the queue (e.g. the governor's
+        windows): written to tmp/, fsynced and renamed, so it is whole or absent."""
+        tmp = self.root / "tmp" / f"{name}.{os.getpid()}.{time.monotonic_ns()}"
+        _write_synced(tmp, data)
+        os.replace(tmp, self.root / name)
+
+    def load_state(self, name: str) -> bytes | None:
+        try:
+            return (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
     def recover(self) -> dict[str, int]:
         """Bring the spool back to a consistent state after a stop or a crash.
 

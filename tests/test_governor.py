@@ -192,3 +192,34 @@ def test_update_applies_to_recorded_sends() -> None:
     assert g.snapshot(MBX, 20.0)["limit"] == 1
     g.update(Limits(messages_per_minute=50))
     assert g.ready_at(MBX, 1, 20.0) == 20.0
+
+
+def test_windows_and_pause_survive_export_and_restore() -> None:
+    """What a restart keeps (through JSON, as the queue saves it in the spool)."""
+    import json
+
+    g = Governor(Limits(messages_per_minute=2))
+    send(g, 0.0, 6000)
+    send(g, 3600.0, 3000)
+    send(g, 3620.0, 10)
+    g.quota_exceeded(MBX, 3630.0)
+    g.started("other@contoso.com", 1, 3630.0)       # in flight: not part of a restart
+    g.throttled("other@contoso.com", 3630.0)
+    saved = json.loads(json.dumps(g.export(3630.0)))
+
+    h = Governor(Limits(messages_per_minute=2))
+    assert h.restore(saved, 3640.0) == 2
+    assert h.snapshot(MBX, 3640.0) == g.snapshot(MBX, 3640.0)
+    assert h.ready_at(MBX, 1, 3640.0) == g.ready_at(MBX, 1, 3640.0) > 3640.0
+    other = h.snapshot("other@contoso.com", 3640.0)
+    assert (other["in_flight"], other["limit"], other["sent_last_minute"]) == (0, 3, 1)
+    # A day later everything saved has expired: nothing is restored that no longer counts.
+    assert Governor().restore(saved, 3630.0 + DAY) == 0
+
+
+@pytest.mark.parametrize("saved", [None, [], {"mailboxes": {"x": {"day": "junk"}}},
+                                   {"mailboxes": {MBX: {"day": [[1, 2]], "minute": []}}}])
+def test_restore_skips_what_it_cannot_read(saved: object) -> None:
+    g = Governor()
+    assert g.restore(saved, 10.0) == 0
+    assert g.ready_at(MBX, 1, 10.0) == 10.0

@@ -124,6 +124,33 @@ async def test_submission_quota_pauses_only_that_mailbox(
     assert queued(relay, State.FAILED) == []
 
 
+async def test_a_quota_pause_survives_a_restart(sandbox: Sandbox) -> None:
+    """Exchange's 24-hour window does not restart with the relay: neither does the pause."""
+    config = build_config(ASYNC)
+    first = Relay(sandbox.apply(config))
+    await first.start()
+    sandbox.exchange.fail_next("data", 554, "5.2.0 STOREDRV.Submission.Exception:"
+                                            "SubmissionQuotaExceededException")
+    await send(first, ["a@example.com"])
+    await wait_until(lambda: len(queued(first, State.DEFERRED)) == 1)
+    await first.stop()
+    assert (first.spool.root / "governor.json").exists()
+
+    second = Relay(sandbox.apply(config))
+    await second.start()
+    try:
+        await send(second, ["b@example.com"])
+        await wait_until(lambda: len(queued(second, State.DEFERRED)) == 2)
+        [paused] = [n for n in queued(second, State.DEFERRED)
+                    if second.spool.read(State.DEFERRED, n).rcpt_tos == ["b@example.com"]]
+        entry = second.spool.read(State.DEFERRED, paused)
+        assert entry.attempts == 0                  # held back, never offered to Exchange
+        assert entry.next_attempt > time.time() + 1800
+        assert sandbox.exchange.messages == []
+    finally:
+        await second.stop()
+
+
 async def test_messages_per_minute_are_paced_not_refused(
         start_relay: RelayFactory, sandbox: Sandbox) -> None:
     relay = await start_relay({**ASYNC, "delivery": {
