@@ -110,7 +110,8 @@ class Deliverer:
         profile = self._config.profiles.get(msg.profile)
         if profile is None:
             return DeliveryResult(Reply(451, f"4.3.5 Profile {msg.profile} is no longer "
-                                             "configured; message kept for retry"))
+                                             "configured; message kept for retry"),
+                                  offered=False)
         pool = self._pool(profile)
         provider = self._tokens.provider(profile.credential)
         mailbox = msg.mailbox or profile.mailbox
@@ -154,4 +155,4 @@ class Deliverer:
                          "mailbox": msg.mailbox or profile.mailbox})
         return DeliveryResult(Reply(
             451, f"4.7.0 Relay cannot obtain an OAuth token for profile {msg.profile} "
-                 "(see the relay's log); try again later"))
+                 "(see the relay's log); try again later"), offered=False)

@@ -19,6 +19,7 @@ flight and throttling steps describe live connections and are not kept.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -166,6 +167,24 @@ class Governor:
         else:
             box.day.append((now, recipients))
         box.day_total += recipients
+
+    def forget(self, mailbox: str, recipients: int, at: float) -> None:
+        """Take back what :meth:`started` recorded at ``at``: the attempt never reached
+        Exchange (no token), so it used none of the mailbox's limits."""
+        box = self._box(mailbox, at)
+        with contextlib.suppress(ValueError):
+            box.minute.remove(at)
+        for i in range(len(box.day) - 1, -1, -1):
+            latest, count = box.day[i]
+            if int(latest // MINUTE) == int(at // MINUTE):
+                taken = min(count, recipients)
+                box.day_total -= taken
+                if count == taken:
+                    del box.day[i]
+                else:
+                    box.day[i] = (latest, count - taken)
+                self.changes += 1
+                break
 
     def finished(self, mailbox: str, now: float) -> None:
         box = self._box(mailbox, now)

@@ -82,8 +82,12 @@ class DeliveryResult:
 
     ``reply`` is the overall answer (what a waiting client is told); ``refused`` holds
     per-recipient rejections, so a partial failure can be handled per recipient.
+    ``offered`` is False when the attempt ended before the upstream was asked (no token,
+    profile gone): Exchange counted nothing, so neither do the mailbox's limits, and the
+    upstream latency figures leave it out.
     """
 
     reply: Reply
     accepted: list[str] = field(default_factory=list)
     refused: dict[str, Reply] = field(default_factory=dict)
+    offered: bool = True

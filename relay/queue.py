@@ -113,7 +113,6 @@ class Queue:
                       client=msg.client, user=msg.user, return_path=msg.return_path,
                       mailbox=msg.mailbox or (profile.mailbox if profile else None))
         await self.spool.accept(entry, msg.data)
-        self._hooks.received(msg.profile)
         queued = Reply(250, f"2.0.0 Ok: queued as {msg.id}")
         if not wait or not self._claim(entry):
             self._wakeup.set()
@@ -380,7 +379,11 @@ class Queue:
             if mailbox is not None:
                 self.governor.finished(mailbox, self._clock())
         duration = time.monotonic() - timer
-        self._hooks.attempt(result.reply, duration)
+        if result.offered:
+            self._hooks.attempt(result.reply, duration)
+        elif mailbox is not None:
+            # An Entra ID outage must not use up the mailbox's day at Exchange.
+            self.governor.forget(mailbox, len(pending), started)
         return await self._settle(entry, pending, result, data, mailbox, waiter, duration)
 
     async def _settle(self, entry: Entry, pending: list[str], result: DeliveryResult,

@@ -223,3 +223,16 @@ def test_restore_skips_what_it_cannot_read(saved: object) -> None:
     g = Governor()
     assert g.restore(saved, 10.0) == 0
     assert g.ready_at(MBX, 1, 10.0) == 10.0
+
+
+def test_an_attempt_that_never_reached_exchange_is_forgotten() -> None:
+    """No token (Entra ID down): retries must not use up the mailbox's minute and day."""
+    g = Governor(Limits(messages_per_minute=2, recipients_per_day=100))
+    send(g, 0.0, 40)
+    for at in (10.0, 11.0, 12.0):                 # three attempts that failed before Exchange
+        g.started(MBX, 50, at)
+        g.finished(MBX, at)
+        g.forget(MBX, 50, at)
+    snap = g.snapshot(MBX, 13.0)
+    assert (snap["sent_last_minute"], snap["recipients_last_24h"]) == (1, 40)
+    assert g.ready_at(MBX, 60, 13.0) == 13.0
