@@ -56,12 +56,15 @@ class Relay:
         wait = ((profile.synchronous if profile else None) or msg.synchronous
                 or self.config.delivery.synchronous)
         try:
-            return await self.queue.submit(msg, wait=wait)
+            reply = await self.queue.submit(msg, wait=wait)
         except OSError as exc:
             log.error("cannot spool the message: %s", exc.strerror or exc)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                return Reply(452, "4.3.1 Insufficient system storage; try again later")
-            return Reply(451, "4.3.0 Cannot store the message right now; try again later")
+                reply = Reply(452, "4.3.1 Insufficient system storage; try again later")
+            else:
+                reply = Reply(451, "4.3.0 Cannot store the message right now; try again later")
+        self.metrics.received(msg.profile, reply)
+        return reply
 
     @property
     def listening(self) -> list[tuple[str, int]]:

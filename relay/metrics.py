@@ -36,7 +36,13 @@ from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -52,6 +58,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFIX = "smtp_relay_"
+# Each counter and histogram would also export a *_created gauge (its creation time),
+# doubling the series for nothing a dashboard uses.
+disable_created_metrics()
 # The text format every Prometheus version reads (prometheus_client's "latest" moved on).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # An upstream attempt is a TLS handshake, a login and a transaction when no session is
@@ -69,8 +78,10 @@ def reply_class(reply: Reply) -> str:
 class Hooks:
     """What the relay reports as it happens. This base ignores everything."""
 
-    def received(self, profile: str) -> None:
-        """A message was accepted: it is in the spool and the client was answered."""
+    def received(self, profile: str, reply: Reply) -> None:
+        """A client's message (after DATA) was answered with ``reply``: 2xx once it is in
+        the spool (or delivered), 4xx when it could not be stored, 5xx when a waiting
+        client was given the upstream's permanent refusal."""
 
     def delivered(self, profile: str, reply: Reply) -> None:
         """An attempt delivered the message to (some of) its recipients."""
@@ -206,8 +217,9 @@ class RelayMetrics(Hooks):
         self.registry = CollectorRegistry()
         r = self.registry
         self._received = Counter(
-            PREFIX + "messages_received", "Messages accepted from clients (spooled).",
-            ["profile"], registry=r)
+            PREFIX + "messages_received",
+            "Messages clients handed over, by the class of the reply they got (2xx: "
+            "accepted into the spool).", ["profile", "reply_class"], registry=r)
         self._delivered = Counter(
             PREFIX + "messages_delivered",
             "Delivery attempts that delivered a message to (some of) its recipients.",
@@ -234,8 +246,8 @@ class RelayMetrics(Hooks):
 
     # --- hooks -----------------------------------------------------------------------------
 
-    def received(self, profile: str) -> None:
-        self._received.labels(profile).inc()
+    def received(self, profile: str, reply: Reply) -> None:
+        self._received.labels(profile, reply_class(reply)).inc()
 
     def delivered(self, profile: str, reply: Reply) -> None:
         self._delivered.labels(profile, reply_class(reply)).inc()
@@ -264,7 +276,7 @@ class RelayMetrics(Hooks):
         """Show a zero for every profile and credential, so rates and alerts work from
         the first scrape instead of from the first event."""
         for profile in config.profiles:
-            self._received.labels(profile)
+            self._received.labels(profile, "2xx")
         for credential in config.credentials:
             self._token_errors.labels(credential)
 

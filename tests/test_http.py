@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.app import Relay
 from relay.config import Config
+from relay.message import Reply
 from relay.metrics import RelayMetrics, _CertificateDates
 from relay.sandbox.pki import create_pki
 from relay.sandbox.service import Sandbox
@@ -200,7 +201,8 @@ async def test_metrics_follow_delivered_and_deferred_messages(
     assert reply.status == 200
     assert reply.headers["content-type"].startswith("text/plain; version=0.0.4")
     before = reply.text
-    assert value(before, "smtp_relay_messages_received_total", profile="system") == 0
+    assert value(before, "smtp_relay_messages_received_total", profile="system",
+                 reply_class="2xx") == 0
     assert value(before, "smtp_relay_queue_messages", state="deferred") == 0
     assert value(before, "smtp_relay_queue_oldest_message_age_seconds") == 0
 
@@ -208,22 +210,30 @@ async def test_metrics_follow_delivered_and_deferred_messages(
     sandbox.exchange.fail_next("mail", 451, "4.3.2 System not accepting network messages")
     reply_text = (await send(relay)).message
     assert "queued" in reply_text                                # deferred, retry in 1 h
+    sandbox.exchange.fail_next("rcpt", 550, "5.1.1 User unknown")
+    with pytest.raises(aiosmtplib.SMTPDataError):                # the waiting client's 5xx
+        await send(relay, "gone@example.com")
     await asyncio.sleep(0.15)                                    # past cache_ttl
     text = (await get(relay, "/metrics")).text
 
-    assert value(text, "smtp_relay_messages_received_total", profile="system") == 2
+    assert value(text, "smtp_relay_messages_received_total", profile="system",
+                 reply_class="2xx") == 2
+    assert value(text, "smtp_relay_messages_received_total", profile="system",
+                 reply_class="5xx") == 1
     assert value(text, "smtp_relay_messages_delivered_total", profile="system",
                  reply_class="2xx") == 1
     assert value(text, "smtp_relay_messages_deferred_total", profile="system",
                  reply_class="4xx") == 1
+    # The refusal a waiting client was given counts as failed for good, too.
     assert value(text, "smtp_relay_messages_bounced_total", profile="system",
-                 reply_class="5xx") is None
+                 reply_class="5xx") == 1
     assert value(text, "smtp_relay_queue_messages", state="deferred") == 1
     assert value(text, "smtp_relay_queue_messages", state="incoming") == 0
     age = value(text, "smtp_relay_queue_oldest_message_age_seconds")
     assert age is not None and 0 <= age < 30
     assert value(text, "smtp_relay_upstream_delivery_seconds_count", reply_class="2xx") == 1
     assert value(text, "smtp_relay_upstream_delivery_seconds_count", reply_class="4xx") == 1
+    assert value(text, "smtp_relay_upstream_delivery_seconds_count", reply_class="5xx") == 1
     assert value(text, "smtp_relay_upstream_delivery_seconds_bucket", reply_class="2xx",
                  le="+Inf") == 1
     expires_in = value(text, "smtp_relay_token_expires_in_seconds", credential="main")
@@ -235,6 +245,7 @@ async def test_metrics_follow_delivered_and_deferred_messages(
     sessions = value(text, "smtp_relay_upstream_sessions", mailbox="relay@contoso.com")
     assert sessions is not None and sessions >= 0
     assert value(text, "smtp_relay_build_info", version=__import__("relay").__version__) == 1
+    assert "_created" not in text
 
 
 async def test_token_errors_are_counted_per_credential(
@@ -295,12 +306,14 @@ def test_every_relay_has_its_own_registry(sandbox: Sandbox) -> None:
     config: Config = sandbox.apply(build_config(with_http()))
     one, two = Relay(config), Relay(config)       # would clash on a shared registry
     assert isinstance(one.metrics, RelayMetrics)
-    one.metrics.received("system")
-    one.metrics.received("system")
+    one.metrics.received("system", Reply(250, "2.0.0 Ok"))
+    one.metrics.received("system", Reply(250, "2.0.0 Ok"))
     text_one = one.metrics.exposition().decode()
     text_two = two.metrics.exposition().decode()
-    assert value(text_one, "smtp_relay_messages_received_total", profile="system") == 2
-    assert value(text_two, "smtp_relay_messages_received_total", profile="system") == 0
+    assert value(text_one, "smtp_relay_messages_received_total", profile="system",
+                 reply_class="2xx") == 2
+    assert value(text_two, "smtp_relay_messages_received_total", profile="system",
+                 reply_class="2xx") == 0
 
 
 # --- bad clients --------------------------------------------------------------------------
