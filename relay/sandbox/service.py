@@ -64,7 +64,7 @@ class Sandbox:
                 tenant_id=cred.tenant_id, client_id=cred.client_id, cloud=cred.cloud,
                 authority=self.entra.url, scope=cred.scopes[0],
                 client_secret={"value": secret}, ca_file=self._pki.ca_file,
-                refresh_before=cred.refresh_before)
+                refresh_before=cred.refresh_before, secret_expires=cred.secret_expires)
         upstream = Upstream(host=self.exchange.host, port=self.exchange.port, tls="starttls",
                             ca_file=self._pki.ca_file, timeout=30)
         profiles = {}
