@@ -94,7 +94,9 @@ class Governor:
         to start."""
         restored = 0
         boxes = data.get("mailboxes") if isinstance(data, dict) else None
-        for name, saved in (boxes or {}).items():
+        if not isinstance(boxes, dict):
+            return 0
+        for name, saved in boxes.items():
             try:
                 day = deque((float(t), int(n)) for t, n in saved["day"])
                 minute = deque((float(t) for t in saved["minute"]),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -43,6 +44,8 @@ _LOGGED_FAILURES = 5
 # still pauses the mailbox should that matter.
 GOVERNOR_FILE = "governor.json"
 _GOVERNOR_SAVE_EVERY = 30.0
+# First pause before saving a message's state again after the disk refused it.
+BACKOFF_MIN_KEEP = 1.0
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,8 @@ class Queue:
             await asyncio.wait((task,))
             return waiter.result()
         if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
-            raise exc                     # crashed before answering: the client gets a 4xx
+            # A bug, not a verdict: the message is safe in the spool, so it is queued.
+            log.error("attempt for %s crashed before answering: %r", msg.id, exc)
         return queued                     # the attempt goes on; the queue owns the message
 
     def _claim(self, entry: Entry) -> bool:
@@ -308,6 +312,8 @@ class Queue:
                     continue
             if len(self._active) >= self.config.delivery.window:
                 break
+            if entry.id in self._active:
+                continue        # a synchronous submit claimed it while the file was read
             self._active[entry.id] = asyncio.create_task(self._run_attempt(entry, state))
         return next_due
 
@@ -350,17 +356,62 @@ class Queue:
                 except FileNotFoundError:
                     log.info("no longer in %s (held or deleted by an operator)", state)
                     outcome = Outcome("deferred", Reply(250, "2.0.0 Ok: queued"))
+                except OSError as exc:
+                    # Still where it was, so a later pass tries again.
+                    log.error("cannot take the message from %s/ for delivery: %s", state,
+                              exc.strerror or exc)
+                    self._deferred_until(self._clock() + BACKOFF_MIN_KEEP)
+                    outcome = Outcome("deferred", Reply(250, f"2.0.0 Ok: queued as {entry.id}"))
                 else:
-                    outcome = await self._attempt(entry, waiter)
+                    try:
+                        outcome = await self._attempt(entry, waiter)
+                    except Exception:
+                        # The message is in active/, which nobody scans: never leave it
+                        # there (it would wait for a restart, and be sent again then).
+                        log.exception("attempt failed; keeping the message queued")
+                        outcome = await self._keep(entry)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(_client_reply(entry.id, outcome))
                 return outcome
         finally:
-            self._active.pop(entry.id, None)
+            if self._active.get(entry.id) is asyncio.current_task():
+                del self._active[entry.id]
             self._wakeup.set()
 
+    async def _keep(self, entry: Entry) -> Outcome:
+        """Put a message whose attempt broke down (a disk error while saving its outcome)
+        back into deferred/, with what is known in memory: recipients recorded as
+        delivered are not sent again. Retried while the disk refuses, until shutdown,
+        after which recovery at start-up puts it back (as after a crash)."""
+        delay = BACKOFF_MIN_KEEP
+        while True:
+            entry.next_attempt = self._clock() + self._backoff(max(1, entry.attempts))
+            try:
+                await asyncio.to_thread(self.spool.move, entry, State.ACTIVE, State.DEFERRED)
+            except FileNotFoundError:
+                log.error("the message left active/ unexpectedly; nothing more to do here")
+                break
+            except OSError as exc:
+                if self._stopping:
+                    log.error("cannot save the message's state (%s); it stays in active/ "
+                              "and is retried after a restart", exc.strerror or exc)
+                    break
+                log.error("cannot save the message's state (%s); trying again in %.0f s",
+                          exc.strerror or exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+                continue
+            self._deferred_until(entry.next_attempt)
+            break
+        return Outcome("deferred", Reply(250, f"2.0.0 Ok: queued as {entry.id}"))
+
     async def _attempt(self, entry: Entry, waiter: asyncio.Future[Reply] | None) -> Outcome:
-        data = await asyncio.to_thread(self.spool.read_data, entry.id)
+        try:
+            data = await asyncio.to_thread(self.spool.read_data, entry.id)
+        except FileNotFoundError:
+            # Nothing to send, ever: set aside for an operator instead of retrying forever.
+            await asyncio.to_thread(self.spool.set_aside, State.ACTIVE, entry.id)
+            return Outcome("failed", Reply(451, "4.3.0 Message data missing from the spool"))
         pending = self._pending(entry)
         mailbox = self._mailbox(entry)
         msg = Outbound(id=entry.id, profile=entry.profile, mail_from=entry.mail_from,
@@ -421,7 +472,10 @@ class Queue:
             reason = (f"gave up after {self.config.delivery.max_lifetime / 86400:g} days "
                       f"and {entry.attempts} attempts")
             for rcpt in still:
-                entry.failed[rcpt] = entry.last_reply or "451 4.4.7 Delivery time expired"
+                # This recipient's own last reply (the overall one may be a 250 for others).
+                last = result.refused.get(rcpt, result.reply)
+                entry.failed[rcpt] = (str(last) if not last.ok
+                                      else "451 4.4.7 Delivery time expired")
             still = []
         report = _AttemptReport(entry, mailbox, pending, accepted, still, result, duration,
                                 reason)
@@ -446,7 +500,17 @@ class Queue:
         # report at worst and never loses one.
         fresh = {rcpt: entry.failed[rcpt] for rcpt in pending if rcpt in entry.failed}
         if fresh:
-            await self._bounce(entry, fresh, data, reason)
+            try:
+                await self._bounce(entry, fresh, data, reason)
+            except OSError as exc:
+                # The report cannot be spooled (disk full): keep those recipients pending,
+                # so that a later attempt reports them, rather than losing the report.
+                log.error("cannot spool the delivery report (%s); its recipients stay "
+                          "queued and are reported later", exc.strerror or exc)
+                for rcpt in fresh:
+                    del entry.failed[rcpt]
+                still = self._pending(entry)
+                report = dataclasses.replace(report, still=still)
         if not still:
             await asyncio.to_thread(self.spool.move, entry, State.ACTIVE, State.FAILED)
             self._report(report, "bounced")

@@ -76,6 +76,7 @@ class State(enum.StrEnum):
 
 _DIRS = ("tmp", "data", "corrupt", *(s.value for s in State))
 RELAY_LOCK = "relay.lock"   # see Spool.claim
+RECOVERY_LOCK_WAIT = 60.0   # how long start-up waits for an operator's queue command
 
 # States whose files only one party changes (see the module docstring), so that their
 # content can be rewritten in place before a move. incoming/ and deferred/ are shared.
@@ -178,7 +179,7 @@ class Spool:
                 (self.root / name).mkdir(parents=True, exist_ok=True, mode=0o750)
             probe = self.root / "tmp" / f".probe-{os.getpid()}"
             _write_synced(probe, b"ok")
-            probe.unlink()
+            probe.unlink(missing_ok=True)   # a relay starting meanwhile clears tmp/
         except OSError as exc:
             raise SpoolError(f"spool directory {self.root} is not usable: "
                              f"{exc.strerror or exc}") from None
@@ -241,11 +242,18 @@ class Spool:
         only case where a message is delivered twice); message data without metadata in any
         state was never acknowledged either and goes.
         """
+        # Under the operator lock: a `queue release` moving a message between two states
+        # while the orphan scan looks for it would make its data look orphaned.
+        with self.operator_lock(wait=RECOVERY_LOCK_WAIT):
+            return self._recover()
+
+    def _recover(self) -> dict[str, int]:
         report = {"discarded": 0, "requeued": 0, "orphans": 0, "corrupt": 0}
         with os.scandir(self.root / "tmp") as it:
             for item in it:
-                os.unlink(item.path)
-                report["discarded"] += 1
+                with contextlib.suppress(FileNotFoundError):   # a CLI's probe file
+                    os.unlink(item.path)
+                    report["discarded"] += 1
         with os.scandir(self.root / State.ACTIVE) as it:
             for item in it:
                 os.replace(item.path, self.root / State.INCOMING / item.name)
@@ -255,10 +263,8 @@ class Spool:
                 for item in it:
                     mid = self.id_from_name(item.name)
                     if mid is None or not self.data_path(mid).exists():
-                        os.replace(item.path, self.root / "corrupt" / item.name)
+                        self._set_aside(state, item.name)
                         report["corrupt"] += 1
-                        log.error("spool: %s/%s has no message data; moved to corrupt/",
-                                  state, item.name)
         with os.scandir(self.root / "data") as it:
             for item in it:
                 mid = item.name[:-4] if item.name.endswith(".eml") else None
@@ -268,6 +274,17 @@ class Spool:
         for name in ("data", "corrupt", *State):
             _fsync_dir(self.root / name)
         return report
+
+    def set_aside(self, state: State, mid: str) -> None:
+        """Move a message's metadata to corrupt/ (its data is missing or unreadable), for
+        an operator to look at; the queue never touches corrupt/."""
+        self._set_aside(state, self._meta_path(state, mid).name)
+        _fsync_dir(self.root / "corrupt")
+        _fsync_dir(self.root / state)
+
+    def _set_aside(self, state: State, name: str) -> None:
+        os.replace(self.root / state / name, self.root / "corrupt" / name)
+        log.error("spool: %s/%s has no readable message data; moved to corrupt/", state, name)
 
     # --- naming -------------------------------------------------------------------------
 

@@ -217,7 +217,8 @@ def test_windows_and_pause_survive_export_and_restore() -> None:
     assert Governor().restore(saved, 3630.0 + DAY) == 0
 
 
-@pytest.mark.parametrize("saved", [None, [], {"mailboxes": {"x": {"day": "junk"}}},
+@pytest.mark.parametrize("saved", [None, [], {"mailboxes": [1, 2]},
+                                   {"mailboxes": {"x": {"day": "junk"}}},
                                    {"mailboxes": {MBX: {"day": [[1, 2]], "minute": []}}}])
 def test_restore_skips_what_it_cannot_read(saved: object) -> None:
     g = Governor()

@@ -8,17 +8,25 @@ anything and hide a missing fsync of the accept path.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
+import time
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 
+from relay import queuectl
+from relay import spool as spool_module
+from relay.app import Relay
 from relay.deliver import Deliverer
 from relay.message import Outbound, new_message_id
 from relay.queue import Queue
-from relay.spool import Spool
+from relay.sandbox.service import Sandbox
+from relay.spool import Entry, Spool, State
 from relay.tokens import Tokens
-from tests.conftest import build_config
+from tests.conftest import address, build_config, wait_until
 
 MESSAGE = b"From: app@contoso.com\r\nTo: a@example.com\r\nSubject: durable\r\n\r\nbody\r\n"
 
@@ -77,3 +85,151 @@ async def test_file_and_directory_are_synced_before_submit_returns(
     meta_dir = first(root / "incoming", containing=f"{mid}.json")
     assert data_file < data_dir and meta_file < meta_dir
     assert (spool.data_path(mid)).read_bytes() == MESSAGE
+
+
+# --- disk trouble after the 250 ------------------------------------------------------------
+
+async def send_to(relay: Relay, rcpts: list[str]) -> aiosmtplib.SMTPResponse:
+    host, port = address(relay)
+    async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False) as client:
+        await client.mail("app@contoso.com")
+        for rcpt in rcpts:
+            await client.rcpt(rcpt)
+        return await client.data(MESSAGE)
+
+
+def _enospc_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next metadata write (an attempt saving its outcome) fails with ENOSPC, once."""
+    real = spool_module._write_synced
+    left = [1]
+
+    def write(path: Path, data: bytes) -> None:
+        if ".json." in path.name and left[0]:
+            left[0] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(spool_module, "_write_synced", write)
+
+
+@pytest.mark.parametrize("synchronous", [None, 10])
+async def test_a_disk_error_while_saving_an_outcome_strands_nothing(
+        sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, synchronous: int | None) -> None:
+    """ok@ is delivered, slow@ deferred, and saving the deferral fails once: the message
+    must not sit in active/ (nobody scans it) nor be sent to ok@ again."""
+    relay = Relay(sandbox.apply(build_config({"delivery": {
+        "synchronous": synchronous, "retry_initial": "0.2s", "retry_max": "0.5s"}})))
+    await relay.start()
+    try:
+        _enospc_once(monkeypatch)
+        sandbox.exchange.fail_next("rcpt", 451, "4.4.0 try later",
+                                   recipient="slow@example.com")
+        reply = await send_to(relay, ["ok@example.com", "slow@example.com"])
+        assert reply.code == 250                    # on disk: never a 4xx that invites a resend
+        await wait_until(lambda: len(sandbox.exchange.messages) == 2)
+        assert [m.rcpt_tos for m in sandbox.exchange.messages] == [
+            ["ok@example.com"], ["slow@example.com"]]
+        await wait_until(lambda: relay.spool.count(State.ACTIVE) == 0
+                         and relay.queue.in_flight == 0)
+        assert sum(relay.spool.count(s) for s in State) == 0
+    finally:
+        await relay.stop()
+
+
+async def test_missing_data_is_set_aside_not_retried_forever(sandbox: Sandbox) -> None:
+    relay = Relay(sandbox.apply(build_config({"delivery": {"synchronous": None}})))
+    relay.spool.open(on_tmpfs="warn")
+    entry = Entry(id="NODATA000001", profile="system", mail_from="app@contoso.com",
+                  rcpt_tos=["a@example.com"], size=10, received_at=time.time())
+    await relay.spool.accept(entry, MESSAGE)
+    await relay.queue.start()           # recovery first: the message is whole then
+    try:
+        relay.spool.data_path(entry.id).unlink()   # gone behind the relay's back
+        relay.queue.flush()
+        await wait_until(lambda: (relay.spool.root / "corrupt" / f"{entry.id}.json").exists())
+        assert sum(relay.spool.count(s) for s in State) == 0
+        assert sandbox.exchange.messages == []
+    finally:
+        await relay.queue.stop(0)
+
+
+def test_recovery_and_queue_commands_take_turns(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`queue release` moving a message while a starting relay looks for the owner of
+    each data file would make the data look orphaned: recovery holds the operator lock."""
+    root = tmp_path / "spool"
+    relay_spool, operator = Spool(root), Spool(root)
+    relay_spool.open(on_tmpfs="warn")
+    entry = Entry(id="RACE00000001", profile="system", mail_from="a@contoso.com",
+                  rcpt_tos=["r@example.com"], size=5, received_at=0.0)
+    asyncio.run(relay_spool.accept(entry, MESSAGE))
+    queuectl.hold(operator, entry.id)
+    monkeypatch.setattr(queuectl, "LOCK_WAIT", 0.05)
+    real = Spool._meta_path
+    tried: list[str] = []
+
+    def meta_path(self: Spool, state: State, mid: str) -> Path:
+        # In the middle of recovery's orphan scan, an operator releases the message.
+        if self is relay_spool and state is State.HOLD and not tried:
+            try:
+                queuectl.release(operator, entry.id)
+                tried.append("released")
+            except queuectl.QueueCommandError as exc:
+                assert exc.temporary
+                tried.append("busy")
+        return real(self, state, mid)
+
+    monkeypatch.setattr(Spool, "_meta_path", meta_path)
+    relay_spool.recover()
+    assert tried == ["busy"]
+    assert relay_spool.data_path(entry.id).exists()
+    monkeypatch.setattr(Spool, "_meta_path", real)
+    assert queuectl.release(operator, entry.id).endswith("released")
+    assert relay_spool.locate(entry.id) is not None
+
+
+async def test_dispatcher_and_a_waiting_client_never_both_run_a_message(
+        sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dispatcher reads an incoming/ file (slowly) while a synchronous submit claims
+    the same message: one attempt only, and it stays tracked (stop() waits for it)."""
+    relay = Relay(sandbox.apply(build_config({"delivery": {"synchronous": 10}})))
+    await relay.start()
+    loop = asyncio.get_running_loop()
+    queue = relay.queue
+    real_store, real_read = Spool._store, Spool.read
+
+    def store(self: Spool, entry: Entry, data: bytes, state: State) -> None:
+        real_store(self, entry, data, state)
+        loop.call_soon_threadsafe(queue._wakeup.set)    # the dispatcher looks right now
+
+    def read(self: Spool, state: State, name: str) -> Entry:
+        entry = real_read(self, state, name)
+        if state is State.INCOMING:
+            time.sleep(0.3)                              # ...and is slow to read the file
+        return entry
+
+    monkeypatch.setattr(Spool, "_store", store)
+    monkeypatch.setattr(Spool, "read", read)
+    real_deliver = relay.deliverer.deliver
+    running: list[str] = []
+    release = asyncio.Event()
+
+    async def held_deliver(msg: Outbound, **kw: object) -> object:
+        running.append(msg.id)
+        await release.wait()
+        return await real_deliver(msg, **kw)              # type: ignore[arg-type]
+
+    monkeypatch.setattr(relay.deliverer, "deliver", held_deliver)
+    try:
+        client = asyncio.create_task(send_to(relay, ["ok@example.com"]))
+        await wait_until(lambda: len(running) == 1)
+        await asyncio.sleep(0.5)                         # the dispatcher's read is done
+        assert len(running) == 1
+        assert queue.in_flight == 1
+        release.set()
+        reply = await client
+        assert reply.code == 250 and "delivered" in reply.message
+        assert len(sandbox.exchange.messages) == 1
+    finally:
+        release.set()
+        await relay.stop()
