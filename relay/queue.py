@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 # How long the dispatcher sleeps at most when nothing wakes it (new mail, a finished attempt).
 _IDLE_POLL = 10.0
+# While more deferred messages are due than the window holds, deferred/ is scanned again
+# at most this often (each scan picks the earliest up to the window's free room).
+_RESCAN_WHEN_FULL = 1.0
 # Failed recipients named in an attempt's log line; a message may have hundreds.
 _LOGGED_FAILURES = 5
 # The governor's windows are saved in the spool this often (when they changed) and at stop:
@@ -279,7 +282,10 @@ class Queue:
         if scan_deferred:
             self._next_deferred_scan = min(upcoming, now + _IDLE_POLL)
             if len(candidates) >= room:
-                self._next_deferred_scan = now   # the window filled up: more may be due
+                # The window filled up, so more may be due: look again soon, but not on
+                # every finished attempt, or draining a long backlog costs a scan of all
+                # of deferred/ per message.
+                self._next_deferred_scan = now + _RESCAN_WHEN_FULL
         next_due = min(next_due, self._next_deferred_scan)
         stagger: dict[str, int] = {}
         for state, name in candidates:
