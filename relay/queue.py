@@ -294,6 +294,8 @@ class Queue:
                 continue
             try:
                 entry = await asyncio.to_thread(self.spool.read, state, name)
+            except FileNotFoundError:
+                continue        # taken meanwhile (a waiting client's attempt, an operator)
             except (OSError, ValueError, TypeError) as exc:
                 log.error("spool: cannot read %s/%s (%s); skipping", state, name, exc)
                 continue
