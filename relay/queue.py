@@ -13,6 +13,7 @@ Online's limits; mail over a limit waits in the queue instead of being refused.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -37,9 +38,6 @@ log = logging.getLogger(__name__)
 
 # How long the dispatcher sleeps at most when nothing wakes it (new mail, a finished attempt).
 _IDLE_POLL = 10.0
-# While more deferred messages are due than the window holds, deferred/ is scanned again
-# at most this often (each scan picks the earliest up to the window's free room).
-_RESCAN_WHEN_FULL = 1.0
 # Failed recipients named in an attempt's log line; a message may have hundreds.
 _LOGGED_FAILURES = 5
 # The governor's windows are saved in the spool this often (when they changed) and at stop:
@@ -49,6 +47,8 @@ GOVERNOR_FILE = "governor.json"
 _GOVERNOR_SAVE_EVERY = 30.0
 # First pause before saving a message's state again after the disk refused it.
 BACKOFF_MIN_KEEP = 1.0
+# How long an answered synchronous client waits for the spool to agree with its answer.
+_SETTLE_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ class Queue:
         # but only incoming/ is looked at then, so a long deferred queue is not rescanned
         # for every message.
         self._next_deferred_scan = 0.0
+        self._due: collections.deque[str] = collections.deque()  # due deferred/ names
         self._governor_saved = (0, 0.0)        # (governor.changes, monotonic time) saved
 
     def update(self, config: Config) -> None:
@@ -141,8 +142,9 @@ class Queue:
         if not waiter.cancelled():
             # Answered: the attempt only finishes its spool update (a refused message is
             # being removed). Wait for that, so that the reply goes out once the spool
-            # agrees with it (asyncio.wait never cancels the task, even if this is).
-            await asyncio.wait((task,))
+            # agrees with it (asyncio.wait never cancels the task, even if this is) -
+            # but not for ever: a disk that refuses the update must not hang the client.
+            await asyncio.wait((task,), timeout=_SETTLE_WAIT)
             return waiter.result()
         if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
             # A bug, not a verdict: the message is safe in the spool, so it is queued.
@@ -276,16 +278,21 @@ class Queue:
         room = self.config.delivery.window - len(self._active)
         if room <= 0 or self._stopping:
             return next_due
-        scan_deferred = now >= self._next_deferred_scan
-        candidates, upcoming = await asyncio.to_thread(self._candidates, now, room,
-                                                       scan_deferred)
+        # Due deferred messages come from a buffer, refilled by one scan of deferred/ that
+        # takes up to a window's worth: draining a backlog costs one scan per window of
+        # messages, not one per finished attempt. (Bounded: at most `window` names.)
+        limit = self.config.delivery.window
+        scan_deferred = not self._due and now >= self._next_deferred_scan
+        incoming, due, upcoming = await asyncio.to_thread(
+            self._candidates, now, room, limit if scan_deferred else 0)
         if scan_deferred:
-            self._next_deferred_scan = min(upcoming, now + _IDLE_POLL)
-            if len(candidates) >= room:
-                # The window filled up, so more may be due: look again soon, but not on
-                # every finished attempt, or draining a long backlog costs a scan of all
-                # of deferred/ per message.
-                self._next_deferred_scan = now + _RESCAN_WHEN_FULL
+            self._due.extend(due)
+            # A full buffer means more may be due: scan again as soon as it is used up.
+            self._next_deferred_scan = now if len(due) >= limit else min(
+                upcoming, now + _IDLE_POLL)
+        candidates = [(State.INCOMING, n) for n in incoming]
+        while len(candidates) < room and self._due:
+            candidates.append((State.DEFERRED, self._due.popleft()))
         next_due = min(next_due, self._next_deferred_scan)
         stagger: dict[str, int] = {}
         for state, name in candidates:
@@ -325,15 +332,16 @@ class Queue:
             self._active[entry.id] = asyncio.create_task(self._run_attempt(entry, state))
         return next_due
 
-    def _candidates(self, now: float, room: int, scan_deferred: bool,
-                    ) -> tuple[list[tuple[State, str]], float]:
-        """Messages to consider now (incoming first), and when the next deferred one is due."""
-        out = [(State.INCOMING, n) for n, _ in zip(self.spool.names(State.INCOMING),
-                                                   range(room), strict=False)]
-        if not scan_deferred:
-            return out, float("inf")
-        due, upcoming = self.spool.due(now, max(0, room - len(out)))
-        return out + [(State.DEFERRED, n) for n in due], upcoming
+    def _candidates(self, now: float, room: int, due_limit: int,
+                    ) -> tuple[list[str], list[str], float]:
+        """Up to ``room`` incoming names; with ``due_limit``, up to that many due deferred
+        names (earliest first) and when the next deferred one is due."""
+        incoming = [n for n, _ in zip(self.spool.names(State.INCOMING), range(room),
+                                      strict=False)]
+        if not due_limit:
+            return incoming, [], float("inf")
+        due, upcoming = self.spool.due(now, due_limit)
+        return incoming, due, upcoming
 
     def _deferred_until(self, when: float) -> None:
         self._next_deferred_scan = min(self._next_deferred_scan, when)
@@ -365,19 +373,19 @@ class Queue:
                     log.info("no longer in %s (held or deleted by an operator)", state)
                     outcome = Outcome("deferred", Reply(250, "2.0.0 Ok: queued"))
                 except OSError as exc:
-                    # Still where it was, so a later pass tries again.
-                    log.error("cannot take the message from %s/ for delivery: %s", state,
-                              exc.strerror or exc)
-                    self._deferred_until(self._clock() + BACKOFF_MIN_KEEP)
-                    outcome = Outcome("deferred", Reply(250, f"2.0.0 Ok: queued as {entry.id}"))
+                    moved = await asyncio.to_thread(self.spool.holds, State.ACTIVE, entry.id)
+                    log.error("taking the message from %s/ for delivery: %s%s", state,
+                              exc.strerror or exc, "" if moved else "; trying again later")
+                    if moved:       # the rename was done (its directory fsync failed)
+                        outcome = await self._attempt_or_keep(entry, waiter)
+                    else:
+                        # Still where it was. Hold the slot a moment, so that a disk that
+                        # keeps refusing is not asked again in a tight loop.
+                        await asyncio.sleep(BACKOFF_MIN_KEEP)
+                        outcome = Outcome("deferred",
+                                          Reply(250, f"2.0.0 Ok: queued as {entry.id}"))
                 else:
-                    try:
-                        outcome = await self._attempt(entry, waiter)
-                    except Exception:
-                        # The message is in active/, which nobody scans: never leave it
-                        # there (it would wait for a restart, and be sent again then).
-                        log.exception("attempt failed; keeping the message queued")
-                        outcome = await self._keep(entry)
+                    outcome = await self._attempt_or_keep(entry, waiter)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(_client_reply(entry.id, outcome))
                 return outcome
@@ -385,6 +393,16 @@ class Queue:
             if self._active.get(entry.id) is asyncio.current_task():
                 del self._active[entry.id]
             self._wakeup.set()
+
+    async def _attempt_or_keep(self, entry: Entry,
+                               waiter: asyncio.Future[Reply] | None) -> Outcome:
+        try:
+            return await self._attempt(entry, waiter)
+        except Exception:
+            # The message is in active/, which nobody scans: never leave it there (it
+            # would wait for a restart, and be sent again then).
+            log.exception("attempt failed; keeping the message queued")
+            return await self._keep(entry)
 
     async def _keep(self, entry: Entry) -> Outcome:
         """Put a message whose attempt broke down (a disk error while saving its outcome)
@@ -421,6 +439,13 @@ class Queue:
             await asyncio.to_thread(self.spool.set_aside, State.ACTIVE, entry.id)
             return Outcome("failed", Reply(451, "4.3.0 Message data missing from the spool"))
         pending = self._pending(entry)
+        if not pending:
+            # Nothing left to send: an outcome that _keep saved, now filed where it belongs.
+            if entry.failed:
+                await asyncio.to_thread(self.spool.move, entry, State.ACTIVE, State.FAILED)
+                return Outcome("failed", _parse_reply(next(iter(entry.failed.values()))))
+            await asyncio.to_thread(self.spool.remove, entry.id, State.ACTIVE)
+            return Outcome("delivered", Reply(250, "2.0.0 Ok"))
         mailbox = self._mailbox(entry)
         msg = Outbound(id=entry.id, profile=entry.profile, mail_from=entry.mail_from,
                        rcpt_tos=pending, data=data, mail_options=entry.mail_options,
@@ -510,11 +535,14 @@ class Queue:
         if fresh:
             try:
                 await self._bounce(entry, fresh, data, reason)
-            except OSError as exc:
-                # The report cannot be spooled (disk full): keep those recipients pending,
-                # so that a later attempt reports them, rather than losing the report.
+            except Exception as exc:
+                # The report cannot be spooled (disk full, or a bug building it): keep
+                # those recipients pending, so that a later attempt reports them, rather
+                # than losing the report.
                 log.error("cannot spool the delivery report (%s); its recipients stay "
-                          "queued and are reported later", exc.strerror or exc)
+                          "queued and are reported later",
+                          exc.strerror if isinstance(exc, OSError) else repr(exc),
+                          exc_info=not isinstance(exc, OSError))
                 for rcpt in fresh:
                     del entry.failed[rcpt]
                 still = self._pending(entry)

@@ -449,6 +449,10 @@ class Spool:
         finally:
             os.close(fd)            # releases the lock
 
+    def holds(self, state: State, mid: str) -> bool:
+        """Whether ``mid``'s metadata is in ``state`` right now."""
+        return self._meta_path(state, mid).exists()
+
     def locate(self, mid: str) -> tuple[State, Path] | None:
         for state in State:
             path = self._meta_path(state, mid)

@@ -17,11 +17,12 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
+from relay import queue as queue_module
 from relay import queuectl
 from relay import spool as spool_module
 from relay.app import Relay
 from relay.deliver import Deliverer
-from relay.message import Outbound, new_message_id
+from relay.message import DeliveryResult, Outbound, Reply, new_message_id
 from relay.queue import Queue
 from relay.sandbox.service import Sandbox
 from relay.spool import Entry, Spool, State
@@ -233,3 +234,165 @@ async def test_dispatcher_and_a_waiting_client_never_both_run_a_message(
     finally:
         release.set()
         await relay.stop()
+
+
+# --- the queue alone, with a deliverer that answers as told --------------------------------
+
+class ScriptedDeliverer:
+    """Answers every attempt with ``reply`` after ``delay``; records what it was given."""
+
+    def __init__(self, reply: Reply | None = None, delay: float = 0.0) -> None:
+        self.reply, self.delay = reply or Reply(250, "2.0.0 Ok"), delay
+        self.calls: list[tuple[str, list[str]]] = []
+
+    async def deliver(self, msg: Outbound, **_: object) -> DeliveryResult:
+        self.calls.append((msg.id, list(msg.rcpt_tos)))
+        await asyncio.sleep(self.delay)
+        if self.reply.ok:
+            return DeliveryResult(self.reply, list(msg.rcpt_tos))
+        return DeliveryResult(self.reply)
+
+
+def scripted_queue(tmp_path: Path, deliverer: ScriptedDeliverer,
+                   **delivery: object) -> tuple[Queue, Spool]:
+    config = build_config({"delivery": {"synchronous": None, "retry_initial": "0.2s",
+                                        "retry_max": "0.5s", **delivery}})
+    spool = Spool(tmp_path / "spool")
+    spool.open(on_tmpfs="warn")
+    return Queue(spool, deliverer, config), spool  # type: ignore[arg-type]
+
+
+def outbound() -> Outbound:
+    return Outbound(id=new_message_id(), profile="system", mail_from="app@contoso.com",
+                    rcpt_tos=["a@example.com"], data=MESSAGE, mailbox="relay@contoso.com")
+
+
+async def test_a_backlog_costs_one_scan_per_window_not_per_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    deliverer = ScriptedDeliverer(delay=0.02)
+    queue, spool = scripted_queue(tmp_path, deliverer, window=4, mailbox_limits={
+        "messages_per_minute": 10_000, "max_sessions": 100})
+    for _ in range(40):
+        entry = Entry(id=new_message_id(), profile="system", mail_from="app@contoso.com",
+                      rcpt_tos=["a@example.com"], size=len(MESSAGE), received_at=time.time(),
+                      mailbox="relay@contoso.com", next_attempt=time.time() - 10, attempts=1)
+        spool._store(entry, MESSAGE, State.DEFERRED)
+    scans = []
+    real_due = Spool.due
+
+    def due(self: Spool, now: float, limit: int) -> tuple[list[str], float]:
+        scans.append(limit)
+        return real_due(self, now, limit)
+
+    monkeypatch.setattr(Spool, "due", due)
+    await queue.start()
+    try:
+        await wait_until(lambda: len(deliverer.calls) == 40)
+    finally:
+        await queue.stop(1)
+    assert len(scans) <= 40 // 4 + 2          # not one per finished attempt
+    assert set(scans) == {4}
+
+
+async def test_an_answered_client_is_not_held_by_a_disk_that_refuses_the_update(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(queue_module, "_SETTLE_WAIT", 0.2)
+    queue, _ = scripted_queue(tmp_path, ScriptedDeliverer(Reply(550, "5.1.1 User unknown")))
+    await queue.start()
+
+    def read_only(*_: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    try:
+        monkeypatch.setattr(Spool, "remove", read_only)
+        reply = await asyncio.wait_for(queue.submit(outbound(), wait=5), 3)
+        assert reply.code == 550
+    finally:
+        monkeypatch.undo()
+        await queue.stop(0.1)
+
+
+async def test_a_take_whose_directory_fsync_failed_is_still_delivered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    deliverer = ScriptedDeliverer()
+    queue, spool = scripted_queue(tmp_path, deliverer)
+    await queue.start()
+    real_move, real_fsync = Spool.move, spool_module._fsync_dir
+    failed: list[Path] = []
+
+    def fsync_dir(path: Path) -> None:
+        if path.name == "active" and not failed:
+            failed.append(path)
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(path)
+
+    def move(self: Spool, entry: Entry, src: State, dst: State, **kw: bool) -> None:
+        # The take into active/: its rename succeeds, the fsync of active/ fails.
+        if dst is State.ACTIVE and not failed:
+            monkeypatch.setattr(spool_module, "_fsync_dir", fsync_dir)
+            try:
+                real_move(self, entry, src, dst, **kw)
+            finally:
+                monkeypatch.setattr(spool_module, "_fsync_dir", real_fsync)
+        else:
+            real_move(self, entry, src, dst, **kw)
+
+    monkeypatch.setattr(Spool, "move", move)
+    try:
+        await queue.submit(outbound())
+        await wait_until(lambda: len(deliverer.calls) == 1
+                         and sum(spool.count(s) for s in State) == 0)
+        assert failed
+    finally:
+        await queue.stop(1)
+
+
+async def test_a_report_that_cannot_be_built_is_sent_later_not_lost(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    deliverer = ScriptedDeliverer(Reply(550, "5.1.1 User unknown"))
+    queue, spool = scripted_queue(tmp_path, deliverer)
+    real = queue_module.build_dsn
+    broken = [True]
+
+    def build_dsn(**kw: object) -> bytes:
+        if broken[0]:
+            raise RuntimeError("bug")
+        return real(**kw)                       # type: ignore[arg-type]
+
+    monkeypatch.setattr(queue_module, "build_dsn", build_dsn)
+    await queue.start()
+    try:
+        msg = outbound()
+        await queue.submit(msg)
+        await wait_until(lambda: len(deliverer.calls) >= 2)   # kept pending, tried again
+        assert all(rcpts == ["a@example.com"] for _, rcpts in deliverer.calls)
+        broken[0] = False
+        await wait_until(lambda: spool.holds(State.FAILED, msg.id))
+        reports = [e for s in State for e in queuectl.iter_entries(spool, [s])
+                   if e[1].id != msg.id]
+        assert [entry.rcpt_tos for _, entry in reports] == [["app@contoso.com"]]
+    finally:
+        await queue.stop(1)
+
+
+async def test_a_disk_that_keeps_refusing_is_not_asked_in_a_tight_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    queue, _ = scripted_queue(tmp_path, ScriptedDeliverer())
+    real = Spool.move
+    refused: list[str] = []
+
+    def move(self: Spool, entry: Entry, src: State, dst: State, **kw: bool) -> None:
+        if dst is State.ACTIVE:
+            refused.append(entry.id)
+            raise OSError(errno.EROFS, "Read-only file system")
+        real(self, entry, src, dst, **kw)
+
+    monkeypatch.setattr(Spool, "move", move)
+    await queue.start()
+    try:
+        await queue.submit(outbound())
+        await wait_until(lambda: refused)
+        await asyncio.sleep(0.5)
+        assert len(refused) <= 2                # about one try a second, not thousands
+    finally:
+        await queue.stop(1)
