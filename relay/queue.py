@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -290,47 +291,69 @@ class Queue:
             # A full buffer means more may be due: scan again as soon as it is used up.
             self._next_deferred_scan = now if len(due) >= limit else min(
                 upcoming, now + _IDLE_POLL)
-        candidates = [(State.INCOMING, n) for n in incoming]
-        while len(candidates) < room and self._due:
-            candidates.append((State.DEFERRED, self._due.popleft()))
         next_due = min(next_due, self._next_deferred_scan)
         stagger: dict[str, int] = {}
-        for state, name in candidates:
-            mid = self.spool.id_from_name(name)
-            if mid is None or mid in self._active:
-                continue
-            try:
-                entry = await asyncio.to_thread(self.spool.read, state, name)
-            except FileNotFoundError:
-                continue        # taken meanwhile (a waiting client's attempt, an operator)
-            except (OSError, ValueError, TypeError) as exc:
-                log.error("spool: cannot read %s/%s (%s); skipping", state, name, exc)
-                continue
-            mailbox = self._mailbox(entry)
-            if mailbox is not None:
-                ready = self.governor.ready_at(mailbox, len(self._pending(entry)), now)
-                if ready > now:
-                    # Paced: wait on disk, spread out so they do not all wake at once.
-                    n = stagger[mailbox] = stagger.get(mailbox, 0) + 1
-                    entry.next_attempt = ready + (n - 1) * self._spacing()
-                    try:
-                        if state is State.DEFERRED:
-                            await asyncio.to_thread(self.spool.set_due, entry.id,
-                                                    entry.next_attempt)
-                        else:
-                            await asyncio.to_thread(self.spool.move, entry, state,
-                                                    State.DEFERRED, rewrite=False)
-                    except FileNotFoundError:
-                        continue                  # held or deleted by an operator
-                    self._deferred_until(entry.next_attempt)
-                    next_due = min(next_due, entry.next_attempt)
-                    continue
-            if len(self._active) >= self.config.delivery.window:
+        window = self.config.delivery.window
+        for name in incoming:
+            if len(self._active) >= window:
                 break
-            if entry.id in self._active:
-                continue        # a synchronous submit claimed it while the file was read
-            self._active[entry.id] = asyncio.create_task(self._run_attempt(entry, state))
+            next_due = min(next_due, await self._consider(State.INCOMING, name, now, stagger))
+        # Taken one by one, so that a name that starts nothing (held, paced, no longer
+        # due) does not keep the next one waiting for another wake-up.
+        while self._due and len(self._active) < window:
+            next_due = min(next_due, await self._consider(State.DEFERRED, self._due.popleft(),
+                                                          now, stagger))
         return next_due
+
+    async def _consider(self, state: State, name: str, now: float,
+                        stagger: dict[str, int]) -> float:
+        """Start an attempt for one candidate if it may go now; returns when it is due
+        otherwise (``inf`` if there is nothing to wait for)."""
+        mid = self.spool.id_from_name(name)
+        if mid is None or mid in self._active:
+            return math.inf
+        try:
+            entry = await asyncio.to_thread(self.spool.read, state, name)
+        except FileNotFoundError:
+            return math.inf     # taken meanwhile (a waiting client's attempt, an operator)
+        except (ValueError, TypeError) as exc:
+            # Unreadable for good (damaged, or written by another version): set it aside
+            # for an operator rather than trip over it on every scan.
+            log.error("spool: cannot parse %s/%s (%s)", state, name, exc)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.spool.set_aside, state, mid)
+            return math.inf
+        except OSError as exc:
+            log.error("spool: cannot read %s/%s (%s); trying again later", state, name, exc)
+            # A disk error: do not rescan in a tight loop while it lasts.
+            self._next_deferred_scan = max(self._next_deferred_scan, now + BACKOFF_MIN_KEEP)
+            return now + BACKOFF_MIN_KEEP
+        if state is State.DEFERRED and entry.next_attempt > now:
+            # Deferred again since the scan that listed it (its attempt was in flight then).
+            self._deferred_until(entry.next_attempt)
+            return entry.next_attempt
+        mailbox = self._mailbox(entry)
+        if mailbox is not None:
+            ready = self.governor.ready_at(mailbox, len(self._pending(entry)), now)
+            if ready > now:
+                # Paced: wait on disk, spread out so they do not all wake at once.
+                n = stagger[mailbox] = stagger.get(mailbox, 0) + 1
+                entry.next_attempt = ready + (n - 1) * self._spacing()
+                try:
+                    if state is State.DEFERRED:
+                        await asyncio.to_thread(self.spool.set_due, entry.id,
+                                                entry.next_attempt)
+                    else:
+                        await asyncio.to_thread(self.spool.move, entry, state,
+                                                State.DEFERRED, rewrite=False)
+                except FileNotFoundError:
+                    return math.inf               # held or deleted by an operator
+                self._deferred_until(entry.next_attempt)
+                return entry.next_attempt
+        if entry.id in self._active:
+            return math.inf     # a synchronous submit claimed it while the file was read
+        self._active[entry.id] = asyncio.create_task(self._run_attempt(entry, state))
+        return math.inf
 
     def _candidates(self, now: float, room: int, due_limit: int,
                     ) -> tuple[list[str], list[str], float]:
@@ -373,7 +396,7 @@ class Queue:
                     log.info("no longer in %s (held or deleted by an operator)", state)
                     outcome = Outcome("deferred", Reply(250, "2.0.0 Ok: queued"))
                 except OSError as exc:
-                    moved = await asyncio.to_thread(self.spool.holds, State.ACTIVE, entry.id)
+                    moved = await self._taken(entry.id)
                     log.error("taking the message from %s/ for delivery: %s%s", state,
                               exc.strerror or exc, "" if moved else "; trying again later")
                     if moved:       # the rename was done (its directory fsync failed)
@@ -393,6 +416,17 @@ class Queue:
             if self._active.get(entry.id) is asyncio.current_task():
                 del self._active[entry.id]
             self._wakeup.set()
+
+    async def _taken(self, mid: str) -> bool:
+        """Whether ``mid`` is in active/ after a take that raised. The disk may refuse the
+        question too: then ask again, a few times, and else assume the take did not happen
+        (if it did, the message waits in active/ for the next start, which is safe)."""
+        for _ in range(5):
+            try:
+                return await asyncio.to_thread(self.spool.holds, State.ACTIVE, mid)
+            except OSError:
+                await asyncio.sleep(BACKOFF_MIN_KEEP)
+        return False
 
     async def _attempt_or_keep(self, entry: Entry,
                                waiter: asyncio.Future[Reply] | None) -> Outcome:
@@ -536,17 +570,23 @@ class Queue:
             try:
                 await self._bounce(entry, fresh, data, reason)
             except Exception as exc:
-                # The report cannot be spooled (disk full, or a bug building it): keep
-                # those recipients pending, so that a later attempt reports them, rather
-                # than losing the report.
-                log.error("cannot spool the delivery report (%s); its recipients stay "
-                          "queued and are reported later",
-                          exc.strerror if isinstance(exc, OSError) else repr(exc),
-                          exc_info=not isinstance(exc, OSError))
-                for rcpt in fresh:
-                    del entry.failed[rcpt]
-                still = self._pending(entry)
-                report = dataclasses.replace(report, still=still)
+                disk = isinstance(exc, OSError)
+                if disk or reason is None:
+                    # The report cannot be spooled (disk full, or a bug building it): keep
+                    # those recipients pending, so that a later attempt reports them,
+                    # rather than losing the report.
+                    log.error("cannot spool the delivery report (%s); its recipients stay "
+                              "queued and are reported later",
+                              exc.strerror if disk else repr(exc), exc_info=not disk)
+                    for rcpt in fresh:
+                        del entry.failed[rcpt]
+                    still = self._pending(entry)
+                    report = dataclasses.replace(report, still=still)
+                else:
+                    # Past its lifetime, and the report itself is broken: retrying would
+                    # never end. The message goes to failed/ for an operator.
+                    log.exception("cannot build the delivery report; the message goes to "
+                                  "failed/ without one")
         if not still:
             await asyncio.to_thread(self.spool.move, entry, State.ACTIVE, State.FAILED)
             self._report(report, "bounced")

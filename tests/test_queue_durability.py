@@ -312,11 +312,25 @@ async def test_an_answered_client_is_not_held_by_a_disk_that_refuses_the_update(
         await queue.stop(0.1)
 
 
+@pytest.mark.parametrize("holds_fails", [False, True])
 async def test_a_take_whose_directory_fsync_failed_is_still_delivered(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, holds_fails: bool) -> None:
+    """...also when asking where the message is fails at first (EIO from stat)."""
+    monkeypatch.setattr(queue_module, "BACKOFF_MIN_KEEP", 0.05)
     deliverer = ScriptedDeliverer()
     queue, spool = scripted_queue(tmp_path, deliverer)
     await queue.start()
+    if holds_fails:
+        real_holds = Spool.holds
+        calls: list[int] = []
+
+        def holds(self: Spool, state: State, mid: str) -> bool:
+            calls.append(1)
+            if len(calls) == 1:
+                raise OSError(errno.EIO, "Input/output error")
+            return real_holds(self, state, mid)
+
+        monkeypatch.setattr(Spool, "holds", holds)
     real_move, real_fsync = Spool.move, spool_module._fsync_dir
     failed: list[Path] = []
 
@@ -394,5 +408,59 @@ async def test_a_disk_that_keeps_refusing_is_not_asked_in_a_tight_loop(
         await wait_until(lambda: refused)
         await asyncio.sleep(0.5)
         assert len(refused) <= 2                # about one try a second, not thousands
+    finally:
+        await queue.stop(1)
+
+
+def _deferred(spool: Spool, due: float) -> Entry:
+    entry = Entry(id=new_message_id(), profile="system", mail_from="app@contoso.com",
+                  rcpt_tos=["a@example.com"], size=len(MESSAGE), received_at=time.time(),
+                  mailbox="relay@contoso.com", next_attempt=due, attempts=1)
+    spool._store(entry, MESSAGE, State.DEFERRED)
+    return entry
+
+
+async def test_buffered_names_are_checked_when_their_turn_comes(tmp_path: Path) -> None:
+    """The buffer of due names is a hint, not the truth: a name that was deferred again
+    since (its backoff must hold), held or deleted is skipped, and does not keep a
+    later name from using the free slot."""
+    deliverer = ScriptedDeliverer()
+    queue, spool = scripted_queue(tmp_path, deliverer, window=1)
+    later = _deferred(spool, time.time() + 3600)      # deferred again meanwhile
+    due = _deferred(spool, time.time() - 1)
+    queue._due.extend(["GONE00000001.json", f"{later.id}.json", f"{due.id}.json"])
+    queue._next_deferred_scan = time.time() + 3600     # only the buffer counts here
+    try:
+        await queue._fill()
+        await wait_until(lambda: not queue._active)
+        assert deliverer.calls == [(due.id, ["a@example.com"])]
+        assert spool.holds(State.DEFERRED, later.id)
+    finally:
+        await queue.stop(1)
+
+
+async def test_an_unparsable_deferred_file_is_set_aside_not_rescanned(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    deliverer = ScriptedDeliverer()
+    queue, spool = scripted_queue(tmp_path, deliverer, window=2)
+    bad = [_deferred(spool, time.time() - 10) for _ in range(2)]
+    for entry in bad:
+        spool._meta_path(State.DEFERRED, entry.id).write_text("{not json")
+        os.utime(spool._meta_path(State.DEFERRED, entry.id), (1, 1))
+    good = _deferred(spool, time.time() - 5)
+    scans: list[int] = []
+    real_due = Spool.due
+
+    def due(self: Spool, now: float, limit: int) -> tuple[list[str], float]:
+        scans.append(limit)
+        return real_due(self, now, limit)
+
+    monkeypatch.setattr(Spool, "due", due)
+    await queue.start()
+    try:
+        await wait_until(lambda: deliverer.calls == [(good.id, ["a@example.com"])])
+        await asyncio.sleep(0.3)
+        assert len(scans) <= 4                   # no rescan every 50 ms
+        assert all((spool.root / "corrupt" / f"{e.id}.json").exists() for e in bad)
     finally:
         await queue.stop(1)
