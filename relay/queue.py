@@ -21,7 +21,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 from relay.classify import Action, classify
@@ -50,6 +50,9 @@ _GOVERNOR_SAVE_EVERY = 30.0
 BACKOFF_MIN_KEEP = 1.0
 # How long an answered synchronous client waits for the spool to agree with its answer.
 _SETTLE_WAIT = 5.0
+# A spool file that cannot be read is passed over this long; at most this many are.
+_UNREADABLE_PAUSE = 60.0
+_UNREADABLE_MAX = 10_000
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ class Queue:
         # for every message.
         self._next_deferred_scan = 0.0
         self._due: collections.deque[str] = collections.deque()  # due deferred/ names
+        # Deferred names that could not be read, and until when they are passed over.
+        self._unreadable: dict[str, float] = {}
         self._governor_saved = (0, 0.0)        # (governor.changes, monotonic time) saved
 
     def update(self, config: Config) -> None:
@@ -284,8 +289,12 @@ class Queue:
         # messages, not one per finished attempt. (Bounded: at most `window` names.)
         limit = self.config.delivery.window
         scan_deferred = not self._due and now >= self._next_deferred_scan
+        for name, until in list(self._unreadable.items()):
+            if until <= now:
+                del self._unreadable[name]
         incoming, due, upcoming = await asyncio.to_thread(
-            self._candidates, now, room, limit if scan_deferred else 0)
+            self._candidates, now, room, limit if scan_deferred else 0,
+            frozenset(self._unreadable))
         if scan_deferred:
             self._due.extend(due)
             # A full buffer means more may be due: scan again as soon as it is used up.
@@ -294,15 +303,17 @@ class Queue:
         next_due = min(next_due, self._next_deferred_scan)
         stagger: dict[str, int] = {}
         window = self.config.delivery.window
-        for name in incoming:
-            if len(self._active) >= window:
-                break
-            next_due = min(next_due, await self._consider(State.INCOMING, name, now, stagger))
-        # Taken one by one, so that a name that starts nothing (held, paced, no longer
-        # due) does not keep the next one waiting for another wake-up.
-        while self._due and len(self._active) < window:
-            next_due = min(next_due, await self._consider(State.DEFERRED, self._due.popleft(),
-                                                          now, stagger))
+        # New and due deferred mail take turns, so that neither a flood of new mail nor a
+        # backlog of retries starves the other. Taken one by one, so that a name that
+        # starts nothing (held, paced, no longer due) leaves its slot to the next one.
+        arrivals = collections.deque(incoming)
+        while (arrivals or self._due) and len(self._active) < window:
+            if arrivals:
+                next_due = min(next_due, await self._consider(
+                    State.INCOMING, arrivals.popleft(), now, stagger))
+            if self._due and len(self._active) < window:
+                next_due = min(next_due, await self._consider(
+                    State.DEFERRED, self._due.popleft(), now, stagger))
         return next_due
 
     async def _consider(self, state: State, name: str, now: float,
@@ -319,14 +330,18 @@ class Queue:
         except (ValueError, TypeError) as exc:
             # Unreadable for good (damaged, or written by another version): set it aside
             # for an operator rather than trip over it on every scan.
-            log.error("spool: cannot parse %s/%s (%s)", state, name, exc)
             with contextlib.suppress(OSError):
-                await asyncio.to_thread(self.spool.set_aside, state, mid)
+                await asyncio.to_thread(self.spool.set_aside, state, mid,
+                                        f"cannot be parsed ({exc})")
             return math.inf
         except OSError as exc:
-            log.error("spool: cannot read %s/%s (%s); trying again later", state, name, exc)
-            # A disk error: do not rescan in a tight loop while it lasts.
-            self._next_deferred_scan = max(self._next_deferred_scan, now + BACKOFF_MIN_KEEP)
+            # Unreadable now (permissions, a disk error): passed over for a while, so that
+            # it cannot keep the messages due after it waiting, nor be asked in a loop.
+            log.error("spool: cannot read %s/%s (%s); trying again in %.0f s", state, name,
+                      exc.strerror or exc, _UNREADABLE_PAUSE)
+            self._unreadable[name] = now + _UNREADABLE_PAUSE
+            while len(self._unreadable) > _UNREADABLE_MAX:
+                del self._unreadable[next(iter(self._unreadable))]
             return now + BACKOFF_MIN_KEEP
         if state is State.DEFERRED and entry.next_attempt > now:
             # Deferred again since the scan that listed it (its attempt was in flight then).
@@ -355,15 +370,16 @@ class Queue:
         self._active[entry.id] = asyncio.create_task(self._run_attempt(entry, state))
         return math.inf
 
-    def _candidates(self, now: float, room: int, due_limit: int,
+    def _candidates(self, now: float, room: int, due_limit: int, skip: Container[str] = (),
                     ) -> tuple[list[str], list[str], float]:
         """Up to ``room`` incoming names; with ``due_limit``, up to that many due deferred
-        names (earliest first) and when the next deferred one is due."""
-        incoming = [n for n, _ in zip(self.spool.names(State.INCOMING), range(room),
-                                      strict=False)]
+        names (earliest first) and when the next deferred one is due. Names in ``skip``
+        (unreadable just now) are passed over."""
+        names = (n for n in self.spool.names(State.INCOMING) if n not in skip)
+        incoming = [n for n, _ in zip(names, range(room), strict=False)]
         if not due_limit:
             return incoming, [], float("inf")
-        due, upcoming = self.spool.due(now, due_limit)
+        due, upcoming = self.spool.due(now, due_limit, skip)
         return incoming, due, upcoming
 
     def _deferred_until(self, when: float) -> None:
@@ -470,7 +486,8 @@ class Queue:
             data = await asyncio.to_thread(self.spool.read_data, entry.id)
         except FileNotFoundError:
             # Nothing to send, ever: set aside for an operator instead of retrying forever.
-            await asyncio.to_thread(self.spool.set_aside, State.ACTIVE, entry.id)
+            await asyncio.to_thread(self.spool.set_aside, State.ACTIVE, entry.id,
+                                    "has no message data")
             return Outcome("failed", Reply(451, "4.3.0 Message data missing from the spool"))
         pending = self._pending(entry)
         if not pending:

@@ -59,7 +59,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -263,7 +263,7 @@ class Spool:
                 for item in it:
                     mid = self.id_from_name(item.name)
                     if mid is None or not self.data_path(mid).exists():
-                        self._set_aside(state, item.name)
+                        self._set_aside(state, item.name, "has no message data")
                         report["corrupt"] += 1
         with os.scandir(self.root / "data") as it:
             for item in it:
@@ -275,16 +275,19 @@ class Spool:
             _fsync_dir(self.root / name)
         return report
 
-    def set_aside(self, state: State, mid: str) -> None:
-        """Move a message's metadata to corrupt/ (its data is missing or unreadable), for
-        an operator to look at; the queue never touches corrupt/."""
-        self._set_aside(state, self._meta_path(state, mid).name)
-        _fsync_dir(self.root / "corrupt")
-        _fsync_dir(self.root / state)
+    def set_aside(self, state: State, mid: str, why: str) -> None:
+        """Move a message to corrupt/, metadata and (if there is any) data, for an operator
+        to look at: the queue never touches corrupt/, and recovery does not mistake the
+        data for an orphan."""
+        self._set_aside(state, self._meta_path(state, mid).name, why)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.data_path(mid), self.root / "corrupt" / f"{mid}.eml")
+        for name in ("corrupt", "data", state):
+            _fsync_dir(self.root / name)
 
-    def _set_aside(self, state: State, name: str) -> None:
+    def _set_aside(self, state: State, name: str, why: str) -> None:
         os.replace(self.root / state / name, self.root / "corrupt" / name)
-        log.error("spool: %s/%s has no readable message data; moved to corrupt/", state, name)
+        log.error("spool: %s/%s %s; moved to corrupt/", state, name, why)
 
     # --- naming -------------------------------------------------------------------------
 
@@ -469,14 +472,16 @@ class Spool:
                 if item.name.endswith(".json"):
                     yield item.name
 
-    def due(self, now: float, limit: int) -> tuple[list[str], float]:
+    def due(self, now: float, limit: int,
+            skip: Container[str] = ()) -> tuple[list[str], float]:
         """Up to ``limit`` deferred names whose due time has come, earliest first, and the
-        due time of the earliest message that is not due yet (``inf`` if none)."""
+        due time of the earliest message that is not due yet (``inf`` if none). Names in
+        ``skip`` are passed over."""
         out: list[tuple[float, str]] = []
         upcoming = float("inf")
         with os.scandir(self.root / State.DEFERRED) as it:
             for item in it:
-                if not item.name.endswith(".json"):
+                if not item.name.endswith(".json") or item.name in skip:
                     continue
                 try:
                     when = item.stat().st_mtime
