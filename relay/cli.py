@@ -14,6 +14,7 @@ import datetime as dt
 import getpass
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -250,6 +251,13 @@ def cmd_queue(args: argparse.Namespace) -> int:
     if not spool.root.is_dir():
         _err(f"error: no spool at {spool.root} (spool.directory)")
         return EX_CONFIG
+    owner = spool.root.stat()
+    if os.geteuid() == 0 and owner.st_uid != 0:
+        # Files root wrote into the spool would be out of the relay's reach (the unit's
+        # UMask=0077): act as the spool's owner, as `runuser -u ...` would.
+        os.setgroups([])
+        os.setgid(owner.st_gid)
+        os.setuid(owner.st_uid)
     try:
         spool.open(on_tmpfs="warn")
     except SpoolError as exc:

@@ -274,3 +274,29 @@ def test_a_second_operator_waits_for_the_lock_and_kill_9_releases_it(
     code, out, _ = q.run("delete", "LCK1")
     assert (code, out) == (0, "LCK1: deleted\n")
     assert os.listdir(q.spool.root / "data") == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: checks what root's commands write")
+def test_root_acts_as_the_spool_owner(capsys: pytest.CaptureFixture[str]) -> None:
+    """`queue` run as root (sudo) must not leave root-owned files the relay cannot read."""
+    import shutil
+    import tempfile
+
+    nobody = 65534
+    base = Path(tempfile.mkdtemp(prefix="relay-owner-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        queue = Queue(base, capsys)
+        queue.add("OWNED0000001", State.FAILED, failed={"a@example.com": "550 5.1.1 no"})
+        for path in [queue.spool.root, *queue.spool.root.rglob("*")]:
+            os.chown(path, nobody, nobody)
+        queue.config.chmod(0o644)
+        # In a child: the command drops root for good, and this test process must not.
+        proc = subprocess.run([sys.executable, "-m", "relay", "queue", "retry", "OWNED0000001",
+                               "--config", str(queue.config)], capture_output=True, text=True,
+                              cwd=ROOT, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        meta = queue.spool.root / "deferred" / "OWNED0000001.json"
+        assert meta.stat().st_uid == nobody
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
