@@ -136,8 +136,8 @@ def scan_spool(spool: Spool) -> SpoolStats:
         counts[state.value] = n
     n = 0
     with contextlib.suppress(OSError), os.scandir(spool.root / "corrupt") as it:
-        for _ in it:
-            n += 1
+        for item in it:
+            n += item.name.endswith(".json")    # a message's data may lie beside it
     counts["corrupt"] = n
     return SpoolStats(counts, oldest)
 

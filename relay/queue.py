@@ -108,6 +108,7 @@ class Queue:
         self._due: collections.deque[str] = collections.deque()  # due deferred/ names
         # Deferred names that could not be read, and until when they are passed over.
         self._unreadable: dict[str, float] = {}
+        self._retry_turn = False    # whether a due retry goes before new mail next
         self._governor_saved = (0, 0.0)        # (governor.changes, monotonic time) saved
 
     def update(self, config: Config) -> None:
@@ -306,14 +307,15 @@ class Queue:
         # New and due deferred mail take turns, so that neither a flood of new mail nor a
         # backlog of retries starves the other. Taken one by one, so that a name that
         # starts nothing (held, paced, no longer due) leaves its slot to the next one.
+        # The turn carries over from one pass to the next: with one free slot per pass, a
+        # pass that always began with new mail would never get to a retry.
         arrivals = collections.deque(incoming)
         while (arrivals or self._due) and len(self._active) < window:
-            if arrivals:
-                next_due = min(next_due, await self._consider(
-                    State.INCOMING, arrivals.popleft(), now, stagger))
-            if self._due and len(self._active) < window:
-                next_due = min(next_due, await self._consider(
-                    State.DEFERRED, self._due.popleft(), now, stagger))
+            retry = bool(self._due) and (self._retry_turn or not arrivals)
+            self._retry_turn = not retry
+            state, name = ((State.DEFERRED, self._due.popleft()) if retry
+                           else (State.INCOMING, arrivals.popleft()))
+            next_due = min(next_due, await self._consider(state, name, now, stagger))
         return next_due
 
     async def _consider(self, state: State, name: str, now: float,
@@ -330,19 +332,14 @@ class Queue:
         except (ValueError, TypeError) as exc:
             # Unreadable for good (damaged, or written by another version): set it aside
             # for an operator rather than trip over it on every scan.
-            with contextlib.suppress(OSError):
+            try:
                 await asyncio.to_thread(self.spool.set_aside, state, mid,
                                         f"cannot be parsed ({exc})")
+            except OSError as error:
+                return self._pass_over(name, now, error)
             return math.inf
         except OSError as exc:
-            # Unreadable now (permissions, a disk error): passed over for a while, so that
-            # it cannot keep the messages due after it waiting, nor be asked in a loop.
-            log.error("spool: cannot read %s/%s (%s); trying again in %.0f s", state, name,
-                      exc.strerror or exc, _UNREADABLE_PAUSE)
-            self._unreadable[name] = now + _UNREADABLE_PAUSE
-            while len(self._unreadable) > _UNREADABLE_MAX:
-                del self._unreadable[next(iter(self._unreadable))]
-            return now + BACKOFF_MIN_KEEP
+            return self._pass_over(name, now, exc)
         if state is State.DEFERRED and entry.next_attempt > now:
             # Deferred again since the scan that listed it (its attempt was in flight then).
             self._deferred_until(entry.next_attempt)
@@ -369,6 +366,19 @@ class Queue:
             return math.inf     # a synchronous submit claimed it while the file was read
         self._active[entry.id] = asyncio.create_task(self._run_attempt(entry, state))
         return math.inf
+
+    def _pass_over(self, name: str, now: float, exc: OSError) -> float:
+        """A spool file that cannot be read (or set aside) just now, for permissions or a
+        disk error: passed over for a while, so that it neither keeps the messages due
+        after it waiting nor is asked again in a loop."""
+        log.error("spool: cannot read %s (%s); trying again in %.0f s", name,
+                  exc.strerror or exc, _UNREADABLE_PAUSE)
+        if len(self._unreadable) < _UNREADABLE_MAX:
+            self._unreadable[name] = now + _UNREADABLE_PAUSE
+        else:
+            # So many that they cannot all be remembered: scan less often instead.
+            self._next_deferred_scan = max(self._next_deferred_scan, now + _UNREADABLE_PAUSE)
+        return now + BACKOFF_MIN_KEEP
 
     def _candidates(self, now: float, room: int, due_limit: int, skip: Container[str] = (),
                     ) -> tuple[list[str], list[str], float]:

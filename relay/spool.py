@@ -279,9 +279,11 @@ class Spool:
         """Move a message to corrupt/, metadata and (if there is any) data, for an operator
         to look at: the queue never touches corrupt/, and recovery does not mistake the
         data for an orphan."""
-        self._set_aside(state, self._meta_path(state, mid).name, why)
+        # Data first: a crash in between leaves metadata without data, which recovery sets
+        # aside as well; the other order would leave data that recovery deletes.
         with contextlib.suppress(FileNotFoundError):
             os.replace(self.data_path(mid), self.root / "corrupt" / f"{mid}.eml")
+        self._set_aside(state, self._meta_path(state, mid).name, why)
         for name in ("corrupt", "data", state):
             _fsync_dir(self.root / name)
 

@@ -513,3 +513,63 @@ async def test_new_mail_and_retries_take_turns(tmp_path: Path) -> None:
         assert len(started & {e.id for e in retries}) == 1
     finally:
         await queue.stop(1)
+
+
+def test_a_crash_while_setting_aside_loses_nothing(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from relay.metrics import scan_spool
+
+    spool = Spool(tmp_path / "spool")
+    spool.open(on_tmpfs="warn")
+    entry = _deferred(spool, time.time())
+
+    def crash(*_: object) -> None:
+        raise KeyboardInterrupt     # the process dies between moving the data and the rest
+
+    monkeypatch.setattr(Spool, "_set_aside", crash)
+    with pytest.raises(KeyboardInterrupt):
+        spool.set_aside(State.DEFERRED, entry.id, "test")
+    monkeypatch.undo()
+    Spool(spool.root).recover()     # the next start
+    corrupt = spool.root / "corrupt"
+    assert (corrupt / f"{entry.id}.eml").read_bytes() == MESSAGE
+    assert (corrupt / f"{entry.id}.json").exists()
+    assert scan_spool(spool).counts["corrupt"] == 1     # one message, not its two files
+
+
+async def test_with_one_free_slot_retries_still_get_their_turn(tmp_path: Path) -> None:
+    deliverer = ScriptedDeliverer()
+    queue, spool = scripted_queue(tmp_path, deliverer, window=1)
+    retry = _deferred(spool, time.time() - 5)
+    for _ in range(3):
+        await spool.accept(Entry(id=new_message_id(), profile="system",
+                                 mail_from="app@contoso.com", rcpt_tos=["a@example.com"],
+                                 size=len(MESSAGE), received_at=time.time(),
+                                 mailbox="relay@contoso.com"), MESSAGE)
+    try:
+        for _ in range(2):          # two passes, one slot each: new mail cannot take both
+            await queue._fill()
+            await wait_until(lambda: not queue._active)
+        assert retry.id in [mid for mid, _ in deliverer.calls]
+    finally:
+        await queue.stop(1)
+
+
+async def test_a_file_that_cannot_be_set_aside_is_passed_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    deliverer = ScriptedDeliverer()
+    queue, spool = scripted_queue(tmp_path, deliverer, window=1)
+    bad = _deferred(spool, time.time() - 100)
+    spool._meta_path(State.DEFERRED, bad.id).write_text("{not json")
+    os.utime(spool._meta_path(State.DEFERRED, bad.id), (1, 1))
+    good = _deferred(spool, time.time() - 5)
+
+    def refuse(*_: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Spool, "set_aside", refuse)
+    await queue.start()
+    try:
+        await wait_until(lambda: deliverer.calls == [(good.id, ["a@example.com"])])
+    finally:
+        await queue.stop(1)
