@@ -242,6 +242,22 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 # --- queue ------------------------------------------------------------------------------------
 
+def _become(uid: int, gid: int) -> None:
+    """Drop root for good and take on ``uid`` with its primary and supplementary groups
+    (``gid`` alone when the uid has no passwd entry, e.g. a container's numeric uid)."""
+    import pwd
+
+    try:
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        os.setgroups([])
+        os.setgid(gid)
+    else:
+        os.initgroups(user.pw_name, user.pw_gid)
+        os.setgid(user.pw_gid)
+    os.setuid(uid)
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
     from relay import queuectl
     from relay.spool import Spool, SpoolError
@@ -251,17 +267,22 @@ def cmd_queue(args: argparse.Namespace) -> int:
     if not spool.root.is_dir():
         _err(f"error: no spool at {spool.root} (spool.directory)")
         return EX_CONFIG
-    owner = spool.root.stat()
-    if os.geteuid() == 0 and owner.st_uid != 0:
+    owner, group = spool.root.stat().st_uid, spool.root.stat().st_gid
+    acting_as = ""
+    if os.geteuid() == 0 and owner != 0:
         # Files root wrote into the spool would be out of the relay's reach (the unit's
         # UMask=0077): act as the spool's owner, as `runuser -u ...` would.
-        os.setgroups([])
-        os.setgid(owner.st_gid)
-        os.setuid(owner.st_uid)
+        try:
+            _become(owner, group)
+        except OSError as exc:
+            _err(f"error: cannot act as the spool's owner (uid {owner}): "
+                 f"{exc.strerror or exc}")
+            return EX_UNAVAILABLE
+        acting_as = f" (acting as the spool's owner, uid {owner})"
     try:
         spool.open(on_tmpfs="warn")
     except SpoolError as exc:
-        _err(f"error: {exc}")
+        _err(f"error: {exc}{acting_as}")
         return EX_UNAVAILABLE
     action = args.action
     try:
