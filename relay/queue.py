@@ -102,8 +102,8 @@ class Queue:
         self._flushing: asyncio.Future[None] | None = None
         # When deferred/ must be scanned next: the earliest due time seen there (or set by
         # a deferral since), at most _IDLE_POLL away. Finished attempts wake the dispatcher,
-        # but only incoming/ is looked at then, so a long deferred queue is not rescanned
-        # for every message.
+        # but only incoming/ and the buffer of due names are looked at then, so a long
+        # deferred queue is not rescanned for every message.
         self._next_deferred_scan = 0.0
         self._due: collections.deque[str] = collections.deque()  # due deferred/ names
         # Deferred names that could not be read, and until when they are passed over.
