@@ -263,6 +263,20 @@ def scripted_queue(tmp_path: Path, deliverer: ScriptedDeliverer,
     return Queue(spool, deliverer, config), spool  # type: ignore[arg-type]
 
 
+def count_scans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records the limit of every scan of deferred/ (Spool.due) from now on."""
+    scans: list[int] = []
+    real_due = Spool.due
+
+    def due(self: Spool, now: float, limit: int,
+            skip: Container[str] = ()) -> tuple[list[str], float]:
+        scans.append(limit)
+        return real_due(self, now, limit, skip)
+
+    monkeypatch.setattr(Spool, "due", due)
+    return scans
+
+
 def outbound() -> Outbound:
     return Outbound(id=new_message_id(), profile="system", mail_from="app@contoso.com",
                     rcpt_tos=["a@example.com"], data=MESSAGE, mailbox="relay@contoso.com")
@@ -278,15 +292,7 @@ async def test_a_backlog_costs_one_scan_per_window_not_per_message(
                       rcpt_tos=["a@example.com"], size=len(MESSAGE), received_at=time.time(),
                       mailbox="relay@contoso.com", next_attempt=time.time() - 10, attempts=1)
         spool._store(entry, MESSAGE, State.DEFERRED)
-    scans = []
-    real_due = Spool.due
-
-    def due(self: Spool, now: float, limit: int,
-            skip: Container[str] = ()) -> tuple[list[str], float]:
-        scans.append(limit)
-        return real_due(self, now, limit, skip)
-
-    monkeypatch.setattr(Spool, "due", due)
+    scans = count_scans(monkeypatch)
     await queue.start()
     try:
         await wait_until(lambda: len(deliverer.calls) == 40)
@@ -450,15 +456,7 @@ async def test_an_unparsable_deferred_file_is_set_aside_not_rescanned(
         spool._meta_path(State.DEFERRED, entry.id).write_text("{not json")
         os.utime(spool._meta_path(State.DEFERRED, entry.id), (1, 1))
     good = _deferred(spool, time.time() - 5)
-    scans: list[int] = []
-    real_due = Spool.due
-
-    def due(self: Spool, now: float, limit: int,
-            skip: Container[str] = ()) -> tuple[list[str], float]:
-        scans.append(limit)
-        return real_due(self, now, limit, skip)
-
-    monkeypatch.setattr(Spool, "due", due)
+    scans = count_scans(monkeypatch)
     await queue.start()
     try:
         await wait_until(lambda: deliverer.calls == [(good.id, ["a@example.com"])])
