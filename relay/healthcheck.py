@@ -113,7 +113,7 @@ def check(config: Config, *, ready: bool = False, smtp: bool = False,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the probe, for ``python -m relay.healthcheck`` and a CLI subcommand alike."""
+    """The probe's options (``--ready``, ``--smtp``, ``--timeout``)."""
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--ready", action="store_true",
                       help="ask /readyz (able to deliver) instead of /healthz (alive)")

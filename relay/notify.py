@@ -37,9 +37,9 @@ def _address() -> str | None:
     return None  # unset, or a kind we do not speak (e.g. vsock: for VMs)
 
 
-def _clean(text: str) -> str:
-    """One line: a newline in a status text would start a new (forged) field."""
-    return " ".join(text.split())
+def _status(text: str | None) -> list[str]:
+    """A STATUS= field, on one line: a newline in it would start a new (forged) field."""
+    return [f"STATUS={' '.join(text.split())}"] if text else []
 
 
 def notify(*fields: str) -> bool:
@@ -69,7 +69,7 @@ def notify(*fields: str) -> bool:
 
 def ready(status: str | None = None) -> bool:
     """Start-up (or a reload) is complete: mail is accepted from now on."""
-    return notify("READY=1", *([f"STATUS={_clean(status)}"] if status else []))
+    return notify("READY=1", *_status(status))
 
 
 def reloading(status: str | None = None) -> bool:
@@ -80,7 +80,7 @@ def reloading(status: str | None = None) -> bool:
     """
     usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     fields = ["RELOADING=1", f"MONOTONIC_USEC={usec}"]
-    return notify(*fields, *([f"STATUS={_clean(status)}"] if status else []))
+    return notify(*fields, *_status(status))
 
 
 def stopping(status: str | None = None, timeout: float | None = None) -> bool:
@@ -89,22 +89,10 @@ def stopping(status: str | None = None, timeout: float | None = None) -> bool:
     The drain may last up to ``delivery.shutdown_timeout``; extending the stop timeout
     from here keeps a too-short ``TimeoutStopSec=`` from killing deliveries half-way.
     """
-    fields = ["STOPPING=1"]
-    if status:
-        fields.append(f"STATUS={_clean(status)}")
+    fields = ["STOPPING=1", *_status(status)]
     if timeout is not None and timeout > 0:
         fields.append(f"EXTEND_TIMEOUT_USEC={int(timeout * 1_000_000)}")
     return notify(*fields)
-
-
-def status(text: str) -> bool:
-    """Free-form state shown by ``systemctl status`` (e.g. listeners, queue size)."""
-    return notify(f"STATUS={_clean(text)}")
-
-
-def extend_timeout(seconds: float) -> bool:
-    """Ask for ``seconds`` more before the current start/stop times out (a long recovery)."""
-    return notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
 
 
 def watchdog_interval() -> float | None:

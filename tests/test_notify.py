@@ -71,7 +71,6 @@ def test_without_notify_socket_everything_is_a_no_op(clean_env: pytest.MonkeyPat
     assert notify.ready("listening") is False
     assert notify.stopping() is False
     assert notify.reloading() is False
-    assert notify.status("x") is False
     assert notify.watchdog_interval() is None
 
 
@@ -85,16 +84,16 @@ def test_abstract_socket(clean_env: pytest.MonkeyPatch) -> None:
     receiver = NotifySocket("\0" + name)
     try:
         clean_env.setenv("NOTIFY_SOCKET", "@" + name)
-        assert notify.status("hello") is True
-        assert receiver.drain() == [{"STATUS": "hello"}]
+        assert notify.ready("hello") is True
+        assert receiver.drain() == [{"READY": "1", "STATUS": "hello"}]
     finally:
         receiver.close()
 
 
 def test_status_text_cannot_inject_fields(systemd: NotifySocket) -> None:
-    notify.status("bad\nREADY=1\r\nWATCHDOG=1")
+    notify.stopping("bad\nREADY=1\r\nWATCHDOG=1")
     [message] = systemd.drain()
-    assert message == {"STATUS": "bad READY=1 WATCHDOG=1"}
+    assert message == {"STOPPING": "1", "STATUS": "bad READY=1 WATCHDOG=1"}
 
 
 def test_reloading_carries_the_monotonic_clock(systemd: NotifySocket) -> None:
@@ -110,8 +109,6 @@ def test_stopping_extends_the_stop_timeout(systemd: NotifySocket) -> None:
     notify.stopping("draining", timeout=45)
     assert systemd.drain() == [{"STOPPING": "1", "STATUS": "draining",
                                 "EXTEND_TIMEOUT_USEC": "45000000"}]
-    notify.extend_timeout(1.5)
-    assert systemd.drain() == [{"EXTEND_TIMEOUT_USEC": "1500000"}]
 
 
 def test_unreachable_socket_warns_once_and_never_raises(
