@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Container
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
@@ -288,10 +289,7 @@ async def test_a_backlog_costs_one_scan_per_window_not_per_message(
     queue, spool = scripted_queue(tmp_path, deliverer, window=4, mailbox_limits={
         "messages_per_minute": 10_000, "max_sessions": 100})
     for _ in range(40):
-        entry = Entry(id=new_message_id(), profile="system", mail_from="app@contoso.com",
-                      rcpt_tos=["a@example.com"], size=len(MESSAGE), received_at=time.time(),
-                      mailbox="relay@contoso.com", next_attempt=time.time() - 10, attempts=1)
-        spool._store(entry, MESSAGE, State.DEFERRED)
+        _deferred(spool, time.time() - 10)
     scans = count_scans(monkeypatch)
     await queue.start()
     try:
@@ -420,11 +418,24 @@ async def test_a_disk_that_keeps_refusing_is_not_asked_in_a_tight_loop(
         await queue.stop(1)
 
 
+def _entry(**kw: Any) -> Entry:
+    return Entry(id=new_message_id(), profile="system", mail_from="app@contoso.com",
+                 rcpt_tos=["a@example.com"], size=len(MESSAGE), received_at=time.time(),
+                 mailbox="relay@contoso.com", **kw)
+
+
 def _deferred(spool: Spool, due: float) -> Entry:
-    entry = Entry(id=new_message_id(), profile="system", mail_from="app@contoso.com",
-                  rcpt_tos=["a@example.com"], size=len(MESSAGE), received_at=time.time(),
-                  mailbox="relay@contoso.com", next_attempt=due, attempts=1)
+    entry = _entry(next_attempt=due, attempts=1)
     spool._store(entry, MESSAGE, State.DEFERRED)
+    return entry
+
+
+def _unparsable(spool: Spool) -> Entry:
+    """A deferred message whose metadata is damaged, due before everything else."""
+    entry = _deferred(spool, 1.0)
+    meta = spool._meta_path(State.DEFERRED, entry.id)
+    meta.write_text("{not json")
+    os.utime(meta, (1, 1))
     return entry
 
 
@@ -451,10 +462,7 @@ async def test_an_unparsable_deferred_file_is_set_aside_not_rescanned(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     deliverer = ScriptedDeliverer()
     queue, spool = scripted_queue(tmp_path, deliverer, window=2)
-    bad = [_deferred(spool, time.time() - 10) for _ in range(2)]
-    for entry in bad:
-        spool._meta_path(State.DEFERRED, entry.id).write_text("{not json")
-        os.utime(spool._meta_path(State.DEFERRED, entry.id), (1, 1))
+    bad = [_unparsable(spool) for _ in range(2)]
     good = _deferred(spool, time.time() - 5)
     scans = count_scans(monkeypatch)
     await queue.start()
@@ -499,10 +507,7 @@ async def test_new_mail_and_retries_take_turns(tmp_path: Path) -> None:
     queue, spool = scripted_queue(tmp_path, deliverer, window=2)
     retries = [_deferred(spool, time.time() - 5) for _ in range(3)]
     for _ in range(3):
-        await spool.accept(Entry(id=new_message_id(), profile="system",
-                                 mail_from="app@contoso.com", rcpt_tos=["a@example.com"],
-                                 size=len(MESSAGE), received_at=time.time(),
-                                 mailbox="relay@contoso.com"), MESSAGE)
+        await spool.accept(_entry(), MESSAGE)
     queue._next_deferred_scan = 0.0
     try:
         await queue._fill()                     # one pass, a window of two
@@ -540,10 +545,7 @@ async def test_with_one_free_slot_retries_still_get_their_turn(tmp_path: Path) -
     queue, spool = scripted_queue(tmp_path, deliverer, window=1)
     retry = _deferred(spool, time.time() - 5)
     for _ in range(3):
-        await spool.accept(Entry(id=new_message_id(), profile="system",
-                                 mail_from="app@contoso.com", rcpt_tos=["a@example.com"],
-                                 size=len(MESSAGE), received_at=time.time(),
-                                 mailbox="relay@contoso.com"), MESSAGE)
+        await spool.accept(_entry(), MESSAGE)
     try:
         for _ in range(2):          # two passes, one slot each: new mail cannot take both
             await queue._fill()
@@ -557,9 +559,7 @@ async def test_a_file_that_cannot_be_set_aside_is_passed_over(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     deliverer = ScriptedDeliverer()
     queue, spool = scripted_queue(tmp_path, deliverer, window=1)
-    bad = _deferred(spool, time.time() - 100)
-    spool._meta_path(State.DEFERRED, bad.id).write_text("{not json")
-    os.utime(spool._meta_path(State.DEFERRED, bad.id), (1, 1))
+    _unparsable(spool)
     good = _deferred(spool, time.time() - 5)
 
     def refuse(*_: object) -> None:
