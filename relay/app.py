@@ -44,7 +44,7 @@ class Relay:
         self.queue = Queue(self.spool, self.deliverer, config, hooks=self.metrics)
         self.verifier = PasswordVerifier({n: u.password_hash for n, u in config.users.items()})
         self.receiver = Receiver(config, router=Router(config), verifier=self.verifier,
-                                 submit=self.submit)
+                                 submit=self.submit, writer=self.spool.writer)
         self.metrics.watch(self)
         self.http = HttpEndpoint(self) if config.http.enabled else None
         self._stopping = asyncio.Event()

@@ -23,7 +23,7 @@ from typing import Any
 from relay import __version__
 from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from relay.log import setup_logging
-from relay.message import Outbound, new_message_id
+from relay.message import Content, Outbound, new_message_id
 from relay.testmessage import build_test_message
 from relay.tokens import SEND_AS_APP
 
@@ -187,9 +187,9 @@ async def _send_test(args: argparse.Namespace, config: Config) -> int:
             "profiles", f"no profile named {profile_name!r}; pass --profile NAME")])
     profile = config.profiles[profile_name]
     sender = args.sender or profile.mailbox
+    text = build_test_message(sender, args.to, args.subject, config.server.hostname)
     msg = Outbound(id=new_message_id(), profile=profile_name, mail_from=sender,
-                   rcpt_tos=[args.to], data=build_test_message(sender, args.to, args.subject,
-                                                                config.server.hostname))
+                   rcpt_tos=[args.to], content=Content.from_bytes(text))
     tokens = Tokens(config)
     try:
         result = await Deliverer(config, tokens).deliver(msg)

@@ -344,6 +344,17 @@ class Server(_Model):
     session_timeout: Duration = 3600.0
     max_connections: int = Field(default=100, ge=1)
     max_auth_failures: int = Field(default=3, ge=1)
+    # The header section is held in memory and parsed; the body only ever streams to disk.
+    # 256 KiB is Exchange Online's own limit for a message's headers; 50 Received fields
+    # is Postfix's hopcount_limit (a mail loop); address lists beyond a hundred are not
+    # senders but abuse, and the email package's parser is quadratic in their length.
+    max_header_size: Size = 256 * 1024
+    max_header_fields: int = Field(default=1000, ge=10)
+    max_received_headers: int = Field(default=50, ge=1)
+    max_header_addresses: int = Field(default=100, ge=1)
+    # Memory for message bytes held at once while receiving, over all connections: a
+    # DATA waits for its share (then gets 452) rather than letting memory grow.
+    buffer_memory: Size = 64 * 1024 * 1024
 
 
 def _default_spool() -> Path:

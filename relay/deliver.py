@@ -21,7 +21,7 @@ from relay.config import Config, Profile
 from relay.message import DeliveryResult, Outbound, Reply
 from relay.pool import SessionPool
 from relay.tokens import TokenError, Tokens
-from relay.upstream import AuthenticationRejected, UpstreamClient
+from relay.upstream import AuthenticationRejected, OnAccepted, UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,9 @@ class Deliverer:
         helo = upstream.helo_name or self._config.server.hostname
         return self._pools[(upstream.model_dump_json(), helo)]
 
-    async def deliver(self, msg: Outbound, *,
-                      require_all_recipients: bool = True) -> DeliveryResult:
+    async def deliver(self, msg: Outbound, *, require_all_recipients: bool = True,
+                      on_accepted: OnAccepted | None = None) -> DeliveryResult:
+        """One attempt for ``msg``; ``on_accepted``: see UpstreamSession.send_one."""
         profile = self._config.profiles.get(msg.profile)
         if profile is None:
             return DeliveryResult(Reply(451, f"4.3.5 Profile {msg.profile} is no longer "
@@ -122,7 +123,8 @@ class Deliverer:
             return self._token_failure(msg, profile, exc)
         try:
             return await pool.send(msg, mailbox, token,
-                                   require_all_recipients=require_all_recipients)
+                                   require_all_recipients=require_all_recipients,
+                                   on_accepted=on_accepted)
         except AuthenticationRejected as first:
             log.warning("upstream rejected the token for %s (%s); fetching a new token and "
                         "retrying once", mailbox, first.reply,
@@ -134,7 +136,8 @@ class Deliverer:
             return self._token_failure(msg, profile, exc)
         try:
             return await pool.send(msg, mailbox, token,
-                                   require_all_recipients=require_all_recipients)
+                                   require_all_recipients=require_all_recipients,
+                                   on_accepted=on_accepted)
         except AuthenticationRejected as second:
             duration = time.monotonic() - started
             log.error("upstream rejected a fresh token for mailbox %s (profile %s): %s — %s "

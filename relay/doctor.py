@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from relay.classify import classify
 from relay.config import CLOUDS, Config, ConfigError, Credential, Profile, Upstream, load_config
-from relay.message import Outbound, Reply, new_message_id
+from relay.message import Content, Outbound, Reply, new_message_id
 from relay.secrets import SecretSourceError
 from relay.testmessage import build_test_message
 from relay.tokens import SEND_AS_APP, Token, TokenError, TokenProvider
@@ -494,10 +494,10 @@ class Doctor:
 
     async def _envelope(self, session: UpstreamSession, name: str, profile: Profile) -> Step:
         mailbox = profile.mailbox
+        text = build_test_message(mailbox, mailbox, SUBJECT, self.config.server.hostname,
+                                  command="doctor")
         msg = Outbound(id=new_message_id(), profile=name, mail_from=mailbox,
-                       rcpt_tos=[mailbox], mailbox=mailbox,
-                       data=build_test_message(mailbox, mailbox, SUBJECT,
-                                               self.config.server.hostname, command="doctor"))
+                       rcpt_tos=[mailbox], mailbox=mailbox, content=Content.from_bytes(text))
         result = await session.send_one(msg, dry_run=True)
         if result.reply.ok:
             return Step("envelope", Status.OK, f"MAIL FROM:<{mailbox}> and RCPT TO:<{mailbox}> "
@@ -511,10 +511,10 @@ class Doctor:
     async def _send(self, session: UpstreamSession, name: str, profile: Profile,
                     to: str) -> Step:
         mailbox = profile.mailbox
+        text = build_test_message(mailbox, to, SUBJECT, self.config.server.hostname,
+                                  command="doctor")
         msg = Outbound(id=new_message_id(), profile=name, mail_from=mailbox, rcpt_tos=[to],
-                       mailbox=mailbox,
-                       data=build_test_message(mailbox, to, SUBJECT,
-                                               self.config.server.hostname, command="doctor"))
+                       mailbox=mailbox, content=Content.from_bytes(text))
         result = await session.send_one(msg)
         if result.reply.ok:
             return Step("send", Status.OK, f"test message {msg.id} to {to} accepted: "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import email.errors
 import email.utils
+import enum
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -29,9 +30,11 @@ __all__ = [
     "Address",
     "HeaderBlock",
     "HeaderError",
+    "LineKind",
     "ParsedAddresses",
     "RawMessage",
     "clean_display_name",
+    "line_kind",
     "received_header",
 ]
 
@@ -50,7 +53,18 @@ _SERIOUS_DEFECTS = (email.errors.InvalidHeaderDefect, email.errors.HeaderMissing
 # ``Sales @ HQ <sales@example.com>`` or ``Smith, John <js@example.com>``: the standard parser
 # (correctly, by the grammar) takes ``Sales@HQ`` or two addresses from those. Devices send
 # them anyway, and the angle brackets make the intended address unambiguous.
-_NAME_ANGLE_ADDR = re.compile(r"^\s*(?P<name>[^<>]*?)\s*<\s*(?P<addr>[^<>\s@]+@[^<>\s@]+)\s*>\s*$")
+# Written so that no two parts can match the same characters: a regex that can (e.g. a lazy
+# name followed by optional blanks) backtracks polynomially, and a few thousand blanks in
+# a From field would hold the interpreter for minutes.
+_NAME_ANGLE_ADDR = re.compile(r"^(?P<name>[^<>]*)<\s*(?P<addr>[^<>\s@]+@[^<>\s@]+)\s*>\s*$")
+# The salvage is for one hand-written "name <addr>", never a long value.
+_MAX_SALVAGE = 998
+# The fields that name who a message is from: what Exchange checks Send As against, and
+# so what the sender policy reads.
+SENDER_FIELDS = ("From", "Sender", "Resent-From", "Resent-Sender")
+# Their total size: the email package's address parser is quadratic in a value's length
+# (100 kB of "x " takes it 16 s), and nothing legitimate comes near this.
+MAX_SENDER_FIELDS_SIZE = 8192
 
 _POLICIES: dict[tuple[bytes, bool], EmailPolicy] = {
     (b"\r\n", False): SMTP,
@@ -58,6 +72,36 @@ _POLICIES: dict[tuple[bytes, bool], EmailPolicy] = {
     (b"\r\n", True): SMTPUTF8,
     (b"\n", True): SMTPUTF8.clone(linesep="\n"),
 }
+
+
+class LineKind(enum.Enum):
+    FIELD = "field"                  # starts a header field
+    CONTINUATION = "continuation"    # folds the field before it
+    END = "end"                      # the header section is over; this line is the body's
+
+
+def line_kind(data: bytes, pos: int = 0, *, in_field: bool) -> LineKind:
+    """What the line starting at ``pos`` is, for the header section.
+
+    The one rule for where headers end, used by :class:`RawMessage` and by the receiving
+    side as a message streams in: an empty line, or the first line that is neither a field
+    nor (after a field) a continuation, starts the body - much as the email package's
+    parser reads it. ``in_field``: a field came before this line.
+    """
+    end = data.find(b"\n", pos)
+    if data.startswith((b"\r\n", b"\n"), pos) and (end < 0 or end - pos <= 2):
+        return LineKind.END
+    if pos >= len(data):
+        return LineKind.END
+    if data[pos] in b" \t":
+        return LineKind.CONTINUATION if in_field else LineKind.END
+    return LineKind.FIELD if _FIELD_START.match(data, pos) else LineKind.END
+
+
+def field_name(line: bytes) -> str:
+    """The name of the field a FIELD line starts (see :func:`line_kind`)."""
+    m = _FIELD_START.match(line)
+    return m.group(1).decode("ascii") if m else ""
 
 
 class HeaderError(ValueError):
@@ -132,15 +176,15 @@ class RawMessage:
         while pos < size:
             nl = data.find(b"\n", pos)
             end = size if nl < 0 else nl + 1
-            first = data[pos]
-            if data.startswith((b"\r\n", b"\n"), pos) and (end - pos) <= 2:
-                body_start, separator_end = pos, end
-                break
-            if first in b" \t" and self._fields:
+            kind = line_kind(data, pos, in_field=bool(self._fields))
+            if kind is LineKind.CONTINUATION:
                 last = self._fields[-1]
                 last.raw += data[pos:end]
-            elif first not in b" \t" and (m := _FIELD_START.match(data, pos)):
-                self._fields.append(_Field(data[pos:end], m.group(1).decode("ascii")))
+            elif kind is LineKind.FIELD:
+                self._fields.append(_Field(data[pos:end], field_name(data[pos:end])))
+            elif data.startswith((b"\r\n", b"\n"), pos) and (end - pos) <= 2:
+                body_start, separator_end = pos, end
+                break
             else:
                 body_start = separator_end = pos
                 break
@@ -244,6 +288,48 @@ class RawMessage:
                 return f"{name} header has an incomplete address {_short(addr.addr_spec)!r}"
         return None
 
+    def sender_fields_problem(self, max_addresses: int) -> str | None:
+        """Why the sender fields are too large to be read safely, or None.
+
+        Checked before any of them is parsed: their total size, and the number of
+        addresses (counted by their ``@``, an upper bound) in all of them together.
+        """
+        fields = [f for f in self._fields
+                  if f.key in ("from", "sender", "resent-from", "resent-sender")]
+        size = sum(len(f.raw) for f in fields)
+        if size > MAX_SENDER_FIELDS_SIZE:
+            return (f"sender header fields ({', '.join(SENDER_FIELDS)}) of {size} octets "
+                    f"exceed the limit of {MAX_SENDER_FIELDS_SIZE}")
+        addresses = sum(f.raw.count(b"@") for f in fields)
+        if addresses > max_addresses:
+            return (f"sender header fields name {addresses} addresses; the limit is "
+                    f"{max_addresses}")
+        return None
+
+    def recode_8bit(self) -> int:
+        """Make fields whose raw bytes are not UTF-8 into UTF-8; returns how many were.
+
+        UTF-8 in a header is standard (RFC 6532) and kept as it is. Other 8-bit bytes are
+        a legacy program's local charset, almost always Windows-1252: such a field is read
+        that way and written back as UTF-8, byte for byte otherwise (no parsing, so no
+        cost beyond its length), so that Exchange and the sender policy read the same
+        characters instead of each guessing.
+        """
+        recoded = 0
+        for i, f in enumerate(self._fields):
+            if f.raw.isascii():
+                continue
+            try:
+                f.raw.decode("utf-8")
+                continue
+            except UnicodeDecodeError:
+                pass
+            raw = f.raw.decode("cp1252", "replace").encode("utf-8")
+            self._fields[i] = _Field(raw, f.name)
+            recoded += 1
+        self.changed = self.changed or bool(recoded)
+        return recoded
+
     # --- editing ---------------------------------------------------------------------
 
     def remove(self, name: str) -> int:
@@ -320,6 +406,8 @@ def _short(text: str, limit: int = 120) -> str:
 
 
 def _salvage(value: str) -> Address | None:
+    if len(value) > _MAX_SALVAGE:
+        return None
     m = _NAME_ANGLE_ADDR.match(value)
     if not m:
         return None

@@ -1,16 +1,37 @@
 """What travels between the stages: an outbound message, SMTP replies, delivery results.
 
 These types know nothing of aiosmtpd or aiosmtplib, so the receiving side, the delivery
-step and (later) the spool can all pass them around and store them.
+step and the spool can all pass them around and store them.
+
+The line model lives here too, because every stage must agree on it: a message's bytes are
+*canonical* once accepted - every line ends in CRLF, a bare CR and a bare LF each count as a
+line break (that is how the upstream reads them, and how aiosmtplib would send them) - so
+that what the sender policy inspects is exactly what Exchange will parse.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import re
 import secrets as _random
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+# A line break as SMTP peers read one: CRLF, or a bare LF, or a CR not followed by LF.
+LINE_BREAK = re.compile(rb"\r\n|\n|\r(?!\n)")
+# Read and write size for message bytes on disk and on the wire: large enough that a 30 MB
+# message takes a hundred or so steps, small enough that many at once stay cheap.
+CHUNK = 256 * 1024
+
+
+def canonical(data: bytes) -> bytes:
+    """``data`` with every line break made CRLF and a final CRLF (see the module docstring)."""
+    data = LINE_BREAK.sub(b"\r\n", data)
+    return data if not data or data.endswith(b"\r\n") else data + b"\r\n"
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,79 @@ def new_message_id() -> str:
     return _random.token_hex(6).upper()
 
 
+class Content:
+    """A message's bytes: in memory (short messages the relay makes itself) or in a file
+    of the spool, read a chunk at a time so that a large message never sits in memory whole.
+
+    The bytes are canonical (see the module docstring) and immutable once accepted.
+    """
+
+    __slots__ = ("_data", "path", "size")
+
+    def __init__(self, *, data: bytes | None = None, path: Path | None = None,
+                 size: int = 0) -> None:
+        if (data is None) == (path is None):
+            raise ValueError("give exactly one of data and path")
+        self._data = data
+        self.path = path
+        self.size = len(data) if data is not None else size
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Content:
+        return cls(data=canonical(data))
+
+    @classmethod
+    def from_file(cls, path: Path, size: int) -> Content:
+        return cls(path=path, size=size)
+
+    @property
+    def in_memory(self) -> bytes | None:
+        """The bytes, if they are held in memory (None for a spool file)."""
+        return self._data
+
+    def __repr__(self) -> str:
+        where = str(self.path) if self.path is not None else "memory"
+        return f"Content({where}, {self.size} bytes)"
+
+    async def chunks(self, size: int = CHUNK) -> AsyncIterator[bytes]:
+        """The bytes, ``size`` at a time; file reads happen in a worker thread."""
+        if self._data is not None:
+            for start in range(0, len(self._data), size):
+                yield self._data[start:start + size]
+            return
+        assert self.path is not None
+        fd = await asyncio.to_thread(os.open, self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while chunk := await asyncio.to_thread(os.read, fd, size):
+                yield chunk
+        finally:
+            os.close(fd)
+
+    async def read_all(self) -> bytes:
+        """Every byte, in memory: only for messages known to be small (and for tests)."""
+        if self._data is not None:
+            return self._data
+        assert self.path is not None
+        return await asyncio.to_thread(self.path.read_bytes)
+
+    def prefix(self, limit: int) -> bytes:
+        """The first ``limit`` bytes (for the header section: relay.headers splits it).
+
+        Blocking when the bytes are in a file: call it from a worker thread.
+        """
+        if self._data is not None:
+            return self._data[:limit]
+        assert self.path is not None
+        with open(self.path, "rb") as f:
+            return f.read(limit)
+
+    def unlink(self) -> None:
+        """Remove the file behind a content that will not be kept (no-op in memory)."""
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
 @dataclass
 class Outbound:
     """One message ready for delivery through one mailbox profile."""
@@ -61,7 +155,7 @@ class Outbound:
     profile: str
     mail_from: str
     rcpt_tos: list[str]
-    data: bytes
+    content: Content
     mail_options: list[str] = field(default_factory=list)
     client: str = ""
     user: str | None = None

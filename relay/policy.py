@@ -6,11 +6,16 @@ devices often cannot change their From, so each profile picks one of:
 
 - ``keep``: pass everything through and let Exchange decide (the mailbox has the rights);
 - ``rewrite``: send as the mailbox, keep the app's display name, and put the app's address
-  in ``Reply-To`` so replies still reach it;
-- ``reject``: refuse with a 550 that says exactly which setting to change.
+  in ``Reply-To`` so replies still reach it; a ``Sender``, ``Resent-From`` or
+  ``Resent-Sender`` naming an address that is not permitted is removed;
+- ``reject``: refuse with a 550 that says exactly which setting to change, when the
+  envelope sender or any address in ``From``, ``Sender``, ``Resent-From`` or
+  ``Resent-Sender`` is not permitted.
 
 "Permitted" means the mailbox itself or a ``send_as`` glob. Headers are read with the email
-package (see :mod:`relay.headers`); only the fields changed here are re-rendered.
+package (see :mod:`relay.headers`); only the fields changed here are re-rendered. The policy
+sees the header section in its canonical form (relay.receive.data), which is byte for byte
+what Exchange will be given, so no field can hide from it behind an odd line break.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import re
 from dataclasses import dataclass
 
 from relay.config import Profile
-from relay.headers import Address, HeaderError, RawMessage, clean_display_name
+from relay.headers import SENDER_FIELDS, Address, HeaderError, RawMessage, clean_display_name
 from relay.message import Reply
 from relay.route import address_matches, normalize_address
 
@@ -102,25 +107,28 @@ def apply_sender_policy(profile_name: str, profile: Profile, mail_from: str,
         return PolicyResult(sender or profile.mailbox, data, rewritten=not sender)
     if profile.sender_policy == "reject":
         check_envelope_sender(profile_name, profile, sender)
-        _check_from(profile_name, profile, RawMessage(data))
+        _check_senders(profile_name, profile, RawMessage(data))
         return PolicyResult(sender, data, rewritten=False)
     return _rewrite(profile, sender, data)
 
 
-def _check_from(profile_name: str, profile: Profile, msg: RawMessage) -> None:
+def _check_senders(profile_name: str, profile: Profile, msg: RawMessage) -> None:
+    """Every address in every sender field must be permitted, and there must be a From."""
     where = f"mailbox {profile.mailbox} (profile {profile_name})"
-    try:
-        addresses = msg.addresses("From")
-    except HeaderError as exc:
-        raise _rejected(f"{_safe(str(exc))}, so it cannot be checked against {where}; fix the "
-                        "From header or use sender_policy: rewrite") from None
-    if not addresses:
-        raise _rejected(f"The message has no From address; {where} needs one it is permitted "
-                        "to send as; add a From header or use sender_policy: rewrite")
-    for addr in addresses:
-        if not is_permitted(profile, addr.addr_spec):
-            raise _rejected(f"From address {_safe(addr.addr_spec)} is not permitted for "
-                            f"{where}; {_advice(profile_name)}")
+    for name in SENDER_FIELDS:
+        try:
+            addresses = msg.addresses(name)
+        except HeaderError as exc:
+            raise _rejected(f"{_safe(str(exc))}, so it cannot be checked against {where}; "
+                            f"fix the {name} header or use sender_policy: rewrite") from None
+        if name == "From" and not addresses:
+            raise _rejected(f"The message has no From address; {where} needs one it is "
+                            "permitted to send as; add a From header or use "
+                            "sender_policy: rewrite")
+        for addr in addresses:
+            if not is_permitted(profile, addr.addr_spec):
+                raise _rejected(f"{name} address {_safe(addr.addr_spec)} is not permitted "
+                                f"for {where}; {_advice(profile_name)}")
 
 
 def _rewrite(profile: Profile, sender: str, data: bytes) -> PolicyResult:
@@ -152,8 +160,10 @@ def _rewrite(profile: Profile, sender: str, data: bytes) -> PolicyResult:
         msg.set("From", [Address(display_name=clean_display_name(a.display_name),
                                  username=a.username, domain=a.domain) for a in originals])
 
-    if "Sender" in msg and not _sender_ok(profile, msg):
-        msg.remove("Sender")
+    for name in SENDER_FIELDS[1:]:
+        # Exchange checks Send As against these too: one the mailbox may not use goes.
+        if name in msg and not _all_permitted(profile, msg, name):
+            msg.remove(name)
     if from_ok and len(originals) > 1 and "Sender" not in msg:
         # RFC 5322 requires a Sender when From lists several mailboxes.
         msg.set("Sender", _mailbox_address(mailbox, ""))
@@ -166,9 +176,9 @@ def _rewrite(profile: Profile, sender: str, data: bytes) -> PolicyResult:
                         rewritten=changed, original_from=original_from)
 
 
-def _sender_ok(profile: Profile, msg: RawMessage) -> bool:
+def _all_permitted(profile: Profile, msg: RawMessage, name: str) -> bool:
     try:
-        addresses = msg.addresses("Sender")
+        addresses = msg.addresses(name)
     except HeaderError:
         return False
     return bool(addresses) and all(is_permitted(profile, a.addr_spec) for a in addresses)

@@ -35,6 +35,7 @@ from relay.message import DeliveryResult, Outbound, Reply
 from relay.upstream import (
     AuthenticationRejected,
     HasAccessToken,
+    OnAccepted,
     UpstreamClient,
     UpstreamSession,
     UpstreamUnavailable,
@@ -91,12 +92,12 @@ class Lease:
         """The session's number in this pool, for logs."""
         return self._conn.number
 
-    async def send_one(self, msg: Outbound, *,
-                       require_all_recipients: bool = True) -> DeliveryResult:
+    async def send_one(self, msg: Outbound, *, require_all_recipients: bool = True,
+                       on_accepted: OnAccepted | None = None) -> DeliveryResult:
         session = self._conn.session
         self._conn.messages += 1
         self.result = await session.send_one(
-            msg, require_all_recipients=require_all_recipients)
+            msg, require_all_recipients=require_all_recipients, on_accepted=on_accepted)
         # The connection broke before DATA: nothing was committed upstream, so sending
         # the message again on another session cannot deliver it twice.
         self.lost_before_data = (not session.is_open and session.stage in _BEFORE_DATA
@@ -198,12 +199,13 @@ class SessionPool:
         await self._release(key, box, mailbox, lease)
 
     async def send(self, msg: Outbound, mailbox: str, token: HasAccessToken, *,
-                   require_all_recipients: bool = True) -> DeliveryResult:
+                   require_all_recipients: bool = True,
+                   on_accepted: OnAccepted | None = None) -> DeliveryResult:
         """Deliver ``msg`` as ``mailbox`` through a pooled session.
 
         Same contract as :meth:`UpstreamClient.send`: raises :class:`AuthenticationRejected`
         when a login is refused; everything else, infrastructure failures included (as
-        4xx), is the returned result.
+        4xx), is the returned result. ``on_accepted``: see :meth:`UpstreamSession.send_one`.
         """
         started = time.monotonic()
         fresh = False
@@ -211,7 +213,8 @@ class SessionPool:
             try:
                 async with self.session(mailbox, token, fresh=fresh) as lease:
                     result = await lease.send_one(
-                        msg, require_all_recipients=require_all_recipients)
+                        msg, require_all_recipients=require_all_recipients,
+                        on_accepted=on_accepted)
             except UpstreamUnavailable as exc:
                 result = DeliveryResult(exc.reply)
             except AuthenticationRejected as exc:

@@ -31,7 +31,7 @@ from relay.dsn import build_dsn, is_auto_reply
 from relay.governor import Governor, Limits
 from relay.headers import RawMessage
 from relay.log import message_context
-from relay.message import DeliveryResult, Outbound, Reply, new_message_id
+from relay.message import Content, DeliveryResult, Outbound, Reply, new_message_id
 from relay.metrics import NO_HOOKS, Hooks
 from relay.spool import Entry, Spool, State
 
@@ -122,11 +122,11 @@ class Queue:
         """Spool ``msg`` durably, then answer. With ``wait``, try it first for that long."""
         profile = self.config.profiles.get(msg.profile)
         entry = Entry(id=msg.id, profile=msg.profile, mail_from=msg.mail_from,
-                      rcpt_tos=list(msg.rcpt_tos), size=len(msg.data),
+                      rcpt_tos=list(msg.rcpt_tos), size=msg.content.size,
                       received_at=self._clock(), mail_options=list(msg.mail_options),
                       client=msg.client, user=msg.user, return_path=msg.return_path,
                       mailbox=msg.mailbox or (profile.mailbox if profile else None))
-        await self.spool.accept(entry, msg.data)
+        await self.spool.accept(entry, msg.content)
         queued = Reply(250, f"2.0.0 Ok: queued as {msg.id}")
         if not wait or not self._claim(entry):
             self._wakeup.set()
@@ -315,7 +315,14 @@ class Queue:
             self._retry_turn = not retry
             state, name = ((State.DEFERRED, self._due.popleft()) if retry
                            else (State.INCOMING, arrivals.popleft()))
-            next_due = min(next_due, await self._consider(state, name, now, stagger))
+            try:
+                due_at = await self._consider(state, name, now, stagger)
+            except Exception as exc:
+                # One message's trouble (a bug, a record the schema let through) stays that
+                # message's: the others due after it are still started.
+                log.exception("spool: cannot start %s/%s; passing it over", state, name)
+                due_at = self._pass_over(name, now, exc)
+            next_due = min(next_due, due_at)
         return next_due
 
     async def _consider(self, state: State, name: str, now: float,
@@ -367,12 +374,12 @@ class Queue:
         self._active[entry.id] = asyncio.create_task(self._run_attempt(entry, state))
         return math.inf
 
-    def _pass_over(self, name: str, now: float, exc: OSError) -> float:
+    def _pass_over(self, name: str, now: float, exc: Exception) -> float:
         """A spool file that cannot be read (or set aside) just now, for permissions or a
         disk error: passed over for a while, so that it neither keeps the messages due
         after it waiting nor is asked again in a loop."""
         log.error("spool: cannot read %s (%s); trying again in %.0f s", name,
-                  exc.strerror or exc, _UNREADABLE_PAUSE)
+                  getattr(exc, "strerror", None) or exc, _UNREADABLE_PAUSE)
         if len(self._unreadable) < _UNREADABLE_MAX:
             self._unreadable[name] = now + _UNREADABLE_PAUSE
         else:
@@ -493,7 +500,7 @@ class Queue:
 
     async def _attempt(self, entry: Entry, waiter: asyncio.Future[Reply] | None) -> Outcome:
         try:
-            data = await asyncio.to_thread(self.spool.read_data, entry.id)
+            content = await asyncio.to_thread(self.spool.content, entry.id)
         except FileNotFoundError:
             # Nothing to send, ever: set aside for an operator instead of retrying forever.
             await asyncio.to_thread(self.spool.set_aside, State.ACTIVE, entry.id,
@@ -509,14 +516,20 @@ class Queue:
             return Outcome("delivered", Reply(250, "2.0.0 Ok"))
         mailbox = self._mailbox(entry)
         msg = Outbound(id=entry.id, profile=entry.profile, mail_from=entry.mail_from,
-                       rcpt_tos=pending, data=data, mail_options=entry.mail_options,
+                       rcpt_tos=pending, content=content, mail_options=entry.mail_options,
                        client=entry.client, user=entry.user, mailbox=mailbox)
         started = self._clock()
         if mailbox is not None:
             self.governor.started(mailbox, len(pending), started)
         timer = time.monotonic()
+        recorded: list[bool] = []
+
+        def accepted_now(accepted: list[str]) -> None:
+            recorded.append(self._record_accepted(entry, pending, accepted))
+
         try:
-            result = await self.deliverer.deliver(msg, require_all_recipients=False)
+            result = await self.deliverer.deliver(msg, require_all_recipients=False,
+                                                  on_accepted=accepted_now)
         except Exception:
             log.exception("delivery attempt crashed; deferring")
             result = DeliveryResult(Reply(451, "4.3.0 Internal error during delivery"))
@@ -529,11 +542,35 @@ class Queue:
         elif mailbox is not None:
             # An Entra ID outage must not use up the mailbox's day at Exchange.
             self.governor.forget(mailbox, len(pending), started)
-        return await self._settle(entry, pending, result, data, mailbox, waiter, duration)
+        return await self._settle(entry, pending, result, content, mailbox, waiter, duration,
+                                  claimed=any(recorded))
+
+    def _record_accepted(self, entry: Entry, pending: list[str], accepted: list[str]) -> bool:
+        """The upstream's 250 has just been read: record it in the spool at once, before
+        any other step (logging, settling, the next message) can come between it and a
+        crash. True if the metadata is gone (every recipient is done).
+
+        A failure here is only logged: the message is settled properly right after, and
+        the worst a crash can then do is send it again, as before this record existed.
+        """
+        done = set(accepted)
+        complete = not entry.failed and all(rcpt in done for rcpt in pending)
+        try:
+            if complete:
+                self.spool.record_delivered(entry, complete=True)
+                return True
+            snapshot = dataclasses.replace(
+                entry, delivered=[*entry.delivered, *(r for r in pending if r in done)])
+            self.spool.record_delivered(snapshot, complete=False)
+        except OSError as exc:
+            log.warning("cannot record the delivery at once (%s); recording it now",
+                        exc.strerror or exc)
+        return False
 
     async def _settle(self, entry: Entry, pending: list[str], result: DeliveryResult,
-                      data: bytes, mailbox: str | None, waiter: asyncio.Future[Reply] | None,
-                      duration: float) -> Outcome:
+                      content: Content, mailbox: str | None,
+                      waiter: asyncio.Future[Reply] | None, duration: float, *,
+                      claimed: bool = False) -> Outcome:
         now = self._clock()
         entry.attempts += 1
         entry.last_reply = str(result.reply)
@@ -574,7 +611,7 @@ class Queue:
         report = _AttemptReport(entry, mailbox, pending, accepted, still, result, duration,
                                 reason)
         if not still and not entry.failed:
-            await asyncio.to_thread(self.spool.remove, entry.id, State.ACTIVE)
+            await asyncio.to_thread(self.spool.remove, entry.id, State.ACTIVE, claimed=claimed)
             self._report(report, "delivered")
             return Outcome("delivered", result.reply)
         if not still and not entry.delivered and waiter is not None and not waiter.done():
@@ -595,25 +632,22 @@ class Queue:
         fresh = {rcpt: entry.failed[rcpt] for rcpt in pending if rcpt in entry.failed}
         if fresh:
             try:
-                await self._bounce(entry, fresh, data, reason)
-            except Exception as exc:
-                disk = isinstance(exc, OSError)
-                if disk or reason is None:
-                    # The report cannot be spooled (disk full, or a bug building it): keep
-                    # those recipients pending, so that a later attempt reports them,
-                    # rather than losing the report.
-                    log.error("cannot spool the delivery report (%s); its recipients stay "
-                              "queued and are reported later",
-                              exc.strerror if disk else repr(exc), exc_info=not disk)
-                    for rcpt in fresh:
-                        del entry.failed[rcpt]
-                    still = self._pending(entry)
-                    report = dataclasses.replace(report, still=still)
-                else:
-                    # Past its lifetime, and the report itself is broken: retrying would
-                    # never end. The message goes to failed/ for an operator.
-                    log.exception("cannot build the delivery report; the message goes to "
-                                  "failed/ without one")
+                await self._bounce(entry, fresh, content, reason)
+            except OSError as exc:
+                # The report cannot be spooled (disk full): keep those recipients pending,
+                # so that a later attempt reports them, rather than losing the report.
+                log.error("cannot spool the delivery report (%s); its recipients stay "
+                          "queued and are reported later", exc.strerror or exc)
+                for rcpt in fresh:
+                    del entry.failed[rcpt]
+                still = self._pending(entry)
+                report = dataclasses.replace(report, still=still)
+            except Exception:
+                # The report itself cannot be built: that will not change by retrying
+                # (and retrying would send the message to Exchange again, to be refused
+                # again). The failure stands; the message goes to failed/ for an operator.
+                log.exception("cannot build the delivery report; the failure is kept in "
+                              "failed/ without one")
         if not still:
             await asyncio.to_thread(self.spool.move, entry, State.ACTIVE, State.FAILED)
             self._report(report, "bounced")
@@ -700,7 +734,7 @@ class Queue:
 
     # --- bounces ----------------------------------------------------------------------------
 
-    async def _bounce(self, entry: Entry, failed: dict[str, str], data: bytes,
+    async def _bounce(self, entry: Entry, failed: dict[str, str], content: Content,
                       reason: str | None) -> None:
         """Queue a DSN for the ``failed`` recipients, unless that would be a mail loop.
 
@@ -713,13 +747,15 @@ class Queue:
         bounce, the buck stops with the log (and the message in failed/).
         """
         policy = self.config.delivery.bounce
-        headers = RawMessage(data).header_section()
         fields = {"event": "bounce", "profile": entry.profile, "rcpts": len(failed)}
         if policy == "none":
             log.warning("bounce suppressed (delivery.bounce: none) for %s",
                         ", ".join(failed), extra=fields)
             return
         sender = entry.return_path if entry.return_path is not None else entry.mail_from
+        limit = self.config.server.max_header_size
+        headers = await asyncio.to_thread(
+            lambda: RawMessage(content.prefix(limit + 2)).header_section())
         if sender in ("", "<>") or is_auto_reply(headers):
             log.warning("no bounce for message %s (failed: %s): it is itself a delivery "
                         "report or an auto-reply, or has a null sender, and reporting on it "
@@ -731,7 +767,10 @@ class Queue:
             log.error("no bounce: profile %s is no longer configured", entry.profile)
             return
         upstream = self.config.upstream_for(profile)
-        dsn = build_dsn(
+        # Built in a worker thread: the header section alone may be 256 KiB of work for
+        # the email package, and the event loop serves every client meanwhile.
+        dsn = await asyncio.to_thread(
+            build_dsn,
             reporting_mta=self.config.server.hostname, sender_mailbox=profile.mailbox, to=to,
             original_headers=headers, arrival=entry.received_at,
             failed={r: _parse_reply(t) for r, t in failed.items()},

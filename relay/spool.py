@@ -18,9 +18,17 @@ atomic rename. As in Postfix, a deferred file's modification time is its due tim
 queue manager finds due messages by listing the directory, without opening files or
 keeping the queue in memory, and every file is found by its id alone.
 
-Durability: data and metadata are written to ``tmp/``, fsynced, renamed into place, and
-the directories are fsynced before :meth:`Spool.accept` returns. Directory fsyncs of
-concurrent arrivals are shared (group commit), so durability does not cap throughput.
+Durability: a new message's bytes are written to ``tmp/`` as they arrive from the client
+(:class:`DataWriter`, so a large message never sits in memory), its metadata follows; both
+are fsynced, renamed into place, and the directories are fsynced before
+:meth:`Spool.accept` returns. Directory fsyncs of concurrent arrivals are shared (group
+commit), so durability does not cap throughput. Whatever fails on the way (a full disk,
+a client that goes away) removes its own files from tmp/ at once: nothing is left to fill
+the disk until the next start.
+
+Every metadata file read back is validated (:meth:`Entry.from_json`): a file that another
+version wrote, a disk error or an operator's editor damaged is refused as a whole, so the
+queue sets it aside in corrupt/ instead of tripping over it later.
 
 State changes. The relay and ``queue`` commands run by an operator (other processes) work
 on the same spool at once, so the protocol keeps one invariant: at every instant, for
@@ -57,11 +65,17 @@ import enum
 import fcntl
 import json
 import logging
+import math
 import os
+import re
 import time
 from collections.abc import Container, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from pydantic import TypeAdapter
+
+from relay.message import Content
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +95,13 @@ RECOVERY_LOCK_WAIT = 60.0   # how long start-up waits for an operator's queue co
 # States whose files only one party changes (see the module docstring), so that their
 # content can be rewritten in place before a move. incoming/ and deferred/ are shared.
 _OWNED = frozenset({State.ACTIVE, State.HOLD, State.FAILED})
+# Spool directories are private to the relay's user and group: messages are personal data.
+_DIR_MODE = 0o750
+_FILE_MODE = 0o640
+# A message id as the relay makes them (relay.message.new_message_id), with room for ids
+# of other versions; nothing that could name another directory.
+_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass
@@ -108,8 +129,41 @@ class Entry:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes) -> Entry:
-        return cls(**json.loads(raw))
+    def from_json(cls, raw: bytes, name: str | None = None) -> Entry:
+        """Parse and validate a metadata file; ValueError (with the reason) if it is not one.
+
+        Types are checked by a schema (a string where a list belongs, ``"attempts": "x"``),
+        then what the types cannot say: the id is the file's, there is a recipient, times
+        are real numbers, addresses hold no control characters. Unknown keys are ignored,
+        so a file written by a newer version is still read.
+        """
+        entry = _ENTRY.validate_json(raw)
+        problem = entry._problem(name)
+        if problem is not None:
+            raise ValueError(problem)
+        return entry
+
+    def _problem(self, name: str | None) -> str | None:
+        if not _ID.match(self.id):
+            return f"id {self.id[:80]!r} is not a message id"
+        if name is not None and name != f"{self.id}.json":
+            return f"id {self.id!r} does not match the file name {name!r}"
+        if not self.rcpt_tos:
+            return "no recipients"
+        if not self.profile:
+            return "no profile"
+        for address in (self.mail_from, *self.rcpt_tos, *self.delivered, *self.failed,
+                        self.return_path or "", self.mailbox or ""):
+            if _CONTROL.search(address) or len(address) > 1000:
+                return f"address {address[:80]!r} is not usable"
+        if min(self.size, self.attempts) < 0:
+            return "negative size or attempts"
+        if not all(math.isfinite(t) for t in (self.received_at, self.next_attempt)):
+            return "a time is not a finite number"
+        return None
+
+
+_ENTRY = TypeAdapter(Entry)
 
 
 class SpoolError(Exception):
@@ -140,6 +194,15 @@ def filesystem_type(path: Path) -> str:
     return fstype
 
 
+def _tighten(path: Path) -> None:
+    """No access for others, and no group write, to a directory of ours (an older version, a
+    umask or a volume may have made it more open); a directory someone else owns is left as
+    it is (the check below still says whether the relay can use it)."""
+    st = path.stat()
+    if st.st_uid == os.geteuid() and st.st_mode & 0o7777 & ~_DIR_MODE:
+        os.chmod(path, st.st_mode & _DIR_MODE)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -148,16 +211,81 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _write_synced(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Create ``path`` with ``data`` (fsynced unless ``sync`` is False); on any failure the
+    partial file is removed, so a full disk leaves nothing behind to keep it full."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
+        _write_all(fd, data)
+        if sync:
+            os.fsync(fd)
+    except BaseException:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+
+
+def _unlink_quietly(*paths: Path) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+class DataWriter:
+    """The bytes of a message being received, written to ``tmp/<id>.eml`` as they arrive.
+
+    Blocking: call its methods from a worker thread. The file is created at the first
+    write. Any failure discards it (a partial message is never kept, and never left to fill
+    the disk); :meth:`content` hands the finished file to :meth:`Spool.accept`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        self._fd: int | None = None
+        self._done = False
+
+    def write(self, data: bytes, *, finish: bool = False) -> None:
+        """Append ``data``; with ``finish``, also fsync and close (the message is whole)."""
+        if self._done:
+            raise ValueError("message data already finished or discarded")
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                   | os.O_CLOEXEC, _FILE_MODE)
+            _write_all(self._fd, data)
+            self.size += len(data)
+            if finish:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = None
+                self._done = True
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Throw away what was written (idempotent, never raises)."""
+        self._done = True
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        _unlink_quietly(self.path)
+
+    def content(self) -> Content:
+        if not self._done or self._fd is not None:
+            raise ValueError("message data not finished")
+        return Content.from_file(self.path, self.size)
 
 
 class Spool:
@@ -175,8 +303,10 @@ class Spool:
     def open(self, *, on_tmpfs: str = "refuse") -> None:
         """Create the directories and check the spool can keep its promise."""
         try:
-            for name in _DIRS:
-                (self.root / name).mkdir(parents=True, exist_ok=True, mode=0o750)
+            self.root.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+            for path in (self.root, *(self.root / name for name in _DIRS)):
+                path.mkdir(exist_ok=True, mode=_DIR_MODE)
+                _tighten(path)
             probe = self.root / "tmp" / f".probe-{os.getpid()}"
             _write_synced(probe, b"ok")
             probe.unlink(missing_ok=True)   # a relay starting meanwhile clears tmp/
@@ -226,7 +356,11 @@ class Spool:
         windows): written to tmp/, fsynced and renamed, so it is whole or absent."""
         tmp = self.root / "tmp" / f"{name}.{os.getpid()}.{time.monotonic_ns()}"
         _write_synced(tmp, data)
-        os.replace(tmp, self.root / name)
+        try:
+            os.replace(tmp, self.root / name)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
 
     def load_state(self, name: str) -> bytes | None:
         try:
@@ -305,19 +439,47 @@ class Spool:
 
     # --- accepting -------------------------------------------------------------------------
 
-    def _store(self, entry: Entry, data: bytes, state: State) -> None:
-        tmp = self.root / "tmp"
-        _write_synced(tmp / f"{entry.id}.eml", data)
-        _write_synced(tmp / f"{entry.id}.json", entry.to_json())
-        os.replace(tmp / f"{entry.id}.eml", self.data_path(entry.id))
-        if state is State.DEFERRED:
-            os.utime(tmp / f"{entry.id}.json", (entry.next_attempt, entry.next_attempt))
-        os.replace(tmp / f"{entry.id}.json", self._meta_path(state, entry.id))
+    def writer(self, mid: str) -> DataWriter:
+        """Where the bytes of new message ``mid`` go while they arrive (see :meth:`accept`)."""
+        return DataWriter(self.root / "tmp" / f"{mid}.eml")
 
-    async def accept(self, entry: Entry, data: bytes, state: State = State.INCOMING) -> None:
-        """Store a new message; returns only once it would survive a crash or power loss."""
-        await asyncio.to_thread(self._store, entry, data, state)
+    def _store(self, entry: Entry, content: Content | bytes, state: State) -> None:
+        """Data, then metadata, into place; on any failure nothing of the message remains."""
+        if isinstance(content, bytes):
+            content = Content(data=content)
+        tmp = self.root / "tmp"
+        staged = tmp / f"{entry.id}.eml"
+        meta = tmp / f"{entry.id}.json"
+        data = self.data_path(entry.id)
+        placed = False
+        try:
+            if content.path is None:
+                _write_synced(staged, content.in_memory or b"")
+            elif content.path != staged:
+                raise ValueError(f"{content.path} is not this spool's new message {entry.id}")
+            _write_synced(meta, entry.to_json())
+            if state is State.DEFERRED:
+                os.utime(meta, (entry.next_attempt, entry.next_attempt))
+            os.replace(staged, data)
+            placed = True
+            os.replace(meta, self._meta_path(state, entry.id))
+        except BaseException:
+            _unlink_quietly(staged, meta, *([data] if placed else []))
+            raise
+
+    async def accept(self, entry: Entry, content: Content | bytes,
+                     state: State = State.INCOMING) -> Content:
+        """Store a new message; returns only once it would survive a crash or power loss.
+
+        ``content`` is either small bytes made by the relay (a delivery report), or the
+        finished :meth:`writer` file of this message. Returns the stored content. Raises
+        OSError (disk full, ...) with nothing of the message left behind.
+        """
+        if isinstance(content, bytes):
+            content = Content(data=content)
+        await asyncio.to_thread(self._store, entry, content, state)
         await self._group_commit()
+        return Content.from_file(self.data_path(entry.id), content.size)
 
     async def _group_commit(self) -> None:
         loop = asyncio.get_running_loop()
@@ -364,13 +526,18 @@ class Spool:
 
     def read(self, state: State, name: str) -> Entry:
         path = self.root / state / name
-        entry = Entry.from_json(path.read_bytes())
+        entry = Entry.from_json(path.read_bytes(), name)
         if state is State.DEFERRED:
             entry.next_attempt = path.stat().st_mtime   # the file's time is the truth
         return entry
 
     def read_data(self, mid: str) -> bytes:
         return self.data_path(mid).read_bytes()
+
+    def content(self, mid: str) -> Content:
+        """The stored bytes of ``mid`` (FileNotFoundError if there are none)."""
+        path = self.data_path(mid)
+        return Content.from_file(path, path.stat().st_size)
 
     def move(self, entry: Entry, src: State, dst: State, *, rewrite: bool = True) -> None:
         """Move ``entry`` from ``src`` to ``dst`` with one rename (see the module docstring).
@@ -391,16 +558,20 @@ class Spool:
         if rewrite:
             tmp = self.root / "tmp" / f"{entry.id}.json.{os.getpid()}.{time.monotonic_ns()}"
             _write_synced(tmp, entry.to_json())
-            if dst is State.DEFERRED:
-                os.utime(tmp, due)
-            if not old.exists():
-                # Not racy: nobody but the caller changes an owned state's files. Checked so
-                # that a caller's mistake cannot create a second metadata file.
-                os.unlink(tmp)
-                raise FileNotFoundError(f"{entry.id} is no longer in {src}")
-            # Raises FileNotFoundError if a relay starting meanwhile cleared tmp/; then the
-            # message is as it was.
-            os.replace(tmp, old)
+            try:
+                if dst is State.DEFERRED:
+                    os.utime(tmp, due)
+                if not old.exists():
+                    # Not racy: nobody but the caller changes an owned state's files.
+                    # Checked so that a caller's mistake cannot create a second metadata
+                    # file.
+                    raise FileNotFoundError(f"{entry.id} is no longer in {src}")
+                # Raises FileNotFoundError if a relay starting meanwhile cleared tmp/; then
+                # the message is as it was.
+                os.replace(tmp, old)
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
         elif dst is State.DEFERRED:
             os.utime(old, due)          # FileNotFoundError if it has gone: nothing changed
         if old != new:
@@ -409,19 +580,48 @@ class Spool:
         if old.parent != new.parent:
             _fsync_dir(old.parent)
 
+    def record_delivered(self, entry: Entry, *, complete: bool) -> None:
+        """Write down, right after the upstream's 250, what it accepted: the one step between
+        that reply and a crash that decides whether recipients get the message twice.
+
+        Called on the event loop, before anything else happens, so it is kept to a system
+        call or two and skips the fsync (a killed process loses nothing the kernel holds;
+        only a power cut in the next moments could bring the old file back). ``complete``:
+        every recipient is done, so the metadata in active/ goes (the data follows in
+        :meth:`remove`, which tolerates this); else ``entry`` replaces it, listing the
+        recipients delivered so far. The caller settles the message properly afterwards.
+        """
+        path = self._meta_path(State.ACTIVE, entry.id)
+        if complete:
+            os.unlink(path)
+            return
+        tmp = self.root / "tmp" / f"{entry.id}.json.{os.getpid()}.{time.monotonic_ns()}"
+        _write_synced(tmp, entry.to_json(), sync=False)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
     def set_due(self, mid: str, when: float) -> None:
         """Change when a deferred message is due (FileNotFoundError if it is not deferred)."""
         os.utime(self._meta_path(State.DEFERRED, mid), (when, when))
 
-    def remove(self, entry_id: str, state: State) -> None:
+    def remove(self, entry_id: str, state: State, *, claimed: bool = False) -> None:
         """Forget a message (delivered, or deleted by an operator): metadata, then data.
 
         Unlinking the metadata is the claim: if the message has left ``state`` meanwhile
         (the relay took a deferred message into active/ just as an operator deleted it),
         it raises FileNotFoundError and the data is left alone. A crash between the two
-        unlinks leaves orphaned data, which :meth:`recover` removes.
+        unlinks leaves orphaned data, which :meth:`recover` removes. ``claimed``: the
+        metadata may already be gone because the caller removed it itself
+        (:meth:`record_delivered`).
         """
-        os.unlink(self._meta_path(state, entry_id))
+        try:
+            os.unlink(self._meta_path(state, entry_id))
+        except FileNotFoundError:
+            if not claimed:
+                raise
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.data_path(entry_id))
         # data/ needs no fsync of its own: data that comes back after a crash has no

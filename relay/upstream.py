@@ -23,7 +23,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -42,7 +42,7 @@ from aiosmtplib import (
 
 from relay.config import Upstream
 from relay.log import redact
-from relay.message import DeliveryResult, Outbound, Reply
+from relay.message import Content, DeliveryResult, Outbound, Reply
 from relay.secrets import Secret
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,13 @@ _CHECK_TIMEOUT = 10.0
 # DATA: the final reply may only come after the whole message went out; allow for a slow
 # link (2 Mbit/s) on top of the configured timeout rather than failing big messages.
 _DATA_BYTES_PER_SECOND = 250_000
+# Bytes of the message handed to the connection at a time; the transport's own buffer
+# stays near its high-water mark, so a 30 MB message costs this much memory, not 90 MB.
+_DATA_CHUNK = 64 * 1024
+
+# Called with the recipients the upstream accepted, the moment its final reply to DATA
+# arrives (see UpstreamSession.send_one).
+OnAccepted = Callable[[list[str]], None]
 
 
 class HasAccessToken(Protocol):
@@ -273,20 +280,25 @@ class UpstreamSession:
     # --- sending -------------------------------------------------------------------------
 
     async def send_one(self, msg: Outbound, *, require_all_recipients: bool = True,
-                       dry_run: bool = False) -> DeliveryResult:
+                       dry_run: bool = False,
+                       on_accepted: OnAccepted | None = None) -> DeliveryResult:
         """One transaction. ``accepted`` lists recipients the message was delivered to,
         ``refused`` those the upstream refused at RCPT; the reply applies to the rest.
 
         With ``require_all_recipients`` any refusal abandons the message (RSET) so the
         client can retry it whole; otherwise it goes to the accepted recipients.
         ``dry_run`` stops before DATA (RSET instead): the upstream's verdict on sender and
-        recipients without sending anything, for diagnosis.
+        recipients without sending anything, for diagnosis. ``on_accepted`` is called
+        with the accepted recipients as soon as the upstream's 250 to DATA is read, before
+        this coroutine yields again: a caller that records it there keeps the window in
+        which a crash sends the message twice as short as it can be.
         """
         smtp = self._smtp
         if smtp is None or not self.is_open:
             raise RuntimeError("session is not open")
         try:
-            return await self._transaction(smtp, msg, require_all_recipients, dry_run)
+            return await self._transaction(smtp, msg, require_all_recipients, dry_run,
+                                           on_accepted)
         except BaseException as exc:
             self._abort()
             if isinstance(exc, SMTPException | OSError | TimeoutError):
@@ -312,7 +324,7 @@ class UpstreamSession:
         if utf8:
             options.append("SMTPUTF8")
         if smtp.supports_extension("size"):
-            options.append(f"SIZE={len(msg.data)}")
+            options.append(f"SIZE={msg.content.size}")
         return options, utf8
 
     def _reply(self, code: int, text: str) -> Reply:
@@ -327,7 +339,8 @@ class UpstreamSession:
                           f"{self._stage}: {code} {' '.join(text.split())}")
 
     async def _transaction(self, smtp: aiosmtplib.SMTP, msg: Outbound,
-                           require_all: bool, dry_run: bool = False) -> DeliveryResult:
+                           require_all: bool, dry_run: bool = False,
+                           on_accepted: OnAccepted | None = None) -> DeliveryResult:
         options, utf8 = self._mail_options(smtp, msg)
         encoding = "utf-8" if utf8 else "ascii"
         self._stage = "MAIL FROM"
@@ -373,11 +386,13 @@ class UpstreamSession:
                                   accepted, refused)
 
         self._stage = "DATA"
-        timeout = self.upstream.timeout + len(msg.data) / _DATA_BYTES_PER_SECOND
+        timeout = self.upstream.timeout + msg.content.size / _DATA_BYTES_PER_SECOND
         try:
-            response = await smtp.data(msg.data, timeout=timeout)
+            response = await _send_data(smtp, msg.content, self.upstream.timeout, timeout)
         except SMTPDataError as exc:
             return DeliveryResult(self._reply(exc.code, exc.message), [], refused)
+        if on_accepted is not None:
+            on_accepted(accepted)
         return DeliveryResult(Reply(response.code, response.message), accepted, refused)
 
     async def _rset(self, smtp: aiosmtplib.SMTP) -> None:
@@ -474,6 +489,46 @@ class UpstreamSession:
                               f"{exc.strerror or exc.__class__.__name__}")
         return Reply(451, f"4.4.2 Upstream {where} failed during {stage}: "
                           f"{exc.__class__.__name__}: {exc}")
+
+
+async def _send_data(smtp: aiosmtplib.SMTP, content: Content, command_timeout: float,
+                     final_timeout: float) -> aiosmtplib.SMTPResponse:
+    """DATA with the message streamed from ``content``, dot-stuffed on the way.
+
+    aiosmtplib's ``SMTP.data`` wants the whole message as one bytes object and makes
+    copies of it (line endings, dot-stuffing), so a 30 MB message would cost about 100 MB
+    here. This sends it a chunk at a time, waiting for the connection to drain in between.
+    It uses aiosmtplib's protocol object (``execute_command``, ``write``, ``read_response``,
+    and the flow-control wait ``_drain_helper``, asyncio's own pattern); tests/test_upstream
+    checks they are there, so an aiosmtplib that changes them fails loudly. The content is
+    canonical (relay.message), so stuffing is a matter of a dot after every CRLF.
+    Raises :class:`SMTPDataError` for a refusal, like ``SMTP.data``.
+    """
+    protocol = smtp.protocol
+    if protocol is None:
+        raise SMTPServerDisconnected("Connection lost")
+    start = await protocol.execute_command(b"DATA", timeout=command_timeout)
+    if start.code != 354:
+        raise SMTPDataError(start.code, start.message)
+    at_line_start = True
+    last = b"\n"
+    try:
+        async for chunk in content.chunks(_DATA_CHUNK):
+            stuffed = chunk.replace(b"\n.", b"\n..")
+            if at_line_start and chunk.startswith(b"."):
+                stuffed = b"." + stuffed
+            at_line_start = chunk.endswith(b"\n")
+            last = chunk[-1:]
+            protocol.write(stuffed)
+            await protocol._drain_helper()
+        protocol.write(b".\r\n" if last == b"\n" else b"\r\n.\r\n")
+        response = await protocol.read_response(timeout=final_timeout)
+    except (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError):
+        smtp.close()
+        raise
+    if response.code != 250:
+        raise SMTPDataError(response.code, response.message)
+    return response
 
 
 def _decode_challenge(message: str) -> str:

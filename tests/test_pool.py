@@ -18,7 +18,7 @@ import pytest
 
 from relay.config import Config
 from relay.deliver import Deliverer
-from relay.message import Outbound, new_message_id
+from relay.message import Content, Outbound, new_message_id
 from relay.pool import SessionPool
 from relay.sandbox.exchange import FakeExchange
 from relay.sandbox.service import SANDBOX_UPSTREAM, Sandbox
@@ -39,7 +39,7 @@ def message(mailbox: str = MAILBOX, rcpt: str = "someone@example.com",
             mail_from: str | None = None) -> Outbound:
     data = BODY.replace(b"relay@contoso.com", mailbox.encode())
     return Outbound(id=new_message_id(), profile="system", mail_from=mail_from or mailbox,
-                    rcpt_tos=[rcpt], data=data)
+                    rcpt_tos=[rcpt], content=Content.from_bytes(data))
 
 
 @dataclass

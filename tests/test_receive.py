@@ -14,6 +14,7 @@ import logging
 import smtplib
 import socket
 import ssl
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -24,11 +25,12 @@ import pytest
 
 from relay.config import Config, ConfigError, ServerTLS
 from relay.log import message_id
-from relay.message import Outbound, Reply
+from relay.message import Content, Outbound, Reply
 from relay.passwords import PasswordVerifier
 from relay.receive import Receiver, address_problem
 from relay.route import Router
 from relay.sandbox.pki import LocalPKI, create_pki
+from relay.spool import Spool
 from relay.tlsconfig import server_context
 from tests.conftest import PASSWORDS, build_config
 
@@ -61,7 +63,13 @@ class FakeSubmit:
     async def __call__(self, msg: Outbound) -> Reply:
         assert msg.id and msg.profile and msg.mail_from and msg.rcpt_tos
         assert msg.mail_from != "<>"
-        assert msg.data.startswith(b"Received: ") and f"id {msg.id}".encode() in msg.data
+        # What the receiver streamed to the spool: kept in memory here, the file removed.
+        assert msg.content.path is not None and msg.content.path.parent.name == "tmp"
+        data = await msg.content.read_all()
+        assert len(data) == msg.content.size
+        msg.content.unlink()
+        msg.content = Content(data=data)
+        assert data.startswith(b"Received: ") and f"id {msg.id}".encode() in data
         self.messages.append(msg)
         if self.gate is not None:
             await self.gate.wait()
@@ -88,8 +96,18 @@ class Harness:
 Start = Callable[..., Awaitable[Harness]]
 
 
+def data_of(msg: Outbound) -> bytes:
+    """The bytes a FakeSubmit received for ``msg``."""
+    data = msg.content.in_memory
+    assert data is not None
+    return data
+
+
 def make_receiver(config: Config, submit: FakeSubmit, **kwargs: Any) -> Receiver:
     verifier = PasswordVerifier({n: u.password_hash for n, u in config.users.items()})
+    spool = Spool(Path(tempfile.mkdtemp(prefix="receive-spool-")))
+    spool.open(on_tmpfs="warn")
+    kwargs.setdefault("writer", spool.writer)
     return Receiver(config, router=Router(config), verifier=verifier, submit=submit, **kwargs)
 
 
@@ -250,9 +268,9 @@ async def test_relay_network_client_is_accepted_without_auth(start: Start) -> No
     assert (msg.profile, msg.mail_from, msg.rcpt_tos) == ("system", SYSTEM,
                                                           ["customer@example.com"])
     assert (msg.client, msg.user) == ("127.0.0.1", None)
-    received = msg.data.split(b"\r\n\r\n")[0]
+    received = data_of(msg).split(b"\r\n\r\n")[0]
     assert b"from app.test (" in received and b"with ESMTP id " + msg.id.encode() in received
-    assert body_after_received(msg.data) == MESSAGE
+    assert body_after_received(data_of(msg)) == MESSAGE
     await c.close()
 
 
@@ -302,7 +320,7 @@ async def test_auth_success_with_smtplib(start: Start, mechanism: str) -> None:
     assert refused == {}
     [msg] = h.submit.messages
     assert (msg.user, msg.profile) == ("alice", "alice")
-    assert b"with ESMTPA id" in msg.data.split(b"\r\n\r\n")[0]
+    assert b"with ESMTPA id" in data_of(msg).split(b"\r\n\r\n")[0]
 
 
 async def test_auth_plain_without_initial_response_and_login_with_initial(
@@ -458,7 +476,7 @@ async def test_size_is_advertised_and_enforced(start: Start) -> None:
     assert code == 552 and text.startswith("5.3.4")
     assert (await c.send(SYSTEM, ["a@example.com"], mail_options=" SIZE=500"))[0] == 250
     [msg] = h.submit.messages
-    assert f"SIZE={len(msg.data)}" in msg.mail_options      # corrected for the header
+    assert f"SIZE={len(data_of(msg))}" in msg.mail_options      # corrected for the header
 
 
 async def test_too_many_recipients(start: Start) -> None:
@@ -494,7 +512,7 @@ async def test_long_lines_get_an_error_and_the_session_goes_on(
     assert await c.cmd("NOOP") == (250, "2.0.0 OK")
     ok_body = MESSAGE + b"z" * 990 + b"\r\n"
     assert (await c.send(SYSTEM, ["a@example.com"], ok_body))[0] == 250
-    assert body_after_received(h.submit.messages[0].data) == ok_body
+    assert body_after_received(data_of(h.submit.messages[0])) == ok_body
     assert errors_logged(caplog) == []
 
 
@@ -571,7 +589,7 @@ async def test_slow_message_of_quick_lines_is_not_cut(start: Start) -> None:
         await asyncio.sleep(0.03)
     c.writer.write(b".\r\n")
     assert (await c.reply())[0] == 250
-    assert body_after_received(h.submit.messages[0].data) == b"".join(lines)
+    assert body_after_received(data_of(h.submit.messages[0])) == b"".join(lines)
 
 
 async def test_session_timeout_ends_a_session_of_complete_lines(
@@ -693,7 +711,7 @@ async def test_starttls_required(start: Start, pki: LocalPKI) -> None:
     assert refused == {} and "auth" in extensions and "starttls" not in extensions
     [msg] = h.submit.messages
     assert msg.user == "alice"
-    assert b"with ESMTPSA id" in msg.data.split(b"\r\n\r\n")[0]
+    assert b"with ESMTPSA id" in data_of(msg).split(b"\r\n\r\n")[0]
 
 
 def implicit_send(address: tuple[str, int], ctx: ssl.SSLContext, login: bool) -> None:
@@ -712,7 +730,7 @@ async def test_implicit_tls_offers_auth_to_remote_clients(start: Start, pki: Loc
         loopback_check=never_loopback)
     await asyncio.to_thread(implicit_send, h.address, client_context(pki), True)
     [msg] = h.submit.messages
-    assert b"with ESMTPSA id" in msg.data.split(b"\r\n\r\n")[0]
+    assert b"with ESMTPSA id" in data_of(msg).split(b"\r\n\r\n")[0]
     reader, writer = await asyncio.open_connection(*h.address)    # plaintext: no session
     writer.write(b"EHLO app.test\r\n")
     assert b"220" not in await asyncio.wait_for(reader.read(), 5)
@@ -802,7 +820,7 @@ async def test_ipv6_listener(start: Start) -> None:
     assert (await c.send(SYSTEM, ["a@example.com"]))[0] == 250
     [msg] = h.submit.messages
     assert msg.client == "::1"
-    assert msg.data.startswith(b"Received: from app.test ([IPv6:::1])")
+    assert data_of(msg).startswith(b"Received: from app.test ([IPv6:::1])")
 
 
 # --- the message --------------------------------------------------------------------------
@@ -815,7 +833,7 @@ async def test_bcc_only_recipients_all_reach_submit(start: Start) -> None:
     assert (await c.send(SYSTEM, rcpts))[0] == 250
     [msg] = h.submit.messages
     assert msg.rcpt_tos == rcpts
-    assert b"hidden" not in msg.data                       # no "for <...>" with several
+    assert b"hidden" not in data_of(msg)                       # no "for <...>" with several
 
 
 async def test_utf8_8bit_message_is_byte_identical(start: Start) -> None:
@@ -829,7 +847,7 @@ async def test_utf8_8bit_message_is_byte_identical(start: Start) -> None:
             ".leading dot line\r\n"
             "..two dots\r\n"
             "line with trailing spaces   \r\n"
-            "bare\rCR and\x00NUL\r\n"
+            "\x01\x7f control bytes\r\n"
             + "x" * 5000 + "\r\n").encode("utf-8")
     c = await connect(h)
     assert "SMTPUTF8" in await c.ehlo()
@@ -838,7 +856,7 @@ async def test_utf8_8bit_message_is_byte_identical(start: Start) -> None:
     assert code == 250
     [msg] = h.submit.messages
     assert msg.mail_from == "zoë@contoso.com" and msg.rcpt_tos == ["jürgen@example.com"]
-    assert body_after_received(msg.data) == data
+    assert body_after_received(data_of(msg)) == data
     assert "SMTPUTF8" in msg.mail_options and "BODY=8BITMIME" in msg.mail_options
 
 
@@ -892,7 +910,7 @@ async def test_helo_session_and_undeclared_8bit(start: Start) -> None:
     body = MESSAGE + "Grüße\r\n".encode()
     assert (await c.send(SYSTEM, ["a@example.com"], body))[0] == 250
     [msg] = h.submit.messages
-    assert b"from old-app (" in msg.data and b"with SMTP id" in msg.data
+    assert b"from old-app (" in data_of(msg) and b"with SMTP id" in data_of(msg)
     assert msg.mail_options == ["BODY=8BITMIME"]
 
 
@@ -925,7 +943,7 @@ async def test_rewritten_sender_reaches_submit(start: Start) -> None:
     body = MESSAGE.replace(b"relay@contoso.com", b"billing@contoso.com")
     assert (await c.send("billing@contoso.com", ["a@example.com"], body))[0] == 250
     [msg] = h.submit.messages
-    assert msg.mail_from == SYSTEM and b"Reply-To: billing@contoso.com" in msg.data
+    assert msg.mail_from == SYSTEM and b"Reply-To: billing@contoso.com" in data_of(msg)
 
 
 # --- replies from submit and errors -------------------------------------------------------

@@ -20,7 +20,7 @@ import aiosmtplib
 import pytest
 
 from relay.config import Upstream
-from relay.message import Outbound
+from relay.message import Content, Outbound
 from relay.sandbox.exchange import FakeExchange
 from relay.sandbox.pki import LocalPKI, create_pki
 from relay.secrets import Secret
@@ -68,7 +68,7 @@ BODY = (
 def message(rcpts: list[str] | None = None, data: bytes = BODY,
             mail_from: str = MAILBOX, options: list[str] | None = None) -> Outbound:
     return Outbound(id="TEST01", profile="system", mail_from=mail_from,
-                    rcpt_tos=rcpts or ["alice@example.com"], data=data,
+                    rcpt_tos=rcpts or ["alice@example.com"], content=Content.from_bytes(data),
                     mail_options=options if options is not None else ["BODY=8BITMIME"])
 
 

@@ -19,7 +19,8 @@ from relay.config import Config, Listener
 from relay.log import message_context
 from relay.message import Outbound, Reply
 from relay.passwords import PasswordVerifier
-from relay.receive.handler import RelayHandler, Submit
+from relay.receive.data import MemoryBudget
+from relay.receive.handler import OpenWriter, RelayHandler, Submit
 from relay.receive.session import (
     SHUTTING_DOWN,
     TOO_MANY_CONNECTIONS,
@@ -54,12 +55,13 @@ class Receiver:
     """
 
     def __init__(self, config: Config, *, router: Router, verifier: PasswordVerifier,
-                 submit: Submit,
+                 submit: Submit, writer: OpenWriter,
                  loopback_check: Callable[[str], bool] = is_loopback) -> None:
         self._submit = submit
         self._loopback_check = loopback_check
         self._settings = self._settings_for(config, router, verifier)
-        self._handler = RelayHandler(self._spawn)
+        self._handler = RelayHandler(self._spawn, writer)
+        self._budget = MemoryBudget(config.server.buffer_memory)
         self._bound: list[_Bound] = []
         self._sessions: set[RelaySMTP] = set()
         self._submissions: set[asyncio.Task[Reply]] = set()
@@ -84,6 +86,10 @@ class Receiver:
     @property
     def draining(self) -> bool:
         return self._draining
+
+    @property
+    def budget(self) -> MemoryBudget:
+        return self._budget
 
     def admit(self, session: RelaySMTP) -> str | None:
         if self._draining:
@@ -171,6 +177,7 @@ class Receiver:
         """
         settings = self._settings_for(config, router, verifier)
         self._settings = settings
+        self._budget.update(config.server.buffer_memory)
         if self._switch is not None and settings.tls is not None:
             self._switch.current = settings.tls
 

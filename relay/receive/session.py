@@ -26,6 +26,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from relay.config import Config, Listener
 from relay.passwords import PasswordVerifier
+from relay.receive.data import DataReader, Limits, MemoryBudget, Received
 from relay.route import Router
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,10 @@ _ENHANCED_REPLIES = {
     "503 Already authenticated": "503 5.5.1 Already authenticated",
     "250 OK": "250 2.0.0 OK",
 }
-_LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
-# aiosmtpd's answers to a DATA it refused without calling the handler; logged here, since
-# no other line would tell the operator why an app's message was not accepted.
-_DATA_REFUSALS = {_LINE_TOO_LONG, "552 Error: Too much mail data",
-                  "552 Error: message size exceeds fixed maximum message size"}
+# How long a DATA waits for its share of server.buffer_memory before it is refused.
+BUFFER_WAIT = 30.0
+NO_BUFFER = "452 4.3.1 Insufficient system resources (too much mail arriving at once); " \
+    "try again later"
 
 # Longest user name written to the log; the rest is cut so a client cannot flood it.
 _MAX_LOGGED_USER = 64
@@ -90,6 +90,10 @@ class Gate(Protocol):
 
     @property
     def draining(self) -> bool: ...
+
+    @property
+    def budget(self) -> MemoryBudget:
+        """Memory for message data, shared by all sessions (see relay.receive.data)."""
 
     def admit(self, session: RelaySMTP) -> str | None:
         """Register ``session``, or return the 421 reply that refuses it."""
@@ -329,7 +333,10 @@ class RelaySMTP(SMTP):
         if self._timeout_handle is not None:
             self._timeout_handle.cancel()
 
-    def resume_idle_timer(self) -> None:
+    def resume_idle_timer(self, *, reply_first: bool = True) -> None:
+        """Restart the clocks. ``reply_first``: the relay was handing a message over, so
+        if the session deadline passed meanwhile, the reply to it still goes out before
+        the 421; otherwise (work in the middle of DATA) the deadline takes effect now."""
         now = self.loop.time()
         if self._paused_at is not None:
             self._paused_total += now - self._paused_at
@@ -343,8 +350,9 @@ class RelaySMTP(SMTP):
         self._reset_timeout()
         if self._session_handle is None and not self._session_expired:
             left = self._session_left()
-            if left > 0:
-                self._session_handle = self.loop.call_later(left, self._session_deadline)
+            if left > 0 or not reply_first:
+                self._session_handle = self.loop.call_later(max(0.0, left),
+                                                            self._session_deadline)
             else:
                 # Due at the very moment the hand-over began: the reply to the message
                 # comes first (cutting it off would make the client send it again),
@@ -394,13 +402,7 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
-            if status in _DATA_REFUSALS:
-                log.info("message refused: client=%s reply=%s", self.client_ip, status)
-            if status == _LINE_TOO_LONG:
-                limit = self.settings.config.server.max_line_length
-                status = f"500 5.5.2 Line too long (limit {limit} octets)"
-            else:
-                status = _ENHANCED_REPLIES.get(status, status)
+            status = _ENHANCED_REPLIES.get(status, status)
         await super().push(status)
         code = status[:3] if isinstance(status, str) else status[:3].decode("ascii", "replace")
         if code == "421" and self.transport is not None:
@@ -414,6 +416,49 @@ class RelaySMTP(SMTP):
         # The handler's version also gets the session, to log the client with the error.
         status: str = await self.event_handler.handle_exception(error, self)
         return status
+
+    # --- DATA ------------------------------------------------------------------------------
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA streamed to the spool (relay.receive.data) instead of aiosmtpd's version,
+        which collects the whole message in memory before its handler sees it.
+
+        The message's share of ``server.buffer_memory`` is taken before the 354 and given
+        back once the last byte is written; the reply comes after the hand-over.
+        """
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.session is not None and self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        handler = self.event_handler
+        limits = Limits.of(self.settings.config.server)
+        async with self._gate.budget.share(limits.reservation, wait=BUFFER_WAIT) as granted:
+            if not granted:
+                log.warning("DATA refused, no buffer memory free: client=%s",
+                            self.client_ip)
+                await self.push(NO_BUFFER)
+                return
+            incoming = handler.begin_data(self, self.session, self.envelope)
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            received: Received | None = None
+            try:
+                received = await DataReader(limits).read(self._reader, incoming)
+                if received.refusal is None:
+                    await incoming.finish(received.tail)
+            finally:
+                if received is None:        # cancelled or the connection broke
+                    incoming.discard()
+        status = await handler.end_data(self, self.session, self.envelope, incoming,
+                                        received)
+        self._set_post_data_state()
+        await self.push(status)
 
     # --- AUTH ------------------------------------------------------------------------------
     # aiosmtpd offers every attribute named auth_* (of this class and of the handler) as a
