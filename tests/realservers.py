@@ -282,6 +282,10 @@ class Dovecot:
         tmp.write_bytes(public_key_pem)
         tmp.rename(folder / kid)
 
+    def withdraw_key(self, kid: str, *, alg: str = "RS256") -> None:
+        """Stop trusting ``kid`` (only for keys Dovecot has not loaded yet: it caches them)."""
+        (self.directory / "keys" / "default" / alg / kid).unlink()
+
     def start(self, timeout: float = 20) -> Dovecot:
         (self.directory / "oauth2.conf.ext").write_text(_OAUTH2_CONF.format(
             dir=self.directory, username_attribute=self.username_attribute))

@@ -19,7 +19,7 @@ import smtplib
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +31,11 @@ from relay.sandbox.pki import LocalPKI, create_pki
 from relay.spool import State
 from tests.conftest import address, build_config, wait_until
 from tests.realservers import DOVECOT_HOST, Dovecot, SmtpSink, dovecot_missing
+from tests.relayproc import CLIENT_ID, MAILBOX, TENANT  # those of conftest's BASE_CONFIG
 
 _MISSING = dovecot_missing()
 pytestmark = [pytest.mark.realserver,
               pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")]
-
-TENANT = "contoso-tenant"        # the tenant and app of tests/conftest.py's BASE_CONFIG
-CLIENT_ID = "relay-app"
-MAILBOX = "relay@contoso.com"    # the system profile's mailbox there
 
 
 @dataclass
@@ -50,7 +47,7 @@ class Upstream:
     dovecot: Dovecot
     # How far FakeEntra's clock is behind: its tokens' exp claims are that much too early,
     # while expires_in (what msal and the relay go by) still says a full hour.
-    entra_behind: dict[str, float] = field(default_factory=lambda: {"seconds": 0.0})
+    entra_behind: dict[str, float]
 
 
 @pytest.fixture
@@ -218,7 +215,7 @@ async def test_dovecot_demands_starttls_and_the_two_step_xoauth2_form(
 def _withhold_key(up: Upstream) -> Callable[[], None]:
     """Dovecot does not know the key the tokens are signed with (a key rollover that has
     not reached it yet); the fix publishes it."""
-    (up.dovecot.directory / "keys" / "default" / "RS256" / up.entra.kid).unlink()
+    up.dovecot.withdraw_key(up.entra.kid)
     return lambda: up.dovecot.publish_key(up.entra.kid, up.entra.public_key_pem)
 
 
@@ -252,10 +249,10 @@ async def test_refused_token_defers_the_message_until_dovecot_accepts_one(
     rejected = [r.getMessage() for r in caplog.records
                 if "upstream rejected a fresh token" in r.getMessage()]
     assert rejected and "535 5.7.8" in rejected[0]
+    # Later attempts are refused too, for the same reason; the message waits meanwhile.
+    await wait_until(lambda: len(refusals(upstream.dovecot)) >= 4, within=15)
     assert all(re.fullmatch(dovecot_says, why.split(": ", 1)[-1])
                for why in refusals(upstream.dovecot)), refusals(upstream.dovecot)
-    # Later attempts are refused too; the message waits in the queue meanwhile.
-    await wait_until(lambda: len(refusals(upstream.dovecot)) >= 4, within=15)
     located = relay.spool.locate(mid)
     assert located is not None and located[0] in (State.DEFERRED, State.ACTIVE)
     assert relay.spool.count(State.FAILED) == 0
