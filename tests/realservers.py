@@ -145,7 +145,7 @@ class _SinkHandler:
         self._sink._add(SunkMessage(envelope.mail_from, list(envelope.rcpt_tos),
                                     bytes(envelope.original_content or envelope.content),
                                     str(session.peer[0])))
-        return "250 2.0.0 Ok: sunk"
+        return "250 Ok: sunk"
 
 
 class SmtpSink:
@@ -332,6 +332,11 @@ class Dovecot:
             _stop_process(proc)
         if remove:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+    def kick(self, user: str) -> None:
+        """End the user's sessions from the server's side (``doveadm kick``: 421 and close)."""
+        subprocess.run(["doveadm", "-c", str(self.directory / "dovecot.conf"), "kick", user],
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=True)
 
     def logins(self) -> list[str]:
         """The log's successful login lines of the submission service."""

@@ -210,6 +210,22 @@ async def test_dovecot_demands_starttls_and_the_two_step_xoauth2_form(
     assert [r[0] for r in seen["two_step"]] == [334, 235]
 
 
+async def test_one_session_carries_several_messages_and_is_reopened_when_dovecot_ends_it(
+        upstream: Upstream, relay: Relay) -> None:
+    for i in range(3):
+        code, text = await submit(relay, message(f"Batch {i}"))
+        assert code == 250 and "delivered as" in text
+    assert len(upstream.dovecot.logins()) == 1        # one XOAUTH2 login, three messages
+
+    await asyncio.to_thread(upstream.dovecot.kick, MAILBOX)    # 421, then Dovecot closes
+    await wait_until(lambda: "Disconnected: Shutting down" in upstream.dovecot.log(), within=5)
+    code, text = await submit(relay, message("After the server ended the session"))
+
+    assert code == 250 and "delivered as" in text
+    assert len(upstream.sink.messages) == 4
+    assert len(upstream.dovecot.logins()) == 2        # a new session, logged in again
+
+
 # --- a token Dovecot refuses ---------------------------------------------------------------
 
 def _withhold_key(up: Upstream) -> Callable[[], None]:

@@ -21,13 +21,16 @@ _MISSING = postfix_missing()
 pytestmark = [pytest.mark.realserver,
               pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")]
 
-MESSAGE = (b"From: Cron Daemon <app@contoso.com>\n"      # a program writes plain LF lines
-           b"To: ops@example.com\n"
-           b"Subject: nightly backup\n"
-           b"\n"
-           b"backup finished\n"
-           b".\n"
-           b"exit status 0\n")
+MESSAGE = ("From: Cron Daemon <app@contoso.com>\n"      # a program writes plain LF lines
+           "To: ops@example.com\n"
+           "Subject: Sicherung für März\n"                 # raw UTF-8, as programs do
+           "Content-Type: text/plain; charset=utf-8\n"
+           "Content-Transfer-Encoding: 8bit\n"
+           "\n"
+           "Sicherung beendet – 0 Fehler\n"
+           ".\n"
+           "exit status 0\n").encode()
+BODY = "Sicherung beendet – 0 Fehler\r\n.\r\nexit status 0\r\n".encode()
 RCPTS = ["ops@example.com", "audit@example.org"]            # the second only in the envelope
 
 # Postfix refuses plaintext SASL mechanisms without TLS by default (noplaintext); the relay
@@ -77,7 +80,11 @@ async def test_postfix_relays_through_the_relay_without_auth(
     assert head.startswith(b"Received: from postfix.test")   # the relay's, naming Postfix
     assert b"by postfix.test (Postfix" in head                # and Postfix's own
     assert b"\r\nReply-To: app@contoso.com" in head      # the original sender
-    assert body_of(got.data) == b"backup finished\r\n.\r\nexit status 0\r\n"
+    assert "\r\nSubject: Sicherung für März\r\n".encode() in head
+    assert body_of(got.data) == BODY
+    # Postfix saw 8-bit text and UTF-8 headers and asked for 8BITMIME and SMTPUTF8; the
+    # relay passed both on.
+    assert "BODY=8BITMIME" in got.mail_options and "SMTPUTF8" in got.mail_options
     # Postfix was told the relay's verdict: delivered (not merely queued), both recipients.
     await wait_until(lambda: mta.maillog().count("status=sent (250 2.0.0 Ok: delivered") == 2,
                      within=10)
@@ -99,7 +106,7 @@ async def test_postfix_logs_in_with_auth_plain_and_gets_the_users_mailbox(
     # message would have gone out as the system mailbox.
     assert got.mailbox == "alice@contoso.com"
     assert got.rcpt_tos == RCPTS
-    assert body_of(got.data) == b"backup finished\r\n.\r\nexit status 0\r\n"
+    assert body_of(got.data) == BODY
     await wait_until(lambda: mta.maillog().count("status=sent (250 2.0.0 Ok: delivered") == 2,
                      within=10)
     assert "SASL authentication failed" not in mta.maillog()
