@@ -198,7 +198,8 @@ log_path = {dir}/dovecot.log
 hostname = dovecot.test
 protocols = submission
 listen = {host}
-ssl = required
+ssl = {ssl}
+disable_plaintext_auth = {disable_plaintext_auth}
 ssl_cert = <{cert}
 ssl_key = <{key}
 auth_mechanisms = xoauth2 oauthbearer
@@ -248,16 +249,18 @@ class Dovecot:
 
     It takes an XOAUTH2 login when the bearer token is a JWT signed with a key published
     by :meth:`publish_key`, not expired, and its ``username_attribute`` claim equals the
-    ``user=`` of the login.
+    ``user=`` of the login. ``tls=False`` makes a misconfigured server: no STARTTLS, and
+    logins accepted in clear.
     """
 
     host = DOVECOT_HOST
 
     def __init__(self, pki: LocalPKI, sink: SmtpSink, *,
-                 username_attribute: str = "email") -> None:
+                 username_attribute: str = "email", tls: bool = True) -> None:
         self.pki = pki
         self.sink = sink
         self.username_attribute = username_attribute
+        self.tls = tls
         self.directory = _private_directory("dovecot-")
         (self.directory / "keys").mkdir()
         (self.directory / "state").mkdir()
@@ -294,6 +297,8 @@ class Dovecot:
             config = self.directory / "dovecot.conf"
             config.write_text(_DOVECOT_CONF.format(
                 dir=self.directory, host=self.host, port=self.port,
+                ssl="required" if self.tls else "no",
+                disable_plaintext_auth="yes" if self.tls else "no",
                 cert=self.pki.cert_file, key=self.pki.key_file,
                 sink_host=self.sink.host, sink_port=self.sink.port))
             # -F: the master stays this process's child, so it is stopped (and reaped) by

@@ -226,6 +226,46 @@ async def test_one_session_carries_several_messages_and_is_reopened_when_dovecot
     assert len(upstream.dovecot.logins()) == 2        # a new session, logged in again
 
 
+async def test_no_token_goes_to_a_server_without_starttls(
+        upstream: Upstream, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A second Dovecot, misconfigured: no TLS at all, XOAUTH2 offered and taken in clear.
+    clear = Dovecot(upstream.pki, upstream.sink, tls=False)
+    try:
+        clear.publish_key(upstream.entra.kid, upstream.entra.public_key_pem)
+        await asyncio.to_thread(clear.start)
+        config = build_config({
+            "credentials": {"main": {"authority": upstream.entra.url,
+                                     "client_secret": {"value": upstream.secret},
+                                     "ca_file": str(upstream.pki.ca_file)}},
+            "upstreams": {"clear": {"host": DOVECOT_HOST, "port": clear.port,
+                                    "tls": "starttls", "timeout": 15}},
+            "profiles": {"system": {"upstream": "clear"}, "alice": {"upstream": "clear"}},
+            "spool": {"directory": str(tmp_path / "spool"), "on_tmpfs": "warn"},
+        })
+        relay = Relay(config)
+        await relay.start()
+        try:
+            code, text = await submit(relay, message("Not in clear"))
+            tokens = upstream.entra.issued_tokens
+        finally:
+            await relay.stop()
+
+        def clear_login(token: str) -> list[tuple[int, bytes]]:
+            with smtplib.SMTP(DOVECOT_HOST, clear.port, timeout=30) as c:
+                c.ehlo("probe.test")
+                return [c.docmd("AUTH", "XOAUTH2"), c.docmd(xoauth2(token))]
+
+        # The relay kept the message and said why; Dovecot never saw a login attempt ...
+        assert code == 250 and "queued as" in text
+        assert "does not offer STARTTLS" in caplog.text
+        assert "XOAUTH2" not in clear.log() and refusals(clear) == []
+        assert upstream.sink.messages == []
+        # ... although it would have taken the relay's token in clear.
+        assert [r[0] for r in await asyncio.to_thread(clear_login, tokens[-1])] == [334, 235]
+    finally:
+        clear.stop()
+
+
 # --- a token Dovecot refuses ---------------------------------------------------------------
 
 def _withhold_key(up: Upstream) -> Callable[[], None]:
