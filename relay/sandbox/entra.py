@@ -11,6 +11,9 @@ Tokens are JWTs signed with a key only this process knows (HS256 rather than Ent
 nothing outside the sandbox has to verify them). A fake Exchange checks them with
 :meth:`FakeEntra.validate_token`. :meth:`FakeEntra.revoke_all` rolls that key over, which
 invalidates every token issued so far, as a real key rollover or revocation would.
+With ``signing="RS256"`` tokens are signed as Entra signs them, with an RSA key whose public
+half (:attr:`FakeEntra.public_key_pem`, named by :attr:`FakeEntra.kid`) lets a server
+outside this process, such as a real Dovecot, verify them itself.
 """
 
 from __future__ import annotations
@@ -34,12 +37,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from relay.sandbox.pki import LocalPKI
@@ -197,10 +200,16 @@ class FakeEntra:
     as a delegated token (``scp`` instead of ``roles``) or one from another tenant.
     ``resources`` lists the resource URIs (scope minus ``/.default``) that exist in every
     tenant. ``clock`` drives token issue and validation times, so a test can age tokens.
+    ``signing`` is the tokens' algorithm: HS256 (a secret key) or RS256 (an RSA key pair,
+    as Entra uses, for servers that check tokens with :attr:`public_key_pem`).
     """
 
     def __init__(self, pki: LocalPKI, *, token_lifetime: float = 3600,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 signing: Literal["HS256", "RS256"] = "HS256") -> None:
+        if signing not in ("HS256", "RS256"):
+            raise ValueError(f"unsupported signing algorithm {signing!r}")
+        self.signing = signing
         self.token_lifetime = token_lifetime
         self.resources: set[str] = set(DEFAULT_RESOURCES)
         self.extra_claims: dict[str, Any] = {}
@@ -211,8 +220,7 @@ class FakeEntra:
         self._lock = threading.Lock()
         self._apps: dict[tuple[str, str], _App] = {}
         self._tenants: set[str] = set()
-        self._key = secrets.token_bytes(32)
-        self._kid = secrets.token_hex(8)
+        self._key, self._kid = self._new_key()
         self._failures: list[tuple[int, dict[str, Any] | None, int | None]] = []
         self._token_requests = 0
         self._discovery_requests = 0
@@ -318,9 +326,31 @@ class FakeEntra:
 
     def revoke_all(self) -> None:
         """Roll the signing key over: every token issued so far stops validating."""
+        key, kid = self._new_key()
         with self._lock:
-            self._key = secrets.token_bytes(32)
-            self._kid = secrets.token_hex(8)
+            self._key, self._kid = key, kid
+
+    def _new_key(self) -> tuple[bytes | rsa.RSAPrivateKey, str]:
+        if self.signing == "RS256":
+            return rsa.generate_private_key(public_exponent=65537, key_size=2048), \
+                secrets.token_hex(8)
+        return secrets.token_bytes(32), secrets.token_hex(8)
+
+    @property
+    def kid(self) -> str:
+        """The ``kid`` header of tokens signed with the current key."""
+        with self._lock:
+            return self._kid
+
+    @property
+    def public_key_pem(self) -> bytes:
+        """The current RS256 verification key (PEM, SubjectPublicKeyInfo)."""
+        with self._lock:
+            key = self._key
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise RuntimeError("HS256 tokens have no public key (use signing='RS256')")
+        return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)
 
     @property
     def token_requests(self) -> int:
@@ -348,12 +378,11 @@ class FakeEntra:
             raise InvalidToken(str(exc)) from None
         with self._lock:
             key, kid = self._key, self._kid
-        if header.get("alg") != "HS256":
+        if header.get("alg") != self.signing:
             raise InvalidToken(f"unexpected signing algorithm {header.get('alg')!r}")
         if header.get("kid") != kid:
             raise InvalidToken("signed with a key that is no longer valid (key rolled over)")
-        expected = hmac.new(key, signing_input, hashlib.sha256).digest()
-        if not hmac.compare_digest(expected, signature):
+        if not self._verify(key, signing_input, signature):
             raise InvalidToken("bad signature")
         now = self._clock()
         exp, nbf = claims.get("exp"), claims.get("nbf")
@@ -372,8 +401,9 @@ class FakeEntra:
         iat = int(now)
         lifetime = self.token_lifetime
         # Entra's exp is iat + lifetime in whole seconds; here it is exact, so that the
-        # second-long lifetimes tests use are not cut short by rounding.
-        exp = now + lifetime
+        # second-long lifetimes tests use are not cut short by rounding. Tokens for outside
+        # verifiers (RS256) have Entra's whole seconds: JWT parsers may refuse a fraction.
+        exp: float = now + lifetime if self.signing == "HS256" else iat + int(lifetime)
         sts = f"https://sts.windows.net/{app.tenant_id}/"
         claims: dict[str, Any] = {
             "aud": resource, "iss": sts, "iat": iat, "nbf": iat, "exp": exp,
@@ -393,17 +423,33 @@ class FakeEntra:
                 claims[name] = value
         with self._lock:
             key, kid = self._key, self._kid
-        header = {"typ": "JWT", "alg": "HS256", "kid": kid}
-        unpadded = len(_json_b64(header)) + len(_json_b64(claims)) + 45
+        header = {"typ": "JWT", "alg": self.signing, "kid": kid}
+        signature_length = 45 if self.signing == "HS256" else 344  # base64url, 32/256 bytes
+        unpadded = len(_json_b64(header)) + len(_json_b64(claims)) + signature_length
         claims["xms_ftd"] = _b64(secrets.token_bytes(
             max(16, (_TOKEN_TARGET_LENGTH - unpadded) * 3 // 4 * 3 // 4)))
         signing_input = f"{_json_b64(header)}.{_json_b64(claims)}"
-        sig = hmac.new(key, signing_input.encode("ascii"), hashlib.sha256).digest()
-        token = f"{signing_input}.{_b64(sig)}"
+        token = f"{signing_input}.{_b64(self._sign(key, signing_input.encode('ascii')))}"
         with self._lock:
             self._issued.append(token)
         # Whole seconds, rounded down: a client must never believe a token lives longer.
         return token, max(0, int(lifetime))
+
+    @staticmethod
+    def _sign(key: bytes | rsa.RSAPrivateKey, data: bytes) -> bytes:
+        if isinstance(key, rsa.RSAPrivateKey):
+            return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+        return hmac.new(key, data, hashlib.sha256).digest()
+
+    @staticmethod
+    def _verify(key: bytes | rsa.RSAPrivateKey, data: bytes, signature: bytes) -> bool:
+        if isinstance(key, rsa.RSAPrivateKey):
+            try:
+                key.public_key().verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+            except InvalidSignature:
+                return False
+            return True
+        return hmac.compare_digest(hmac.new(key, data, hashlib.sha256).digest(), signature)
 
     # --- request handling (called from server threads) -----------------------------------
 

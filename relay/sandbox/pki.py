@@ -19,11 +19,20 @@ from cryptography.x509.oid import NameOID
 
 @dataclass(frozen=True)
 class LocalPKI:
-    """Files of a CA and of one server certificate valid for localhost, 127.0.0.1 and ::1."""
+    """Files of a CA and of one server certificate valid for localhost, 127.0.0.1,
+    127.0.0.2 and ::1 (127.0.0.2: a server there sees loopback clients as remote ones)."""
 
     ca_file: Path
     cert_file: Path
     key_file: Path
+
+
+_SERVER_NAMES: tuple[x509.GeneralName, ...] = (
+    x509.DNSName("localhost"),
+    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    x509.IPAddress(ipaddress.ip_address("127.0.0.2")),
+    x509.IPAddress(ipaddress.ip_address("::1")),
+)
 
 
 def _name(cn: str) -> x509.Name:
@@ -31,12 +40,15 @@ def _name(cn: str) -> x509.Name:
 
 
 def create_pki(directory: Path, days: int = 30) -> LocalPKI:
-    """Create (or reuse, when still valid for a day) a CA and a loopback server cert."""
+    """Create (or reuse, when still valid for a day and for the same names) a CA and a
+    loopback server cert."""
     directory.mkdir(parents=True, exist_ok=True)
     pki = LocalPKI(directory / "ca.pem", directory / "server.pem", directory / "server.key")
     if all(p.exists() for p in (pki.ca_file, pki.cert_file, pki.key_file)):
         cert = x509.load_pem_x509_certificate(pki.cert_file.read_bytes())
-        if cert.not_valid_after_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=1):
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        if (cert.not_valid_after_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+                and set(_SERVER_NAMES) <= set(names)):
             return pki
 
     now = dt.datetime.now(dt.UTC)
@@ -67,11 +79,7 @@ def create_pki(directory: Path, days: int = 30) -> LocalPKI:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.IPAddress(ipaddress.ip_address("::1")),
-        ]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_SERVER_NAMES), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
                        critical=False)
