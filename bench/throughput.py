@@ -39,7 +39,9 @@ async def main(messages: int, concurrency: int, size: int) -> None:
             sandbox.exchange.maildir = None          # measure the relay, not disk writes
             config = sandbox.apply(parse_config({
                 "server": {"listeners": [{"address": "127.0.0.1", "port": 0}],
-                           "max_connections": concurrency + 10},
+                           "max_connections": concurrency + 10,
+                           # every client is 127.0.0.1
+                           "max_connections_per_client": concurrency + 10},
                 "spool": {"directory": f"{tmp}/spool"},
                 "delivery": {"mailbox_limits": {"messages_per_minute": 10**9,
                                                 "recipients_per_day": 10**9}},

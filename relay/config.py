@@ -324,6 +324,25 @@ class ServerTLS(_Model):
     key_file: Path
 
 
+class AuthThrottle(_Model):
+    """Penalties for failed AUTH, per client address and per user name.
+
+    The defaults follow Dovecot and fail2ban: Dovecot waits 2 s before answering a failed
+    login (auth_failure_delay) and doubles its penalty per failure up to 15 s; fail2ban
+    bans after 5 failures within 10 minutes, for 10 minutes. A person who mistypes a
+    password twice waits 2 + 4 s; a script guessing from one address gets 5 tries per
+    10 minutes instead of thousands. ``remember`` covers applications that log in once a
+    day or once a week, so that an attack on their account does not lock them out.
+    """
+
+    delay: Duration = 2.0
+    max_delay: Duration = 15.0
+    lockout_after: int = Field(default=5, ge=1)
+    window: Duration = 600.0
+    lockout: Duration = 600.0
+    remember: Duration = 7 * 86400.0
+
+
 class Server(_Model):
     hostname: str = Field(default_factory=socket.getfqdn)
     listeners: list[Listener] = Field(default_factory=lambda: [Listener()], min_length=1)
@@ -343,6 +362,9 @@ class Server(_Model):
     line_timeout: Duration = 300.0
     session_timeout: Duration = 3600.0
     max_connections: int = Field(default=100, ge=1)
+    # Unset: half of max_connections (rounded up), so that one address cannot take every
+    # slot, while several applications behind one address (127.0.0.1) still fit.
+    max_connections_per_client: int | None = Field(default=None, ge=1)
     max_auth_failures: int = Field(default=3, ge=1)
     # The header section is held in memory and parsed; the body only ever streams to disk.
     # 256 KiB is Exchange Online's own limit for a message's headers; 50 Received fields
@@ -355,6 +377,14 @@ class Server(_Model):
     # Memory for message bytes held at once while receiving, over all connections: a
     # DATA waits for its share (then gets 452) rather than letting memory grow.
     buffer_memory: Size = 64 * 1024 * 1024
+    auth_throttle: AuthThrottle = Field(default_factory=AuthThrottle)
+
+    @property
+    def connections_per_client(self) -> int:
+        """The per-address connection limit in force (the setting or its default)."""
+        if self.max_connections_per_client is not None:
+            return self.max_connections_per_client
+        return (self.max_connections + 1) // 2
 
 
 def _default_spool() -> Path:
@@ -482,6 +512,23 @@ def _cross_references(cfg: Config) -> list[tuple[str, str]]:
     return problems
 
 
+def _limits(cfg: Config) -> list[tuple[str, str]]:
+    """Settings that are valid one by one but contradict each other."""
+    problems: list[tuple[str, str]] = []
+    server = cfg.server
+    per_client = server.max_connections_per_client
+    if per_client is not None and per_client > server.max_connections:
+        problems.append(("server.max_connections_per_client",
+                         f"{per_client} must not exceed server.max_connections "
+                         f"({server.max_connections})"))
+    throttle = server.auth_throttle
+    if throttle.max_delay < throttle.delay:
+        problems.append(("server.auth_throttle.max_delay",
+                         f"{throttle.max_delay:g} s must not be less than "
+                         f"server.auth_throttle.delay ({throttle.delay:g} s)"))
+    return problems
+
+
 def _files(cfg: Config) -> list[tuple[str, Path]]:
     """Every file the config names, with its key path, so missing files are found at load."""
     out: list[tuple[str, Path]] = []
@@ -546,7 +593,7 @@ def parse_config(data: Any, source: str = "config", base_dir: Path | None = None
                 msg = "unknown setting (check the spelling against config.example.yaml)"
             problems.append((_loc(err["loc"]), msg))
         raise ConfigError(source, problems) from None
-    problems = _cross_references(cfg)
+    problems = _cross_references(cfg) + _limits(cfg)
     if check_files:
         for path, file in _files(cfg):
             if not file.is_file():

@@ -26,7 +26,9 @@ PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22"}
 _HASHES = {user: hash_password(pw, ln=10) for user, pw in PASSWORDS.items()}
 
 BASE_CONFIG: dict[str, Any] = {
-    "server": {"hostname": "relay.test", "listeners": [{"address": "127.0.0.1", "port": 0}]},
+    "server": {"hostname": "relay.test", "listeners": [{"address": "127.0.0.1", "port": 0}],
+               # Failed logins are answered after a delay: milliseconds, not seconds.
+               "auth_throttle": {"delay": "10ms", "max_delay": "40ms"}},
     "users": {
         "alice": {"password_hash": _HASHES["alice"], "profile": "alice"},
         "bob": {"password_hash": _HASHES["bob"]},

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import ConfigError, load_config, parse_config
+from relay.config import AuthThrottle, ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,6 +39,8 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_config(ROOT / "config.example.yaml")
     assert cfg.routing.system_profile == "system"
     assert [(lst.address, lst.port) for lst in cfg.server.listeners] == [("127.0.0.1", 2525)]
+    # The values it shows are the defaults.
+    assert cfg.server.auth_throttle == AuthThrottle()
 
 
 def test_check_ok(tmp_path: Path) -> None:
@@ -70,6 +72,12 @@ def test_check_ok(tmp_path: Path) -> None:
     (GOOD.replace("client_secret: {env: TEST_RELAY_SECRET}",
                   "client_secret: {file: missing-secret}"),
      "credentials.main.client_secret: file "),
+    (GOOD + "server: {max_connections: 10, max_connections_per_client: 20}\n",
+     "server.max_connections_per_client: 20 must not exceed server.max_connections (10)"),
+    (GOOD + "server: {auth_throttle: {delay: 30s}}\n",
+     "server.auth_throttle.max_delay: 15 s must not be less than server.auth_throttle.delay"),
+    (GOOD + "server: {auth_throttle: {lockout_after: 0}}\n",
+     "server.auth_throttle.lockout_after: Input should be greater than or equal to 1"),
     (GOOD + "users: {bob: {password_hash: plain}}\n",
      "users.bob.password_hash: password_hash must come from `smtp-oauth-relay hash-password`"),
     ("profiles: [1, 2\n", "invalid YAML: line 2"),

@@ -14,7 +14,6 @@ import logging
 import smtplib
 import socket
 import ssl
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -103,22 +102,26 @@ def data_of(msg: Outbound) -> bytes:
     return data
 
 
-def make_receiver(config: Config, submit: FakeSubmit, **kwargs: Any) -> Receiver:
-    verifier = PasswordVerifier({n: u.password_hash for n, u in config.users.items()})
-    spool = Spool(Path(tempfile.mkdtemp(prefix="receive-spool-")))
+def make_receiver(config: Config, submit: FakeSubmit, spool_dir: Path, *,
+                  verifier: PasswordVerifier | None = None, **kwargs: Any) -> Receiver:
+    """A receiver with ``config``'s users, writing messages to a spool in ``spool_dir``."""
+    if verifier is None:
+        verifier = PasswordVerifier({n: u.password_hash for n, u in config.users.items()})
+    spool = Spool(spool_dir)
     spool.open(on_tmpfs="warn")
     kwargs.setdefault("writer", spool.writer)
     return Receiver(config, router=Router(config), verifier=verifier, submit=submit, **kwargs)
 
 
 @pytest.fixture
-async def start() -> AsyncIterator[Start]:
+async def start(tmp_path: Path) -> AsyncIterator[Start]:
     receivers: list[Receiver] = []
 
     async def start(overrides: dict[str, Any] | None = None, **kwargs: Any) -> Harness:
         config = build_config(overrides)
         submit = FakeSubmit()
-        receiver = make_receiver(config, submit, **kwargs)
+        receiver = make_receiver(config, submit, tmp_path / f"spool{len(receivers)}",
+                                 **kwargs)
         await receiver.start()
         receivers.append(receiver)
         return Harness(receiver, submit, config)
@@ -666,7 +669,8 @@ def test_timeout_defaults_and_validation() -> None:
 
 
 async def test_max_connections(start: Start) -> None:
-    h = await start({"server": {"max_connections": 2}})
+    # All from 127.0.0.1: the per-address limit (half by default) is lifted to the total.
+    h = await start({"server": {"max_connections": 2, "max_connections_per_client": 2}})
     first, second = await connect(h), await connect(h)
     third = await Client.connect(h.address)
     assert third.banner == (421, "4.7.0 Too many connections, try again later")
@@ -1099,12 +1103,12 @@ async def test_drain_refuses_new_sessions_and_finishes_transactions(start: Start
     assert h.submit.finished and h.receiver.sessions == 0
 
 
-async def test_start_failure_leaves_nothing_bound(start: Start) -> None:
+async def test_start_failure_leaves_nothing_bound(start: Start, tmp_path: Path) -> None:
     h = await start()
     port = h.address[1]
     config = build_config({"server": {"listeners": [{"address": "127.0.0.1", "port": 0},
                                                     {"address": "127.0.0.1", "port": port}]}})
-    receiver = make_receiver(config, FakeSubmit())
+    receiver = make_receiver(config, FakeSubmit(), tmp_path / "other")
     with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
         await receiver.start()
     assert receiver.bound == [] and receiver._bound == []

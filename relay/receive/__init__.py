@@ -3,7 +3,8 @@
 - :mod:`relay.receive.server`: :class:`Receiver`, the listeners, connection limit,
   reload and shutdown;
 - :mod:`relay.receive.session`: :class:`RelaySMTP`, one connection (AUTH, TLS, limits);
-- :mod:`relay.receive.handler`: :class:`RelayHandler`, the MAIL/RCPT/DATA decisions.
+- :mod:`relay.receive.handler`: :class:`RelayHandler`, the MAIL/RCPT/DATA decisions;
+- :mod:`relay.receive.guard`: failed-AUTH penalties and lockouts, the refusal log.
 """
 
 from relay.receive.handler import RelayHandler, address_problem

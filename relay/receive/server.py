@@ -10,8 +10,10 @@ still held is what made a peer's SIGHUP reload exit.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,10 +22,12 @@ from relay.log import message_context
 from relay.message import Outbound, Reply
 from relay.passwords import PasswordVerifier
 from relay.receive.data import MemoryBudget
+from relay.receive.guard import AuthGuard, Clock, RefusalLog
 from relay.receive.handler import OpenWriter, RelayHandler, Submit
 from relay.receive.session import (
     SHUTTING_DOWN,
     TOO_MANY_CONNECTIONS,
+    TOO_MANY_CONNECTIONS_FROM_CLIENT,
     RelaySMTP,
     Settings,
     is_loopback,
@@ -52,14 +56,20 @@ class Receiver:
 
     ``loopback_check`` decides which client addresses count as this machine (AUTH is
     offered over plaintext only to those); tests replace it to play a remote client.
+    ``clock`` drives the failed-AUTH penalties and the refusal log (tests move it on).
     """
 
     def __init__(self, config: Config, *, router: Router, verifier: PasswordVerifier,
                  submit: Submit, writer: OpenWriter,
-                 loopback_check: Callable[[str], bool] = is_loopback) -> None:
+                 loopback_check: Callable[[str], bool] = is_loopback,
+                 clock: Clock = time.monotonic) -> None:
         self._submit = submit
         self._loopback_check = loopback_check
         self._settings = self._settings_for(config, router, verifier)
+        # Kept across reloads: a SIGHUP must not give a password guesser a fresh start.
+        self.guard = AuthGuard(config.server.auth_throttle, clock=clock)
+        self._refusals = RefusalLog(clock=clock)
+        self._per_client: collections.Counter[str] = collections.Counter()
         self._handler = RelayHandler(self._spawn, writer)
         self._budget = MemoryBudget(config.server.buffer_memory)
         self._bound: list[_Bound] = []
@@ -92,15 +102,34 @@ class Receiver:
         return self._budget
 
     def admit(self, session: RelaySMTP) -> str | None:
+        server = self._settings.config.server
+        ip = session.client_ip
         if self._draining:
-            return SHUTTING_DOWN
-        if len(self._sessions) >= self._settings.config.server.max_connections:
-            return TOO_MANY_CONNECTIONS
-        self._sessions.add(session)
-        return None
+            refusal = SHUTTING_DOWN
+        elif len(self._sessions) >= server.max_connections:
+            refusal = TOO_MANY_CONNECTIONS
+        elif self._per_client[ip] >= server.connections_per_client:
+            refusal = TOO_MANY_CONNECTIONS_FROM_CLIENT
+        else:
+            self._sessions.add(session)
+            self._per_client[ip] += 1
+            return None
+        # A client that reconnects in a loop gets one line a minute, not one per attempt.
+        held = self._refusals.hit(f"{ip} {refusal}")
+        if held is not None:
+            log.warning("connection refused: client=%s reply=%s%s", ip, refusal,
+                        f" ({held} more since the last line)" if held else "",
+                        extra={"event": "refused", "client": ip, "reply": refusal,
+                               "not_logged": held})
+        return refusal
 
     def release(self, session: RelaySMTP) -> None:
-        self._sessions.discard(session)
+        if session in self._sessions:
+            self._sessions.discard(session)
+            ip = session.client_ip
+            self._per_client[ip] -= 1
+            if self._per_client[ip] <= 0:
+                del self._per_client[ip]
 
     @property
     def sessions(self) -> int:
@@ -178,6 +207,7 @@ class Receiver:
         settings = self._settings_for(config, router, verifier)
         self._settings = settings
         self._budget.update(config.server.buffer_memory)
+        self.guard.configure(config.server.auth_throttle)
         if self._switch is not None and settings.tls is not None:
             self._switch.current = settings.tls
 

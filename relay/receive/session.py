@@ -8,6 +8,9 @@ rather than commands (so a slow 30 MB upload is not cut off), deadlines per line
 session (so a client that trickles bytes cannot hold a connection slot for ever), a
 ``421`` before any timeout close, and enhanced status codes on the replies aiosmtpd sends
 without one.
+
+AUTH is not offered at all when no accounts are configured, and failed logins are
+penalised across connections by :mod:`relay.receive.guard` (delays, lockouts).
 """
 
 from __future__ import annotations
@@ -22,18 +25,25 @@ import ssl
 from dataclasses import dataclass
 from typing import Any, AnyStr, Protocol
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, syntax
 
 from relay.config import Config, Listener
 from relay.passwords import PasswordVerifier
 from relay.receive.data import DataReader, Limits, MemoryBudget, Received
+from relay.receive.guard import AuthGuard, Lockout
 from relay.route import Router
 
 log = logging.getLogger(__name__)
 
 SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+TOO_MANY_CONNECTIONS_FROM_CLIENT = ("421 4.7.0 Too many connections from your address, "
+                                    "try again later")
 TOO_MANY_AUTH_FAILURES = "421 4.7.0 Too many authentication failures"
+# During a lockout (relay.receive.guard): temporary, the password is not even checked.
+AUTH_LOCKED_OUT = "454 4.7.0 Too many authentication failures, try again later"
+# No users: nothing to log in to. 502 (not implemented), so clients do not retry.
+AUTH_NOT_AVAILABLE = "502 5.5.1 AUTH not available: no accounts are configured"
 # RFC 4954 6: the client's answer is longer than the mechanism's buffer.
 AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication exchange line is too long"
 # The null reverse-path of bounces and receipts, as carried in envelope.mail_from.
@@ -95,8 +105,12 @@ class Gate(Protocol):
     def budget(self) -> MemoryBudget:
         """Memory for message data, shared by all sessions (see relay.receive.data)."""
 
+    @property
+    def guard(self) -> AuthGuard:
+        """Failed-AUTH counters shared by all sessions."""
+
     def admit(self, session: RelaySMTP) -> str | None:
-        """Register ``session``, or return the 421 reply that refuses it."""
+        """Register ``session``, or return the 421 reply that refuses it (and log it)."""
 
     def release(self, session: RelaySMTP) -> None: ...
 
@@ -118,6 +132,11 @@ def is_loopback(ip: str) -> bool:
         return ipaddress.ip_address(ip).is_loopback
     except ValueError:
         return False
+
+
+def _json_user(user: bytes) -> str:
+    """A user name as a JSON log field: without the quotes of :func:`loggable_user`."""
+    return user[:_MAX_LOGGED_USER].decode("utf-8", errors="backslashreplace")
 
 
 def loggable_user(user: str | bytes) -> str:
@@ -168,6 +187,7 @@ class RelaySMTP(SMTP):
         self._implicit_tls = listener.tls == "implicit"
         self._refused = False
         self._auth_failures = 0
+        self._accounts = bool(settings.config.users)
         self._timer_paused = False
         self._line_timeout = server.line_timeout
         self._session_timeout = server.session_timeout
@@ -217,7 +237,6 @@ class RelaySMTP(SMTP):
             if refusal is not None:
                 # No session: no banner, no handler task, nothing to clean up later.
                 self._refused = True
-                log.warning("connection refused: client=%s reply=%s", self.client_ip, refusal)
                 transport.write(refusal.encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
                 transport.close()
                 return
@@ -385,7 +404,8 @@ class RelaySMTP(SMTP):
 
     @property
     def offers_auth(self) -> bool:
-        return not self._auth_require_tls or self._tls_protocol is not None
+        return self._accounts and (not self._auth_require_tls
+                                   or self._tls_protocol is not None)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd refuses MAIL FROM:<> (an empty address is a syntax error to it), but
@@ -402,6 +422,8 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
+            if not self._accounts and status.startswith("250-AUTH "):
+                return                  # aiosmtpd's EHLO line; there are no accounts
             status = _ENHANCED_REPLIES.get(status, status)
         await super().push(status)
         code = status[:3] if isinstance(status, str) else status[:3].decode("ascii", "replace")
@@ -463,6 +485,15 @@ class RelaySMTP(SMTP):
     # --- AUTH ------------------------------------------------------------------------------
     # aiosmtpd offers every attribute named auth_* (of this class and of the handler) as a
     # mechanism, and calls these bound methods with itself as an extra first argument.
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        if not self._accounts:
+            # Without accounts a login can only fail: say why instead of a 535 that sends
+            # the operator looking for a wrong password.
+            await self.push(AUTH_NOT_AVAILABLE)
+            return
+        await super().smtp_AUTH(arg)
 
     async def auth_PLAIN(self, _: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -552,28 +583,79 @@ class RelaySMTP(SMTP):
         return line
 
     async def _check(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
+        if (lock := self._gate.guard.lockout(self.client_ip, login)) is not None:
+            return await self._locked_out(mechanism, login, lock)
         try:
             user = login.decode("utf-8")
         except UnicodeDecodeError:
             return await self._failed(mechanism, login)
         if not user or not await self.settings.verifier.verify(user, password):
             return await self._failed(mechanism, login)
+        if (lock := self._gate.guard.lockout(self.client_ip, login)) is not None:
+            # Locked while the password was being checked (by this client's attempts on
+            # other connections): a lockout ends guessing, a right guess included.
+            return await self._locked_out(mechanism, login, lock)
         assert self.session is not None
         self.session.user = user
+        self._gate.guard.succeeded(self.client_ip, user)
         log.info("AUTH %s ok: client=%s user=%s", mechanism, self.client_ip,
                  loggable_user(user))
         return AuthResult(success=True, auth_data=user)
 
     async def _failed(self, mechanism: str, login: bytes, *, reply: str | None = None,
                       reason: str | None = None) -> AuthResult:
-        """Count a failed attempt; the reply is ``reply`` or aiosmtpd's 535 5.7.8."""
+        """Count a failed attempt and hold its reply for the penalty delay; the reply is
+        ``reply`` or aiosmtpd's 535 5.7.8."""
+        guard = self._gate.guard
+        if (lock := guard.lockout(self.client_ip, login)) is not None:
+            # Locked meanwhile (attempts in parallel): answered like any attempt now.
+            return await self._locked_out(mechanism, login, lock)
         self._auth_failures += 1
+        failure = guard.failed(self.client_ip, login)
         # One line per failure with the client address, for fail2ban and the like.
         log.warning("AUTH %s failed: client=%s user=%s%s", mechanism, self.client_ip,
-                    loggable_user(login), f" reason={reason}" if reason else "")
+                    loggable_user(login), f" reason={reason}" if reason else "",
+                    extra={"event": "auth_failed", "client": self.client_ip,
+                           "user": _json_user(login), "failures": failure.failures})
+        for lock in failure.lockouts:
+            self._log_lockout(lock, login)
+        # Off the event loop's critical path: only this session waits.
+        await asyncio.sleep(failure.delay)
         if self._auth_failures >= self.settings.config.server.max_auth_failures:
             log.warning("too many AUTH failures, closing: client=%s failures=%d",
                         self.client_ip, self._auth_failures)
             await self.push(TOO_MANY_AUTH_FAILURES)
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=reply)
+
+    def _log_lockout(self, lock: Lockout, login: bytes) -> None:
+        """The one line a lockout gets (attempts refused during it are logged at DEBUG)."""
+        duration = self._gate.guard.settings.lockout
+        if lock.scope == "client":
+            where = f" network={lock.key}" if lock.key != self.client_ip else ""
+            log.warning("AUTH lockout of client: client=%s%s failures=%d lockout=%gs",
+                        self.client_ip, where, lock.failures, duration,
+                        extra={"event": "auth_lockout", "scope": "client",
+                               "client": self.client_ip, "key": lock.key,
+                               "failures": lock.failures, "lockout": duration})
+        else:
+            log.warning("AUTH lockout of user: client=%s user=%s failures=%d lockout=%gs",
+                        self.client_ip, loggable_user(login), lock.failures, duration,
+                        extra={"event": "auth_lockout", "scope": "user",
+                               "client": self.client_ip, "user": _json_user(login),
+                               "failures": lock.failures, "lockout": duration})
+
+    async def _locked_out(self, mechanism: str, login: bytes, lock: Lockout) -> AuthResult:
+        """Refuse an attempt during a lockout, without looking at its password.
+
+        It counts towards max_auth_failures, so a connection cannot hammer away for ever,
+        and waits the base delay, so that hammering is slow.
+        """
+        self._auth_failures += 1
+        log.debug("AUTH %s refused during lockout: client=%s user=%s scope=%s",
+                  mechanism, self.client_ip, loggable_user(login), lock.scope)
+        await asyncio.sleep(self._gate.guard.settings.delay)
+        if self._auth_failures >= self.settings.config.server.max_auth_failures:
+            await self.push(TOO_MANY_AUTH_FAILURES)
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=AUTH_LOCKED_OUT)
