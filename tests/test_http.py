@@ -194,6 +194,19 @@ async def test_readyz_is_503_while_shutting_down(start_relay: RelayFactory) -> N
     assert (await get(relay, "/healthz")).status == 200      # alive all the same
 
 
+async def test_readyz_reports_a_listener_that_stopped_listening(
+        start_relay: RelayFactory) -> None:
+    """A listening socket closed under the relay (nothing in the relay does that: a reload
+    binds new listeners before it closes old ones) is reported, not papered over."""
+    relay = await start_relay(with_http())
+    assert (await get(relay, "/readyz")).status == 200
+    relay.receiver._bound[0].server.close()
+    reply = await get(relay, "/readyz")
+    assert reply.status == 503
+    assert "listeners: NOT READY: not bound: 127.0.0.1:0" in reply.text
+    assert (await get(relay, "/healthz")).status == 200      # alive: liveness is the loop
+
+
 # --- metrics ------------------------------------------------------------------------------
 
 async def test_metrics_follow_delivered_and_deferred_messages(
