@@ -8,13 +8,12 @@ request head of at most 8 KiB, one request per connection (``Connection: close``
 deadline for reading the request and for writing the answer, and a cap on connections.
 
 Connections that have not yet sent their whole request head cannot crowd out a probe:
-when a new connection would exceed the cap, the one that has waited longest without
-completing its request is closed to make room (as nginx does), taken from the client
-address that holds the most such connections. A probe that sends its request at once is
-therefore answered however many idle or trickling connections are open — a client that
-sends nothing can only ever push out its own kind, and one from another address only
-once it holds more connections than every other address. Memory stays bounded: at most
-``MAX_CONNECTIONS`` connections, each buffering at most a request head.
+when a new connection would exceed the cap, one of them is closed to make room (as nginx
+does) — of the client address holding the most of them, the one that has waited longest.
+Connections being answered are never closed. So a probe that sends its request as it
+connects is answered however many idle or trickling connections are open, and a flood
+from one address pushes out its own connections before anyone else's. Memory stays
+bounded: at most ``MAX_CONNECTIONS`` connections, each buffering at most a request head.
 
 ``/healthz``  200 ``ok`` while the process and its loop work; 503 if the queue's
               dispatcher died (mail would be accepted and never sent: restart it).
