@@ -12,7 +12,9 @@ when a new connection would exceed the cap, one of them is closed to make room (
 does) — of the client address holding the most of them, the one that has waited longest.
 Connections being answered are never closed. So a probe that sends its request as it
 connects is answered however many idle or trickling connections are open, and a flood
-from one address pushes out its own connections before anyone else's. Memory stays
+from one address pushes out its own connections before anyone else's. (Only more than
+``MAX_CONNECTIONS`` new connections from the probe's own address, between its connecting
+and its request arriving, push it out: a flood, which needs a firewall.) Memory stays
 bounded: at most ``MAX_CONNECTIONS`` connections, each buffering at most a request head.
 
 ``/healthz``  200 ``ok`` while the process and its loop work; 503 if the queue's

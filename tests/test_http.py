@@ -7,7 +7,6 @@ short cache and request timeouts so that changes show within a test's patience.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import shutil
 import socket
@@ -419,62 +418,80 @@ async def test_idle_connections_do_not_starve_the_probes(
         close_all(writers)
 
 
-async def test_trickling_clients_do_not_starve_the_probes(start_relay: RelayFactory) -> None:
-    """Slowloris: clients that send their request a byte at a time and never finish it,
-    and open a new connection whenever theirs is closed."""
-    relay = await start_relay(with_http(PATIENT))
-    assert relay.http is not None and relay.http_address is not None
-    await probe_all(relay)
-    address_ = relay.http_address
-    stop = asyncio.Event()
-    connections = 0
+class Tricklers:
+    """Clients that send a request head a byte every ``interval`` seconds and never finish
+    it (slowloris). One that is closed connects again after ``reconnect`` seconds."""
 
-    async def trickle() -> None:
-        nonlocal connections
-        while not stop.is_set():
+    def __init__(self, relay: Relay, count: int, *, source: str = "127.0.0.1",
+                 reconnect: float = 0.1, interval: float = 0.02) -> None:
+        assert relay.http_address is not None
+        self.address = relay.http_address
+        self.source, self.reconnect, self.interval = source, reconnect, interval
+        self.connections = 0
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._trickle()) for _ in range(count)]
+
+    async def _trickle(self) -> None:
+        while not self._stop.is_set():
+            writer: asyncio.StreamWriter | None = None
             try:
-                _, writer = await asyncio.open_connection(*address_)
-                connections += 1
+                _, writer = await asyncio.open_connection(*self.address,
+                                                          local_addr=(self.source, 0))
+                self.connections += 1
                 writer.write(b"GET /healthz HTTP/1.1\r\n")
-                while not stop.is_set():
+                while not self._stop.is_set():
                     writer.write(b"X")
                     await writer.drain()
-                    await asyncio.sleep(0.02)
+                    await asyncio.sleep(self.interval)
             except ConnectionError:
-                continue
+                await asyncio.sleep(self.reconnect)
             finally:
-                with contextlib.suppress(UnboundLocalError):
+                if writer is not None:
                     writer.transport.abort()
 
-    attackers = [asyncio.create_task(trickle()) for _ in range(2 * MAX_CONNECTIONS)]
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def test_trickling_clients_do_not_starve_the_probes(start_relay: RelayFactory) -> None:
+    """Twice as many slowloris clients as there is room for, from the probes' own address,
+    each coming back soon after it is closed."""
+    relay = await start_relay(with_http(PATIENT))
+    assert relay.http is not None
+    await probe_all(relay)
+    tricklers = Tricklers(relay, 2 * MAX_CONNECTIONS)
     try:
-        await wait_until(lambda: connections >= 3 * MAX_CONNECTIONS)
+        await wait_until(lambda: tricklers.connections >= 3 * MAX_CONNECTIONS)
         for _ in range(5):
             await probe_all(relay, within=1.0)
             assert relay.http.connections.count <= MAX_CONNECTIONS
     finally:
-        stop.set()
-        await asyncio.gather(*attackers, return_exceptions=True)
+        await tricklers.stop()
 
 
 async def test_a_flood_from_one_address_does_not_push_out_another(
         start_relay: RelayFactory) -> None:
-    """A probe that is slow to send its request is not closed to make room for a flood of
-    idle connections from another address: room is made at the busiest address."""
+    """A probe that is slow to send its request is not closed to make room for a flood
+    from another address — idle connections, and tricklers that come back at once when
+    closed: room is made at the busiest address."""
     relay = await start_relay(with_http(PATIENT))
-    assert relay.http_address is not None
+    assert relay.http is not None and relay.http_address is not None
     await probe_all(relay)
     reader, writer = await asyncio.open_connection(*relay.http_address)
     flood = await open_idle(relay, 10 * MAX_CONNECTIONS, source="127.0.0.2")
+    tricklers = Tricklers(relay, 2 * MAX_CONNECTIONS, source="127.0.0.2", reconnect=0)
     try:
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: tricklers.connections >= 3 * MAX_CONNECTIONS)
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
         async with asyncio.timeout(1.0):
             reply = HttpReply(await reader.read())
         assert (reply.status, reply.text) == (200, "ok\n")
+        assert relay.http.connections.count <= MAX_CONNECTIONS
     finally:
         writer.close()
         close_all(flood)
+        await tricklers.stop()
 
 
 def test_who_makes_room() -> None:

@@ -98,10 +98,20 @@ def with_listeners(config: Config, *listeners: dict[str, Any]) -> Config:
     return config.model_copy(update={"server": server})
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+@pytest.fixture
+def bound_ports(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The port of every listening socket the receiver binds from now on, in order.
+    (Ports are left to the kernel: a number picked by a test could be taken meanwhile.)"""
+    ports: list[int] = []
+    real_listen = receive_server._listen
+
+    def listen(listener: Listener) -> socket.socket:
+        sock = real_listen(listener)
+        ports.append(sock.getsockname()[1])
+        return sock
+
+    monkeypatch.setattr(receive_server, "_listen", listen)
+    return ports
 
 
 @contextlib.contextmanager
@@ -167,7 +177,7 @@ class Session:
 
 
 async def test_reload_refused_when_a_new_listener_cannot_be_bound(
-        sandbox: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
+        sandbox: Sandbox, caplog: pytest.LogCaptureFixture, bound_ports: list[int]) -> None:
     """Of two new listeners the second finds its port taken: the reload is refused, the
     first is closed again, and the relay goes on with its old listener and config."""
     relay = Relay(sandbox.apply(build_config()))
@@ -175,10 +185,10 @@ async def test_reload_refused_when_a_new_listener_cannot_be_bound(
     try:
         before = list(relay.listening)
         running = relay.config
-        free = free_port()
         with port_taken() as taken:
-            new = with_listeners(_one_recipient(running), {"port": 0}, {"port": free},
+            new = with_listeners(_one_recipient(running), {"port": 0}, {"port": 0},
                                  {"port": taken})
+            bound_ports.clear()
             with caplog.at_level(logging.INFO, logger="relay"):
                 assert await relay.reload(lambda: new) is False
             assert "reload refused, keeping the running configuration" in caplog.text
@@ -186,13 +196,15 @@ async def test_reload_refused_when_a_new_listener_cannot_be_bound(
             assert "configuration reloaded" not in caplog.text
             assert relay.config is running and relay.listening == before
             assert relay.receiver.unbound == []
-            assert not accepts("127.0.0.1", free)       # bound for the reload, closed again
+            [added] = bound_ports                          # bound for the reload...
+            assert not accepts("127.0.0.1", added)         # ...and closed again
             # The old listener takes mail, under the old rules (two recipients).
             reply = await send(relay, "app@contoso.com", ["a@example.com", "b@example.com"])
             assert reply.code == 250
         # Once the port is free, the same configuration is taken.
         assert await relay.reload(lambda: new) is True, caplog.text
-        assert relay.listening == [*before, ("127.0.0.1", free), ("127.0.0.1", taken)]
+        assert relay.listening[0] == before[0] and relay.listening[2] == ("127.0.0.1", taken)
+        assert len(relay.listening) == 3
         assert (await send_to("127.0.0.1", taken)).code == 250
     finally:
         await relay.stop()
@@ -215,12 +227,13 @@ async def test_moving_a_listener_binds_the_new_before_closing_the_old(
 
         monkeypatch.setattr(receive_server, "_listen", listen)
         session = await Session.open(host, port)          # opened before the move
-        moved = with_listeners(relay.config, {"address": "127.0.0.2", "port": port})
+        moved = with_listeners(relay.config, {"address": "127.0.0.2", "port": 0})
         assert await relay.reload(lambda: moved) is True, caplog.text
         assert old_open_when_new_bound == [True]
-        assert relay.listening == [("127.0.0.2", port)]
+        [(new_host, new_port)] = relay.listening
+        assert new_host == "127.0.0.2"
         assert not accepts(host, port)
-        assert (await send_to("127.0.0.2", port)).code == 250
+        assert (await send_to(new_host, new_port)).code == 250
         assert (await session.cmd("NOOP"))[0] == 250       # the open session goes on
         session.close()
     finally:
@@ -231,11 +244,10 @@ async def test_moving_a_port_to_an_overlapping_address_is_refused_with_the_reaso
         sandbox: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
     """127.0.0.1:P -> 0.0.0.0:P cannot be bound while the old socket holds P, and binding
     the new one first is the rule: refused, and the log says why and what to do."""
-    port = free_port()
-    relay = Relay(sandbox.apply(build_config({"server": {"listeners": [
-        {"address": "127.0.0.1", "port": port}]}})))
+    relay = Relay(sandbox.apply(build_config()))
     await relay.start()
     try:
+        [(_, port)] = relay.listening
         wildcard = with_listeners(relay.config, {"address": "0.0.0.0", "port": port})
         assert await relay.reload(lambda: wildcard) is False
         assert relay.listening == [("127.0.0.1", port)]
@@ -297,17 +309,19 @@ async def test_changing_only_options_keeps_the_socket(
         await relay.stop()
 
 
-async def test_stop_waits_for_a_reload_in_progress(sandbox: Sandbox) -> None:
+async def test_stop_waits_for_a_reload_in_progress(
+        sandbox: Sandbox, bound_ports: list[int]) -> None:
     """Shutdown neither closes listeners under a reload nor lets one bind after it."""
     relay = Relay(sandbox.apply(build_config()))
     await relay.start()
-    free = free_port()
-    grown = with_listeners(relay.config, {"port": 0}, {"port": free})
+    grown = with_listeners(relay.config, {"port": 0}, {"port": 0})
+    bound_ports.clear()
     reloading = asyncio.create_task(relay.reload(lambda: grown))
     await asyncio.sleep(0)
     assert relay._reload_lock.locked()            # the reload is under way...
     await relay.stop()                            # ...and shutdown begins
     assert await reloading is True
-    assert relay.listening == [] and not accepts("127.0.0.1", free)
+    [added] = bound_ports
+    assert relay.listening == [] and not accepts("127.0.0.1", added)
     assert await relay.reload(lambda: grown) is False     # none after shutdown
-    assert not accepts("127.0.0.1", free)
+    assert bound_ports == [added]
