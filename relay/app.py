@@ -48,7 +48,11 @@ class Relay:
         self.metrics.watch(self)
         self.http = HttpEndpoint(self) if config.http.enabled else None
         self._stopping = asyncio.Event()
-        self._listener_sync: asyncio.Future[None] | None = None
+        # One reload at a time; a SIGHUP while one runs queues one more (not one per signal).
+        self._reload_lock = asyncio.Lock()
+        self._reload_queued = False
+        self._reloads: set[asyncio.Task[None]] = set()
+        self._reloads_closed = False        # shutting down: SIGHUP starts no reload
 
     async def submit(self, msg: Outbound) -> Reply:
         """Spool an accepted message; the 250 goes out only once it is safely on disk."""
@@ -101,6 +105,7 @@ class Relay:
         """
         deadline = time.monotonic() + grace
         try:
+            await self._finish_reloads()
             await self.receiver.stop(grace=grace)
             await self.queue.stop(max(0.0, deadline - time.monotonic()))
             await self.deliverer.aclose()
@@ -115,21 +120,44 @@ class Relay:
     def request_stop(self) -> None:
         self._stopping.set()
 
-    def reload(self, load: Callable[[], Config]) -> bool:
-        """Swap in a new config; a broken one is logged and the running one kept.
+    async def reload(self, load: Callable[[], Config]) -> bool:
+        """Swap in a new config; True if it was taken. See :meth:`_reload`."""
+        async with self._reload_lock:
+            if self._reloads_closed:
+                log.warning("reload skipped: shutting down")
+                return False
+            return await self._reload(load) is None
 
-        Everything that can fail (YAML, validation, TLS certificate, CA files) is tried
-        before anything is changed, so a failed reload leaves the relay exactly as it was.
-        Open client connections and the listeners that did not change are kept.
+    async def _reload(self, load: Callable[[], Config]) -> str | None:
+        """Swap in a new config, or refuse it and keep the running one: all or nothing.
+
+        First everything that can fail, changing nothing in use: the YAML and its
+        validation, the TLS certificate, CA files (the deliverer's pools) and binding the
+        sockets of new listeners, while the old listeners go on accepting. If any of it
+        fails, what was bound for the new config is closed, the log says the reload was
+        refused and why, and the reason is returned. Otherwise every stage switches, in
+        steps that cannot fail, and None is returned. Open client connections are kept,
+        and so are the sockets of listeners whose address and port did not change.
+
+        The caller holds ``_reload_lock``: one reload at a time.
         """
         try:
             config = load()
             pools = self.deliverer.prepare(config)       # changes nothing yet
-            self.receiver.update(config, Router(config), self.verifier)  # or raises
-            self.deliverer.apply(config, pools)
+            change = await self.receiver.prepare(config, Router(config), self.verifier)
         except (ConfigError, ValueError, OSError) as exc:
-            log.error("reload refused, keeping the running configuration:\n%s", exc)
-            return False
+            # The listener's OSError without "[Errno 98]": its text says it all.
+            reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror
+                      and exc.filename is None else str(exc))
+            log.error("reload refused, keeping the running configuration:\n%s", reason)
+            return reason
+        except Exception as exc:
+            log.exception("reload refused, keeping the running configuration: "
+                          "unexpected error")
+            return f"unexpected error: {exc!r}"
+        # From here on nothing can fail: every stage switches.
+        self.deliverer.apply(config, pools)
+        await self.receiver.commit(change)
         if config.spool != self.config.spool:
             log.warning("spool settings take effect after a restart")
         old_http, new_http = self.config.http, config.http
@@ -140,11 +168,12 @@ class Relay:
         self.queue.update(config)
         self.tokens.update(config)
         self.verifier.update({n: u.password_hash for n, u in config.users.items()})
-        if config.server.listeners != self.config.server.listeners:
-            self._listener_sync = asyncio.ensure_future(self.receiver.sync_listeners())
         self.config = config
-        log.info("configuration reloaded")
-        return True
+        for line in change.summary():
+            log.info("%s", line)
+        log.info("configuration reloaded; SMTP listeners: %s", ", ".join(
+            f"{h}:{p}" for h, p in self.listening))
+        return None
 
     async def serve(self, reload: Callable[[], Config] | None = None,
                     on_ready: Callable[[], None] | None = None) -> None:
@@ -158,7 +187,7 @@ class Relay:
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGUSR1, self.queue.flush)
         if reload is not None:
-            loop.add_signal_handler(signal.SIGHUP, lambda: self._reload_notifying(reload))
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._request_reload(reload))
         else:
             loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
                 "SIGHUP ignored: this instance cannot reload its configuration"))
@@ -188,12 +217,40 @@ class Relay:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                     loop.remove_signal_handler(sig)
 
-    def _reload_notifying(self, load: Callable[[], Config]) -> None:
-        """SIGHUP: :meth:`reload`, bracketed by RELOADING=1 and READY=1 for systemd."""
-        notify.reloading("reloading configuration")
-        ok = self.reload(load)
-        notify.ready(self._status() if ok else
-                     "reload refused (see the log); running the previous configuration")
+    def _request_reload(self, load: Callable[[], Config]) -> None:
+        """SIGHUP: run :meth:`_reload_notifying` as a task. Signals that arrive while a
+        reload is queued add nothing: that reload reads the file after them anyway."""
+        if self._reload_queued or self._reloads_closed or self._stopping.is_set():
+            return
+        self._reload_queued = True
+        task = asyncio.get_running_loop().create_task(self._reload_notifying(load),
+                                                      name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload_notifying(self, load: Callable[[], Config]) -> None:
+        """:meth:`_reload`, bracketed by RELOADING=1 and READY=1 for systemd; the READY's
+        STATUS says whether the new configuration runs or was refused, and why."""
+        async with self._reload_lock:
+            self._reload_queued = False
+            if self._reloads_closed:
+                return                  # shutting down: systemd has had STOPPING=1
+            notify.reloading("reloading configuration")
+            refused = await self._reload(load)
+            if refused is None:
+                notify.ready(self._status())
+                return
+            reason = " ".join(refused.split())
+            if len(reason) > 200:
+                reason = reason[:199] + "\u2026"
+            notify.ready(f"reload refused, running the previous configuration: {reason}")
+
+    async def _finish_reloads(self) -> None:
+        """Wait for a reload in progress (it never waits on anything slow) and allow no
+        more, so that shutdown does not close listeners under a reload, nor a reload bind
+        new ones after shutdown."""
+        async with self._reload_lock:
+            self._reloads_closed = True
 
     def _status(self) -> str:
         """One line for ``systemctl status``."""

@@ -7,6 +7,16 @@ defensive, because it may be published to a cluster network: GET and HEAD only, 
 request head of at most 8 KiB, one request per connection (``Connection: close``), a
 deadline for reading the request and for writing the answer, and a cap on connections.
 
+Connections that have not yet sent their whole request head cannot crowd out a probe:
+when a new connection would exceed the cap, one of them is closed to make room (as nginx
+does) — of the client address holding the most of them, the one that has waited longest.
+Connections being answered are never closed. So a probe that sends its request as it
+connects is answered however many idle or trickling connections are open, and a flood
+from one address pushes out its own connections before anyone else's. (Only more than
+``MAX_CONNECTIONS`` new connections from the probe's own address, between its connecting
+and its request arriving, push it out: a flood, which needs a firewall.) Memory stays
+bounded: at most ``MAX_CONNECTIONS`` connections, each buffering at most a request head.
+
 ``/healthz``  200 ``ok`` while the process and its loop work; 503 if the queue's
               dispatcher died (mail would be accepted and never sent: restart it).
 ``/readyz``   200 when the relay can take and deliver mail: every listener bound and not
@@ -42,7 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_HEAD = 8192       # request line + headers; probes and Prometheus send ~200 B
-MAX_CONNECTIONS = 32
+MAX_CONNECTIONS = 32          # open at once; more push out the longest-waiting idle one
 TOKEN_TIMEOUT = 2.0           # readiness waits this long for a token fetch (it goes on)
 SPOOL_TIMEOUT = 2.0           # ... and this long for the spool probe
 _LINGER = 0.5                 # after an error reply, read what the client still sends
@@ -217,6 +227,101 @@ def _write_probe(path: Path) -> None:
 
 # --- the server --------------------------------------------------------------------------
 
+_EVICTION_LOG_INTERVAL = 60.0  # seconds between warnings about closed idle connections
+
+
+@dataclass(eq=False)
+class _Connection:
+    """One client connection, as the cap on connections sees it."""
+
+    peer: str
+    transport: asyncio.WriteTransport
+    seq: int                       # arrival order
+    waiting: bool = True           # no complete request head yet: may be closed for room
+    gone: bool = False             # no longer counted
+
+
+class _Connections:
+    """The open connections of the endpoint, and which one makes room for a new one.
+
+    ``_waiting`` holds the connections without a complete request head per client
+    address, oldest first, so that the one to close is found by looking at one
+    connection per address.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self._waiting: dict[str, dict[_Connection, None]] = {}
+        self._seq = itertools.count()
+        self._evicted = 0                           # not yet reported in the log
+        self._reported_at = -_EVICTION_LOG_INTERVAL
+
+    def open(self, peer: str, transport: asyncio.WriteTransport) -> _Connection | None:
+        """Count a new connection in, closing connections that are still waiting for
+        their request head as needed to stay within the limit; None (not counted) if
+        every other connection is past its request head."""
+        conn = _Connection(peer, transport, next(self._seq))
+        self._waiting.setdefault(peer, {})[conn] = None
+        self.count += 1
+        while self.count > self.limit:
+            victim = self._victim(conn)
+            if victim is None:
+                self.close(conn)
+                return None
+            self.close(victim)
+            victim.transport.abort()    # frees it now; its task sees EOF and ends quietly
+            self._evicted += 1
+        self._report()
+        return conn
+
+    def _victim(self, newcomer: _Connection) -> _Connection | None:
+        """The oldest waiting connection of the address with the most waiting
+        connections (the newcomer counts for its address, but is never the one)."""
+        best: tuple[int, int] | None = None
+        victim = None
+        for conns in self._waiting.values():
+            oldest = next((c for c in conns if c is not newcomer), None)
+            if oldest is None:
+                continue
+            key = (len(conns), -oldest.seq)       # most connections, then longest waiting
+            if best is None or key > best:
+                best, victim = key, oldest
+        return victim
+
+    def served(self, conn: _Connection) -> None:
+        """``conn`` sent its whole request head: it is answered, never closed for room."""
+        if conn.waiting:
+            self._forget(conn)
+
+    def close(self, conn: _Connection) -> None:
+        """``conn`` is closed or refused: it no longer counts (once, however often called)."""
+        if conn.gone:
+            return
+        conn.gone = True
+        self.count -= 1
+        if conn.waiting:
+            self._forget(conn)
+
+    def _forget(self, conn: _Connection) -> None:
+        conn.waiting = False
+        conns = self._waiting[conn.peer]
+        del conns[conn]
+        if not conns:
+            del self._waiting[conn.peer]
+
+    def _report(self) -> None:
+        """A warning now and then, not a line per closed connection: a scan or an attack
+        must not flood the log."""
+        now = time.monotonic()
+        if self._evicted and now - self._reported_at >= _EVICTION_LOG_INTERVAL:
+            log.warning("http: closed %d connection(s) that had not sent a complete request, "
+                        "to stay within %d connections (idle or slow clients, or a scan)",
+                        self._evicted, self.limit)
+            self._evicted = 0
+            self._reported_at = now
+
+
 class HttpEndpoint:
     """The HTTP server of one relay (``http:`` in the config)."""
 
@@ -225,6 +330,7 @@ class HttpEndpoint:
         self.readiness = ReadinessCheck(relay)
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
+        self.connections = _Connections(MAX_CONNECTIONS)
         self.address: tuple[str, int] | None = None
 
     async def start(self) -> None:
@@ -264,8 +370,11 @@ class HttpEndpoint:
         assert task is not None
         self._clients.add(task)
         timeout = self._relay.config.http.request_timeout
+        peer = writer.get_extra_info("peername")
+        conn = self.connections.open(str(peer[0]) if isinstance(peer, tuple) and peer
+                                     else "?", writer.transport)
         try:
-            if len(self._clients) > MAX_CONNECTIONS:
+            if conn is None:
                 await self._send(writer, Response.text(503, "too many connections\n"),
                                  within=1.0)
                 return
@@ -281,7 +390,8 @@ class HttpEndpoint:
                 await _linger(reader, writer)
                 return
             except (asyncio.IncompleteReadError, ConnectionError):
-                return                  # the client went away before finishing its request
+                return      # the client went away (or was closed to make room) first
+            self.connections.served(conn)
             method, response = await self._dispatch(head)
             await self._send(writer, response, within=timeout, head_only=method == "HEAD")
             if response.status in (400, 405):
@@ -289,6 +399,8 @@ class HttpEndpoint:
         except Exception:
             log.exception("http: error while serving a request")
         finally:
+            if conn is not None:
+                self.connections.close(conn)
             self._clients.discard(task)
             writer.close()
             with contextlib.suppress(Exception):

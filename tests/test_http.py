@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.app import Relay
 from relay.config import Config
+from relay.http import MAX_CONNECTIONS, _Connections
 from relay.message import Reply
 from relay.metrics import RelayMetrics, _CertificateDates
 from relay.sandbox.pki import create_pki
@@ -192,6 +193,19 @@ async def test_readyz_is_503_while_shutting_down(start_relay: RelayFactory) -> N
     assert (await get(relay, "/healthz")).status == 200      # alive all the same
 
 
+async def test_readyz_reports_a_listener_that_stopped_listening(
+        start_relay: RelayFactory) -> None:
+    """A listening socket closed under the relay (nothing in the relay does that: a reload
+    binds new listeners before it closes old ones) is reported, not papered over."""
+    relay = await start_relay(with_http())
+    assert (await get(relay, "/readyz")).status == 200
+    relay.receiver._bound[0].server.close()
+    reply = await get(relay, "/readyz")
+    assert reply.status == 503
+    assert "listeners: NOT READY: not bound: 127.0.0.1:0" in reply.text
+    assert (await get(relay, "/healthz")).status == 200      # alive: liveness is the loop
+
+
 # --- metrics ------------------------------------------------------------------------------
 
 async def test_metrics_follow_delivered_and_deferred_messages(
@@ -349,3 +363,175 @@ async def test_a_slow_client_is_timed_out(start_relay: RelayFactory) -> None:
     assert 0.4 <= elapsed < 1.5                   # request_timeout is 0.5 s
     # The endpoint still serves everyone else.
     assert (await get(relay, "/healthz")).status == 200
+
+
+# --- idle, slow and flooding clients ------------------------------------------------------
+#
+# request_timeout is long here (30 s), so that idle connections are held by the endpoint
+# for the whole test: only making room for new connections can free them.
+
+PATIENT = {"http": {"request_timeout": "30s"}}
+PROBES = ("/healthz", "/readyz", "/metrics")
+
+
+async def probe_all(relay: Relay, within: float = 2.0) -> None:
+    """Every probe path answers 200, each within ``within`` seconds."""
+    for path in PROBES:
+        started = time.monotonic()
+        reply = await asyncio.wait_for(get(relay, path), within)
+        assert reply.status == 200, (path, reply.status, reply.text)
+        assert time.monotonic() - started < within
+
+
+async def open_idle(relay: Relay, count: int, source: str = "127.0.0.1"
+                    ) -> list[asyncio.StreamWriter]:
+    """``count`` connections that send nothing, opened one after another."""
+    assert relay.http_address is not None
+    writers = []
+    for _ in range(count):
+        _, writer = await asyncio.open_connection(*relay.http_address,
+                                                  local_addr=(source, 0))
+        writers.append(writer)
+    return writers
+
+
+def close_all(writers: list[asyncio.StreamWriter]) -> None:
+    for writer in writers:
+        writer.transport.abort()
+
+
+@pytest.mark.parametrize("idle", [40, 1000])
+async def test_idle_connections_do_not_starve_the_probes(
+        start_relay: RelayFactory, idle: int) -> None:
+    relay = await start_relay(with_http(PATIENT))
+    assert relay.http is not None
+    await probe_all(relay)                        # the token and spool checks are warm
+    writers = await open_idle(relay, idle)
+    try:
+        await asyncio.sleep(0.05)                 # let the endpoint see all of them
+        assert relay.http.connections.count <= MAX_CONNECTIONS
+        await probe_all(relay, within=1.0)
+        # Memory stays bounded: the endpoint holds at most MAX_CONNECTIONS of them.
+        assert relay.http.connections.count <= MAX_CONNECTIONS
+        assert len(relay.http._clients) <= MAX_CONNECTIONS + 1
+    finally:
+        close_all(writers)
+
+
+class Tricklers:
+    """Clients that send a request head a byte every ``interval`` seconds and never finish
+    it (slowloris). One that is closed connects again after ``reconnect`` seconds."""
+
+    def __init__(self, relay: Relay, count: int, *, source: str = "127.0.0.1",
+                 reconnect: float = 0.1, interval: float = 0.02) -> None:
+        assert relay.http_address is not None
+        self.address = relay.http_address
+        self.source, self.reconnect, self.interval = source, reconnect, interval
+        self.connections = 0
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._trickle()) for _ in range(count)]
+
+    async def _trickle(self) -> None:
+        while not self._stop.is_set():
+            writer: asyncio.StreamWriter | None = None
+            try:
+                _, writer = await asyncio.open_connection(*self.address,
+                                                          local_addr=(self.source, 0))
+                self.connections += 1
+                writer.write(b"GET /healthz HTTP/1.1\r\n")
+                while not self._stop.is_set():
+                    writer.write(b"X")
+                    await writer.drain()
+                    await asyncio.sleep(self.interval)
+            except ConnectionError:
+                await asyncio.sleep(self.reconnect)
+            finally:
+                if writer is not None:
+                    writer.transport.abort()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def test_trickling_clients_do_not_starve_the_probes(start_relay: RelayFactory) -> None:
+    """Twice as many slowloris clients as there is room for, from the probes' own address,
+    each coming back soon after it is closed."""
+    relay = await start_relay(with_http(PATIENT))
+    assert relay.http is not None
+    await probe_all(relay)
+    tricklers = Tricklers(relay, 2 * MAX_CONNECTIONS)
+    try:
+        await wait_until(lambda: tricklers.connections >= 3 * MAX_CONNECTIONS)
+        for _ in range(5):
+            await probe_all(relay, within=1.0)
+            assert relay.http.connections.count <= MAX_CONNECTIONS
+    finally:
+        await tricklers.stop()
+
+
+async def test_a_flood_from_one_address_does_not_push_out_another(
+        start_relay: RelayFactory) -> None:
+    """A probe that is slow to send its request is not closed to make room for a flood
+    from another address — idle connections, and tricklers that come back at once when
+    closed: room is made at the busiest address."""
+    relay = await start_relay(with_http(PATIENT))
+    assert relay.http is not None and relay.http_address is not None
+    await probe_all(relay)
+    reader, writer = await asyncio.open_connection(*relay.http_address)
+    flood = await open_idle(relay, 10 * MAX_CONNECTIONS, source="127.0.0.2")
+    tricklers = Tricklers(relay, 2 * MAX_CONNECTIONS, source="127.0.0.2", reconnect=0)
+    try:
+        await wait_until(lambda: tricklers.connections >= 3 * MAX_CONNECTIONS)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+        async with asyncio.timeout(1.0):
+            reply = HttpReply(await reader.read())
+        assert (reply.status, reply.text) == (200, "ok\n")
+        assert relay.http.connections.count <= MAX_CONNECTIONS
+    finally:
+        writer.close()
+        close_all(flood)
+        await tricklers.stop()
+
+
+def test_who_makes_room() -> None:
+    """The rules of the cap, one by one: the busiest address gives way first, its oldest
+    waiting connection first; connections being answered never; the newcomer never."""
+
+    class Transport:
+        aborted = False
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    conns = _Connections(limit=4)
+    opened: dict[str, Any] = {}
+    transports: dict[str, Transport] = {}
+
+    def open_(name: str) -> None:                 # "A1": the first connection from A
+        transports[name] = Transport()
+        opened[name] = conns.open(name[0], transports[name])  # type: ignore[arg-type]
+
+    def aborted() -> set[str]:
+        return {name for name, t in transports.items() if t.aborted}
+
+    for name in ("A1", "A2", "B1", "C1"):
+        open_(name)
+    assert conns.count == 4 and aborted() == set()
+    open_("B2")                        # A and B hold two each: A's have waited longer
+    assert aborted() == {"A1"}
+    conns.served(opened["B1"])         # B1 sent its request: it is being answered
+    open_("C2")                        # waiting: A 1, B 1, C 2 (with the newcomer)
+    assert aborted() == {"A1", "C1"}
+    conns.served(opened["A2"])
+    conns.served(opened["B2"])
+    open_("D1")                        # waiting: C 1, D 1: C's has waited longer
+    assert aborted() == {"A1", "C1", "C2"}
+    conns.served(opened["D1"])
+    open_("E1")                        # all four are being answered: refused (503)
+    assert opened["E1"] is None and conns.count == 4
+    conns.close(opened["A2"])
+    conns.close(opened["A2"])          # closing twice counts once
+    assert conns.count == 3
+    open_("E2")
+    assert opened["E2"] is not None and conns.count == 4

@@ -1,21 +1,31 @@
 """The relay's lifecycle in process: a refused reload changes nothing, in any stage;
-one relay per spool. (Reloads of a real process by SIGHUP are in test_process.py.)
+listeners are switched all or nothing; one relay per spool. (Reloads of a real process by
+SIGHUP are in test_process.py.)
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
+import socket
+import ssl
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
 
 from relay.app import Relay
-from relay.config import Config
+from relay.config import Config, Listener
+from relay.receive import server as receive_server
+from relay.sandbox.pki import create_pki
 from relay.sandbox.service import Sandbox
 from relay.spool import SpoolError
 from tests.conftest import build_config, wait_until
-from tests.test_end_to_end import send
+from tests.test_end_to_end import MESSAGE, send
 
 
 def _one_recipient(config: Config, upstream_ca: Path | None = None) -> Config:
@@ -39,7 +49,7 @@ async def test_reload_refused_by_a_later_stage_leaves_the_earlier_ones_alone(
         running = relay.config
         broken = _one_recipient(running, upstream_ca=not_pem)
 
-        assert relay.reload(lambda: broken) is False
+        assert await relay.reload(lambda: broken) is False
         assert relay.config is running
         # The receiver still takes two recipients (max_recipients is still 500)...
         reply = await send(relay, "app@contoso.com", ["a@example.com", "b@example.com"])
@@ -50,7 +60,7 @@ async def test_reload_refused_by_a_later_stage_leaves_the_earlier_ones_alone(
                                                                  "b@example.com"]
 
         # The same change without the broken CA file is taken, by every stage.
-        assert relay.reload(lambda: _one_recipient(running)) is True
+        assert await relay.reload(lambda: _one_recipient(running)) is True
         with pytest.raises(aiosmtplib.SMTPRecipientRefused) as info:
             await send(relay, "app@contoso.com", ["a@example.com", "b@example.com"])
         assert info.value.code == 452
@@ -77,3 +87,241 @@ async def test_one_relay_per_spool(sandbox: Sandbox) -> None:
     again = Relay(config)
     await again.start()
     await again.stop()
+
+
+# --- listeners on reload --------------------------------------------------------------------
+
+def with_listeners(config: Config, *listeners: dict[str, Any]) -> Config:
+    """``config`` (the running one, so the sandbox's settings stay) with other listeners."""
+    server = config.server.model_copy(
+        update={"listeners": [Listener(**x) for x in listeners]})
+    return config.model_copy(update={"server": server})
+
+
+@pytest.fixture
+def bound_ports(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The port of every listening socket the receiver binds from now on, in order.
+    (Ports are left to the kernel: a number picked by a test could be taken meanwhile.)"""
+    ports: list[int] = []
+    real_listen = receive_server._listen
+
+    def listen(listener: Listener) -> socket.socket:
+        sock = real_listen(listener)
+        ports.append(sock.getsockname()[1])
+        return sock
+
+    monkeypatch.setattr(receive_server, "_listen", listen)
+    return ports
+
+
+@contextlib.contextmanager
+def port_taken(host: str = "127.0.0.1") -> Iterator[int]:
+    """A port that another program listens on."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
+def accepts(host: str, port: int) -> bool:
+    """Whether something listens on host:port (the kernel completes the handshake)."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except ConnectionRefusedError:
+        return False
+
+
+async def send_to(host: str, port: int, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+    options: dict[str, Any] = {"start_tls": False, "timeout": 30, **kwargs}
+    async with aiosmtplib.SMTP(hostname=host, port=port, **options) as client:
+        await client.mail("app@contoso.com")
+        await client.rcpt("a@example.com")
+        return await client.data(MESSAGE)
+
+
+class Session:
+    """A raw SMTP connection, to see what a session offers after EHLO."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, host: str, port: int, **kwargs: Any) -> Session:
+        session = cls(*await asyncio.open_connection(host, port, **kwargs))
+        code, _ = await session.reply()
+        assert code == 220
+        return session
+
+    async def reply(self) -> tuple[int, list[str]]:
+        lines = []
+        while True:
+            line = (await asyncio.wait_for(self.reader.readline(), 5)).decode()
+            assert line, f"connection closed after {lines}"
+            lines.append(line[4:].strip())
+            if line[3:4] != "-":
+                return int(line[:3]), lines
+
+    async def cmd(self, line: str) -> tuple[int, list[str]]:
+        self.writer.write(line.encode() + b"\r\n")
+        await self.writer.drain()
+        return await self.reply()
+
+    async def extensions(self) -> list[str]:
+        code, lines = await self.cmd("EHLO app.test")
+        assert code == 250
+        return lines[1:]
+
+    def close(self) -> None:
+        self.writer.transport.abort()
+
+
+async def test_reload_refused_when_a_new_listener_cannot_be_bound(
+        sandbox: Sandbox, caplog: pytest.LogCaptureFixture, bound_ports: list[int]) -> None:
+    """Of two new listeners the second finds its port taken: the reload is refused, the
+    first is closed again, and the relay goes on with its old listener and config."""
+    relay = Relay(sandbox.apply(build_config()))
+    await relay.start()
+    try:
+        before = list(relay.listening)
+        running = relay.config
+        with port_taken() as taken:
+            new = with_listeners(_one_recipient(running), {"port": 0}, {"port": 0},
+                                 {"port": taken})
+            bound_ports.clear()
+            with caplog.at_level(logging.INFO, logger="relay"):
+                assert await relay.reload(lambda: new) is False
+            assert "reload refused, keeping the running configuration" in caplog.text
+            assert f"cannot listen on 127.0.0.1:{taken}" in caplog.text
+            assert "configuration reloaded" not in caplog.text
+            assert relay.config is running and relay.listening == before
+            assert relay.receiver.unbound == []
+            [added] = bound_ports                          # bound for the reload...
+            assert not accepts("127.0.0.1", added)         # ...and closed again
+            # The old listener takes mail, under the old rules (two recipients).
+            reply = await send(relay, "app@contoso.com", ["a@example.com", "b@example.com"])
+            assert reply.code == 250
+        # Once the port is free, the same configuration is taken.
+        assert await relay.reload(lambda: new) is True, caplog.text
+        assert relay.listening[0] == before[0] and relay.listening[2] == ("127.0.0.1", taken)
+        assert len(relay.listening) == 3
+        assert (await send_to("127.0.0.1", taken)).code == 250
+    finally:
+        await relay.stop()
+
+
+async def test_moving_a_listener_binds_the_new_before_closing_the_old(
+        sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    relay = Relay(sandbox.apply(build_config()))
+    await relay.start()
+    try:
+        [(host, port)] = relay.listening
+        old_open_when_new_bound: list[bool] = []
+        real_listen = receive_server._listen
+
+        def listen(listener: Listener) -> socket.socket:
+            sock = real_listen(listener)
+            old_open_when_new_bound.append(accepts(host, port))
+            return sock
+
+        monkeypatch.setattr(receive_server, "_listen", listen)
+        session = await Session.open(host, port)          # opened before the move
+        moved = with_listeners(relay.config, {"address": "127.0.0.2", "port": 0})
+        assert await relay.reload(lambda: moved) is True, caplog.text
+        assert old_open_when_new_bound == [True]
+        [(new_host, new_port)] = relay.listening
+        assert new_host == "127.0.0.2"
+        assert not accepts(host, port)
+        assert (await send_to(new_host, new_port)).code == 250
+        assert (await session.cmd("NOOP"))[0] == 250       # the open session goes on
+        session.close()
+    finally:
+        await relay.stop()
+
+
+async def test_moving_a_port_to_an_overlapping_address_is_refused_with_the_reason(
+        sandbox: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
+    """127.0.0.1:P -> 0.0.0.0:P cannot be bound while the old socket holds P, and binding
+    the new one first is the rule: refused, and the log says why and what to do."""
+    relay = Relay(sandbox.apply(build_config()))
+    await relay.start()
+    try:
+        [(_, port)] = relay.listening
+        wildcard = with_listeners(relay.config, {"address": "0.0.0.0", "port": port})
+        assert await relay.reload(lambda: wildcard) is False
+        assert relay.listening == [("127.0.0.1", port)]
+        assert (await send_to("127.0.0.1", port)).code == 250
+    finally:
+        await relay.stop()
+    assert (f"cannot listen on 0.0.0.0:{port}: Address already in use (held by "
+            f"listener 127.0.0.1:{port}, which this configuration removes") in caplog.text
+    assert "needs a restart" in caplog.text
+
+
+async def test_changing_only_options_keeps_the_socket(
+        sandbox: Sandbox, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """tls, require_tls and synchronous change for new connections on the same socket;
+    open sessions keep what they started with."""
+    pki = create_pki(tmp_path / "pki")
+    tls = {"certificate_file": str(pki.cert_file), "key_file": str(pki.key_file)}
+    relay = Relay(sandbox.apply(build_config({"server": {"tls": tls}})))
+    await relay.start()
+    client_tls = ssl.create_default_context(cafile=str(pki.ca_file))
+    sessions: list[Session] = []
+    try:
+        [(host, port)] = relay.listening
+        plain = await Session.open(host, port)
+        sessions.append(plain)
+        assert "STARTTLS" not in await plain.extensions()
+
+        starttls = with_listeners(relay.config, {"port": 0, "tls": "starttls",
+                                                 "require_tls": True})
+        with caplog.at_level(logging.INFO, logger="relay"):
+            assert await relay.reload(lambda: starttls) is True, caplog.text
+        assert relay.listening == [(host, port)]
+        assert ("listener 127.0.0.1:0 keeps its socket, new connections get: "
+                "tls starttls, require_tls true") in caplog.text
+        offered = await Session.open(host, port)
+        sessions.append(offered)
+        assert "STARTTLS" in await offered.extensions()
+        assert (await offered.cmd("MAIL FROM:<app@contoso.com>"))[0] == 530  # require_tls
+        assert "STARTTLS" not in await plain.extensions()                    # as before
+        assert (await send_to(host, port, start_tls=True, tls_context=client_tls)
+                ).code == 250
+
+        # TLS from the first byte is the socket's business too: still the same port.
+        implicit = with_listeners(relay.config, {"port": 0, "tls": "implicit"})
+        assert await relay.reload(lambda: implicit) is True, caplog.text
+        assert relay.listening == [(host, port)]
+        assert (await send_to(host, port, use_tls=True, tls_context=client_tls)
+                ).code == 250
+        assert (await plain.cmd("NOOP"))[0] == 250          # plaintext sessions go on
+
+        back = with_listeners(relay.config, {"port": 0})
+        assert await relay.reload(lambda: back) is True, caplog.text
+        assert relay.listening == [(host, port)]
+        assert (await send_to(host, port)).code == 250
+        assert relay.receiver.unbound == []
+    finally:
+        for session in sessions:
+            session.close()
+        await relay.stop()
+
+
+async def test_stop_waits_for_a_reload_in_progress(
+        sandbox: Sandbox, bound_ports: list[int]) -> None:
+    """Shutdown neither closes listeners under a reload nor lets one bind after it."""
+    relay = Relay(sandbox.apply(build_config()))
+    await relay.start()
+    grown = with_listeners(relay.config, {"port": 0}, {"port": 0})
+    bound_ports.clear()
+    reloading = asyncio.create_task(relay.reload(lambda: grown))
+    await asyncio.sleep(0)
+    assert relay._reload_lock.locked()            # the reload is under way...
+    await relay.stop()                            # ...and shutdown begins
+    assert await reloading is True
+    [added] = bound_ports
+    assert relay.listening == [] and not accepts("127.0.0.1", added)
+    assert await relay.reload(lambda: grown) is False     # none after shutdown
+    assert bound_ports == [added]

@@ -254,3 +254,42 @@ def test_relay_process_speaks_sd_notify(systemd: NotifySocket, tmp_path: Path) -
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_refused_reload_tells_systemd_why(systemd: NotifySocket, tmp_path: Path) -> None:
+    """SIGHUP with a listener whose port is taken: READY=1 (the relay runs on) with a
+    STATUS saying the reload was refused and why; after a good one, the usual STATUS."""
+    config = tmp_path / "config.yaml"
+    config.write_text(RELAY_CONFIG)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "run", "--sandbox", "--config", str(config),
+         "--sandbox-dir", str(tmp_path / "sb")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    try:
+        ready, _ = _wait_for(systemd, "READY", proc)
+        assert ready["STATUS"].startswith("accepting mail on 127.0.0.1:")
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            config.write_text(RELAY_CONFIG.replace(
+                "listeners: [{address: 127.0.0.1, port: 0}]",
+                f"listeners: [{{address: 127.0.0.1, port: 0}}, "
+                f"{{address: 127.0.0.1, port: {port}}}]"))
+            proc.send_signal(signal.SIGHUP)
+            _wait_for(systemd, "RELOADING", proc)
+            refused, _ = _wait_for(systemd, "READY", proc)
+        assert refused["STATUS"].startswith(
+            "reload refused, running the previous configuration: "
+            f"cannot listen on 127.0.0.1:{port}: Address already in use"), refused
+        proc.send_signal(signal.SIGHUP)             # the port is free now
+        _wait_for(systemd, "RELOADING", proc)
+        taken_now, _ = _wait_for(systemd, "READY", proc)
+        assert taken_now["STATUS"].startswith("accepting mail on 127.0.0.1:")
+        assert taken_now["STATUS"].endswith(f", 127.0.0.1:{port}")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -393,6 +393,107 @@ def test_sighup_refuses_a_broken_config_and_keeps_running(
     assert proc.wait(15) == 0
 
 
+def ehlo_extensions(client: smtplib.SMTP) -> set[str]:
+    code, _ = client.ehlo()
+    assert code == 250
+    return set(client.esmtp_features)
+
+
+def test_sighup_refuses_a_listener_whose_port_is_taken(h: Harness) -> None:
+    """The new config adds a listener on a port another program holds: the reload is
+    refused as a whole (the mailbox change too), the old listener goes on taking mail, and
+    the log says so. Once the port is free, the same file is taken."""
+    proc = h.start()
+    port = proc.port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        h.config["server"]["listeners"].append({"address": "127.0.0.1", "port": busy})
+        h.config["profiles"]["system"]["mailbox"] = "relay2@contoso.com"
+        h.write_config()
+        mark = proc.mark()
+        proc.hup()
+        proc.wait_for_log("reload refused, keeping the running configuration", 10,
+                          since=mark)
+        proc.wait_for_log(f"cannot listen on 127.0.0.1:{busy}: Address already in use", 5,
+                          since=mark)
+        assert proc.alive
+        assert proc.send("after the refused reload")
+        wait_for(lambda: "after the refused reload" in h.delivered(), 10, "delivery")
+        assert h.exchange.messages[-1].mailbox == MAILBOX         # the old config runs
+        assert "configuration reloaded" not in "\n".join(proc.lines[mark:])
+
+    mark = proc.mark()
+    proc.hup()
+    proc.wait_for_log("configuration reloaded", 10, since=mark)
+    assert proc.port == port
+    with smtplib.SMTP("127.0.0.1", busy, local_hostname="app.test", timeout=10) as client:
+        send_on(client, "on the added listener")
+    assert proc.send("on the first listener")
+    wait_for(lambda: {"on the added listener", "on the first listener"} <= set(h.delivered()),
+             10, "delivery through both listeners")
+    assert h.exchange.messages[-1].mailbox == "relay2@contoso.com"
+    proc.terminate()
+    assert proc.wait(15) == 0
+
+
+def test_sighup_moves_a_listener_to_another_address(h: Harness) -> None:
+    proc = h.start()
+    before = proc.connect()
+    try:
+        h.config["server"]["listeners"] = [{"address": "127.0.0.2", "port": 0}]
+        h.write_config()
+        mark = proc.mark()
+        proc.hup()
+        port = int(proc.wait_for_log(r"configuration reloaded; SMTP listeners: "
+                                     r"127\.0\.0\.2:(\d+)$", 10, since=mark).group(1))
+        after = "\n".join(proc.lines[mark:])
+        assert "listener 127.0.0.2:0 added" in after
+        assert "listener 127.0.0.1:0 closed" in after
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", proc.port), timeout=5).close()
+        with smtplib.SMTP("127.0.0.2", port, local_hostname="app.test",
+                          timeout=10) as client:
+            send_on(client, "on the new address")
+        send_on(before, "on a connection from before the move")
+    finally:
+        before.close()
+    wait_for(lambda: {"on the new address", "on a connection from before the move"}
+             <= set(h.delivered()), 10, "both messages")
+    proc.terminate()
+    assert proc.wait(15) == 0
+
+
+def test_sighup_changing_only_options_keeps_the_socket(h: Harness) -> None:
+    tls = {"certificate_file": str(h.fakes.pki.cert_file),
+           "key_file": str(h.fakes.pki.key_file)}
+    h.config["server"]["tls"] = tls
+    h.write_config()
+    proc = h.start()
+    before = proc.connect()
+    try:
+        assert "starttls" not in ehlo_extensions(before)
+        h.config["server"]["listeners"] = [{"address": "127.0.0.1", "port": 0,
+                                            "tls": "starttls"}]
+        h.write_config()
+        mark = proc.mark()
+        proc.hup()
+        proc.wait_for_log("configuration reloaded", 10, since=mark)
+        assert "listener 127.0.0.1:0 keeps its socket, new connections get: tls starttls" \
+            in "\n".join(proc.lines[mark:])
+        with proc.connect() as client:                      # the same port
+            assert "starttls" in ehlo_extensions(client)
+        assert "starttls" not in ehlo_extensions(before)   # a session keeps its options
+        send_on(before, "on the session from before")
+    finally:
+        before.close()
+    wait_for(lambda: "on the session from before" in h.delivered(), 10, "delivery")
+    assert not [ln for ln in proc.lines if "cannot listen" in ln or "Traceback" in ln]
+    proc.terminate()
+    assert proc.wait(15) == 0
+
+
 # --- 5. queue commands against a running relay ---------------------------------------------------
 
 # Failed attempts wait an hour, so deferred messages stay put while the commands run.

@@ -1057,14 +1057,14 @@ async def test_update_applies_to_new_sessions_only(start: Start) -> None:
     assert (await old.send(SYSTEM, ["a@example.com"]))[0] == 250
 
 
-async def test_sync_listeners_keeps_unchanged_sockets(start: Start) -> None:
+async def test_reload_keeps_unchanged_sockets(start: Start) -> None:
     h = await start()
     [first] = h.receiver.bound
     listeners = [{"address": "127.0.0.1", "port": 0}, {"address": "127.0.0.1", "port": 0}]
     config = build_config({"server": {"listeners": listeners}})
-    h.receiver.update(config, Router(config), PasswordVerifier({}))
     c = await connect(h)                        # a session on the kept listener survives
-    await h.receiver.sync_listeners()
+    change = await h.receiver.prepare(config, Router(config), PasswordVerifier({}))
+    await h.receiver.commit(change)
     assert h.receiver.bound[0] == first and len(h.receiver.bound) == 2
     assert (await c.cmd("NOOP"))[0] == 250
     c2 = await Client.connect(h.receiver.bound[1])
