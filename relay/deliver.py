@@ -137,7 +137,7 @@ class Deliverer:
                         extra={"profile": msg.profile, "mailbox": mailbox,
                                "credential": profile.credential, "reply": str(first.reply)})
         else:
-            return self._observe(msg.profile, mailbox, result)
+            return self._observe(msg, mailbox, result)
         try:
             token = await provider.refresh(stale=token)
         except TokenError as exc:
@@ -162,24 +162,30 @@ class Deliverer:
             return DeliveryResult(Reply(
                 451, f"4.7.0 Upstream refused the relay's login for {mailbox}: "
                      f"{second.reply}; message not sent, try again later"))
-        return self._observe(msg.profile, mailbox, result)
+        return self._observe(msg, mailbox, result)
 
-    def _observe(self, profile: str, mailbox: str, result: DeliveryResult) -> DeliveryResult:
+    def _observe(self, msg: Outbound, mailbox: str, result: DeliveryResult) -> DeliveryResult:
         """Report what an attempt that reached the upstream showed about the profile's
         setup, and return ``result``. The overall reply and every recipient's are looked
         at: Exchange may refuse the login at AUTH (430 4.2.0) or say mid-session that the
         relay is not authenticated (530 5.7.57), and SendAs is refused after DATA or at
         MAIL FROM (5.7.60).
 
+        A message no client handed over (``client`` empty: a delivery report the relay
+        wrote) is sent as the mailbox itself, which Exchange always allows: its delivery
+        says nothing about the applications' senders, so it does not count as one.
+        Otherwise every SendAsDenied would be followed by its own delivered report.
+
         Bookkeeping only: whatever goes wrong here is logged and the result still
         returned, since losing it could send a delivered message again."""
         try:
-            self._report(profile, mailbox, result)
+            self._report(msg, mailbox, result)
         except Exception:
             log.exception("reporting the outcome of the attempt failed")
         return result
 
-    def _report(self, profile: str, mailbox: str, result: DeliveryResult) -> None:
+    def _report(self, msg: Outbound, mailbox: str, result: DeliveryResult) -> None:
+        profile = msg.profile
         found: dict[Problem, Reply] = {}
         seen: set[str] = set()
         for reply in (result.reply, *result.refused.values()):
@@ -192,8 +198,8 @@ class Deliverer:
         if (login := found.get(Problem.LOGIN)) is not None:
             self._hooks.login_refused(profile, mailbox, login, fresh_token=False)
         elif result.authenticated:
-            self._hooks.logged_in(profile, mailbox,
-                                  delivered=result.reply.ok and bool(result.accepted))
+            delivered = result.reply.ok and bool(result.accepted) and bool(msg.client)
+            self._hooks.logged_in(profile, mailbox, delivered=delivered)
         if (send_as := found.get(Problem.SEND_AS)) is not None:
             self._hooks.send_as_denied(profile, mailbox, send_as)
 

@@ -111,8 +111,9 @@ class Hooks:
 
     def logged_in(self, profile: str, mailbox: str, *, delivered: bool) -> None:
         """An attempt for ``profile`` ran on a session whose login the upstream accepted,
-        and got no login-problem reply; ``delivered``: the upstream took the message for
-        (some of) its recipients."""
+        and got no login-problem reply; ``delivered``: the upstream took the message, one
+        an application handed over (not a delivery report of the relay's own), for (some
+        of) its recipients."""
 
     def send_as_denied(self, profile: str, mailbox: str, reply: Reply) -> None:
         """The upstream refused a message of ``profile`` because ``mailbox`` may not send

@@ -22,7 +22,9 @@ per configured profile only, the current streak of each kind of refusal:
 * **SendAsDenied** (``Problem.SEND_AS``): one message with a From the mailbox may not
   use says little about the profile - one application with a wrong sender - so it takes
   :data:`SEND_AS_DENIALS` messages of the profile in a row, without a message delivered
-  in between. Cleared by the next message the upstream accepts. Messages that neither
+  in between. Cleared by the next message the upstream accepts (one an application
+  handed over: the relay's own delivery reports are sent as the mailbox itself, which
+  proves nothing about the applications' senders). Messages that neither
   were delivered nor were refused SendAs (an unknown recipient, a network failure) leave
   the count as it is: they say nothing about sending as the sender.
 

@@ -423,7 +423,7 @@ async def test_the_deliverer_reports_what_each_attempt_showed(
         return Outbound(id="T1", profile="system", mail_from=sender,
                         rcpt_tos=["someone@example.com"],
                         content=Content.from_bytes(f"From: {sender}\r\n\r\nhi\r\n".encode()),
-                        mailbox="relay@contoso.com")
+                        mailbox="relay@contoso.com", client="127.0.0.1")
 
     try:
         assert (await deliverer.deliver(message())).reply.ok
@@ -453,3 +453,22 @@ async def test_the_deliverer_reports_what_each_attempt_showed(
         ("login_refused", "system", "535", "True"),
         ("logged_in", "system", "True"),
     ]
+
+
+async def test_send_as_denied_without_a_waiting_client_despite_the_delivery_reports(
+        start_relay: RelayFactory, sandbox: Sandbox) -> None:
+    """Without delivery.synchronous each refused message is bounced: a delivery report
+    from the mailbox itself, which Exchange accepts. The relay's own reports are not the
+    profile's mail being delivered, so they do not reset the count."""
+    relay = await start_relay(overrides({"delivery": {"synchronous": None},
+                                         "profiles": {"system": {"sender_policy": "keep"}}}))
+    for n in range(1, SEND_AS_DENIALS + 1):
+        assert (await send(relay, "app@contoso.com")).code == 250          # queued
+        # Wait for the report about this message: it was refused and bounced.
+        await wait_until(lambda n=n: sum(m.rcpt_tos == ["app@contoso.com"]
+                                         for m in sandbox.exchange.messages) == n)
+    status, checks = await readyz(relay)
+    assert status == 503, checks
+    assert f"{SEND_AS_DENIALS} messages in a row refused" in checks["profile system"]
+    assert (await send(relay, "relay@contoso.com")).code == 250
+    await eventually(lambda: _ready(relay))
