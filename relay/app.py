@@ -39,7 +39,7 @@ class Relay:
         self.config = config
         self.metrics = RelayMetrics()
         self.tokens = Tokens(config, hooks=self.metrics)
-        self.deliverer = Deliverer(config, self.tokens)
+        self.deliverer = Deliverer(config, self.tokens, hooks=self.metrics)
         self.spool = Spool(config.spool.directory)
         self.queue = Queue(self.spool, self.deliverer, config, hooks=self.metrics)
         self.verifier = PasswordVerifier({n: u.password_hash for n, u in config.users.items()})

@@ -30,6 +30,15 @@ class Action(enum.StrEnum):
     BOUNCE = "bounce"                # permanent for this recipient or message
 
 
+class Problem(enum.StrEnum):
+    """What a reply says about the profile's setup rather than about one message: the
+    evidence behind a profile's readiness (relay.profilehealth). Only replies that an
+    operator must act on carry one; a token about to expire, say, is handled by a refresh."""
+
+    LOGIN = "login"                  # the upstream refuses the relay's login for the mailbox
+    SEND_AS = "send_as"              # the mailbox may not send as the message's sender
+
+
 @dataclass(frozen=True)
 class Verdict:
     action: Action
@@ -39,6 +48,7 @@ class Verdict:
     # it, in a line. It may only repeat what the upstream's reply already says (addresses),
     # never the relay's own settings, so it is safe to show to anyone who submits mail.
     hint: str = ""
+    problem: Problem | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,7 @@ class Rule:
     explanation: str  # may name the pattern's groups: {address}, {mailbox}
     alert: bool = False
     hint: str = ""    # the same groups; see Verdict.hint
+    problem: Problem | None = None
 
 
 def _status(code: str) -> str:
@@ -56,8 +67,9 @@ def _status(code: str) -> str:
 
 
 def _rule(pattern: str, action: Action, explanation: str, alert: bool = False,
-          hint: str = "") -> Rule:
-    return Rule(re.compile(pattern, re.IGNORECASE), action, explanation, alert, hint)
+          hint: str = "", problem: Problem | None = None) -> Rule:
+    return Rule(re.compile(pattern, re.IGNORECASE), action, explanation, alert, hint,
+                problem)
 
 
 _SP = "the app's service principal"
@@ -84,29 +96,29 @@ TABLE: tuple[Rule, ...] = (
           "SMTP AUTH is disabled for the mailbox or the tenant: run Set-CASMailbox -Identity "
           "<mailbox> -SmtpClientAuthenticationDisabled $false (and check Set-TransportConfig "
           "-SmtpClientAuthenticationDisabled and security defaults, which also disable it)",
-          alert=True),
+          alert=True, problem=Problem.LOGIN),
     _rule(_status("5.7.3"),
           Action.AUTH,
           "Exchange rejected the app's token for this mailbox: check that New-ServicePrincipal "
           f"was run for the app, that {_SP} has FullAccess on the mailbox "
           "(Add-MailboxPermission), that the app has SMTP.SendAsApp with admin consent, and "
           "that the tenant is the mailbox's tenant",
-          alert=True),
+          alert=True, problem=Problem.LOGIN),
     _rule(_status("5.7.57"),
           Action.AUTH,
           "Exchange saw no successful login in the session (the relay skipped AUTH or "
           "something between the relay and Exchange interfered): this is a relay bug or a "
           "proxy problem, not a problem of the message",
-          alert=True),
+          alert=True, problem=Problem.LOGIN),
     _rule(r"mailbox logon failure|^430 " + _status("4.2.0"),
           Action.AUTH,
           f"Exchange could not open the mailbox for {_SP}: check New-ServicePrincipal and "
           "Add-MailboxPermission -AccessRights FullAccess for the mailbox",
-          alert=True),
+          alert=True, problem=Problem.LOGIN),
     _rule(_status("5.7.30"),
           Action.AUTH,
           "Exchange refused basic authentication: the upstream must use XOAUTH2",
-          alert=True),
+          alert=True, problem=Problem.LOGIN),
     _rule(_status("5.5.127") + r"|token will expire soon",
           Action.AUTH,
           "the token is about to expire: fetch a fresh one and retry"),
@@ -117,7 +129,7 @@ TABLE: tuple[Rule, ...] = (
           "Add-RecipientPermission -Identity {address} -Trustee <mailbox or service principal> "
           "-AccessRights SendAs and list it in the profile's send_as, or use "
           "sender_policy: rewrite",
-          alert=True,
+          alert=True, problem=Problem.SEND_AS,
           # The sender cannot fix this; it must know that resending will not help and
           # what to ask the relay's administrator for.
           hint="the mailbox {mailbox} lacks Send As permission for {address}; the relay's "
@@ -128,7 +140,7 @@ TABLE: tuple[Rule, ...] = (
           Action.AUTH,
           "Exchange rejected the relay's login: see README 'Troubleshooting'; "
           "`smtp-oauth-relay token` shows the token's claims",
-          alert=True),
+          alert=True, problem=Problem.LOGIN),
     _rule(r"^5\d\d (?:" + _status("5.7.705") + "|" + _status("5.7.708") + ")",
           Action.BOUNCE,
           "Microsoft is blocking outbound mail from the tenant or its IP address (reputation, "
@@ -172,5 +184,5 @@ def classify(reply: Reply) -> Verdict:
         if m is not None:
             groups = _Fill({k: v for k, v in m.groupdict().items() if v})
             return Verdict(rule.action, rule.explanation.format_map(groups), rule.alert,
-                           rule.hint.format_map(groups))
+                           rule.hint.format_map(groups), rule.problem)
     return _BY_CLASS.get(reply.code // 100, _BY_CLASS[4])

@@ -8,6 +8,10 @@ Reply classes follow one rule: only the upstream's own permanent rejection of th
 is permanent. Everything about our side — the token endpoint, the login, the network —
 is transient (4xx), so a legacy app keeps the message and tries again instead of
 dropping it. A rejected login in particular is never a reason to bounce mail.
+
+Being the one place that sees how an attempt's login went, it also reports what each
+attempt showed about the profile's setup (login refused or accepted, SendAsDenied) to
+the :class:`~relay.metrics.Hooks`, from which readiness per profile is judged.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import asyncio
 import logging
 import time
 
-from relay.classify import classify
+from relay.classify import Problem, classify
 from relay.config import Config, Profile
 from relay.message import DeliveryResult, Outbound, Reply
+from relay.metrics import NO_HOOKS, Hooks
 from relay.pool import SessionPool
 from relay.tokens import TokenError, Tokens
 from relay.upstream import AuthenticationRejected, OnAccepted, UpstreamClient
@@ -33,8 +38,9 @@ class Deliverer:
     come from the shared :class:`Tokens` registry, one per credential.
     """
 
-    def __init__(self, config: Config, tokens: Tokens) -> None:
+    def __init__(self, config: Config, tokens: Tokens, *, hooks: Hooks = NO_HOOKS) -> None:
         self._tokens = tokens
+        self._hooks = hooks
         self._config = config
         self._pools: dict[tuple[str, str], SessionPool] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -122,22 +128,24 @@ class Deliverer:
         except TokenError as exc:
             return self._token_failure(msg, profile, exc)
         try:
-            return await pool.send(msg, mailbox, token,
-                                   require_all_recipients=require_all_recipients,
-                                   on_accepted=on_accepted)
+            result = await pool.send(msg, mailbox, token,
+                                     require_all_recipients=require_all_recipients,
+                                     on_accepted=on_accepted)
         except AuthenticationRejected as first:
             log.warning("upstream rejected the token for %s (%s); fetching a new token and "
                         "retrying once", mailbox, first.reply,
                         extra={"profile": msg.profile, "mailbox": mailbox,
                                "credential": profile.credential, "reply": str(first.reply)})
+        else:
+            return self._observe(msg, mailbox, result)
         try:
             token = await provider.refresh(stale=token)
         except TokenError as exc:
             return self._token_failure(msg, profile, exc)
         try:
-            return await pool.send(msg, mailbox, token,
-                                   require_all_recipients=require_all_recipients,
-                                   on_accepted=on_accepted)
+            result = await pool.send(msg, mailbox, token,
+                                     require_all_recipients=require_all_recipients,
+                                     on_accepted=on_accepted)
         except AuthenticationRejected as second:
             duration = time.monotonic() - started
             log.error("upstream rejected a fresh token for mailbox %s (profile %s): %s — %s "
@@ -146,9 +154,54 @@ class Deliverer:
                       extra={"profile": msg.profile, "mailbox": mailbox,
                              "credential": profile.credential, "reply": str(second.reply),
                              "duration": round(duration, 3)})
+            try:
+                self._hooks.login_refused(msg.profile, mailbox, second.reply,
+                                          fresh_token=True)
+            except Exception:
+                log.exception("reporting the refused login failed")
             return DeliveryResult(Reply(
                 451, f"4.7.0 Upstream refused the relay's login for {mailbox}: "
                      f"{second.reply}; message not sent, try again later"))
+        return self._observe(msg, mailbox, result)
+
+    def _observe(self, msg: Outbound, mailbox: str, result: DeliveryResult) -> DeliveryResult:
+        """Report what an attempt that reached the upstream showed about the profile's
+        setup, and return ``result``. The overall reply and every recipient's are looked
+        at: Exchange may refuse the login at AUTH (430 4.2.0) or say mid-session that the
+        relay is not authenticated (530 5.7.57), and SendAs is refused after DATA or at
+        MAIL FROM (5.7.60).
+
+        A message no client handed over (``client`` empty: a delivery report the relay
+        wrote) is sent as the mailbox itself, which Exchange always allows: its delivery
+        says nothing about the applications' senders, so it does not count as one.
+        Otherwise every SendAsDenied would be followed by its own delivered report.
+
+        Bookkeeping only: whatever goes wrong here is logged and the result still
+        returned, since losing it could send a delivered message again."""
+        try:
+            self._report(msg, mailbox, result)
+        except Exception:
+            log.exception("reporting the outcome of the attempt failed")
+        return result
+
+    def _report(self, msg: Outbound, mailbox: str, result: DeliveryResult) -> None:
+        profile = msg.profile
+        found: dict[Problem, Reply] = {}
+        seen: set[str] = set()
+        for reply in (result.reply, *result.refused.values()):
+            if str(reply) in seen:
+                continue
+            seen.add(str(reply))
+            problem = classify(reply).problem
+            if problem is not None:
+                found.setdefault(problem, reply)
+        if (login := found.get(Problem.LOGIN)) is not None:
+            self._hooks.login_refused(profile, mailbox, login, fresh_token=False)
+        elif result.authenticated:
+            delivered = result.reply.ok and bool(result.accepted) and bool(msg.client)
+            self._hooks.logged_in(profile, mailbox, delivered=delivered)
+        if (send_as := found.get(Problem.SEND_AS)) is not None:
+            self._hooks.send_as_denied(profile, mailbox, send_as)
 
     @staticmethod
     def _token_failure(msg: Outbound, profile: Profile, exc: TokenError) -> DeliveryResult:

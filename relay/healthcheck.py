@@ -6,6 +6,8 @@ probe asks the relay's HTTP endpoint (``/healthz``, or ``/readyz`` with ``--read
 address from the same config file the relay runs with, so a changed port needs no second
 edit. With ``--smtp``, or when the HTTP endpoint is disabled, it reads the SMTP greeting of
 the first listener instead. Exit status 0 means healthy, 1 unhealthy (what Docker expects).
+With ``--ready`` a profile whose upstream login or SendAs keeps being refused makes it 1
+too, and the output names the profile, the upstream's reply and the fix.
 
 Run as ``python -m relay.healthcheck [--config PATH] [--ready | --smtp]``.
 """
@@ -25,6 +27,10 @@ import yaml
 from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, parse_config
 
 HEALTHY, UNHEALTHY = 0, 1
+# Of the answer's body, this much is shown: enough for /readyz's reasons (an upstream reply
+# and its fix are a few hundred characters), well within what Docker keeps of a
+# health check's output (4 KiB).
+_BODY = 2048
 
 
 def _reachable(address: str) -> str:
@@ -54,10 +60,10 @@ def probe_http(address: str, port: int, path: str, timeout: float) -> tuple[bool
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(url, timeout=timeout) as resp:
-            body = resp.read(200).decode("utf-8", "replace").strip()
+            body = resp.read(_BODY).decode("utf-8", "replace").strip()
             return 200 <= resp.status < 300, f"{url}: {resp.status} {body}".rstrip()
     except urllib.error.HTTPError as exc:
-        body = exc.read(200).decode("utf-8", "replace").strip()
+        body = exc.read(_BODY).decode("utf-8", "replace").strip()
         return False, f"{url}: {exc.code} {body}".rstrip()
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc

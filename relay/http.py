@@ -23,7 +23,10 @@ bounded: at most ``MAX_CONNECTIONS`` connections, each buffering at most a reque
               shutting down, the queue running, the spool writable (a probe file
               written, fsynced and removed in a worker thread) and a token obtainable for
               every credential (the cached one while valid, else a fetch with a short
-              timeout); otherwise 503 and a plain-text list of what is not ready. The
+              timeout), and no profile whose mail the upstream keeps refusing (its
+              login, or SendAs: see :mod:`relay.profilehealth`; judged from delivery
+              attempts, never by contacting Exchange); otherwise 503 and a plain-text
+              list of what is not ready, with the upstream's reply and the fix. The
               spool and token results are reused for ``http.cache_ttl``, so probes cannot
               hammer Entra ID or the disk.
 ``/metrics``  Prometheus' text format (see :mod:`relay.metrics`).
@@ -150,7 +153,11 @@ class ReadinessCheck:
             queue = Check("queue", False, "not running (recovering the spool, or stopping)")
         else:
             queue = Check("queue", True, f"{relay.queue.in_flight} attempt(s) in flight")
-        return [listeners, queue]
+        # From memory, so never cached: a profile shows ready again with the attempt
+        # that logged in, not up to cache_ttl later.
+        profiles = [Check(f"profile {s.profile}", s.ready, s.detail)
+                    for s in relay.metrics.profiles.statuses()]
+        return [listeners, queue, *profiles]
 
     async def _evaluate(self) -> list[Check]:
         relay = self._relay

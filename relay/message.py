@@ -178,10 +178,13 @@ class DeliveryResult:
     per-recipient rejections, so a partial failure can be handled per recipient.
     ``offered`` is False when the attempt ended before the upstream was asked (no token,
     profile gone): Exchange counted nothing, so neither do the mailbox's limits, and the
-    upstream latency figures leave it out.
+    upstream latency figures leave it out. ``authenticated`` is True when the attempt got
+    as far as a session whose login the upstream had accepted (the transaction may still
+    have failed): what tells a profile's working login from one that is refused.
     """
 
     reply: Reply
     accepted: list[str] = field(default_factory=list)
     refused: dict[str, Reply] = field(default_factory=dict)
     offered: bool = True
+    authenticated: bool = False

@@ -3,12 +3,14 @@
 Two kinds of numbers, measured two ways:
 
 * events are counted where they happen (a message accepted, the outcome of a delivery
-  attempt, a failed token fetch): the queue and the token providers call :class:`Hooks`,
-  which does nothing by default, so the CLI commands and the unit tests of one component
-  need no registry; :class:`RelayMetrics` turns the calls into counters and a histogram;
+  attempt, a refused upstream login, a failed token fetch): the queue, the deliverer and
+  the token providers call :class:`Hooks`, which does nothing by default, so the CLI
+  commands and the unit tests of one component need no registry; :class:`RelayMetrics`
+  turns the calls into counters and a histogram, and feeds the per-profile readiness
+  (:class:`relay.profilehealth.ProfileHealth`) that /readyz and a gauge report;
 * state is read when Prometheus scrapes (queue depth, token expiry, open sessions,
-  certificate and secret expiry), by a custom collector, so no code path has to keep a
-  gauge up to date and no value can drift from the truth.
+  certificate and secret expiry, profile readiness), by a custom collector, so no code
+  path has to keep a gauge up to date and no value can drift from the truth.
 
 The queue is on disk and may be long: counting it means listing directories, which must
 not happen on the event loop nor for every scrape. :meth:`RelayMetrics.refresh` scans
@@ -50,6 +52,7 @@ from relay import __version__
 from relay.config import Config, SecretRef
 from relay.log import redact
 from relay.message import Reply
+from relay.profilehealth import ProfileHealth
 from relay.spool import Spool, State
 
 if TYPE_CHECKING:
@@ -98,6 +101,23 @@ class Hooks:
 
     def token_error(self, credential: str) -> None:
         """A token fetch for ``credential`` failed."""
+
+    def login_refused(self, profile: str, mailbox: str, reply: Reply, *,
+                      fresh_token: bool) -> None:
+        """An attempt for ``profile`` ended with the upstream refusing the relay's login for
+        ``mailbox``: a reply the classifier marks as a login problem (535 5.7.3, 5.7.139,
+        5.7.30, 430 4.2.0 mailbox logon failure, 530 5.7.57). ``fresh_token``: the login
+        was refused again with a freshly fetched token, so the token is not the cause."""
+
+    def logged_in(self, profile: str, mailbox: str, *, delivered: bool) -> None:
+        """An attempt for ``profile`` ran on a session whose login the upstream accepted,
+        and got no login-problem reply; ``delivered``: the upstream took the message, one
+        an application handed over (not a delivery report of the relay's own), for (some
+        of) its recipients."""
+
+    def send_as_denied(self, profile: str, mailbox: str, reply: Reply) -> None:
+        """The upstream refused a message of ``profile`` because ``mailbox`` may not send
+        as its sender (SendAsDenied, 5.7.60)."""
 
 
 NO_HOOKS = Hooks()
@@ -239,6 +259,16 @@ class RelayMetrics(Hooks):
         self._token_errors = Counter(
             PREFIX + "token_errors", "Failed token fetches from Entra ID.",
             ["credential"], registry=r)
+        self._logins_refused = Counter(
+            PREFIX + "upstream_logins_refused",
+            "Delivery attempts that ended with the upstream refusing the relay's login for "
+            "the profile's mailbox (535 5.7.3, 5.7.139, 430 4.2.0 mailbox logon failure, "
+            "530 5.7.57, ...; a refusal that a fresh token cured is not counted).",
+            ["profile"], registry=r)
+        # What delivery attempts showed about each profile's setup: /readyz and the
+        # profile_ready gauge read it.
+        self.profiles = ProfileHealth()
+        self._configured_profiles: set[str] = set()
         self._relay: Relay | None = None
         self._dates = _CertificateDates()
         self._snapshot: _Snapshot | None = None
@@ -264,6 +294,18 @@ class RelayMetrics(Hooks):
     def token_error(self, credential: str) -> None:
         self._token_errors.labels(credential).inc()
 
+    def login_refused(self, profile: str, mailbox: str, reply: Reply, *,
+                      fresh_token: bool) -> None:
+        if profile in self.profiles:          # no series for a profile no longer configured
+            self._logins_refused.labels(profile).inc()
+        self.profiles.login_refused(profile, mailbox, reply, fresh_token=fresh_token)
+
+    def logged_in(self, profile: str, mailbox: str, *, delivered: bool) -> None:
+        self.profiles.logged_in(profile, mailbox, delivered=delivered)
+
+    def send_as_denied(self, profile: str, mailbox: str, reply: Reply) -> None:
+        self.profiles.send_as_denied(profile, mailbox, reply)
+
     # --- state -----------------------------------------------------------------------------
 
     def watch(self, relay: Relay) -> None:
@@ -274,11 +316,18 @@ class RelayMetrics(Hooks):
 
     def configure(self, config: Config) -> None:
         """Show a zero for every profile and credential, so rates and alerts work from
-        the first scrape instead of from the first event."""
+        the first scrape instead of from the first event; track the readiness of exactly
+        the configured profiles (a reload forgets removed ones, and their series)."""
         for profile in config.profiles:
             self._received.labels(profile, "2xx")
+            self._logins_refused.labels(profile)
+        for gone in self._configured_profiles - set(config.profiles):
+            with contextlib.suppress(KeyError):
+                self._logins_refused.remove(gone)
+        self._configured_profiles = set(config.profiles)
         for credential in config.credentials:
             self._token_errors.labels(credential)
+        self.profiles.configure(config)
 
     async def refresh(self, ttl: float, wait: float) -> None:
         """Rescan the spool and certificate files if the last scan is older than ``ttl``.
@@ -349,6 +398,14 @@ class _StateCollector(Collector):
         for mailbox, count in sorted(relay.deliverer.upstream_sessions().items()):
             upstream.add_metric([mailbox], count)
         yield upstream
+        ready = GaugeMetricFamily(
+            PREFIX + "profile_ready",
+            "1 while the profile's mail goes through as far as delivery attempts show, 0 "
+            "while the upstream refuses its login or refuses its messages SendAsDenied "
+            "(/readyz says why).", labels=["profile"])
+        for status in self._metrics.profiles.statuses():
+            ready.add_metric([status.profile], 1 if status.ready else 0)
+        yield ready
         yield from self._tokens(now)
         yield from self._expiries(now)
         yield from self._queue(now)

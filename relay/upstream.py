@@ -297,13 +297,16 @@ class UpstreamSession:
         if smtp is None or not self.is_open:
             raise RuntimeError("session is not open")
         try:
-            return await self._transaction(smtp, msg, require_all_recipients, dry_run,
-                                           on_accepted)
+            result = await self._transaction(smtp, msg, require_all_recipients, dry_run,
+                                             on_accepted)
         except BaseException as exc:
             self._abort()
             if isinstance(exc, SMTPException | OSError | TimeoutError):
-                return DeliveryResult(self._failure(exc))
+                return DeliveryResult(self._failure(exc), authenticated=True)
             raise
+        # Only a logged-in session gets this far (is_open above).
+        result.authenticated = True
+        return result
 
     def _mail_options(self, smtp: aiosmtplib.SMTP, msg: Outbound) -> tuple[list[str], bool]:
         """The client's BODY/SMTPUTF8 where the upstream supports them, and our SIZE."""
