@@ -21,6 +21,7 @@ import binascii
 import collections
 import ipaddress
 import logging
+import re
 import ssl
 from dataclasses import dataclass
 from typing import Any, AnyStr, Protocol
@@ -67,6 +68,14 @@ _ENHANCED_REPLIES = {
     "503 Already authenticated": "503 5.5.1 Already authenticated",
     "250 OK": "250 2.0.0 OK",
 }
+# The enhanced code for aiosmtpd's other 4xx and 5xx replies (its syntax errors, and
+# replies that quote the client); a code not listed gets the class's "other" code, X.0.0.
+_ENHANCED_FOR_CODE = {"500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1",
+                      "504": "5.5.4", "555": "5.5.4", "454": "4.7.0", "530": "5.7.0",
+                      "554": "5.7.0"}
+_ENHANCED_CODE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}( |$)")
+# What a reply line may not hold (RFC 5321 4.2: HT and printable text only).
+_REPLY_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # How long a DATA waits for its share of server.buffer_memory before it is refused.
 BUFFER_WAIT = 30.0
 NO_BUFFER = "452 4.3.1 Insufficient system resources (too much mail arriving at once); " \
@@ -145,6 +154,18 @@ def loggable_user(user: str | bytes) -> str:
         user = user.decode("utf-8", errors="backslashreplace")
     text = repr(user[:_MAX_LOGGED_USER])
     return text + "..." if len(user) > _MAX_LOGGED_USER else text
+
+
+def _reply_line(line: str) -> str:
+    """One reply line made fit to send: aiosmtpd quotes an unknown command in its reply,
+    and a client's NUL or bare CR must not go back out in it; and a 4xx or 5xx gets an
+    enhanced status code if it has none (aiosmtpd's own replies to bad syntax)."""
+    line = _REPLY_UNSAFE.sub("?", line)
+    code = line[:3]
+    if code[:1] in "45" and line[3:4] in (" ", "-") and not _ENHANCED_CODE.match(line, 4):
+        enhanced = _ENHANCED_FOR_CODE.get(code, f"{code[0]}.0.0")
+        line = f"{line[:4]}{enhanced} {line[4:]}"
+    return line
 
 
 class RelaySession(Session):
@@ -425,6 +446,8 @@ class RelaySMTP(SMTP):
             if not self._accounts and status.startswith("250-AUTH "):
                 return                  # aiosmtpd's EHLO line; there are no accounts
             status = _ENHANCED_REPLIES.get(status, status)
+            # A multi-line reply comes as one string (an upstream's, passed on).
+            status = "\r\n".join(_reply_line(line) for line in status.split("\r\n"))
         await super().push(status)
         code = status[:3] if isinstance(status, str) else status[:3].decode("ascii", "replace")
         if code == "421" and self.transport is not None:
