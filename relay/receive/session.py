@@ -36,6 +36,21 @@ from relay.route import Router
 
 log = logging.getLogger(__name__)
 
+
+class _UnknownCommandFilter(logging.Filter):
+    """aiosmtpd logs the name of an unknown command at WARNING, a level the relay lets
+    through. A client out of step sends its AUTH answers as commands (a printer that does
+    not wait for the 334s, after AUTH was refused): that name is a password in clear or
+    in base64, so the line goes out without it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "%r unrecognised: %s" and isinstance(record.args, tuple):
+            record.msg, record.args = "%r unrecognised command (not logged)", record.args[:1]
+        return True
+
+
+logging.getLogger("mail.log").addFilter(_UnknownCommandFilter())
+
 SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 TOO_MANY_CONNECTIONS_FROM_CLIENT = ("421 4.7.0 Too many connections from your address, "
