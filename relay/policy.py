@@ -10,7 +10,8 @@ devices often cannot change their From, so each profile picks one of:
   ``Resent-Sender`` naming an address that is not permitted is removed;
 - ``reject``: refuse with a 550 that says exactly which setting to change, when the
   envelope sender or any address in ``From``, ``Sender``, ``Resent-From`` or
-  ``Resent-Sender`` is not permitted.
+  ``Resent-Sender`` is not permitted, or when such a field can only be read by guessing
+  (an unquoted display name with ``@`` or a comma, which strict readers take apart).
 
 "Permitted" means the mailbox itself or a ``send_as`` glob. Headers are read with the email
 package (see :mod:`relay.headers`); only the fields changed here are re-rendered. The policy

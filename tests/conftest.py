@@ -32,10 +32,10 @@ from tests.relayproc import merge
 # .hypothesis/ replaying what failed before. No deadlines in either: the SMTP properties
 # time real sockets and worker threads, whose pace depends on the machine's load.
 settings.register_profile(
-    "bounded", max_examples=25, derandomize=True, database=None, deadline=None,
+    "bounded", max_examples=50, derandomize=True, database=None, deadline=None,
     print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile(
-    "fuzz", max_examples=1000, deadline=None, print_blob=True,
+    "fuzz", max_examples=5000, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "bounded"))
 
