@@ -478,6 +478,7 @@ def run(steps: list[Step], policy: str, open_relay: bool) -> None:
 @example([Line(b"EHLO app.test"), _mail("", ""), _rcpt("a@example.com"), Data(b" ", True)],
          "keep", True)
 @example([Line(b"\x00"), Line(b"X\rY\x7f")], "keep", True)
+@example([Line(b"VRFY >\x80")], "keep", True)
 @example([Line(b"EHLO app.test"), _mail("relay@contoso.com", " FOO=bar"), Line(b"HELO"),
           Line(b"EXPN x"), Line(b"STARTTLS")], "keep", True)
 @example([Line(b"EHLO app.test"),

@@ -89,8 +89,10 @@ _ENHANCED_FOR_CODE = {"500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.
                       "504": "5.5.4", "555": "5.5.4", "454": "4.7.0", "530": "5.7.0",
                       "554": "5.7.0"}
 _ENHANCED_CODE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}( |$)")
-# What a reply line may not hold (RFC 5321 4.2: HT and printable text only).
-_REPLY_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# What a reply line may not hold (RFC 5321 4.2: HT and printable text only), nor can:
+# aiosmtpd decodes a command's argument with surrogateescape, and quotes it in some replies
+# (VRFY), where its 8-bit bytes that are not UTF-8 would fail to encode.
+_REPLY_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 # How long a DATA waits for its share of server.buffer_memory before it is refused.
 BUFFER_WAIT = 30.0
 NO_BUFFER = "452 4.3.1 Insufficient system resources (too much mail arriving at once); " \
@@ -172,9 +174,10 @@ def loggable_user(user: str | bytes) -> str:
 
 
 def _reply_line(line: str) -> str:
-    """One reply line made fit to send: aiosmtpd quotes an unknown command in its reply,
-    and a client's NUL or bare CR must not go back out in it; and a 4xx or 5xx gets an
-    enhanced status code if it has none (aiosmtpd's own replies to bad syntax)."""
+    """One reply line made fit to send: aiosmtpd quotes what the client sent in some
+    replies, and a client's NUL, bare CR or undecodable byte must not go back out in one;
+    and a 4xx or 5xx gets an enhanced status code if it has none (aiosmtpd's own replies
+    to bad syntax)."""
     line = _REPLY_UNSAFE.sub("?", line)
     code = line[:3]
     if code[:1] in "45" and line[3:4] in (" ", "-") and not _ENHANCED_CODE.match(line, 4):
