@@ -479,6 +479,8 @@ def run(steps: list[Step], policy: str, open_relay: bool) -> None:
          "keep", True)
 @example([Line(b"\x00"), Line(b"X\rY\x7f")], "keep", True)
 @example([Line(b"VRFY >\x80")], "keep", True)
+@example([Line(b"EHLO app.test"), Line(b"VRFY \x00@"), Line(b"MAIL FROM:\x00@"),
+          _mail("a@example.com", ""), Line(b"RCPT TO:\x00@")], "keep", True)
 @example([Line(b"EHLO app.test"), _mail("relay@contoso.com", " FOO=bar"), Line(b"HELO"),
           Line(b"EXPN x"), Line(b"STARTTLS")], "keep", True)
 @example([Line(b"EHLO app.test"),

@@ -454,7 +454,13 @@ class RelaySMTP(SMTP):
         stripped = arg.lstrip()
         if stripped.startswith("<>"):
             return NULL_SENDER, stripped[2:]
-        address, rest = super()._getaddr(arg)
+        try:
+            address, rest = super()._getaddr(arg)
+        except (IndexError, ValueError):
+            # The email package's address parser, which aiosmtpd uses, fails this way on
+            # some input (``VRFY \0@``) instead of with the HeaderParseError aiosmtpd
+            # expects: a syntax error like any other.
+            return None, None
         return address, rest
 
     # --- replies ---------------------------------------------------------------------------
