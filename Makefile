@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= config.example.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test fuzz lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ test: $(STAMP)
 	$(BIN)/ruff check relay tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The property-based tests (tests/test_prop_*.py) with many more examples than `make test`
+# gives them, random rather than fixed; failures found are replayed from .hypothesis/.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -m fuzz $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .sandbox build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis .sandbox build *.egg-info

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -467,7 +468,15 @@ class Config(_Model):
 # --- loading -------------------------------------------------------------------------------
 
 def _loc(loc: Iterable[Any]) -> str:
-    return ".".join(str(p) for p in loc)
+    """A key path as ``server.listeners.0.port``; a key that would not show (empty, or with
+    blanks, quotes or control characters) is written as a JSON string."""
+    return ".".join(_key(str(p)) for p in loc)
+
+
+def _key(part: str) -> str:
+    if part and part.isprintable() and not any(c in part for c in " \"'"):
+        return part
+    return json.dumps(part)
 
 
 def _cross_references(cfg: Config) -> list[tuple[str, str]]:
@@ -560,12 +569,28 @@ def _secret_refs(cfg: Config) -> list[tuple[str, SecretRef]]:
     return out
 
 
-def _absolutise(data: Any, base: Path, key: str = "") -> Any:
-    """Make every ``*_file`` / ``file`` value absolute relative to the config's directory."""
+class _Cycle(Exception):
+    """A mapping or list of the document contains itself, at ``path``."""
+
+    def __init__(self, path: tuple[Any, ...]) -> None:
+        self.path = path
+
+
+def _absolutise(data: Any, base: Path, key: str = "", path: tuple[Any, ...] = (),
+                within: frozenset[int] = frozenset()) -> Any:
+    """Make every ``*_file`` / ``file`` value absolute relative to the config's directory.
+
+    Raises :class:`_Cycle` for a YAML alias inside its own anchor (``a: &x {b: *x}``),
+    which would otherwise recurse until the interpreter gives up.
+    """
+    if isinstance(data, dict | list):
+        if id(data) in within:
+            raise _Cycle(path)
+        within = within | {id(data)}
     if isinstance(data, dict):
-        return {k: _absolutise(v, base, str(k)) for k, v in data.items()}
+        return {k: _absolutise(v, base, str(k), (*path, k), within) for k, v in data.items()}
     if isinstance(data, list):
-        return [_absolutise(v, base, key) for v in data]
+        return [_absolutise(v, base, key, (*path, i), within) for i, v in enumerate(data)]
     if isinstance(data, str) and (key in ("file", "directory") or key.endswith("_file")):
         p = Path(data).expanduser()
         return str(p if p.is_absolute() else base / p)
@@ -580,7 +605,11 @@ def parse_config(data: Any, source: str = "config", base_dir: Path | None = None
     if not isinstance(data, dict):
         raise ConfigError(source, [("", "the top level must be a mapping of sections")])
     if base_dir is not None:
-        data = _absolutise(data, base_dir)
+        try:
+            data = _absolutise(data, base_dir)
+        except _Cycle as exc:
+            raise ConfigError(source, [(_loc(exc.path), "contains itself (a YAML alias "
+                                                        "inside its own anchor)")]) from None
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
@@ -620,9 +649,13 @@ def load_config(path: Path | str, *, check_secrets: bool = True) -> Config:
         raise ConfigError(str(p), [("", f"cannot read: {exc.strerror}")]) from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        # PyYAML builds nested collections recursively: "[[[[..." a few thousand deep.
+        raise ConfigError(str(p), [("", "invalid YAML: nested too deeply")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        # One line: a ReaderError (a control character in the file) says where on a second.
+        problem = " ".join((getattr(exc, "problem", None) or str(exc)).split())
         raise ConfigError(str(p), [("", f"invalid YAML: {where}{problem}")]) from None
     return parse_config(data, str(p), p.resolve().parent, check_secrets=check_secrets)

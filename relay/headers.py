@@ -39,8 +39,15 @@ __all__ = [
 ]
 
 # A field starts with a name of printable ASCII other than ":", then (obsolete syntax allows
-# white space before) the colon; the same rule as the email package's feed parser.
+# white space before) the colon.
 _FIELD_START = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+# Lines that are no field but after which the email package's feed parser goes on reading
+# fields: an mbox separator ("From " at a line start), which it skips as a misplaced
+# envelope line, and a field without a name (":x"), which it skips as a defect (as it does
+# a continuation line before any field). Were the header section to end at them, the
+# fields after them would be body to the sender policy and fields to the reader at the
+# other end (a forged From behind a "From x" line).
+_NAMELESS = re.compile(rb"From |:")
 _FIELD_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")
 _LINE_BREAKS = re.compile(r"\r\n|\r|\n")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
@@ -85,8 +92,10 @@ def line_kind(data: bytes, pos: int = 0, *, in_field: bool) -> LineKind:
 
     The one rule for where headers end, used by :class:`RawMessage` and by the receiving
     side as a message streams in: an empty line, or the first line that is neither a field
-    nor (after a field) a continuation, starts the body - much as the email package's
-    parser reads it. ``in_field``: a field came before this line.
+    nor (after a field) a continuation, starts the body - where the email package's parser
+    ends the header section, or later (it ends it at a field in the obsolete syntax). A
+    line the email package skips without ending the section (see ``_NAMELESS``) is a field
+    here, without a name. ``in_field``: a field came before this line.
     """
     end = data.find(b"\n", pos)
     if data.startswith((b"\r\n", b"\n"), pos) and (end < 0 or end - pos <= 2):
@@ -94,12 +103,17 @@ def line_kind(data: bytes, pos: int = 0, *, in_field: bool) -> LineKind:
     if pos >= len(data):
         return LineKind.END
     if data[pos] in b" \t":
-        return LineKind.CONTINUATION if in_field else LineKind.END
-    return LineKind.FIELD if _FIELD_START.match(data, pos) else LineKind.END
+        # Before any field, a continuation of nothing: the email package skips it and
+        # reads on (and upstream it continues the Received field put before it).
+        return LineKind.CONTINUATION if in_field else LineKind.FIELD
+    if _FIELD_START.match(data, pos) or _NAMELESS.match(data, pos):
+        return LineKind.FIELD
+    return LineKind.END
 
 
 def field_name(line: bytes) -> str:
-    """The name of the field a FIELD line starts (see :func:`line_kind`)."""
+    """The name of the field a FIELD line starts (see :func:`line_kind`); empty for the
+    lines that are kept in the header section without being a field."""
     m = _FIELD_START.match(line)
     return m.group(1).decode("ascii") if m else ""
 
@@ -162,7 +176,7 @@ class RawMessage:
 
     The header section ends at the first empty line, or at the first line that is neither
     a field nor a continuation (that line and everything after it are kept, verbatim, as
-    the body, much as the email package's parser reads them).
+    the body); see :func:`line_kind`.
     """
 
     def __init__(self, data: bytes) -> None:
@@ -426,7 +440,9 @@ def _salvage(value: str) -> Address | None:
     elif '"' in name:
         return None  # an unbalanced quote: readers disagree on where the name ends
     if "=?" in name:
-        name = str(_default_policy.header_factory("Subject", name))
+        # Encoded words may hide any character, CR and LF among them (which is why the
+        # registry gave up on this value: no Address may hold them).
+        name = clean_display_name(str(_default_policy.header_factory("Subject", name)))
     return Address(display_name=name, username=spec.username, domain=spec.domain)
 
 

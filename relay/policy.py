@@ -10,7 +10,8 @@ devices often cannot change their From, so each profile picks one of:
   ``Resent-Sender`` naming an address that is not permitted is removed;
 - ``reject``: refuse with a 550 that says exactly which setting to change, when the
   envelope sender or any address in ``From``, ``Sender``, ``Resent-From`` or
-  ``Resent-Sender`` is not permitted.
+  ``Resent-Sender`` is not permitted, or when such a field can only be read by guessing
+  (an unquoted display name with ``@`` or a comma, which strict readers take apart).
 
 "Permitted" means the mailbox itself or a ``send_as`` glob. Headers are read with the email
 package (see :mod:`relay.headers`); only the fields changed here are re-rendered. The policy
@@ -25,7 +26,14 @@ import re
 from dataclasses import dataclass
 
 from relay.config import Profile
-from relay.headers import SENDER_FIELDS, Address, HeaderError, RawMessage, clean_display_name
+from relay.headers import (
+    SENDER_FIELDS,
+    Address,
+    HeaderError,
+    ParsedAddresses,
+    RawMessage,
+    clean_display_name,
+)
 from relay.message import Reply
 from relay.route import address_matches, normalize_address
 
@@ -113,14 +121,25 @@ def apply_sender_policy(profile_name: str, profile: Profile, mail_from: str,
 
 
 def _check_senders(profile_name: str, profile: Profile, msg: RawMessage) -> None:
-    """Every address in every sender field must be permitted, and there must be a From."""
+    """Every address in every sender field must be permitted, and there must be a From.
+
+    A field only the lenient fallback can read (``Sales @ HQ <a@b>``, ``x@y <a@b>``) is
+    refused too: ``reject`` passes the message on unchanged, and a strict reader takes
+    another address from it (``x@y``) than the one checked here.
+    """
     where = f"mailbox {profile.mailbox} (profile {profile_name})"
     for name in SENDER_FIELDS:
         try:
-            addresses = msg.addresses(name)
+            parsed = msg.parse_addresses(name)
         except HeaderError as exc:
             raise _rejected(f"{_safe(str(exc))}, so it cannot be checked against {where}; "
                             f"fix the {name} header or use sender_policy: rewrite") from None
+        addresses = parsed.addresses
+        if parsed.salvaged:
+            raise _rejected(f"The {name} header is ambiguous (a display name with special "
+                            "characters such as @ or a comma must be quoted), so it cannot "
+                            f"be checked against {where}; quote the display name or use "
+                            "sender_policy: rewrite")
         if name == "From" and not addresses:
             raise _rejected(f"The message has no From address; {where} needs one it is "
                             "permitted to send as; add a From header or use "
@@ -154,16 +173,26 @@ def _rewrite(profile: Profile, sender: str, data: bytes) -> PolicyResult:
                                  for a in replies])
         if originals:
             original_from = ", ".join(a.addr_spec for a in originals)
-    elif salvaged:
-        # Permitted, but only readable by the lenient fallback: write it out the way
-        # Exchange (and everyone else) will read it as intended.
+    elif salvaged or any(raw[4:5] != b":" for raw in msg.raw_fields("From")):
+        # Permitted, but only readable by the lenient fallback, or written "From :" (the
+        # obsolete syntax, which the email package takes for an mbox "From " line and
+        # skips): write it out the way Exchange (and everyone else) will read it as intended.
         msg.set("From", [Address(display_name=clean_display_name(a.display_name),
                                  username=a.username, domain=a.domain) for a in originals])
 
     for name in SENDER_FIELDS[1:]:
-        # Exchange checks Send As against these too: one the mailbox may not use goes.
-        if name in msg and not _all_permitted(profile, msg, name):
+        # Exchange checks Send As against these too: one the mailbox may not use goes, and
+        # one only the lenient fallback could read is written out as it was read (a strict
+        # reader would take another address from it).
+        if name not in msg:
+            continue
+        permitted = _permitted(profile, msg, name)
+        if permitted is None:
             msg.remove(name)
+        elif permitted.salvaged:
+            msg.set(name, [Address(display_name=clean_display_name(a.display_name),
+                                   username=a.username, domain=a.domain)
+                           for a in permitted.addresses])
     if from_ok and len(originals) > 1 and "Sender" not in msg:
         # RFC 5322 requires a Sender when From lists several mailboxes.
         msg.set("Sender", _mailbox_address(mailbox, ""))
@@ -176,12 +205,16 @@ def _rewrite(profile: Profile, sender: str, data: bytes) -> PolicyResult:
                         rewritten=changed, original_from=original_from)
 
 
-def _all_permitted(profile: Profile, msg: RawMessage, name: str) -> bool:
+def _permitted(profile: Profile, msg: RawMessage, name: str) -> ParsedAddresses | None:
+    """The addresses of the ``name`` fields if there are some and all are permitted."""
     try:
-        addresses = msg.addresses(name)
+        parsed = msg.parse_addresses(name)
     except HeaderError:
-        return False
-    return bool(addresses) and all(is_permitted(profile, a.addr_spec) for a in addresses)
+        return None
+    addresses = parsed.addresses
+    if addresses and all(is_permitted(profile, a.addr_spec) for a in addresses):
+        return parsed
+    return None
 
 
 def _mailbox_address(mailbox: str, display_name: str) -> Address:

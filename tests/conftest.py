@@ -9,18 +9,35 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from relay.app import Relay
 from relay.config import Config, parse_config
 from relay.passwords import hash_password
 from relay.sandbox.service import Sandbox
 from tests.relayproc import merge
+
+# Hypothesis (tests/test_prop_*.py, marked ``fuzz``). ``make test`` runs the "bounded"
+# profile: few examples, derandomized, so that every run (CI's included) tries the same
+# inputs and a red build is reproducible from the log alone; no example database, which
+# would make a run depend on what earlier runs on the same machine happened to find.
+# ``make fuzz`` runs the "fuzz" profile: many random examples each time, the database in
+# .hypothesis/ replaying what failed before. No deadlines in either: the SMTP properties
+# time real sockets and worker threads, whose pace depends on the machine's load.
+settings.register_profile(
+    "bounded", max_examples=50, derandomize=True, database=None, deadline=None,
+    print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "fuzz", max_examples=5000, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "bounded"))
 
 PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22"}
 _HASHES = {user: hash_password(pw, ln=10) for user, pw in PASSWORDS.items()}

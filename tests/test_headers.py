@@ -32,12 +32,15 @@ SPLITS: list[tuple[bytes, list[str], bytes]] = [
     (b"From: a@b.c\r\nTo: d@e.f\r\n", ["From", "To"], b""),
     (b"From: a@b.c\r\nSubject: x", ["From", "Subject"], b""),
     (b"", [], b""),
-    # first line is not a header (mbox From_ line, bare text): all of it is body
-    (b"From someone Sat Jan  3 01:05:34 1996\r\nFrom: a@b.c\r\n\r\nx\r\n", [],
-     b"From someone Sat Jan  3 01:05:34 1996\r\nFrom: a@b.c\r\n\r\nx\r\n"),
+    # first line is not a header (bare text): all of it is body
     (b"hello world\r\n", [], b"hello world\r\n"),
-    (b" leading continuation\r\nFrom: a@b.c\r\n", [],
-     b" leading continuation\r\nFrom: a@b.c\r\n"),
+    # an mbox From_ line or a field without a name does not end the header section (the
+    # email package reads on after both): the fields after it are fields
+    (b"From someone Sat Jan  3 01:05:34 1996\r\nFrom: a@b.c\r\n\r\nx\r\n", ["", "From"],
+     b"x\r\n"),
+    (b"From: a@b.c\r\nFrom x\r\n:y\r\nSender: d@e.f\r\n\r\nx\r\n", ["From", "", "", "Sender"],
+     b"x\r\n"),
+    (b" leading continuation\r\nFrom: a@b.c\r\n", ["", "From"], b""),
     # header section ended by a non-header line, without a blank line
     (b"From: a@b.c\r\nthis is text\r\n", ["From"], b"this is text\r\n"),
     # obsolete "Name : value", a body that looks like headers, 8-bit and long lines
@@ -100,6 +103,17 @@ def test_addresses_across_several_fields_and_salvage_flag() -> None:
     assert parsed.salvaged
     assert not RawMessage(b"From: a@b.c\r\n\r\n").parse_addresses("From").salvaged
     assert RawMessage(b"To: a@b.c\r\n\r\n").addresses("From") == []
+
+
+def test_salvaged_encoded_name_holding_a_line_break() -> None:
+    # The registry gives up on it (no Address may hold CR or LF); the fallback must not
+    # raise on it either.
+    msg = RawMessage(b"From: =?utf-8?b?YQ0KRnJvbTogY2VvQGNvbnRvc28uY29t?= <relay@contoso.com>"
+                     b"\r\n\r\n")
+    parsed = msg.parse_addresses("From")
+    assert [(a.display_name, a.addr_spec) for a in parsed.addresses] == [
+        ("a From: ceo@contoso.com", "relay@contoso.com")]
+    assert parsed.salvaged
 
 
 def test_undecodable_bytes_are_kept_and_readable() -> None:

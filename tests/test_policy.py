@@ -222,6 +222,15 @@ def test_rewrite_sender_header(sender_field: bytes, kept: bool) -> None:
     assert without(result.data, "From", "Reply-To", "Sender") == without(data, "From", "Sender")
 
 
+def test_rewrite_writes_out_a_permitted_sender_only_the_fallback_could_read() -> None:
+    # A strict reader takes "x@y" from the field as it came; the fallback's reading goes.
+    data = message(b"From: relay@contoso.com", extra=b"Sender: x@y <relay@contoso.com>\r\n")
+    result = run("rewrite", MAILBOX, data)
+    assert RawMessage(result.data).raw_fields("Sender") == [
+        b"Sender: \"x@y\" <relay@contoso.com>\r\n"]
+    assert header(result.data, "Sender") == [("x@y", MAILBOX)]
+
+
 def test_rewrite_replaces_removed_sender_when_from_has_several_authors() -> None:
     data = message(b"From: relay@contoso.com, noreply@contoso.com",
                    extra=b"Sender: app@example.com\r\n")
@@ -238,6 +247,15 @@ def test_rewrite_tidies_a_permitted_from_only_the_fallback_could_read() -> None:
         b"From: \"Alerts @ Contoso\" <cron@alerts.contoso.com>\r\n"]
     assert header(result.data, "Reply-To") == []
     assert without(result.data, "From") == without(data, "From")
+
+
+def test_rewrite_tidies_a_permitted_from_in_the_obsolete_syntax() -> None:
+    # "From :" is an mbox separator line to the email package, which skips it: upstream
+    # there would be no From at all.
+    data = message(b"From :relay@contoso.com")
+    result = run("rewrite", MAILBOX, data)
+    assert RawMessage(result.data).raw_fields("From") == [b"From: relay@contoso.com\r\n"]
+    assert header(result.data, "From") == [("", MAILBOX)]
 
 
 def test_rewrite_lf_only_message_stays_lf() -> None:
@@ -283,6 +301,10 @@ def test_reject_accepts_permitted_senders(mail_from: str, from_field: bytes) -> 
     (MAILBOX, b"From: root (Cron Daemon)", "From header"),
     (MAILBOX, None, "no From address"),
     (MAILBOX, b"From: undisclosed:;", "no From address"),
+    # readable only by guessing: a strict reader takes ceo@contoso.com from it
+    (MAILBOX, b"From: ceo@contoso.com <relay@contoso.com>", "From header is ambiguous"),
+    (MAILBOX, b"From: relay@contoso.com\r\nSender: Smith, John <relay@contoso.com>",
+     "Sender header is ambiguous"),
 ])
 def test_reject_refuses(mail_from: str, from_field: bytes | None, reason: str) -> None:
     with pytest.raises(PolicyRejected) as err:

@@ -21,6 +21,7 @@ import binascii
 import collections
 import ipaddress
 import logging
+import re
 import ssl
 from dataclasses import dataclass
 from typing import Any, AnyStr, Protocol
@@ -34,6 +35,21 @@ from relay.receive.guard import AuthGuard, Lockout
 from relay.route import Router
 
 log = logging.getLogger(__name__)
+
+
+class _UnknownCommandFilter(logging.Filter):
+    """aiosmtpd logs the name of an unknown command at WARNING, a level the relay lets
+    through. A client out of step sends its AUTH answers as commands (a printer that does
+    not wait for the 334s, after AUTH was refused): that name is a password in clear or
+    in base64, so the line goes out without it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "%r unrecognised: %s" and isinstance(record.args, tuple):
+            record.msg, record.args = "%r unrecognised command (not logged)", record.args[:1]
+        return True
+
+
+logging.getLogger("mail.log").addFilter(_UnknownCommandFilter())
 
 SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
@@ -67,6 +83,16 @@ _ENHANCED_REPLIES = {
     "503 Already authenticated": "503 5.5.1 Already authenticated",
     "250 OK": "250 2.0.0 OK",
 }
+# The enhanced code for aiosmtpd's other 4xx and 5xx replies (its syntax errors, and
+# replies that quote the client); a code not listed gets the class's "other" code, X.0.0.
+_ENHANCED_FOR_CODE = {"500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1",
+                      "504": "5.5.4", "555": "5.5.4", "454": "4.7.0", "530": "5.7.0",
+                      "554": "5.7.0"}
+_ENHANCED_CODE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}( |$)")
+# What a reply line may not hold (RFC 5321 4.2: HT and printable text only), nor can:
+# aiosmtpd decodes a command's argument with surrogateescape, and quotes it in some replies
+# (VRFY), where its 8-bit bytes that are not UTF-8 would fail to encode.
+_REPLY_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 # How long a DATA waits for its share of server.buffer_memory before it is refused.
 BUFFER_WAIT = 30.0
 NO_BUFFER = "452 4.3.1 Insufficient system resources (too much mail arriving at once); " \
@@ -145,6 +171,19 @@ def loggable_user(user: str | bytes) -> str:
         user = user.decode("utf-8", errors="backslashreplace")
     text = repr(user[:_MAX_LOGGED_USER])
     return text + "..." if len(user) > _MAX_LOGGED_USER else text
+
+
+def _reply_line(line: str) -> str:
+    """One reply line made fit to send: aiosmtpd quotes what the client sent in some
+    replies, and a client's NUL, bare CR or undecodable byte must not go back out in one;
+    and a 4xx or 5xx gets an enhanced status code if it has none (aiosmtpd's own replies
+    to bad syntax)."""
+    line = _REPLY_UNSAFE.sub("?", line)
+    code = line[:3]
+    if code[:1] in "45" and line[3:4] in (" ", "-") and not _ENHANCED_CODE.match(line, 4):
+        enhanced = _ENHANCED_FOR_CODE.get(code, f"{code[0]}.0.0")
+        line = f"{line[:4]}{enhanced} {line[4:]}"
+    return line
 
 
 class RelaySession(Session):
@@ -415,7 +454,13 @@ class RelaySMTP(SMTP):
         stripped = arg.lstrip()
         if stripped.startswith("<>"):
             return NULL_SENDER, stripped[2:]
-        address, rest = super()._getaddr(arg)
+        try:
+            address, rest = super()._getaddr(arg)
+        except (IndexError, ValueError):
+            # The email package's address parser, which aiosmtpd uses, fails this way on
+            # some input (``VRFY \0@``) instead of with the HeaderParseError aiosmtpd
+            # expects: a syntax error like any other.
+            return None, None
         return address, rest
 
     # --- replies ---------------------------------------------------------------------------
@@ -425,6 +470,8 @@ class RelaySMTP(SMTP):
             if not self._accounts and status.startswith("250-AUTH "):
                 return                  # aiosmtpd's EHLO line; there are no accounts
             status = _ENHANCED_REPLIES.get(status, status)
+            # A multi-line reply comes as one string (an upstream's, passed on).
+            status = "\r\n".join(_reply_line(line) for line in status.split("\r\n"))
         await super().push(status)
         code = status[:3] if isinstance(status, str) else status[:3].decode("ascii", "replace")
         if code == "421" and self.transport is not None:
