@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import subprocess
 import sys
 import tempfile
@@ -58,7 +60,7 @@ def start_bare(h: Harness, directory: Path) -> tuple[subprocess.Popen[str], int]
         [sys.executable, str(ROOT / "bench" / "bare_relay.py"),
          "--upstream-port", str(h.exchange.port), "--ca-file", str(h.fakes.pki.ca_file),
          "--token-file", str(token_file), "--mailbox", MAILBOX],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     return proc, int(line.rsplit(":", 1)[1])
@@ -91,7 +93,10 @@ def measure(name: str, pid: int, port: int, h: Harness, messages: int, data: byt
     sampler.start()
     delivered_before = len(h.exchange.messages)
     accepted = asyncio.run(load(port, messages, data))
+    deadline = time.monotonic() + 600
     while len(h.exchange.messages) < delivered_before + messages:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{name}: not everything was delivered within 10 minutes")
         time.sleep(0.05)
     delivered = time.perf_counter()
     done.set()
@@ -104,7 +109,8 @@ def measure(name: str, pid: int, port: int, h: Harness, messages: int, data: byt
 def main(messages: int, size_mb: int) -> None:
     line = b"x" * 998 + b"\r\n"
     body = line * (size_mb * 1024 * 1024 // len(line))
-    data = b"From: app@contoso.com\r\nTo: a@example.com\r\nSubject: big\r\n\r\n" + body
+    data = (f"From: {MAILBOX}\r\nTo: a@example.com\r\nSubject: big\r\n\r\n".encode()
+            + body)
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
@@ -124,7 +130,8 @@ def main(messages: int, size_mb: int) -> None:
                 bare.terminate()
                 bare.wait(10)
         finally:
-            h.close()
+            with contextlib.redirect_stdout(io.StringIO()):     # the relay's log tail
+                h.close()
     print(f"{messages} messages of {len(data) / 1e6:.1f} MB at once, each on its own "
           "connection, through STARTTLS + XOAUTH2")
     print(f"{'':34} {'RSS before':>11} {'peak':>9} {'after':>9} {'per message':>12}"
