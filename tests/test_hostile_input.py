@@ -22,7 +22,7 @@ from relay.app import Relay
 from relay.sandbox.service import Sandbox
 from relay.spool import State
 from tests.conftest import RelayFactory, address, build_config, wait_until
-from tests.test_receive import Client
+from tests.test_receive import Client, _close_clients  # noqa: F401  (autouse fixture)
 
 MAILBOX = "relay@contoso.com"
 REWRITE = {"delivery": {"synchronous": None}}
@@ -325,7 +325,8 @@ async def test_a_malformed_record_goes_to_corrupt_and_the_rest_is_delivered(
     await delivered(sandbox)
     await wait_until(lambda: (relay.spool.root / "corrupt" / f"{bad}.json").exists())
     assert (relay.spool.root / "corrupt" / f"{bad}.eml").exists()
-    assert relay.spool.count(State.INCOMING) + relay.spool.count(State.ACTIVE) == 0
+    await wait_until(lambda: relay.spool.count(State.INCOMING)
+                     + relay.spool.count(State.ACTIVE) == 0)
 
 
 async def test_spool_directories_are_private(tmp_path: Path) -> None:

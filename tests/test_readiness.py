@@ -262,7 +262,7 @@ async def test_reload_forgets_removed_profiles_and_keeps_the_others(
 
     profiles = {k: v for k, v in relay.config.profiles.items() if k != "extra"}
     new = relay.config.model_copy(update={"profiles": profiles})
-    assert relay.reload(lambda: new)
+    assert await relay.reload(lambda: new)
     metrics = (await get(relay, "/metrics")).text
     assert value(metrics, "smtp_relay_profile_ready", profile="extra") is None
     assert value(metrics, "smtp_relay_upstream_logins_refused_total", profile="extra") is None
@@ -276,7 +276,7 @@ async def test_reload_forgets_removed_profiles_and_keeps_the_others(
         update={"mailbox": "alice@contoso.com"})
     changed = relay.config.model_copy(update={"profiles": {**relay.config.profiles,
                                                            "system": system}})
-    assert relay.reload(lambda: changed)
+    assert await relay.reload(lambda: changed)
     assert relay.metrics.profiles.ready("system")
 
 
