@@ -115,6 +115,11 @@ class Content:
                 yield self._data[start:start + size]
             return
         assert self.path is not None
+        if self.size <= size:
+            # The usual case: the whole message in one step of the worker thread.
+            if data := await asyncio.to_thread(self.path.read_bytes):
+                yield data
+            return
         fd = await asyncio.to_thread(os.open, self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             while chunk := await asyncio.to_thread(os.read, fd, size):

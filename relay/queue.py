@@ -562,9 +562,9 @@ class Queue:
             snapshot = dataclasses.replace(
                 entry, delivered=[*entry.delivered, *(r for r in pending if r in done)])
             self.spool.record_delivered(snapshot, complete=False)
-        except OSError as exc:
+        except Exception as exc:
             log.warning("cannot record the delivery at once (%s); recording it now",
-                        exc.strerror or exc)
+                        getattr(exc, "strerror", None) or exc)
         return False
 
     async def _settle(self, entry: Entry, pending: list[str], result: DeliveryResult,

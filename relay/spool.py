@@ -68,6 +68,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Container, Iterator
 from dataclasses import asdict, dataclass, field
@@ -243,47 +244,66 @@ def _unlink_quietly(*paths: Path) -> None:
 class DataWriter:
     """The bytes of a message being received, written to ``tmp/<id>.eml`` as they arrive.
 
-    Blocking: call its methods from a worker thread. The file is created at the first
+    :meth:`write` blocks: call it from a worker thread. The file is created at the first
     write. Any failure discards it (a partial message is never kept, and never left to fill
     the disk); :meth:`content` hands the finished file to :meth:`Spool.accept`.
+
+    :meth:`discard` may come from the event loop while a write is still running in its
+    thread (the client went away): it removes the file at once and leaves closing the
+    descriptor to that write, so a descriptor is never closed under a thread using it.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.size = 0
         self._fd: int | None = None
-        self._done = False
+        self._finished = False
+        self._discarded = False
+        self._lock = threading.Lock()
 
     def write(self, data: bytes, *, finish: bool = False) -> None:
         """Append ``data``; with ``finish``, also fsync and close (the message is whole)."""
-        if self._done:
-            raise ValueError("message data already finished or discarded")
-        try:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                                   | os.O_CLOEXEC, _FILE_MODE)
-            _write_all(self._fd, data)
-            self.size += len(data)
-            if finish:
-                os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = None
-                self._done = True
-        except BaseException:
-            self.discard()
-            raise
+        with self._lock:
+            if self._finished or self._discarded:
+                raise ValueError("message data already finished or discarded")
+            try:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                       | os.O_CLOEXEC, _FILE_MODE)
+                _write_all(self._fd, data)
+                self.size += len(data)
+                if finish:
+                    os.fsync(self._fd)
+                    self._close()
+                    self._finished = True
+            except BaseException:
+                self._discarded = True
+                self._close()
+                _unlink_quietly(self.path)
+                raise
+            if self._discarded:         # discarded while this write ran
+                self._close()
+                _unlink_quietly(self.path)
+                raise ValueError("message data discarded")
 
-    def discard(self) -> None:
-        """Throw away what was written (idempotent, never raises)."""
-        self._done = True
+    def _close(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+
+    def discard(self) -> None:
+        """Throw away what was written (idempotent, never raises, never blocks)."""
+        self._discarded = True
         _unlink_quietly(self.path)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._close()
+            finally:
+                self._lock.release()
 
     def content(self) -> Content:
-        if not self._done or self._fd is not None:
+        if not self._finished or self._discarded:
             raise ValueError("message data not finished")
         return Content.from_file(self.path, self.size)
 

@@ -18,6 +18,7 @@ reopens them when the token changes (SMTP allows only one AUTH per session).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import socket
@@ -395,7 +396,12 @@ class UpstreamSession:
         except SMTPDataError as exc:
             return DeliveryResult(self._reply(exc.code, exc.message), [], refused)
         if on_accepted is not None:
-            on_accepted(accepted)
+            try:
+                on_accepted(accepted)
+            except Exception:
+                # The message was delivered: nothing may turn that into a failure (and so
+                # into a second delivery on retry).
+                log.exception("recording an accepted message failed")
         return DeliveryResult(Reply(response.code, response.message), accepted, refused)
 
     async def _rset(self, smtp: aiosmtplib.SMTP) -> None:
@@ -516,14 +522,15 @@ async def _send_data(smtp: aiosmtplib.SMTP, content: Content, command_timeout: f
     at_line_start = True
     last = b"\n"
     try:
-        async for chunk in content.chunks(_DATA_CHUNK):
-            stuffed = chunk.replace(b"\n.", b"\n..")
-            if at_line_start and chunk.startswith(b"."):
-                stuffed = b"." + stuffed
-            at_line_start = chunk.endswith(b"\n")
-            last = chunk[-1:]
-            protocol.write(stuffed)
-            await protocol._drain_helper()
+        async with contextlib.aclosing(content.chunks(_DATA_CHUNK)) as chunks:
+            async for chunk in chunks:
+                stuffed = chunk.replace(b"\n.", b"\n..")
+                if at_line_start and chunk.startswith(b"."):
+                    stuffed = b"." + stuffed
+                at_line_start = chunk.endswith(b"\n")
+                last = chunk[-1:]
+                protocol.write(stuffed)
+                await protocol._drain_helper()
         protocol.write(b".\r\n" if last == b"\n" else b"\r\n.\r\n")
         response = await protocol.read_response(timeout=final_timeout)
     except (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError):

@@ -411,3 +411,43 @@ def test_operator_lock_excludes_a_second_holder(spool: Spool) -> None:
         assert time.monotonic() - started < 2
     with spool.operator_lock(wait=0):                     # released on exit
         pass
+
+
+def test_a_message_discarded_during_a_write_is_gone_and_its_descriptor_closed(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client goes away while its last bytes are written in a worker thread: the file
+    goes at once, and the descriptor is closed by the write, never under it."""
+    import threading
+
+    from relay import spool as spool_module
+
+    writer = spool.writer("GONE00000001")
+    writer.write(b"Subject: x\r\n")
+    entered, release = threading.Event(), threading.Event()
+    real = spool_module._write_all
+
+    def slow(fd: int, data: bytes) -> None:
+        entered.set()
+        release.wait(5)
+        real(fd, data)
+
+    monkeypatch.setattr(spool_module, "_write_all", slow)
+    errors: list[BaseException] = []
+
+    def last_write() -> None:
+        try:
+            writer.write(b"body\r\n", finish=True)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=last_write)
+    thread.start()
+    assert entered.wait(5)
+    fd = writer._fd
+    writer.discard()                            # from "the event loop", mid-write
+    assert not writer.path.exists() and writer._fd == fd   # not closed under the write
+    release.set()
+    thread.join(5)
+    assert [type(e) for e in errors] == [ValueError]
+    assert writer._fd is None                   # closed by the write itself
+    assert list((spool.root / "tmp").iterdir()) == []

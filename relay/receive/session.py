@@ -30,7 +30,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, syntax
 
 from relay.config import Config, Listener
 from relay.passwords import PasswordVerifier
-from relay.receive.data import DataReader, Limits, MemoryBudget, Received
+from relay.receive.data import DataReader, Limits, MemoryBudget
 from relay.receive.guard import AuthGuard, Lockout
 from relay.route import Router
 
@@ -516,14 +516,13 @@ class RelaySMTP(SMTP):
                 return
             incoming = handler.begin_data(self, self.session, self.envelope)
             await self.push("354 End data with <CR><LF>.<CR><LF>")
-            received: Received | None = None
             try:
                 received = await DataReader(limits).read(self._reader, incoming)
                 if received.refusal is None:
                     await incoming.finish(received.tail)
-            finally:
-                if received is None:        # cancelled or the connection broke
-                    incoming.discard()
+            except BaseException:
+                incoming.discard()          # cancelled, or the connection broke
+                raise
         status = await handler.end_data(self, self.session, self.envelope, incoming,
                                         received)
         self._set_post_data_state()
