@@ -104,6 +104,12 @@ class Governor:
                 paused_until = float(saved["paused_until"])
             except (KeyError, TypeError, ValueError):
                 continue
+            # A damaged file must not pause a mailbox for ever or count a window that
+            # cannot be: only finite times within a day either way are believed.
+            times = [paused_until, *(t for t, _ in day), *minute]
+            if not all(math.isfinite(t) and abs(t - now) <= DAY for t in times if t) \
+                    or any(n < 0 for _, n in day):
+                continue
             box = self._box(str(name), now)
             box.day, box.day_total = day, sum(n for _, n in day)
             box.minute, box.paused_until = minute, paused_until

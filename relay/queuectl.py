@@ -17,10 +17,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from relay.headers import RawMessage
 from relay.spool import Entry, Spool, SpoolBusy, State
 
 # How long a command waits for another operator's command to finish.
 LOCK_WAIT = 10.0
+# How much of a message `queue show` reads for its header section (the relay's own limit
+# for one is 256 KiB by default): never the whole of a large message.
+_HEAD_LIMIT = 1024 * 1024
 # How often a lookup is repeated when the message moves between finding and reading it.
 _LOOKUPS = 3
 
@@ -74,17 +78,16 @@ def show(spool: Spool, mid: str) -> dict[str, Any]:
     out = summary(state, entry) | {"delivered": entry.delivered, "failed": entry.failed,
                                     "client": entry.client, "user": entry.user}
     try:
-        out["headers"] = _headers(spool.read_data(mid))
+        out["headers"] = _headers(spool.content(mid).prefix(_HEAD_LIMIT))
     except FileNotFoundError:
         raise _changed(spool, mid, state) from None      # delivered or deleted just now
     return out
 
 
 def _headers(data: bytes) -> str:
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        end = data.find(b"\n\n")
-    return data[: end if end >= 0 else len(data)].decode("utf-8", "replace")
+    """The header section, as relay.headers reads it (the one rule for where it ends)."""
+    section = RawMessage(data).header_section().decode("utf-8", "replace")
+    return section.removesuffix("\n").removesuffix("\r")
 
 
 def _locate(spool: Spool, mid: str) -> tuple[State, Entry]:

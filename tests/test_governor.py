@@ -237,3 +237,19 @@ def test_an_attempt_that_never_reached_exchange_is_forgotten() -> None:
     snap = g.snapshot(MBX, 13.0)
     assert (snap["sent_last_minute"], snap["recipients_last_24h"]) == (1, 40)
     assert g.ready_at(MBX, 60, 13.0) == 13.0
+
+
+def test_a_damaged_saved_state_pauses_nothing_for_ever() -> None:
+    gov = Governor(Limits(max_sessions=3, messages_per_minute=30, recipients_per_day=10_000))
+    now = 1_000_000.0
+    saved = {"mailboxes": {
+        "inf@contoso.com": {"day": [], "minute": [], "paused_until": "inf"},
+        "far@contoso.com": {"day": [], "minute": [], "paused_until": now + 10 * 86_400},
+        "nan@contoso.com": {"day": [[float("nan"), 5]], "minute": [], "paused_until": 0},
+        "neg@contoso.com": {"day": [[now - 60, -500]], "minute": [], "paused_until": 0},
+        "ok@contoso.com": {"day": [[now - 60, 5]], "minute": [], "paused_until": now + 60}}}
+    assert gov.restore(saved, now) == 1
+    for mailbox in ("inf@contoso.com", "far@contoso.com", "nan@contoso.com",
+                    "neg@contoso.com"):
+        assert gov.ready_at(mailbox, 1, now) == now
+    assert gov.ready_at("ok@contoso.com", 1, now) == now + 60
