@@ -85,14 +85,22 @@ def _guarded(hook: _Hook) -> _Hook:
     return wrapper  # type: ignore[return-value]
 
 
-def address_problem(address: str, smtputf8: bool) -> str | None:
-    """Why ``address`` cannot be a recipient, or None if it can (a mailbox@domain)."""
+def _encoding_problem(address: str, smtputf8: bool) -> str | None:
+    """Why ``address``'s characters cannot travel as they are (RFC 6531), or None."""
     try:
-        raw = address.encode("utf-8")
+        address.encode("utf-8")
     except UnicodeEncodeError:
         return "553 5.6.7 Address is not valid UTF-8"
     if not address.isascii() and not smtputf8:
         return "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL FROM"
+    return None
+
+
+def address_problem(address: str, smtputf8: bool) -> str | None:
+    """Why ``address`` cannot be a recipient, or None if it can (a mailbox@domain)."""
+    if (problem := _encoding_problem(address, smtputf8)) is not None:
+        return problem
+    raw = address.encode("utf-8")
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain:
         return "553 5.1.3 Address must be of the form name@domain"
@@ -129,12 +137,9 @@ def sender_problem(address: str, smtputf8: bool) -> str | None:
     """
     if address == NULL_SENDER:
         return None
-    try:
-        raw = address.encode("utf-8")
-    except UnicodeEncodeError:
-        return "553 5.6.7 Address is not valid UTF-8"
-    if not address.isascii() and not smtputf8:
-        return "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL FROM"
+    if (problem := _encoding_problem(address, smtputf8)) is not None:
+        return problem
+    raw = address.encode("utf-8")
     if any(ord(ch) < 32 or ch == "\x7f" for ch in address):
         return "553 5.1.7 Sender address contains control characters"
     if len(raw) > _MAX_ADDRESS:
