@@ -754,9 +754,14 @@ class Queue:
             return
         sender = entry.return_path if entry.return_path is not None else entry.mail_from
         limit = self.config.server.max_header_size
-        headers = await asyncio.to_thread(
-            lambda: RawMessage(content.prefix(limit + 2)).header_section())
-        if sender in ("", "<>") or is_auto_reply(headers):
+
+        def original() -> tuple[bytes, bool]:
+            # In a worker thread: reading and parsing up to 256 KiB of headers.
+            headers = RawMessage(content.prefix(limit + 2)).header_section()
+            return headers, is_auto_reply(headers)
+
+        headers, auto_reply = await asyncio.to_thread(original)
+        if sender in ("", "<>") or auto_reply:
             log.warning("no bounce for message %s (failed: %s): it is itself a delivery "
                         "report or an auto-reply, or has a null sender, and reporting on it "
                         "could loop", entry.id, ", ".join(failed), extra=fields)
