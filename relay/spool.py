@@ -474,12 +474,32 @@ class Spool:
         ``content`` is either small bytes made by the relay (a delivery report), or the
         finished :meth:`writer` file of this message. Returns the stored content. Raises
         OSError (disk full, ...) with nothing of the message left behind.
+
+        The files are in place before the directories are synced, so a failed sync must
+        take them out again: the caller answers 4xx, the client sends the message again,
+        and a copy left in ``state`` would be delivered as well. The caller must keep the
+        queue from taking the message until this returns (or the withdrawal could fail).
         """
         if isinstance(content, bytes):
             content = Content(data=content)
         await asyncio.to_thread(self._store, entry, content, state)
-        await self._group_commit()
+        try:
+            await self._group_commit()
+        except OSError:
+            await asyncio.to_thread(self._withdraw, entry.id, state)
+            raise
         return Content.from_file(self.data_path(entry.id), content.size)
+
+    def _withdraw(self, mid: str, state: State) -> None:
+        """Take back a message whose accept failed after its files were placed."""
+        try:
+            os.unlink(self._meta_path(state, mid))
+        except OSError as exc:
+            log.error("spool: %s could not be withdrawn after a failed accept (%s); it may "
+                      "be delivered although its client was told to try again", mid,
+                      exc.strerror or exc)
+            return
+        _unlink_quietly(self.data_path(mid))
 
     async def _group_commit(self) -> None:
         loop = asyncio.get_running_loop()

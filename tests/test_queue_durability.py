@@ -573,3 +573,32 @@ async def test_a_file_that_cannot_be_set_aside_is_passed_over(
         await wait_until(lambda: deliverer.calls == [(good.id, ["a@example.com"])])
     finally:
         await queue.stop(1)
+
+
+async def test_the_queue_leaves_a_message_alone_until_its_accept_is_done(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message's files are in incoming/ before the directories are synced; a failed sync
+    takes them out again (its client is told 4xx and sends it again). The dispatcher,
+    looking at incoming/ in between, must not have taken it for delivery."""
+    deliverer = ScriptedDeliverer()
+    queue, spool = scripted_queue(tmp_path, deliverer)
+    await queue.start()
+    loop = asyncio.get_running_loop()
+    real_sync = Spool._sync_dirs
+
+    def sync_dirs(self: Spool) -> None:
+        loop.call_soon_threadsafe(queue._wakeup.set)   # the dispatcher looks now...
+        time.sleep(0.3)
+        raise OSError(errno.EIO, "Input/output error")  # ...and the sync fails
+
+    monkeypatch.setattr(Spool, "_sync_dirs", sync_dirs)
+    try:
+        with pytest.raises(OSError):
+            await queue.submit(outbound())
+        monkeypatch.setattr(Spool, "_sync_dirs", real_sync)
+        await asyncio.sleep(0.3)
+        assert deliverer.calls == []
+        assert sum(spool.count(s) for s in State) == 0
+    finally:
+        await queue.stop(1)
+

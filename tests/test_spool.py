@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from relay import queuectl
+from relay import spool as spool_module
 from relay.spool import Entry, Spool, SpoolBusy, SpoolError, State, filesystem_type
 
 
@@ -121,6 +123,26 @@ def test_remove_deletes_data(spool: Spool) -> None:
     spool.remove("GONE", State.ACTIVE)
     assert spool.locate("GONE") is None
     assert not spool.data_path("GONE").exists()
+
+
+def _eio(*_: object) -> None:
+    raise OSError(errno.EIO, "Input/output error")
+
+
+async def test_an_accept_whose_directory_sync_fails_leaves_nothing_behind(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files are renamed into place before the directories are synced. If the sync
+    fails the client is told 4xx and sends the message again: the first copy must go, or
+    it would be delivered as well."""
+    monkeypatch.setattr(spool_module, "_fsync_dir", _eio)
+    with pytest.raises(OSError):
+        await spool.accept(entry("SYNC"), b"data")
+    monkeypatch.undo()
+    assert spool.locate("SYNC") is None
+    assert not spool.data_path("SYNC").exists()
+    assert list((spool.root / "tmp").iterdir()) == []
+    await spool.close()
+
 
 
 def test_unwritable_spool_is_refused(tmp_path: Path) -> None:
