@@ -636,14 +636,23 @@ class Spool:
         unlinks leaves orphaned data, which :meth:`recover` removes. ``claimed``: the
         metadata may already be gone because the caller removed it itself
         (:meth:`record_delivered`).
+
+        Once the metadata is gone the message is gone: a data file that cannot be unlinked
+        (a disk error) is logged and left to :meth:`recover`, not raised, since the caller
+        has nothing left to retry and would only mistake it for a failed delivery.
         """
         try:
             os.unlink(self._meta_path(state, entry_id))
-        except FileNotFoundError:
-            if not claimed:
+        except OSError:
+            if not claimed:         # else the caller unlinked it already: this only checks
                 raise
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(self.data_path(entry_id))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("spool: cannot remove the data of %s (%s); the next start removes it",
+                      entry_id, exc.strerror or exc)
         # data/ needs no fsync of its own: data that comes back after a crash has no
         # metadata, and recovery removes it.
         _fsync_dir(self.root / state)

@@ -144,6 +144,31 @@ async def test_an_accept_whose_directory_sync_fails_leaves_nothing_behind(
     await spool.close()
 
 
+@pytest.mark.parametrize("failing", [".json", ".eml"])
+def test_removing_a_recorded_delivery_goes_on_past_a_disk_error(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        failing: str) -> None:
+    """record_delivered has unlinked the metadata (the message is done): an error from
+    unlinking it again (.json) or its data (.eml) must not make the delivered message look
+    like a failed attempt. Data left behind goes at the next start."""
+    spool._store(entry("DONE"), b"1", State.ACTIVE)
+    spool.record_delivered(entry("DONE"), complete=True)
+    real_unlink = os.unlink
+
+    def unlink(path: Any, *args: Any, **kw: Any) -> None:
+        if os.fspath(path).endswith(failing):
+            _eio()
+        real_unlink(path, *args, **kw)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    spool.remove("DONE", State.ACTIVE, claimed=True)
+    monkeypatch.undo()
+    assert spool.locate("DONE") is None
+    if failing == ".eml":
+        assert "cannot remove the data of DONE" in caplog.text
+        assert spool.recover()["orphans"] == 1
+    assert not spool.data_path("DONE").exists()
+
 
 def test_unwritable_spool_is_refused(tmp_path: Path) -> None:
     target = tmp_path / "file"
