@@ -449,6 +449,10 @@ class Queue:
                         # Still where it was. Hold the slot a moment, so that a disk that
                         # keeps refusing is not asked again in a tight loop.
                         await asyncio.sleep(BACKOFF_MIN_KEEP)
+                        if state is State.DEFERRED:
+                            # Still due, but no longer among the names the last scan of
+                            # deferred/ found: without a new scan it would wait _IDLE_POLL.
+                            self._deferred_until(self._clock())
                         outcome = Outcome("deferred",
                                           Reply(250, f"2.0.0 Ok: queued as {entry.id}"))
                 else:
@@ -493,7 +497,11 @@ class Queue:
             try:
                 await asyncio.to_thread(self.spool.move, entry, State.ACTIVE, State.DEFERRED)
             except FileNotFoundError:
-                log.error("the message left active/ unexpectedly; nothing more to do here")
+                # The step that failed had moved it on already (a directory fsync failed
+                # after its rename): it may be waiting in deferred/, due soon, which the
+                # dispatcher would otherwise look at again only after _IDLE_POLL.
+                log.error("the message is no longer in active/; nothing more to do here")
+                self._deferred_until(self._clock())
                 break
             except OSError as exc:
                 if self._stopping:

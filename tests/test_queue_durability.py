@@ -602,3 +602,55 @@ async def test_the_queue_leaves_a_message_alone_until_its_accept_is_done(
     finally:
         await queue.stop(1)
 
+
+async def test_a_retry_whose_take_failed_is_tried_again_soon(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only after the dispatcher's idle poll (10 s): it is due now."""
+    monkeypatch.setattr(queue_module, "BACKOFF_MIN_KEEP", 0.05)
+    deliverer = ScriptedDeliverer()
+    queue, spool = scripted_queue(tmp_path, deliverer)
+    _deferred(spool, time.time() - 1)
+    real = Spool.move
+    refused: list[str] = []
+
+    def move(self: Spool, entry: Entry, src: State, dst: State, **kw: bool) -> None:
+        if dst is State.ACTIVE and not refused:
+            refused.append(entry.id)
+            raise OSError(errno.EIO, "Input/output error")
+        real(self, entry, src, dst, **kw)
+
+    monkeypatch.setattr(Spool, "move", move)
+    await queue.start()
+    try:
+        await wait_until(lambda: deliverer.calls, within=3)
+        assert refused
+    finally:
+        await queue.stop(1)
+
+
+async def test_a_deferral_whose_directory_sync_failed_is_retried_on_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rename into deferred/ happened, the fsync after it failed: the attempt breaks
+    down, finds the message gone from active/, and must still see it retried when due
+    (0.2 s here), not after the dispatcher's idle poll (10 s)."""
+    deliverer = ScriptedDeliverer(Reply(451, "4.4.0 try later"))
+    queue, spool = scripted_queue(tmp_path, deliverer)
+    real_fsync = spool_module._fsync_dir
+    failed: list[Path] = []
+
+    def fsync_dir(path: Path) -> None:
+        if path.name == "deferred" and deliverer.calls and not failed:
+            failed.append(path)
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(path)
+
+    monkeypatch.setattr(spool_module, "_fsync_dir", fsync_dir)
+    await queue.start()
+    try:
+        await queue.submit(outbound())
+        await wait_until(lambda: failed)
+        deliverer.reply = Reply(250, "2.0.0 Ok")
+        await wait_until(lambda: len(deliverer.calls) == 2, within=3)
+        await wait_until(lambda: sum(spool.count(s) for s in State) == 0)
+    finally:
+        await queue.stop(1)
