@@ -24,7 +24,8 @@ are fsynced, renamed into place, and the directories are fsynced before
 :meth:`Spool.accept` returns. Directory fsyncs of concurrent arrivals are shared (group
 commit), so durability does not cap throughput. Whatever fails on the way (a full disk,
 a client that goes away) removes its own files from tmp/ at once: nothing is left to fill
-the disk until the next start.
+the disk until the next start. A directory sync that fails takes the placed files out
+again: the client is told 4xx and sends the message again, so no copy may stay behind.
 
 Every metadata file read back is validated (:meth:`Entry.from_json`): a file that another
 version wrote, a disk error or an operator's editor damaged is refused as a whole, so the
