@@ -43,7 +43,9 @@ every message, exactly one ``<state>/<id>.json`` exists, and its data exists wit
   other process has already moved the message out of, leaving it in two states.
 * New content is therefore written *before* the move, by the one party that owns the
   source state: to ``tmp/``, fsynced, given its due time as mtime when it is going to
-  deferred/, and renamed over ``src/<id>.json`` in place. active/ is owned by the relay's
+  deferred/, and renamed over ``src/<id>.json`` in place. (One exception, for a full
+  disk: the record of an upstream's 250 is written over the file in active/ itself, see
+  :meth:`Spool.record_delivered`.) active/ is owned by the relay's
   queue (operator commands leave it alone); hold/ and failed/ by operator commands, which
   serialize among themselves with :meth:`Spool.operator_lock`. In the shared states,
   incoming/ and deferred/, content is never rewritten; only the mtime changes (``utime``
@@ -63,10 +65,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import fcntl
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import time
@@ -233,6 +237,26 @@ def _write_synced(path: Path, data: bytes, *, sync: bool = True) -> None:
             os.unlink(path)
         raise
     os.close(fd)
+
+
+def _overwrite(path: Path, data: bytes) -> bool:
+    """Write ``data`` over the file at ``path`` in place; False (nothing done) unless that
+    is as safe as the rename it stands in for, against the process dying at any moment.
+
+    It is when it takes one write into the file's first page, within blocks the file has:
+    no new disk space is needed, and a single-page write into the page cache is whole or
+    not done at all when the process is killed. Whitespace pads ``data`` to the old length
+    (JSON allows it), so nothing of the old content is left after it.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        data = data.ljust(st.st_size)
+        if len(data) > min(mmap.PAGESIZE, st.st_blocks * 512):
+            return False
+        return os.pwrite(fd, data, 0) == len(data)
+    finally:
+        os.close(fd)
 
 
 def _unlink_quietly(*paths: Path) -> None:
@@ -611,13 +635,23 @@ class Spool:
         every recipient is done, so the metadata in active/ goes (the data follows in
         :meth:`remove`, which tolerates this); else ``entry`` replaces it, listing the
         recipients delivered so far. The caller settles the message properly afterwards.
+
+        On a full disk the new file cannot be written, and the outcome cannot be saved
+        until space frees up, which may take a while: then the record is written over the
+        file in place instead (:func:`_overwrite`), where the file's own blocks hold it.
         """
         path = self._meta_path(State.ACTIVE, entry.id)
         if complete:
             os.unlink(path)
             return
+        data = entry.to_json()
         tmp = self.root / "tmp" / f"{entry.id}.json.{os.getpid()}.{time.monotonic_ns()}"
-        _write_synced(tmp, entry.to_json(), sync=False)
+        try:
+            _write_synced(tmp, data, sync=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not _overwrite(path, data):
+                raise
+            return
         try:
             os.replace(tmp, path)
         except BaseException:

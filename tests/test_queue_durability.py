@@ -654,3 +654,51 @@ async def test_a_deferral_whose_directory_sync_failed_is_retried_on_time(
         await wait_until(lambda: sum(spool.count(s) for s in State) == 0)
     finally:
         await queue.stop(1)
+
+
+class PartialDeliverer:
+    """The upstream takes ok@ and refuses bad@ for good, and says so through
+    ``on_accepted`` the moment its 250 arrives, as UpstreamSession does."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    async def deliver(self, msg: Outbound, *, on_accepted: Any = None,
+                      **_: object) -> DeliveryResult:
+        self.calls.append(list(msg.rcpt_tos))
+        accepted = [r for r in msg.rcpt_tos if r != "bad@example.com"]
+        refused = {r: Reply(550, "5.1.1 User unknown") for r in msg.rcpt_tos
+                   if r not in accepted}
+        if accepted and on_accepted is not None:
+            on_accepted(accepted)
+        return DeliveryResult(Reply(250, "2.0.0 Ok"), accepted, refused)
+
+
+async def test_a_partial_delivery_is_recorded_on_a_full_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Delivered to one recipient while the disk is full: the record of it must reach
+    active/ all the same, or a crash before space frees up (the outcome cannot be saved
+    meanwhile) sends the message to that recipient again."""
+    deliverer = PartialDeliverer()
+    queue, spool = scripted_queue(tmp_path, deliverer)  # type: ignore[arg-type]
+    msg = outbound()
+    msg.rcpt_tos = ["ok@example.com", "bad@example.com"]
+    await queue.submit(msg)                 # spooled; no attempt before start()
+    real_write, root = os.write, str(spool.root.resolve()) + "/"
+
+    def write(fd: int, data: Any) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(root):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    await queue.start()
+    try:
+        await wait_until(lambda: deliverer.calls)
+        await asyncio.sleep(0.2)            # the outcome cannot be saved: it stays in active/
+        meta = spool.root / "active" / f"{msg.id}.json"
+        assert Entry.from_json(meta.read_bytes(), meta.name).delivered == ["ok@example.com"]
+    finally:
+        monkeypatch.setattr(os, "write", real_write)
+        await queue.stop(2)
+    assert deliverer.calls[1:] in ([], [["bad@example.com"]])

@@ -144,6 +144,29 @@ async def test_an_accept_whose_directory_sync_fails_leaves_nothing_behind(
     await spool.close()
 
 
+def test_a_delivery_record_on_a_full_disk_is_written_in_place(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No space for a new file: the record goes over the file in active/ itself, where its
+    own blocks hold it, as long as one page write does it (else the error stands)."""
+    def full(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    few, many = entry("FEW"), entry("MANY")
+    few.rcpt_tos = ["a@b.c", "d@e.f"]
+    many.rcpt_tos = [f"recipient-{i}@example.com" for i in range(200)]
+    for e in (few, many):
+        spool._store(e, b"data", State.ACTIVE)
+    monkeypatch.setattr(spool_module, "_write_synced", full)
+    few.delivered = ["a@b.c"]
+    spool.record_delivered(few, complete=False)
+    assert spool.read(State.ACTIVE, "FEW.json").delivered == ["a@b.c"]
+    many.delivered = many.rcpt_tos[:150]
+    with pytest.raises(OSError, match="No space"):
+        spool.record_delivered(many, complete=False)
+    assert spool.read(State.ACTIVE, "MANY.json").delivered == []     # untouched
+    assert list((spool.root / "tmp").iterdir()) == []
+
+
 @pytest.mark.parametrize("failing", [".json", ".eml"])
 def test_removing_a_recorded_delivery_goes_on_past_a_disk_error(
         spool: Spool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
