@@ -272,12 +272,21 @@ class Chaos:
         assert fake is not None
         for _ in range(self.rng.randint(1, 4)):
             roll = self.rng.random()
-            if roll < 0.45:
+            if roll < 0.4:
                 stage = self.rng.choice(["connect", "mail", "rcpt", "data"])
                 code, text = self.rng.choice([
                     (451, "4.3.0 Temporary server error. Please try again later"),
                     (421, "4.3.2 Service not available, closing transmission channel"),
                     (452, "4.3.1 Insufficient system resources")])
+                self.h.exchange.later(fake.fail_next, stage, code, text)
+                self.counts[f"upstream {code}"] += 1
+            elif roll < 0.45:
+                # A refusal for good of whatever message comes next (a DSN too: that one
+                # is kept in failed/, never reported on in turn).
+                stage, code, text = self.rng.choice([
+                    ("mail", 550, "5.1.8 Sender address rejected"),
+                    ("rcpt", 550, "5.1.1 RESOLVER.ADR.RecipNotFound; not found"),
+                    ("data", 554, "5.6.0 Message content rejected")])
                 self.h.exchange.later(fake.fail_next, stage, code, text)
                 self.counts[f"upstream {code}"] += 1
             elif roll < 0.9:
@@ -375,18 +384,22 @@ class Seen:
         return seen
 
 
-def account(apps: Apps, seen: Seen, unrecorded: frozenset[str] | set[str] = frozenset()
+def account(apps: Apps, seen: Seen, unrecorded: frozenset[str] | set[str] = frozenset(),
+            kept: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset()
             ) -> dict[str, int]:
-    """The figures; ``unrecorded``: queue ids whose partial delivery the relay could not
-    write down at once (the disk was full), which a kill then may repeat."""
+    """The figures. A recipient of an acknowledged message is accounted for if it was
+    delivered, or named in a DSN the upstream took or (refused in turn) ``kept`` in failed/.
+    ``unrecorded``: queue ids whose partial delivery the relay could not write down at once
+    (the disk was full), which a kill may then repeat."""
     delivered = bounced = lost = 0
     for tag, qid in apps.acked.items():
-        rcpts = apps.rcpts[tag]
-        fine = all((seen.reports if r == NOBODY else seen.deliveries)[(qid, r.lower())]
-                   for r in rcpts)
+        reported = [(qid, r.lower()) in seen.reports or (qid, r.lower()) in kept
+                    for r in apps.rcpts[tag]]
+        fine = all(ok or seen.deliveries[(qid, r.lower())]
+                   for r, ok in zip(apps.rcpts[tag], reported, strict=True))
         lost += not fine
-        delivered += fine and NOBODY not in rcpts
-        bounced += fine and NOBODY in rcpts
+        delivered += fine and not any(reported)
+        bounced += fine and any(reported)
     told_4xx = {tx.qid for tx in apps.txs if 400 <= tx.code < 500 and tx.qid}
     return {
         "acknowledged": len(apps.acked), "delivered": delivered, "bounced": bounced,
@@ -395,7 +408,7 @@ def account(apps: Apps, seen: Seen, unrecorded: frozenset[str] | set[str] = froz
             1 for qid, _ in (*seen.deliveries, *seen.reports) if qid in told_4xx),
         "duplicates": sum(n - 1 for (qid, _), n in seen.deliveries.items()
                           if n > 1 and qid not in unrecorded),
-        "duplicates of a partial delivery the full disk kept from being recorded": sum(
+        "duplicates of a partial delivery a full disk kept from being recorded": sum(
             n - 1 for (qid, _), n in seen.deliveries.items() if n > 1 and qid in unrecorded),
         "repeated reports": sum(n - 1 for n in seen.reports.values() if n > 1),
         "sent again by the client after no reply, both copies delivered": sum(
@@ -464,7 +477,7 @@ def main(ns: argparse.Namespace) -> int:
         h.exchange.later(only_permanent, h.exchange.current)
         h.fakes.entra.clear_failures()
         settle_until = time.monotonic() + 120
-        while (spool_busy(disk.spool) or not delivered_all(apps, h)) \
+        while (spool_busy(disk.spool) or not delivered_all(apps, h, disk.spool)) \
                 and time.monotonic() < settle_until:
             proc.usr1()
             time.sleep(1)
@@ -476,7 +489,8 @@ def main(ns: argparse.Namespace) -> int:
             problems.append("no baseline: the run ended before the last process warmed up")
             baseline = after
         unrecorded = {m.group(1) for p in h.processes for m in UNRECORDED.finditer(p.log)}
-        figures = account(apps, Seen.of(h.exchange.messages), unrecorded)
+        figures = account(apps, Seen.of(h.exchange.messages), unrecorded,
+                          kept_reports(disk.spool))
         problems += check(apps, figures, chaos, baseline, after, disk.spool, proc)
         proc.terminate()
         if proc.wait(30) != 0:
@@ -512,9 +526,22 @@ def dump(work: Path, apps: Apps, seen: Seen) -> None:
     (work / "outcome.txt").write_text("\n".join(lines) + "\n")
 
 
-def delivered_all(apps: Apps, h: Harness) -> bool:
-    figures = account(apps, Seen.of(h.exchange.messages))
+def delivered_all(apps: Apps, h: Harness, spool: Path) -> bool:
+    figures = account(apps, Seen.of(h.exchange.messages), kept=kept_reports(spool))
     return figures["lost"] == 0
+
+
+def kept_reports(spool: Path) -> set[tuple[str, str]]:
+    """(queue id, recipient) named in DSNs that the upstream refused, kept in failed/."""
+    kept = set()
+    for meta in (spool / "failed").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            data = (spool / "data" / f"{meta.stem}.eml").read_bytes()
+            dsn = DSN_OF.search(data)
+            if dsn is not None:
+                kept |= {(dsn.group(1).decode(), r.decode().lower())
+                         for r in DSN_RCPT.findall(data)}
+    return kept
 
 
 def measure_idle(proc: RelayProcess, apps: Apps, chaos: Chaos, spool: Path
