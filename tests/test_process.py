@@ -241,8 +241,6 @@ def test_sigkill_duplicates_are_only_the_messages_in_flight(h: Harness) -> None:
         assert len(k.duplicates) <= max_sessions, kills
         assert k.duplicates <= k.unfinished, kills    # only what was in its last step
     assert report["duplicates"] == sum(len(k.duplicates) for k in kills)
-    assert h.exchange.current is not None
-    assert h.exchange.current.max_concurrent_sessions <= max_sessions
 
 
 def test_a_port_in_use_is_a_clear_start_up_failure(make_harness: HarnessFactory) -> None:
