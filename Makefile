@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= config.example.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test fuzz lint bench clean
+.PHONY: run test fuzz lint bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
+
+# Thousands of messages through the relay process while the upstream, Entra ID and the disk
+# fail and the relay is killed (loopback only, a few minutes at most; SOAK_ARGS=--help).
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .sandbox build *.egg-info

@@ -109,6 +109,9 @@ class Queue:
         # Deferred names that could not be read, and until when they are passed over.
         self._unreadable: dict[str, float] = {}
         self._retry_turn = False    # whether a due retry goes before new mail next
+        # Messages being spooled (Spool.accept has not returned): not to be taken yet, since
+        # an accept that fails withdraws its files again.
+        self._accepting: set[str] = set()
         self._governor_saved = (0, 0.0)        # (governor.changes, monotonic time) saved
 
     def update(self, config: Config) -> None:
@@ -126,7 +129,7 @@ class Queue:
                       received_at=self._clock(), mail_options=list(msg.mail_options),
                       client=msg.client, user=msg.user, return_path=msg.return_path,
                       mailbox=msg.mailbox or (profile.mailbox if profile else None))
-        await self.spool.accept(entry, msg.content)
+        await self._accept(entry, msg.content)
         queued = Reply(250, f"2.0.0 Ok: queued as {msg.id}")
         if not wait or not self._claim(entry):
             self._wakeup.set()
@@ -157,6 +160,14 @@ class Queue:
             # A bug, not a verdict: the message is safe in the spool, so it is queued.
             log.error("attempt for %s crashed before answering: %r", msg.id, exc)
         return queued                     # the attempt goes on; the queue owns the message
+
+    async def _accept(self, entry: Entry, content: Content | bytes) -> None:
+        """Spool a new message, which the dispatcher leaves alone until it is accepted."""
+        self._accepting.add(entry.id)
+        try:
+            await self.spool.accept(entry, content)
+        finally:
+            self._accepting.discard(entry.id)
 
     def _claim(self, entry: Entry) -> bool:
         """Reserve a window slot for ``entry`` if it may go now (no await: atomic on the loop)."""
@@ -330,8 +341,8 @@ class Queue:
         """Start an attempt for one candidate if it may go now; returns when it is due
         otherwise (``inf`` if there is nothing to wait for)."""
         mid = self.spool.id_from_name(name)
-        if mid is None or mid in self._active:
-            return math.inf
+        if mid is None or mid in self._active or mid in self._accepting:
+            return math.inf     # (an accepted message wakes the dispatcher again)
         try:
             entry = await asyncio.to_thread(self.spool.read, state, name)
         except FileNotFoundError:
@@ -438,6 +449,10 @@ class Queue:
                         # Still where it was. Hold the slot a moment, so that a disk that
                         # keeps refusing is not asked again in a tight loop.
                         await asyncio.sleep(BACKOFF_MIN_KEEP)
+                        if state is State.DEFERRED:
+                            # Still due, but no longer among the names the last scan of
+                            # deferred/ found: without a new scan it would wait _IDLE_POLL.
+                            self._deferred_until(self._clock())
                         outcome = Outcome("deferred",
                                           Reply(250, f"2.0.0 Ok: queued as {entry.id}"))
                 else:
@@ -482,7 +497,11 @@ class Queue:
             try:
                 await asyncio.to_thread(self.spool.move, entry, State.ACTIVE, State.DEFERRED)
             except FileNotFoundError:
-                log.error("the message left active/ unexpectedly; nothing more to do here")
+                # The step that failed had moved it on already (a directory fsync failed
+                # after its rename): it may be waiting in deferred/, due soon, which the
+                # dispatcher would otherwise look at again only after _IDLE_POLL.
+                log.error("the message is no longer in active/; nothing more to do here")
+                self._deferred_until(self._clock())
                 break
             except OSError as exc:
                 if self._stopping:
@@ -783,7 +802,7 @@ class Queue:
             reason=reason)
         bounce = Entry(id=new_message_id(), profile=entry.profile, mail_from=profile.mailbox,
                        rcpt_tos=[to], size=len(dsn), received_at=self._clock())
-        await self.spool.accept(bounce, dsn)
+        await self._accept(bounce, dsn)
         log.info("bounce %s queued to %s for %d recipient(s)", bounce.id, to, len(failed),
                  extra={**fields, "bounce_id": bounce.id, "mailbox": profile.mailbox})
         self._wakeup.set()

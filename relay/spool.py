@@ -24,7 +24,8 @@ are fsynced, renamed into place, and the directories are fsynced before
 :meth:`Spool.accept` returns. Directory fsyncs of concurrent arrivals are shared (group
 commit), so durability does not cap throughput. Whatever fails on the way (a full disk,
 a client that goes away) removes its own files from tmp/ at once: nothing is left to fill
-the disk until the next start.
+the disk until the next start. A directory sync that fails takes the placed files out
+again: the client is told 4xx and sends the message again, so no copy may stay behind.
 
 Every metadata file read back is validated (:meth:`Entry.from_json`): a file that another
 version wrote, a disk error or an operator's editor damaged is refused as a whole, so the
@@ -42,7 +43,9 @@ every message, exactly one ``<state>/<id>.json`` exists, and its data exists wit
   other process has already moved the message out of, leaving it in two states.
 * New content is therefore written *before* the move, by the one party that owns the
   source state: to ``tmp/``, fsynced, given its due time as mtime when it is going to
-  deferred/, and renamed over ``src/<id>.json`` in place. active/ is owned by the relay's
+  deferred/, and renamed over ``src/<id>.json`` in place. (One exception, for a full
+  disk: the record of an upstream's 250 is written over the file in active/ itself, see
+  :meth:`Spool.record_delivered`.) active/ is owned by the relay's
   queue (operator commands leave it alone); hold/ and failed/ by operator commands, which
   serialize among themselves with :meth:`Spool.operator_lock`. In the shared states,
   incoming/ and deferred/, content is never rewritten; only the mtime changes (``utime``
@@ -62,10 +65,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import fcntl
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import threading
@@ -233,6 +238,26 @@ def _write_synced(path: Path, data: bytes, *, sync: bool = True) -> None:
             os.unlink(path)
         raise
     os.close(fd)
+
+
+def _overwrite(path: Path, data: bytes) -> bool:
+    """Write ``data`` over the file at ``path`` in place; False (nothing done) unless that
+    is as safe as the rename it stands in for, against the process dying at any moment.
+
+    It is when it takes one write into the file's first page, within blocks the file has:
+    no new disk space is needed, and a single-page write into the page cache is whole or
+    not done at all when the process is killed. Whitespace pads ``data`` to the old length
+    (JSON allows it), so nothing of the old content is left after it.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        data = data.ljust(st.st_size)
+        if len(data) > min(mmap.PAGESIZE, st.st_blocks * 512):
+            return False
+        return os.pwrite(fd, data, 0) == len(data)
+    finally:
+        os.close(fd)
 
 
 def _unlink_quietly(*paths: Path) -> None:
@@ -494,12 +519,32 @@ class Spool:
         ``content`` is either small bytes made by the relay (a delivery report), or the
         finished :meth:`writer` file of this message. Returns the stored content. Raises
         OSError (disk full, ...) with nothing of the message left behind.
+
+        The files are in place before the directories are synced, so a failed sync must
+        take them out again: the caller answers 4xx, the client sends the message again,
+        and a copy left in ``state`` would be delivered as well. The caller must keep the
+        queue from taking the message until this returns (or the withdrawal could fail).
         """
         if isinstance(content, bytes):
             content = Content(data=content)
         await asyncio.to_thread(self._store, entry, content, state)
-        await self._group_commit()
+        try:
+            await self._group_commit()
+        except OSError:
+            await asyncio.to_thread(self._withdraw, entry.id, state)
+            raise
         return Content.from_file(self.data_path(entry.id), content.size)
+
+    def _withdraw(self, mid: str, state: State) -> None:
+        """Take back a message whose accept failed after its files were placed."""
+        try:
+            os.unlink(self._meta_path(state, mid))
+        except OSError as exc:
+            log.error("spool: %s could not be withdrawn after a failed accept (%s); it may "
+                      "be delivered although its client was told to try again", mid,
+                      exc.strerror or exc)
+            return
+        _unlink_quietly(self.data_path(mid))
 
     async def _group_commit(self) -> None:
         loop = asyncio.get_running_loop()
@@ -610,13 +655,23 @@ class Spool:
         every recipient is done, so the metadata in active/ goes (the data follows in
         :meth:`remove`, which tolerates this); else ``entry`` replaces it, listing the
         recipients delivered so far. The caller settles the message properly afterwards.
+
+        On a full disk the new file cannot be written, and the outcome cannot be saved
+        until space frees up, which may take a while: then the record is written over the
+        file in place instead (:func:`_overwrite`), where the file's own blocks hold it.
         """
         path = self._meta_path(State.ACTIVE, entry.id)
         if complete:
             os.unlink(path)
             return
+        data = entry.to_json()
         tmp = self.root / "tmp" / f"{entry.id}.json.{os.getpid()}.{time.monotonic_ns()}"
-        _write_synced(tmp, entry.to_json(), sync=False)
+        try:
+            _write_synced(tmp, data, sync=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not _overwrite(path, data):
+                raise
+            return
         try:
             os.replace(tmp, path)
         except BaseException:
@@ -636,14 +691,23 @@ class Spool:
         unlinks leaves orphaned data, which :meth:`recover` removes. ``claimed``: the
         metadata may already be gone because the caller removed it itself
         (:meth:`record_delivered`).
+
+        Once the metadata is gone the message is gone: a data file that cannot be unlinked
+        (a disk error) is logged and left to :meth:`recover`, not raised, since the caller
+        has nothing left to retry and would only mistake it for a failed delivery.
         """
         try:
             os.unlink(self._meta_path(state, entry_id))
-        except FileNotFoundError:
-            if not claimed:
+        except OSError:
+            if not claimed:         # else the caller unlinked it already: this only checks
                 raise
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(self.data_path(entry_id))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("spool: cannot remove the data of %s (%s); the next start removes it",
+                      entry_id, exc.strerror or exc)
         # data/ needs no fsync of its own: data that comes back after a crash has no
         # metadata, and recovery removes it.
         _fsync_dir(self.root / state)

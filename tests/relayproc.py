@@ -110,6 +110,11 @@ class ExchangeThread:
             self._call(fake.stop())
             self._retired.extend(fake.messages)
 
+    def later(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn(*args)`` on the fakes' event loop: FakeExchange is changed (fail_next,
+        drop_next, ...) only there, never from another thread while it serves."""
+        self._loop.call_soon_threadsafe(fn, *args)
+
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
         """Block the fakes' event loop: the kernel still accepts connections, but nothing

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from relay.passwords import hash_password
+from relay.sandbox.exchange import ReceivedMessage
 from tests.relayproc import (
     MAILBOX,
     Harness,
@@ -33,6 +34,7 @@ from tests.relayproc import (
     SendError,
     make_message,
     send_on,
+    subject_of,
     wait_for,
 )
 
@@ -91,6 +93,7 @@ class Load:
     errors_before_kill: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     killed: threading.Event = field(default_factory=threading.Event)
+    kill_times: list[float] = field(default_factory=list)   # time.time() of each SIGKILL
 
     def client(self, port: int, name: str) -> None:
         n = 0
@@ -124,21 +127,47 @@ class Load:
         finally:
             # The flag first, so that the clients' connection errors count as expected.
             self.killed.set()
+            self.kill_times.append(time.time())
             proc.kill()
             for t in threads:
                 t.join(15)
         assert not self.errors_before_kill, self.errors_before_kill
 
 
+@dataclass
+class KillFigures:
+    """What one SIGKILL did. ``unfinished``: queue ids of the messages the upstream had
+    accepted from the killed process that this process had not logged as delivered - those
+    whose data had gone out and whose 250 it had not yet recorded, or had recorded just
+    before the kill. ``duplicates``: queue ids of the messages delivered again after it."""
+
+    unfinished: set[str]
+    duplicates: set[str]
+
+
+DELIVERED_RE = re.compile(r"\[([0-9A-F]{12})\] attempt \d+ delivered")
+RECEIVED_ID_RE = re.compile(rb"^Received:.*?\bid ([0-9A-F]{12})", re.MULTILINE | re.DOTALL)
+
+
+def queue_id_of(data: bytes) -> str:
+    """The relay's queue id, from the Received field it added."""
+    m = RECEIVED_ID_RE.search(data.split(b"\r\n\r\n", 1)[0])
+    assert m is not None, data[:300]
+    return m.group(1).decode()
+
+
 def crash_and_recover(h: Harness, *, kills: int, clients: int,
-                      acks_per_cycle: int) -> dict[str, int]:
+                      acks_per_cycle: int) -> dict[str, Any]:
     load = Load()
     recovered: list[str] = []
+    starts: list[float] = []            # when each relay process was started
     for cycle in range(kills):
+        starts.append(time.time())
         proc = h.start()
         if cycle:
             recovered += [ln for ln in proc.lines if "spool recovered" in ln]
         load.run_until_killed(proc, cycle, clients, acks_per_cycle)
+    starts.append(time.time())
     final = h.start()
     recovered += [ln for ln in final.lines if "spool recovered" in ln]
     wait_for(lambda: load.acked <= set(h.delivered()), 30,
@@ -155,9 +184,27 @@ def crash_and_recover(h: Harness, *, kills: int, clients: int,
     for proc in h.processes:
         assert_no_secrets(h, proc)
     duplicates = {s: n for s, n in delivered.items() if n > 1}
+    # Per kill: what the upstream accepted from the process that was killed, against what
+    # that process logged as delivered; a message delivered twice was first delivered by
+    # the process that was killed, then again by the next one.
+    first: dict[str, ReceivedMessage] = {}
+    for msg in h.exchange.messages:
+        first.setdefault(subject_of(msg.data) or "", msg)
+    per_kill = []
+    for i, proc in enumerate(h.processes[:kills]):
+        logged = set(DELIVERED_RE.findall(proc.log))
+        stored = {queue_id_of(m.data) for m in h.exchange.messages
+                  if starts[i] <= m.received_at < starts[i + 1]}
+        per_kill.append(KillFigures(
+            unfinished=stored - logged,
+            duplicates={queue_id_of(first[s].data) for s in duplicates
+                        if starts[i] <= first[s].received_at < starts[i + 1]}))
     report = {"acknowledged": len(load.acked), "attempted": len(load.attempted),
               "delivered": len(delivered), "duplicates": sum(n - 1 for n in duplicates.values()),
-              "unacknowledged_delivered": len(set(delivered) - load.acked)}
+              "unacknowledged_delivered": len(set(delivered) - load.acked),
+              "acknowledged_delivered_times": dict(sorted(collections.Counter(
+                  delivered[s] for s in load.acked).items())),
+              "per_kill": per_kill}
     print(f"crash test: {report}; recovery: {recovered}")
     return report
 
@@ -171,6 +218,29 @@ def test_sigkill_loses_no_acknowledged_message(h: Harness) -> None:
 def test_sigkill_under_load_three_times(h: Harness) -> None:
     report = crash_and_recover(h, kills=3, clients=6, acks_per_cycle=150)
     assert report["acknowledged"] >= 450
+
+
+@pytest.mark.slow
+def test_sigkill_duplicates_are_only_the_messages_in_flight(h: Harness) -> None:
+    """A message is delivered twice only if the kill came between the moment its data had
+    all gone to the upstream and the moment the relay recorded the upstream's 250 (the
+    README's window): at most one message per upstream session, and there are at most
+    delivery.mailbox_limits.max_sessions of those per mailbox."""
+    max_sessions = h.config["delivery"]["mailbox_limits"]["max_sessions"]
+    report = crash_and_recover(h, kills=6, clients=8, acks_per_cycle=120)
+    times = report["acknowledged_delivered_times"]
+    kills = report["per_kill"]
+    print(f"{report['acknowledged']} acknowledged messages delivered 0/1/2 times: "
+          f"{times.get(0, 0)}/{times.get(1, 0)}/{times.get(2, 0)}; duplicates per kill: "
+          f"{[len(k.duplicates) for k in kills]}; accepted upstream but not yet logged as "
+          f"delivered at each kill: {[len(k.unfinished) for k in kills]}")
+    assert times.get(0, 0) == 0                                 # none lost
+    assert set(times) <= {1, 2}
+    assert len(kills) == 6
+    for k in kills:
+        assert len(k.duplicates) <= max_sessions, kills
+        assert k.duplicates <= k.unfinished, kills    # only what was in its last step
+    assert report["duplicates"] == sum(len(k.duplicates) for k in kills)
 
 
 def test_a_port_in_use_is_a_clear_start_up_failure(make_harness: HarnessFactory) -> None:

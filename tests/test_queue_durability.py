@@ -573,3 +573,132 @@ async def test_a_file_that_cannot_be_set_aside_is_passed_over(
         await wait_until(lambda: deliverer.calls == [(good.id, ["a@example.com"])])
     finally:
         await queue.stop(1)
+
+
+async def test_the_queue_leaves_a_message_alone_until_its_accept_is_done(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message's files are in incoming/ before the directories are synced; a failed sync
+    takes them out again (its client is told 4xx and sends it again). The dispatcher,
+    looking at incoming/ in between, must not have taken it for delivery."""
+    deliverer = ScriptedDeliverer()
+    queue, spool = scripted_queue(tmp_path, deliverer)
+    await queue.start()
+    loop = asyncio.get_running_loop()
+    real_sync = Spool._sync_dirs
+
+    def sync_dirs(self: Spool) -> None:
+        loop.call_soon_threadsafe(queue._wakeup.set)   # the dispatcher looks now...
+        time.sleep(0.3)
+        raise OSError(errno.EIO, "Input/output error")  # ...and the sync fails
+
+    monkeypatch.setattr(Spool, "_sync_dirs", sync_dirs)
+    try:
+        with pytest.raises(OSError):
+            await queue.submit(outbound())
+        monkeypatch.setattr(Spool, "_sync_dirs", real_sync)
+        await asyncio.sleep(0.3)
+        assert deliverer.calls == []
+        assert sum(spool.count(s) for s in State) == 0
+    finally:
+        await queue.stop(1)
+
+
+async def test_a_retry_whose_take_failed_is_tried_again_soon(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only after the dispatcher's idle poll (10 s): it is due now."""
+    monkeypatch.setattr(queue_module, "BACKOFF_MIN_KEEP", 0.05)
+    deliverer = ScriptedDeliverer()
+    queue, spool = scripted_queue(tmp_path, deliverer)
+    _deferred(spool, time.time() - 1)
+    real = Spool.move
+    refused: list[str] = []
+
+    def move(self: Spool, entry: Entry, src: State, dst: State, **kw: bool) -> None:
+        if dst is State.ACTIVE and not refused:
+            refused.append(entry.id)
+            raise OSError(errno.EIO, "Input/output error")
+        real(self, entry, src, dst, **kw)
+
+    monkeypatch.setattr(Spool, "move", move)
+    await queue.start()
+    try:
+        await wait_until(lambda: deliverer.calls, within=3)
+        assert refused
+    finally:
+        await queue.stop(1)
+
+
+async def test_a_deferral_whose_directory_sync_failed_is_retried_on_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rename into deferred/ happened, the fsync after it failed: the attempt breaks
+    down, finds the message gone from active/, and must still see it retried when due
+    (0.2 s here), not after the dispatcher's idle poll (10 s)."""
+    deliverer = ScriptedDeliverer(Reply(451, "4.4.0 try later"))
+    queue, spool = scripted_queue(tmp_path, deliverer)
+    real_fsync = spool_module._fsync_dir
+    failed: list[Path] = []
+
+    def fsync_dir(path: Path) -> None:
+        if path.name == "deferred" and deliverer.calls and not failed:
+            failed.append(path)
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(path)
+
+    monkeypatch.setattr(spool_module, "_fsync_dir", fsync_dir)
+    await queue.start()
+    try:
+        await queue.submit(outbound())
+        await wait_until(lambda: failed)
+        deliverer.reply = Reply(250, "2.0.0 Ok")
+        await wait_until(lambda: len(deliverer.calls) == 2, within=3)
+        await wait_until(lambda: sum(spool.count(s) for s in State) == 0)
+    finally:
+        await queue.stop(1)
+
+
+class PartialDeliverer:
+    """The upstream takes ok@ and refuses bad@ for good, and says so through
+    ``on_accepted`` the moment its 250 arrives, as UpstreamSession does."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    async def deliver(self, msg: Outbound, *, on_accepted: Any = None,
+                      **_: object) -> DeliveryResult:
+        self.calls.append(list(msg.rcpt_tos))
+        accepted = [r for r in msg.rcpt_tos if r != "bad@example.com"]
+        refused = {r: Reply(550, "5.1.1 User unknown") for r in msg.rcpt_tos
+                   if r not in accepted}
+        if accepted and on_accepted is not None:
+            on_accepted(accepted)
+        return DeliveryResult(Reply(250, "2.0.0 Ok"), accepted, refused)
+
+
+async def test_a_partial_delivery_is_recorded_on_a_full_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Delivered to one recipient while the disk is full: the record of it must reach
+    active/ all the same, or a crash before space frees up (the outcome cannot be saved
+    meanwhile) sends the message to that recipient again."""
+    deliverer = PartialDeliverer()
+    queue, spool = scripted_queue(tmp_path, deliverer)  # type: ignore[arg-type]
+    msg = outbound()
+    msg.rcpt_tos = ["ok@example.com", "bad@example.com"]
+    await queue.submit(msg)                 # spooled; no attempt before start()
+    real_write, root = os.write, str(spool.root.resolve()) + "/"
+
+    def write(fd: int, data: Any) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(root):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    await queue.start()
+    try:
+        await wait_until(lambda: deliverer.calls)
+        await asyncio.sleep(0.2)            # the outcome cannot be saved: it stays in active/
+        meta = spool.root / "active" / f"{msg.id}.json"
+        assert Entry.from_json(meta.read_bytes(), meta.name).delivered == ["ok@example.com"]
+    finally:
+        monkeypatch.setattr(os, "write", real_write)
+        await queue.stop(2)
+    assert deliverer.calls[1:] in ([], [["bad@example.com"]])

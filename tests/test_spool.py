@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from relay import queuectl
+from relay import spool as spool_module
 from relay.spool import Entry, Spool, SpoolBusy, SpoolError, State, filesystem_type
 
 
@@ -121,6 +123,74 @@ def test_remove_deletes_data(spool: Spool) -> None:
     spool.remove("GONE", State.ACTIVE)
     assert spool.locate("GONE") is None
     assert not spool.data_path("GONE").exists()
+
+
+def _eio(*_: object) -> None:
+    raise OSError(errno.EIO, "Input/output error")
+
+
+async def test_an_accept_whose_directory_sync_fails_leaves_nothing_behind(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files are renamed into place before the directories are synced. If the sync
+    fails the client is told 4xx and sends the message again: the first copy must go, or
+    it would be delivered as well."""
+    monkeypatch.setattr(spool_module, "_fsync_dir", _eio)
+    with pytest.raises(OSError):
+        await spool.accept(entry("SYNC"), b"data")
+    monkeypatch.undo()
+    assert spool.locate("SYNC") is None
+    assert not spool.data_path("SYNC").exists()
+    assert list((spool.root / "tmp").iterdir()) == []
+    await spool.close()
+
+
+def test_a_delivery_record_on_a_full_disk_is_written_in_place(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No space for a new file: the record goes over the file in active/ itself, where its
+    own blocks hold it, as long as one page write does it (else the error stands)."""
+    def full(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    few, many = entry("FEW"), entry("MANY")
+    few.rcpt_tos = ["a@b.c", "d@e.f"]
+    many.rcpt_tos = [f"recipient-{i}@example.com" for i in range(200)]
+    for e in (few, many):
+        spool._store(e, b"data", State.ACTIVE)
+    monkeypatch.setattr(spool_module, "_write_synced", full)
+    few.delivered = ["a@b.c"]
+    spool.record_delivered(few, complete=False)
+    assert spool.read(State.ACTIVE, "FEW.json").delivered == ["a@b.c"]
+    many.delivered = many.rcpt_tos[:150]
+    with pytest.raises(OSError, match="No space"):
+        spool.record_delivered(many, complete=False)
+    assert spool.read(State.ACTIVE, "MANY.json").delivered == []     # untouched
+    assert list((spool.root / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("failing", [".json", ".eml"])
+def test_removing_a_recorded_delivery_goes_on_past_a_disk_error(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        failing: str) -> None:
+    """record_delivered has unlinked the metadata (the message is done): an error from
+    unlinking it again (.json) or its data (.eml) must not make the delivered message look
+    like a failed attempt. Data left behind goes at the next start."""
+    spool._store(entry("DONE"), b"1", State.ACTIVE)
+    spool.record_delivered(entry("DONE"), complete=True)
+    real_unlink = os.unlink
+
+    def unlink(path: Any, *args: Any, **kw: Any) -> None:
+        if os.fspath(path).endswith(failing):
+            _eio()
+        real_unlink(path, *args, **kw)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    spool.remove("DONE", State.ACTIVE, claimed=True)
+    monkeypatch.undo()
+    assert spool.locate("DONE") is None
+    if failing == ".eml":
+        assert "cannot remove the data of DONE" in caplog.text
+        assert spool.recover()["orphans"] == 1
+    assert not spool.data_path("DONE").exists()
 
 
 def test_unwritable_spool_is_refused(tmp_path: Path) -> None:
