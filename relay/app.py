@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import signal
 import time
@@ -208,8 +209,8 @@ class Relay:
             # Keep handling signals until the drain is over: a default SIGHUP or SIGUSR1
             # handler would kill the process half-way through it.
             for sig in (signal.SIGHUP, signal.SIGUSR1):
-                loop.add_signal_handler(sig, lambda s=sig: log.warning(
-                    "%s ignored: shutting down", signal.Signals(s).name))
+                loop.add_signal_handler(sig, functools.partial(
+                    log.warning, "%s ignored: shutting down", sig.name))
             try:
                 await self.stop(grace=self.config.delivery.shutdown_timeout)
             finally:

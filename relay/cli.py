@@ -299,15 +299,15 @@ def cmd_queue(args: argparse.Namespace) -> int:
             return EX_OK
         if action == "flush":
             try:
-                done = queuectl.flush(spool)
+                flushed = queuectl.flush(spool)
             except (queuectl.QueueCommandError, OSError) as exc:
                 _err(f"error: {exc}")
                 temporary = isinstance(exc, queuectl.QueueCommandError) and exc.temporary
                 return EX_TEMPFAIL if temporary else EX_FAIL
             if args.json:
-                print(json.dumps({"action": action, "done": done, "skipped": []}, indent=2))
+                print(json.dumps({"action": action, "done": flushed, "skipped": []}, indent=2))
             else:
-                print(f"{len(done)} deferred message(s) due now")
+                print(f"{len(flushed)} deferred message(s) due now")
             return EX_OK
         if not args.ids:
             _err(f"error: queue {action} needs one or more message ids")

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage, Message, MIMEPart
 from email.parser import BytesHeaderParser
+from typing import cast
 
 from relay.classify import classify
 from relay.message import Reply
@@ -131,11 +132,11 @@ def build_dsn(*, reporting_mta: str, sender_mailbox: str, to: str, original_head
     human.set_content("\n".join(text) + "\n")
     status = MIMEPart(policy=_POLICY)
     status["Content-Type"] = "message/delivery-status"
-    status.set_payload(blocks)
+    status.set_payload(list[Message | str](blocks))
     headers = MIMEPart(policy=_POLICY)
     headers.set_content(_header_block(original_headers), subtype="rfc822-headers")
     for part in (human, status, headers):
-        report.attach(part)
+        report.attach(cast(EmailMessage, part))   # a part, not a whole message: no MIME-Version
     return report.as_bytes(policy=_OUTPUT)
 
 

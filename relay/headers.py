@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from email.headerregistry import Address, BaseHeader
 from email.policy import SMTP, SMTPUTF8, EmailPolicy
 from email.policy import default as _default_policy
+from typing import Any
 
 __all__ = [
     "Address",
@@ -73,7 +74,7 @@ SENDER_FIELDS = ("From", "Sender", "Resent-From", "Resent-Sender")
 # (100 kB of "x " takes it 16 s), and nothing legitimate comes near this.
 MAX_SENDER_FIELDS_SIZE = 8192
 
-_POLICIES: dict[tuple[bytes, bool], EmailPolicy] = {
+_POLICIES: dict[tuple[bytes, bool], EmailPolicy[Any]] = {
     (b"\r\n", False): SMTP,
     (b"\n", False): SMTP.clone(linesep="\n"),
     (b"\r\n", True): SMTPUTF8,

@@ -65,7 +65,8 @@ class _ContextFilter(logging.Filter):
 
 
 class TextFormatter(logging.Formatter):
-    converter = time.gmtime
+    # UTC, whatever the machine's time zone (the Z in the format says so).
+    converter = staticmethod(time.gmtime)
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s.%(msecs)03dZ %(levelname)-7s %(name)s [%(msgid)s] "

@@ -16,7 +16,7 @@ import contextlib
 import os
 import re
 import secrets as _random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,7 +108,7 @@ class Content:
         where = str(self.path) if self.path is not None else "memory"
         return f"Content({where}, {self.size} bytes)"
 
-    async def chunks(self, size: int = CHUNK) -> AsyncIterator[bytes]:
+    async def chunks(self, size: int = CHUNK) -> AsyncGenerator[bytes, None]:
         """The bytes, ``size`` at a time; file reads happen in a worker thread."""
         if self._data is not None:
             for start in range(0, len(self._data), size):

@@ -235,9 +235,9 @@ class SessionPool:
     async def _acquire(self, key: str, box: _Box, mailbox: str, token: HasAccessToken,
                        fresh: bool) -> tuple[_Conn, bool]:
         box.token = token
-        for conn in [c for c in box.idle if not c.session.authenticated_as(mailbox, token)]:
-            box.idle.remove(conn)
-            self._retire(key, box, conn, "the token changed" if conn.session.is_open
+        for stale in [c for c in box.idle if not c.session.authenticated_as(mailbox, token)]:
+            box.idle.remove(stale)
+            self._retire(key, box, stale, "the token changed" if stale.session.is_open
                          else "closed by the upstream")
         conn = await self._reserve(key, box)
         try:

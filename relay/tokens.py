@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 import msal
@@ -302,13 +302,13 @@ class _EntraSession(requests.Session):
         self.mount("http://", adapter)
 
     def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any,
-                                   cert: Any) -> dict[str, Any]:
+                                   cert: Any) -> Any:
         settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
         if self._ca_file:
             settings["verify"] = self._ca_file
         return settings
 
-    def request(self, method: str | bytes, url: str | bytes,  # type: ignore[override]
+    def request(self, method: str | bytes, url: str | bytes,
                 *args: Any, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self._timeout)
         return super().request(method, url, *args, **kwargs)
@@ -421,7 +421,7 @@ class TokenProvider:
     # --- fetching --------------------------------------------------------------------------
 
     @staticmethod
-    def _usable(token: Token | None, now: float) -> bool:
+    def _usable(token: Token | None, now: float) -> TypeGuard[Token]:
         return token is not None and token.expires_in(now) > MIN_USABLE
 
     def _shared_fetch(self) -> asyncio.Future[Token]:
@@ -461,11 +461,11 @@ class TokenProvider:
                       "error_description": "the token endpoint returned no JSON object"}
         access_token = result.get("access_token")
         if not access_token:
-            exc = TokenError(f"credential {self.name!r}: " + explain_entra_error(result),
-                             code=_entra_code(result),
-                             transient=str(result.get("error")) in _TRANSIENT_ERRORS)
-            self._failed(exc)
-            raise exc
+            refused = TokenError(f"credential {self.name!r}: " + explain_entra_error(result),
+                                 code=_entra_code(result),
+                                 transient=str(result.get("error")) in _TRANSIENT_ERRORS)
+            self._failed(refused)
+            raise refused
         redact(access_token)
         try:
             lifetime = float(result.get("expires_in", 0))

@@ -411,14 +411,14 @@ class RelayHandler:
                                        else None)
         if refusal is not None:
             incoming.discard()
-            reply = refusal.split("\r\n")[-1]
+            last_line = refusal.split("\r\n")[-1]
             log.warning("message refused: client=%s user=%s sender=%s size=%d reply=%s",
                         session.client_ip, session.user, _path(envelope.mail_from or ""),
-                        received.size, reply,
+                        received.size, last_line,
                         extra={"event": "refused", "client": session.client_ip,
                                "user": session.user, "profile": envelope.profile,
                                "sender": envelope.mail_from, "size": received.size,
-                               "reply": reply})
+                               "reply": last_line})
             return refusal
         if incoming.failure is not None:
             exc = incoming.failure

@@ -461,7 +461,7 @@ class _ExchangeSMTP(SMTP):
                 await self.push("501 5.5.2 Cannot Decode response")
                 return None
         response = await self.challenge_auth(challenge, encode_to_b64=False)
-        return None if response is MISSING else response  # type: ignore[return-value]
+        return None if response is MISSING else response
 
     def _auth_done(self, mechanism: str, initial: bool, mailbox: str | None,
                    reply: str) -> None:
@@ -498,7 +498,8 @@ class _ExchangeSMTP(SMTP):
         else:
             assert self.session is not None
             self.session.authenticated = True
-            self.session.auth_data = mailbox
+            # aiosmtpd declares auth_data as None-only; it holds what the login proved.
+            self.session.auth_data = mailbox  # type: ignore[assignment]
             reply = "235 2.7.0 Authentication successful"
         self._auth_done("XOAUTH2", bool(initial), mailbox, reply)
         await self.push(reply)

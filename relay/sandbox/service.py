@@ -14,7 +14,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from relay.config import Config, Credential, Upstream
+from relay.config import Config, Credential, SecretRef, Upstream
 from relay.sandbox.entra import FakeEntra
 from relay.sandbox.exchange import FakeExchange
 from relay.sandbox.pki import create_pki
@@ -63,7 +63,7 @@ class Sandbox:
             credentials[name] = Credential(
                 tenant_id=cred.tenant_id, client_id=cred.client_id, cloud=cred.cloud,
                 authority=self.entra.url, scope=cred.scopes[0],
-                client_secret={"value": secret}, ca_file=self._pki.ca_file,
+                client_secret=SecretRef(value=secret), ca_file=self._pki.ca_file,
                 refresh_before=cred.refresh_before, secret_expires=cred.secret_expires)
         upstream = Upstream(host=self.exchange.host, port=self.exchange.port, tls="starttls",
                             ca_file=self._pki.ca_file, timeout=30)
