@@ -72,8 +72,6 @@ _ENHANCED_REPLIES = {
         "530 5.7.0 Must issue a STARTTLS command first",
     "552 Error: message size exceeds fixed maximum message size":
         "552 5.3.4 Message size exceeds fixed maximum message size",
-    "552 Error: Too much mail data":
-        "552 5.3.4 Message size exceeds fixed maximum message size",
     "500 Command line too long": "500 5.5.2 Command line too long",
     "503 Error: send HELO first": "503 5.5.1 Error: send HELO/EHLO first",
     "503 Error: send EHLO first": "503 5.5.1 Error: send EHLO first",
