@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.passwords import PasswordVerifier, hash_password
+from relay.receive.passwords import PasswordVerifier, hash_password
 
 PASSWORD = b"correct horse battery staple"
 

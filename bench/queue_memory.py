@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.spool import Entry, Spool, State
+from relay.spool.store import Entry, Spool, State
 
 
 def fill(spool: Spool, count: int) -> None:
@@ -45,7 +45,7 @@ def fill(spool: Spool, count: int) -> None:
 async def child(count: int, seconds: float) -> dict[str, float]:
     from relay.app import Relay
     from relay.config import parse_config
-    from relay.log import setup_logging
+    from relay.core.log import setup_logging
 
     setup_logging("error")
     with tempfile.TemporaryDirectory() as tmp:

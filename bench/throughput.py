@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from relay.app import Relay
 from relay.config import parse_config
-from relay.log import setup_logging
+from relay.core.log import setup_logging
 from relay.sandbox.service import Sandbox
 
 

@@ -17,18 +17,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from relay import notify
+from relay.accept.route import Router
 from relay.config import Config, ConfigError
-from relay.deliver import Deliverer
-from relay.http import HttpEndpoint
-from relay.message import Outbound, Reply
-from relay.metrics import RelayMetrics
-from relay.passwords import PasswordVerifier
-from relay.queue import Queue
+from relay.core.message import Outbound, Reply
+from relay.deliver.deliverer import Deliverer
+from relay.oauth.tokens import Tokens
+from relay.ops import notify as notify
+from relay.ops.http import HttpEndpoint
+from relay.ops.metrics import RelayMetrics
+from relay.queue.manager import Queue
 from relay.receive import Receiver
-from relay.route import Router
-from relay.spool import Spool
-from relay.tokens import Tokens
+from relay.receive.passwords import PasswordVerifier
+from relay.spool.store import Spool
 
 log = logging.getLogger(__name__)
 

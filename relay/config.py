@@ -30,8 +30,8 @@ from pydantic import (
     model_validator,
 )
 
-from relay import secrets
-from relay.secrets import Secret
+from relay.core import secrets as secrets
+from relay.core.secrets import Secret
 
 DEFAULT_CONFIG_PATH = Path("/etc/smtp-oauth-relay/config.yaml")
 
@@ -114,7 +114,7 @@ def _check_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 
 def _check_password_hash(value: str) -> str:
-    from relay.passwords import check_hash_format
+    from relay.receive.passwords import check_hash_format
 
     check_hash_format(value)
     return value
@@ -196,7 +196,7 @@ class SecretRef(_Model):
         return "inline value"
 
     def resolve(self) -> Secret:
-        """Read the secret now; raises :class:`relay.secrets.SecretSourceError`."""
+        """Read the secret now; raises :class:`relay.core.secrets.SecretSourceError`."""
         if self.env:
             return Secret(secrets.read_env(self.env))
         if self.file:

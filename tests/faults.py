@@ -37,7 +37,7 @@ from aiosmtplib.protocol import SMTPProtocol
 from relay.app import Relay
 from relay.receive.session import RelaySMTP
 from relay.sandbox.exchange import ReceivedMessage
-from relay.spool import Spool, State
+from relay.spool.store import Spool, State
 
 FAULTS = ("EIO", "ENOSPC", "crash")
 CLIENT_TIMEOUT = 20.0

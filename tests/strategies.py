@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from hypothesis import settings
 from hypothesis import strategies as st
 
+from relay.accept.headers import SENDER_FIELDS, RawMessage
+from relay.accept.policy import is_permitted
 from relay.config import Profile, parse_config
-from relay.headers import SENDER_FIELDS, RawMessage
-from relay.message import LINE_BREAK
-from relay.policy import is_permitted
+from relay.core.message import LINE_BREAK
 
 MAILBOX = "relay@contoso.com"
 SEND_AS = ["*@alerts.contoso.com", "noreply@contoso.com"]

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
+from relay.accept.route import Router
 from relay.config import Config
-from relay.passwords import PasswordVerifier
 from relay.receive import Receiver
-from relay.route import Router
+from relay.receive.passwords import PasswordVerifier
 from tests.conftest import PASSWORDS, build_config
 from tests.test_guard import Clock
 from tests.test_receive import (  # noqa: F401  (_close_clients: autouse fixture)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from relay.classify import TABLE, Action, Verdict, classify
-from relay.message import Reply
+from relay.core.message import Reply
+from relay.deliver.classify import TABLE, Action, Verdict, classify
 
 A = Action
 # (code, text, action, alert, words the explanation must contain)

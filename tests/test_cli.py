@@ -20,7 +20,7 @@ import pytest
 
 from relay import __version__
 from relay.app import Relay
-from relay.passwords import PasswordVerifier
+from relay.receive.passwords import PasswordVerifier
 from relay.sandbox.service import Sandbox
 from tests.conftest import PASSWORDS, address
 
@@ -202,7 +202,7 @@ async def test_token_warns_about_what_exchange_will_refuse(
 
 
 def test_run_refuses_a_spool_on_tmpfs_without_a_traceback(tmp_path: Path) -> None:
-    from relay.spool import filesystem_type
+    from relay.spool.store import filesystem_type
 
     if filesystem_type(Path("/dev/shm")) != "tmpfs":
         pytest.skip("/dev/shm is not a tmpfs on this machine")

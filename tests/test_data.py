@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from relay.message import CHUNK
+from relay.core.message import CHUNK
 from relay.receive.data import DataReader, Limits, MemoryBudget, Received
 
 LIMITS = Limits(max_message_size=10_000_000, max_line_length=1000, max_header_size=4096,

@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
-from relay import log as relay_log
 from relay.cli import main
+from relay.core import log as relay_log
 from relay.sandbox.pki import create_pki
 from relay.sandbox.service import Sandbox
 from tests.relayproc import merge

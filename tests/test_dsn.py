@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from relay.dsn import build_dsn, is_auto_reply
-from relay.message import Reply
+from relay.core.message import Reply
+from relay.queue.dsn import build_dsn, is_auto_reply
 
 ORIGINAL = (b"From: App <app@contoso.com>\r\nTo: bob@example.net\r\nSubject: Invoice 42\r\n"
             b"Message-ID: <orig-1@contoso.com>\r\n\r\nconfidential body text\r\n")

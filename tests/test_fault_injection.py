@@ -26,12 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from relay import queue as queue_module
 from relay.app import Relay
 from relay.config import Config
-from relay.queue import GOVERNOR_FILE
+from relay.queue import manager as queue_module
+from relay.queue.manager import GOVERNOR_FILE
 from relay.sandbox.service import Sandbox
-from relay.spool import Spool, State
+from relay.spool.store import Spool, State
 from tests.conftest import build_config
 from tests.faults import (
     FAULTS,

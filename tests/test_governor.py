@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.governor import DAY, SLOT_RETRY, UNKNOWN_QUOTA_PAUSE, Governor, Limits
+from relay.queue.governor import DAY, SLOT_RETRY, UNKNOWN_QUOTA_PAUSE, Governor, Limits
 
 MBX = "relay@contoso.com"
 

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from relay.headers import (
+from relay.accept.headers import (
     Address,
     HeaderBlock,
     HeaderError,

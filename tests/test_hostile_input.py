@@ -20,7 +20,7 @@ import pytest
 
 from relay.app import Relay
 from relay.sandbox.service import Sandbox
-from relay.spool import State
+from relay.spool.store import State
 from tests.conftest import RelayFactory, address, build_config, wait_until
 from tests.test_receive import Client, _close_clients  # noqa: F401  (autouse fixture)
 
@@ -251,7 +251,7 @@ async def test_one_pathological_message_does_not_hold_up_other_clients(
 async def test_a_failed_write_leaves_nothing_behind_and_the_next_message_goes_through(
         start_relay: RelayFactory, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from relay import spool as spool_module
+    from relay.spool import store as spool_module
     relay = await start_relay(REWRITE)
     real = spool_module._write_all
     full = [True]
@@ -331,7 +331,7 @@ async def test_a_malformed_record_goes_to_corrupt_and_the_rest_is_delivered(
 
 
 async def test_spool_directories_are_private(tmp_path: Path) -> None:
-    from relay.spool import Spool
+    from relay.spool.store import Spool
 
     root = tmp_path / "spool"
     root.mkdir(mode=0o755)

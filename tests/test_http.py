@@ -23,9 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.app import Relay
 from relay.config import Config
-from relay.http import MAX_CONNECTIONS, _Connections
-from relay.message import Reply
-from relay.metrics import RelayMetrics, _CertificateDates
+from relay.core.message import Reply
+from relay.ops.http import MAX_CONNECTIONS, _Connections
+from relay.ops.metrics import RelayMetrics, _CertificateDates
 from relay.sandbox.pki import create_pki
 from relay.sandbox.service import Sandbox
 from tests.conftest import RelayFactory, address, build_config, wait_until

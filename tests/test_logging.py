@@ -5,7 +5,7 @@ A relay runs end to end at DEBUG, with the real handler and formatter from
 handles secrets: AUTH PLAIN and LOGIN (good and bad passwords), token fetches, a token
 refresh after Exchange rejected the cached one, Entra ID errors and upstream failures.
 Then the whole output is searched for every secret that went by. The formatter's
-scrubber (relay.log.redact) is only the last line of defence: a ``[REDACTED]`` in the
+scrubber (relay.core.log.redact) is only the last line of defence: a ``[REDACTED]`` in the
 output means some code path tried to log a secret, which fails the test as well.
 
 The JSON run also checks that every message-stage line carries its fields as keys.
@@ -26,9 +26,9 @@ import aiosmtplib
 import pytest
 
 from relay.app import Relay
-from relay.log import _NOISY, setup_logging
+from relay.core.log import _NOISY, setup_logging
 from relay.sandbox.service import Sandbox
-from relay.spool import State
+from relay.spool.store import State
 from tests.conftest import PASSWORDS, address, build_config, wait_until
 
 WRONG_PASSWORD = "not-the-password-Q7x"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import notify
+from relay.ops import notify as notify
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,7 +115,7 @@ def test_unreachable_socket_warns_once_and_never_raises(
         clean_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     clean_env.setenv("NOTIFY_SOCKET", "/nonexistent/notify")
     clean_env.setattr(notify, "_warned", False)
-    with caplog.at_level(logging.DEBUG, logger="relay.notify"):
+    with caplog.at_level(logging.DEBUG, logger="relay.ops.notify"):
         assert notify.ready() is False
         assert notify.ready() is False
     levels = [r.levelno for r in caplog.records]

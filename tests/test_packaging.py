@@ -30,8 +30,9 @@ from typing import Any, ClassVar
 import pytest
 import yaml
 
-from relay import __version__, healthcheck
+from relay import __version__
 from relay.config import DEFAULT_CONFIG_PATH, Config, Delivery, parse_config
+from relay.ops import healthcheck as healthcheck
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "smtp-oauth-relay.service"

@@ -8,15 +8,15 @@ import random
 
 import pytest
 
-from relay.config import Profile, parse_config
-from relay.headers import RawMessage
-from relay.policy import (
+from relay.accept.headers import RawMessage
+from relay.accept.policy import (
     PolicyRejected,
     PolicyResult,
     apply_sender_policy,
     check_envelope_sender,
     is_permitted,
 )
+from relay.config import Profile, parse_config
 
 MAILBOX = "relay@contoso.com"
 _CONFIG = parse_config({

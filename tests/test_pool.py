@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 
 from relay.config import Config
-from relay.deliver import Deliverer
-from relay.message import Content, Outbound, new_message_id
-from relay.pool import SessionPool
+from relay.core.message import Content, Outbound, new_message_id
+from relay.deliver.deliverer import Deliverer
+from relay.deliver.pool import SessionPool
+from relay.deliver.upstream import UpstreamClient
+from relay.oauth.tokens import TokenProvider, Tokens
 from relay.sandbox.exchange import FakeExchange
 from relay.sandbox.service import SANDBOX_UPSTREAM, Sandbox
-from relay.tokens import TokenProvider, Tokens
-from relay.upstream import UpstreamClient
 from tests.conftest import build_config, wait_until
 
 MAILBOX = "relay@contoso.com"
@@ -149,7 +149,7 @@ async def test_idle_session_with_an_old_token_is_not_reused_by_concurrent_caller
 
 async def test_session_closed_by_upstream_while_idle_is_replaced(
         env: Env, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="relay.pool")
+    caplog.set_level(logging.DEBUG, logger="relay.deliver.pool")
     pool = env.pool()
     token = await env.provider.get()
     assert (await pool.send(message(), MAILBOX, token)).reply.ok
@@ -164,7 +164,7 @@ async def test_session_closed_by_upstream_while_idle_is_replaced(
 
 async def test_dead_idle_session_found_by_rset_is_replaced(
         env: Env, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="relay.pool")
+    caplog.set_level(logging.DEBUG, logger="relay.deliver.pool")
     pool = env.pool(check_after=0)
     token = await env.provider.get()
     assert (await pool.send(message(), MAILBOX, token)).reply.ok

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from relay.headers import RawMessage, received_header
-from relay.policy import PolicyRejected, PolicyResult, is_permitted
+from relay.accept.headers import RawMessage, received_header
+from relay.accept.policy import PolicyRejected, PolicyResult, is_permitted
 from relay.receive.data import HAS_NUL, DataReader, Limits, Received
 from relay.receive.handler import prepare_headers
 from tests.strategies import (

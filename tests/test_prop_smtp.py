@@ -34,9 +34,9 @@ import pytest
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
-from relay.headers import RawMessage
-from relay.log import _NOISY, JsonFormatter
-from relay.policy import is_permitted
+from relay.accept.headers import RawMessage
+from relay.accept.policy import is_permitted
+from relay.core.log import _NOISY, JsonFormatter
 from relay.receive import Receiver
 from tests.conftest import PASSWORDS, build_config
 from tests.strategies import (
@@ -362,7 +362,7 @@ class LogCapture(logging.Handler):
 
 @contextlib.contextmanager
 def captured_logs() -> Iterator[LogCapture]:
-    """The log as ``logging.level: debug`` makes it (relay.log.setup_logging): every
+    """The log as ``logging.level: debug`` makes it (relay.core.log.setup_logging): every
     level of the relay's own loggers, the libraries' protocol loggers from WARNING up."""
     capture = LogCapture()
     root = logging.getLogger()

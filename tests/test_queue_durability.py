@@ -19,16 +19,16 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from relay import queue as queue_module
-from relay import queuectl
-from relay import spool as spool_module
 from relay.app import Relay
-from relay.deliver import Deliverer
-from relay.message import Content, DeliveryResult, Outbound, Reply, new_message_id
-from relay.queue import Queue
+from relay.core.message import Content, DeliveryResult, Outbound, Reply, new_message_id
+from relay.deliver.deliverer import Deliverer
+from relay.oauth.tokens import Tokens
+from relay.queue import manager as queue_module
+from relay.queue.manager import Queue
 from relay.sandbox.service import Sandbox
-from relay.spool import Entry, Spool, State
-from relay.tokens import Tokens
+from relay.spool import ctl as queuectl
+from relay.spool import store as spool_module
+from relay.spool.store import Entry, Spool, State
 from tests.conftest import address, build_config, wait_until
 
 MESSAGE = b"From: app@contoso.com\r\nTo: a@example.com\r\nSubject: durable\r\n\r\nbody\r\n"
@@ -522,7 +522,7 @@ async def test_new_mail_and_retries_take_turns(tmp_path: Path) -> None:
 
 def test_a_crash_while_setting_aside_loses_nothing(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from relay.metrics import scan_spool
+    from relay.ops.metrics import scan_spool
 
     spool = Spool(tmp_path / "spool")
     spool.open(on_tmpfs="warn")

@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 
-from relay import cli, queuectl
+from relay import cli
 from relay.app import Relay
 from relay.sandbox.service import Sandbox
-from relay.spool import Entry, Spool, State
+from relay.spool import ctl as queuectl
+from relay.spool.store import Entry, Spool, State
 from tests.conftest import build_config, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,7 +257,7 @@ def test_a_second_operator_waits_for_the_lock_and_kill_9_releases_it(
     q.add("LCK1", State.HOLD)
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time\nfrom pathlib import Path\nfrom relay.spool import Spool\n"
+         "import sys, time\nfrom pathlib import Path\nfrom relay.spool.store import Spool\n"
          "with Spool(Path(sys.argv[1])).operator_lock():\n"
          "    print('locked', flush=True)\n    time.sleep(60)\n", str(q.spool.root)],
         stdout=subprocess.PIPE, text=True, cwd=ROOT)

@@ -19,12 +19,12 @@ import aiosmtplib
 import yaml
 
 from relay.app import Relay
-from relay.classify import Problem, classify
 from relay.config import Config
-from relay.log import redact
-from relay.message import Reply
-from relay.metrics import Hooks
-from relay.profilehealth import LOGIN_REFUSALS, SEND_AS_DENIALS, ProfileHealth
+from relay.core.log import redact
+from relay.core.message import Reply
+from relay.deliver.classify import Problem, classify
+from relay.ops.metrics import Hooks
+from relay.ops.profilehealth import LOGIN_REFUSALS, SEND_AS_DENIALS, ProfileHealth
 from relay.sandbox.service import Sandbox
 from tests.conftest import RelayFactory, address, build_config, wait_until
 from tests.test_http import get, value
@@ -412,8 +412,8 @@ class _Recorder(Hooks):
 
 async def test_the_deliverer_reports_what_each_attempt_showed(
         start_relay: RelayFactory, sandbox: Sandbox) -> None:
-    from relay.deliver import Deliverer
-    from relay.message import Content, Outbound
+    from relay.core.message import Content, Outbound
+    from relay.deliver.deliverer import Deliverer
 
     relay = await start_relay(overrides())
     hooks = _Recorder()

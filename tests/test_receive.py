@@ -22,15 +22,15 @@ from typing import Any
 
 import pytest
 
+from relay.accept.route import Router
 from relay.config import Config, ConfigError, ServerTLS
-from relay.log import message_id
-from relay.message import Content, Outbound, Reply
-from relay.passwords import PasswordVerifier
+from relay.core.log import message_id
+from relay.core.message import Content, Outbound, Reply
 from relay.receive import Receiver, address_problem
-from relay.route import Router
+from relay.receive.passwords import PasswordVerifier
+from relay.receive.tls import server_context
 from relay.sandbox.pki import LocalPKI, create_pki
-from relay.spool import Spool
-from relay.tlsconfig import server_context
+from relay.spool.store import Spool
 from tests.conftest import PASSWORDS, build_config
 
 MESSAGE = (b"From: Relay <relay@contoso.com>\r\n"

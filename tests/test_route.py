@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
+from relay.accept.route import Router, Unroutable, address_matches
 from relay.config import Config, parse_config
-from relay.passwords import hash_password
-from relay.route import Router, Unroutable, address_matches
+from relay.receive.passwords import hash_password
 
 _HASH = hash_password("secret-pw", ln=10)
 

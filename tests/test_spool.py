@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from relay import queuectl
-from relay import spool as spool_module
-from relay.spool import Entry, Spool, SpoolBusy, SpoolError, State, filesystem_type
+from relay.spool import ctl as queuectl
+from relay.spool import store as spool_module
+from relay.spool.store import Entry, Spool, SpoolBusy, SpoolError, State, filesystem_type
 
 
 def entry(mid: str, **kw: object) -> Entry:
@@ -489,7 +489,7 @@ def test_a_message_discarded_during_a_write_is_gone_and_its_descriptor_closed(
     goes at once, and the descriptor is closed by the write, never under it."""
     import threading
 
-    from relay import spool as spool_module
+    from relay.spool import store as spool_module
 
     writer = spool.writer("GONE00000001")
     writer.write(b"Subject: x\r\n")

@@ -25,11 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
-from relay import tokens
 from relay.config import Config, Credential
+from relay.oauth import tokens as tokens
+from relay.oauth.tokens import Token, TokenError, TokenProvider, Tokens, explain_entra_error
 from relay.sandbox.entra import FakeEntra, InvalidToken
 from relay.sandbox.pki import LocalPKI, create_pki
-from relay.tokens import Token, TokenError, TokenProvider, Tokens, explain_entra_error
 from tests.conftest import wait_until
 
 TENANT = "11111111-2222-3333-4444-555555555555"
@@ -170,7 +170,7 @@ async def test_refresh_before_longer_than_lifetime(fake: FakeEntra, make: Any,
     """Every get() fetches (the token is always inside its refresh window), with a warning."""
     fake.token_lifetime = 600
     provider = make(refresh_before=1200)
-    with caplog.at_level(logging.WARNING, logger="relay.tokens"):
+    with caplog.at_level(logging.WARNING, logger="relay.oauth.tokens"):
         first = await provider.get()
         assert await provider.get() is first  # valid: renewal goes on in the background
         second = await renewed(provider)
@@ -227,7 +227,7 @@ async def test_entra_500_keeps_the_valid_cached_token(fake: FakeEntra, make: Any
     first = await provider.get()
     clock.offset = first.expires_in(time.time()) - 300  # refresh due, 5 min of validity left
     fake.fail_next(500)
-    with caplog.at_level(logging.WARNING, logger="relay.tokens"):
+    with caplog.at_level(logging.WARNING, logger="relay.oauth.tokens"):
         assert await provider.get() is first
         with pytest.raises(TokenError):
             await renewed(provider)
@@ -431,7 +431,7 @@ async def test_background_refresh_retries_after_failures(fake: FakeEntra, make: 
     monkeypatch.setattr(tokens, "BACKOFF_MIN", 0.05)
     fake.fail_next(503, count=2, retry_after=0)
     provider = make()
-    with caplog.at_level(logging.INFO, logger="relay.tokens"):
+    with caplog.at_level(logging.INFO, logger="relay.oauth.tokens"):
         provider.start()
         await _wait_for(lambda: provider.current is not None)
     assert fake.token_requests == 3

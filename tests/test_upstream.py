@@ -20,12 +20,12 @@ import aiosmtplib
 import pytest
 
 from relay.config import Upstream
-from relay.message import Content, Outbound
+from relay.core.message import Content, Outbound
+from relay.core.secrets import Secret
+from relay.deliver.upstream import AuthenticationRejected, UpstreamClient, refusal_for
+from relay.oauth.tokens import Token
 from relay.sandbox.exchange import FakeExchange
 from relay.sandbox.pki import LocalPKI, create_pki
-from relay.secrets import Secret
-from relay.tokens import Token
-from relay.upstream import AuthenticationRejected, UpstreamClient, refusal_for
 
 MAILBOX = "relay@contoso.com"
 # Real tokens are 1.5-3 kB: long enough to break a 512-octet AUTH command line.
@@ -262,7 +262,7 @@ async def test_token_never_logged(exchange: FakeExchange, client: UpstreamClient
     logged = caplog.text + "".join(repr(r.args) for r in caplog.records)
     for secret in (GOOD, EXPIRED, GOOD[20:80], payload.decode()[:60], "Bearer "):
         assert secret not in logged
-    ours = [r for r in caplog.records if r.name.startswith("relay.upstream")]
+    ours = [r for r in caplog.records if r.name.startswith("relay.deliver.upstream")]
     delivered = [r.getMessage() for r in ours if "reply=250" in r.getMessage()]
     assert len(delivered) == 1
     assert all(part in delivered[0] for part in
@@ -364,7 +364,7 @@ async def test_all_refused_is_a_refusal_even_when_partial_allowed(
 
 
 def test_refusal_reply_is_permanent_only_if_all_refusals_are() -> None:
-    from relay.message import Reply
+    from relay.core.message import Reply
 
     perm = Reply(550, "5.1.1 unknown")
     temp = Reply(451, "4.4.0 later")

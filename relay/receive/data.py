@@ -7,9 +7,9 @@ header section, whole and bounded (the sender policy needs it), then the body in
 which the caller writes to the spool. Memory per message is the header section and one
 chunk, and :class:`MemoryBudget` caps the sum over all connections.
 
-The line model (see relay.message): every line break becomes CRLF, a bare LF (what
+The line model (see relay.core.message): every line break becomes CRLF, a bare LF (what
 legacy Unix programs send) and a bare CR alike, because that is how aiosmtplib and
-Exchange read them; the header section is split by :func:`relay.headers.line_kind` on
+Exchange read them; the header section is split by :func:`relay.accept.headers.line_kind` on
 those canonical lines. So a header hidden behind a bare CR (``Subject: x\\rFrom: ceo@...``)
 is a header to the sender policy exactly as it will be one at Exchange. Transparency dots
 are removed from every line start. Only the standard ``CRLF . CRLF`` ends the data: a dot
@@ -31,9 +31,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from relay.accept.headers import LineKind, field_name, line_kind
 from relay.config import Server
-from relay.headers import LineKind, field_name, line_kind
-from relay.message import CHUNK, LINE_BREAK
+from relay.core.message import CHUNK, LINE_BREAK
 
 __all__ = ["DataReader", "Limits", "MemoryBudget", "Received", "Sink"]
 

@@ -25,16 +25,17 @@ from typing import Any, TypeVar
 
 from aiosmtpd.smtp import TLSSetupException
 
-from relay.config import Profile
-from relay.headers import RawMessage, received_header
-from relay.log import message_context
-from relay.message import Outbound, Reply, new_message_id
-from relay.policy import (
+from relay.accept.headers import RawMessage, received_header
+from relay.accept.policy import (
     PolicyRejected,
     PolicyResult,
     apply_sender_policy,
     check_envelope_sender,
 )
+from relay.accept.route import Unroutable
+from relay.config import Profile
+from relay.core.log import message_context
+from relay.core.message import Outbound, Reply, new_message_id
 from relay.receive.data import Received
 from relay.receive.session import (
     NULL_SENDER,
@@ -43,8 +44,7 @@ from relay.receive.session import (
     RelaySession,
     RelaySMTP,
 )
-from relay.route import Unroutable
-from relay.spool import DataWriter
+from relay.spool.store import DataWriter
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def prepare_headers(profile_name: str, profile: Profile, mail_from: str, section
     worker thread. Raises :class:`PolicyRejected` with the reply for the client.
 
     First what makes the section safe to parse (the size and count of sender fields),
-    then 8-bit bytes that are not UTF-8 made UTF-8 (relay.headers.RawMessage.recode_8bit),
+    then 8-bit bytes that are not UTF-8 made UTF-8 (relay.accept.headers.RawMessage.recode_8bit),
     then the profile's sender policy.
     """
     msg = RawMessage(section)

@@ -34,13 +34,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from relay.accept.route import Router
 from relay.config import Config, ConfigError, Listener
-from relay.log import message_context
-from relay.message import Outbound, Reply
-from relay.passwords import PasswordVerifier
+from relay.core.log import message_context
+from relay.core.message import Outbound, Reply
 from relay.receive.data import MemoryBudget
 from relay.receive.guard import AuthGuard, Clock, RefusalLog
 from relay.receive.handler import OpenWriter, RelayHandler, Submit
+from relay.receive.passwords import PasswordVerifier
 from relay.receive.session import (
     SHUTTING_DOWN,
     TOO_MANY_CONNECTIONS,
@@ -49,8 +50,7 @@ from relay.receive.session import (
     Settings,
     is_loopback,
 )
-from relay.route import Router
-from relay.tlsconfig import SwitchableContext, server_context
+from relay.receive.tls import SwitchableContext, server_context
 
 log = logging.getLogger(__name__)
 

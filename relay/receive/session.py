@@ -28,11 +28,11 @@ from typing import Any, AnyStr, Protocol
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, syntax
 
+from relay.accept.route import Router
 from relay.config import Config, Listener
-from relay.passwords import PasswordVerifier
 from relay.receive.data import DataReader, Limits, MemoryBudget
 from relay.receive.guard import AuthGuard, Lockout
-from relay.route import Router
+from relay.receive.passwords import PasswordVerifier
 
 log = logging.getLogger(__name__)
 

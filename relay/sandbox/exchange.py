@@ -34,9 +34,9 @@ from typing import Any, NoReturn
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException
 
-from relay.message import Reply
+from relay.core.message import Reply
+from relay.oauth.tokens import SEND_AS_APP
 from relay.sandbox.pki import LocalPKI
-from relay.tokens import SEND_AS_APP
 
 log = logging.getLogger(__name__)
 

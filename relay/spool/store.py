@@ -81,7 +81,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter
 
-from relay.message import Content
+from relay.core.message import Content
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ _OWNED = frozenset({State.ACTIVE, State.HOLD, State.FAILED})
 # Spool directories are private to the relay's user and group: messages are personal data.
 _DIR_MODE = 0o750
 _FILE_MODE = 0o640
-# A message id as the relay makes them (relay.message.new_message_id), with room for ids
+# A message id as the relay makes them (relay.core.message.new_message_id), with room for ids
 # of other versions; nothing that could name another directory.
 _ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

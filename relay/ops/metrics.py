@@ -7,7 +7,7 @@ Two kinds of numbers, measured two ways:
   the token providers call :class:`Hooks`, which does nothing by default, so the CLI
   commands and the unit tests of one component need no registry; :class:`RelayMetrics`
   turns the calls into counters and a histogram, and feeds the per-profile readiness
-  (:class:`relay.profilehealth.ProfileHealth`) that /readyz and a gauge report;
+  (:class:`relay.ops.profilehealth.ProfileHealth`) that /readyz and a gauge report;
 * state is read when Prometheus scrapes (queue depth, token expiry, open sessions,
   certificate and secret expiry, profile readiness), by a custom collector, so no code
   path has to keep a gauge up to date and no value can drift from the truth.
@@ -50,10 +50,10 @@ from prometheus_client.registry import Collector
 
 from relay import __version__
 from relay.config import Config, SecretRef
-from relay.log import redact
-from relay.message import Reply
-from relay.profilehealth import ProfileHealth
-from relay.spool import Spool, State
+from relay.core.log import redact
+from relay.core.message import Reply
+from relay.ops.profilehealth import ProfileHealth
+from relay.spool.store import Spool, State
 
 if TYPE_CHECKING:
     from relay.app import Relay

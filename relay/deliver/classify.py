@@ -18,7 +18,7 @@ import enum
 import re
 from dataclasses import dataclass
 
-from relay.message import Reply
+from relay.core.message import Reply
 
 
 class Action(enum.StrEnum):
@@ -32,7 +32,7 @@ class Action(enum.StrEnum):
 
 class Problem(enum.StrEnum):
     """What a reply says about the profile's setup rather than about one message: the
-    evidence behind a profile's readiness (relay.profilehealth). Only replies that an
+    evidence behind a profile's readiness (relay.ops.profilehealth). Only replies that an
     operator must act on carry one; a token about to expire, say, is handled by a refresh."""
 
     LOGIN = "login"                  # the upstream refuses the relay's login for the mailbox

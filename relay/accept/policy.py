@@ -14,7 +14,7 @@ devices often cannot change their From, so each profile picks one of:
   (an unquoted display name with ``@`` or a comma, which strict readers take apart).
 
 "Permitted" means the mailbox itself or a ``send_as`` glob. Headers are read with the email
-package (see :mod:`relay.headers`); only the fields changed here are re-rendered. The policy
+package (see :mod:`relay.accept.headers`); only the fields changed here are re-rendered. The policy
 sees the header section in its canonical form (relay.receive.data), which is byte for byte
 what Exchange will be given, so no field can hide from it behind an odd line break.
 """
@@ -25,8 +25,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from relay.config import Profile
-from relay.headers import (
+from relay.accept.headers import (
     SENDER_FIELDS,
     Address,
     HeaderError,
@@ -34,8 +33,9 @@ from relay.headers import (
     RawMessage,
     clean_display_name,
 )
-from relay.message import Reply
-from relay.route import address_matches, normalize_address
+from relay.accept.route import address_matches, normalize_address
+from relay.config import Profile
+from relay.core.message import Reply
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ recipient is delivered or bounced.
 Like Postfix's qmgr it keeps only a bounded *window* of messages in memory (those being
 delivered); everything else waits on disk in incoming/ or deferred/, so the queue can grow
 to any length without the relay growing with it. Per recipient, the upstream's reply is
-classified (relay.classify): delivered recipients are done, permanently refused ones are
+classified (relay.deliver.classify): delivered recipients are done, permanently refused ones are
 reported to the sender in a DSN, the rest retry with exponential backoff and jitter until
 the message's lifetime runs out. The per-mailbox governor paces attempts to Exchange
 Online's limits; mail over a limit waits in the queue instead of being refused.
@@ -24,16 +24,16 @@ import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass
 
-from relay.classify import Action, classify
+from relay.accept.headers import RawMessage
 from relay.config import Config
-from relay.deliver import Deliverer
-from relay.dsn import build_dsn, is_auto_reply
-from relay.governor import Governor, Limits
-from relay.headers import RawMessage
-from relay.log import message_context
-from relay.message import Content, DeliveryResult, Outbound, Reply, new_message_id
-from relay.metrics import NO_HOOKS, Hooks
-from relay.spool import Entry, Spool, State
+from relay.core.log import message_context
+from relay.core.message import Content, DeliveryResult, Outbound, Reply, new_message_id
+from relay.deliver.classify import Action, classify
+from relay.deliver.deliverer import Deliverer
+from relay.ops.metrics import NO_HOOKS, Hooks
+from relay.queue.dsn import build_dsn, is_auto_reply
+from relay.queue.governor import Governor, Limits
+from relay.spool.store import Entry, Spool, State
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ dropping it. A rejected login in particular is never a reason to bounce mail.
 
 Being the one place that sees how an attempt's login went, it also reports what each
 attempt showed about the profile's setup (login refused or accepted, SendAsDenied) to
-the :class:`~relay.metrics.Hooks`, from which readiness per profile is judged.
+the :class:`~relay.ops.metrics.Hooks`, from which readiness per profile is judged.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import asyncio
 import logging
 import time
 
-from relay.classify import Problem, classify
 from relay.config import Config, Profile
-from relay.message import DeliveryResult, Outbound, Reply
-from relay.metrics import NO_HOOKS, Hooks
-from relay.pool import SessionPool
-from relay.tokens import TokenError, Tokens
-from relay.upstream import AuthenticationRejected, OnAccepted, UpstreamClient
+from relay.core.message import DeliveryResult, Outbound, Reply
+from relay.deliver.classify import Problem, classify
+from relay.deliver.pool import SessionPool
+from relay.deliver.upstream import AuthenticationRejected, OnAccepted, UpstreamClient
+from relay.oauth.tokens import TokenError, Tokens
+from relay.ops.metrics import NO_HOOKS, Hooks
 
 log = logging.getLogger(__name__)
 

@@ -135,7 +135,7 @@ class Content:
         return await asyncio.to_thread(self.path.read_bytes)
 
     def prefix(self, limit: int) -> bytes:
-        """The first ``limit`` bytes (for the header section: relay.headers splits it).
+        """The first ``limit`` bytes (for the header section: relay.accept.headers splits it).
 
         Blocking when the bytes are in a file: call it from a worker thread.
         """

@@ -2,7 +2,7 @@
 delete|flush``, like Postfix's mailq and postsuper.
 
 They work whether the relay is running or not: every change follows the spool's protocol
-(relay.spool's docstring), a single rename or unlink of a message's metadata file that fails,
+(relay.spool.store's docstring), a single rename or unlink of a message's metadata file that fails,
 changing nothing, if the relay took the message meanwhile. Messages in active/ (being
 delivered right now) are left alone, and the commands take the spool's operator lock, so
 that two operators cannot interleave either. A running relay picks up retried or released
@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from relay.headers import RawMessage
-from relay.spool import Entry, Spool, SpoolBusy, State
+from relay.accept.headers import RawMessage
+from relay.spool.store import Entry, Spool, SpoolBusy, State
 
 # How long a command waits for another operator's command to finish.
 LOCK_WAIT = 10.0
@@ -85,7 +85,7 @@ def show(spool: Spool, mid: str) -> dict[str, Any]:
 
 
 def _headers(data: bytes) -> str:
-    """The header section, as relay.headers reads it (the one rule for where it ends)."""
+    """The header section, as relay.accept.headers reads it (the one rule for where it ends)."""
     section = RawMessage(data).header_section().decode("utf-8", "replace")
     return section.removesuffix("\n").removesuffix("\r")
 

@@ -30,9 +30,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from relay.classify import Action, classify
-from relay.message import DeliveryResult, Outbound, Reply
-from relay.upstream import (
+from relay.core.message import DeliveryResult, Outbound, Reply
+from relay.deliver.classify import Action, classify
+from relay.deliver.upstream import (
     AuthenticationRejected,
     HasAccessToken,
     OnAccepted,

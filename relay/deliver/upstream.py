@@ -11,7 +11,7 @@ because the caller (not this module) decides to fetch a new token and retry.
 
 :class:`UpstreamSession` is one authenticated SMTP session that can carry several
 messages; :class:`UpstreamClient` holds the TLS context and can send one message in a
-session of its own. :mod:`relay.pool` keeps sessions open per mailbox between messages and
+session of its own. :mod:`relay.deliver.pool` keeps sessions open per mailbox between messages and
 reopens them when the token changes (SMTP allows only one AUTH per session).
 """
 
@@ -42,9 +42,9 @@ from aiosmtplib import (
 )
 
 from relay.config import Upstream
-from relay.log import redact
-from relay.message import Content, DeliveryResult, Outbound, Reply
-from relay.secrets import Secret
+from relay.core.log import redact
+from relay.core.message import Content, DeliveryResult, Outbound, Reply
+from relay.core.secrets import Secret
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ OnAccepted = Callable[[list[str]], None]
 
 
 class HasAccessToken(Protocol):
-    """What :mod:`relay.tokens` hands out; only the access token is used here."""
+    """What :mod:`relay.oauth.tokens` hands out; only the access token is used here."""
 
     @property
     def access_token(self) -> Secret: ...
@@ -510,7 +510,7 @@ async def _send_data(smtp: aiosmtplib.SMTP, content: Content, command_timeout: f
     It uses aiosmtplib's protocol object (``execute_command``, ``write``, ``read_response``,
     and the flow-control wait ``_drain_helper``, asyncio's own pattern); tests/test_upstream
     checks they are there, so an aiosmtplib that changes them fails loudly. The content is
-    canonical (relay.message), so stuffing is a matter of a dot after every CRLF.
+    canonical (relay.core.message), so stuffing is a matter of a dot after every CRLF.
     Raises :class:`SMTPDataError` for a refusal, like ``SMTP.data``.
     """
     protocol = smtp.protocol

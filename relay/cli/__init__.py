@@ -22,10 +22,10 @@ from typing import Any
 
 from relay import __version__
 from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from relay.log import setup_logging
-from relay.message import Content, Outbound, new_message_id
-from relay.testmessage import build_test_message
-from relay.tokens import SEND_AS_APP
+from relay.core.log import setup_logging
+from relay.core.message import Content, Outbound, new_message_id
+from relay.oauth.tokens import SEND_AS_APP
+from relay.ops.testmessage import build_test_message
 
 EX_OK, EX_FAIL, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 0, 1, 2, 69, 75, 78
 
@@ -63,7 +63,7 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from relay.spool import SpoolError
+    from relay.spool.store import SpoolError
 
     config = _load(args, sandbox=args.sandbox)
     setup_logging(config.logging.level, config.logging.format)
@@ -131,7 +131,7 @@ def _pick_credential(config: Config, args: argparse.Namespace) -> str:
 
 
 async def _token(args: argparse.Namespace, config: Config) -> int:
-    from relay.tokens import TokenError, TokenProvider
+    from relay.oauth.tokens import TokenError, TokenProvider
 
     name = _pick_credential(config, args)
     provider = TokenProvider(name, config.credentials[name])
@@ -178,8 +178,8 @@ def cmd_token(args: argparse.Namespace) -> int:
 # --- send-test ------------------------------------------------------------------------------
 
 async def _send_test(args: argparse.Namespace, config: Config) -> int:
-    from relay.deliver import Deliverer
-    from relay.tokens import Tokens
+    from relay.deliver.deliverer import Deliverer
+    from relay.oauth.tokens import Tokens
 
     profile_name = args.profile or config.routing.system_profile
     if profile_name not in config.profiles:
@@ -209,7 +209,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
 # --- doctor -------------------------------------------------------------------------------------
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from relay import doctor
+    from relay.ops import doctor as doctor
 
     setup_logging("critical")
     for handler in logging.getLogger().handlers:  # the checklist says it all: no log lines
@@ -224,7 +224,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 # --- hash-password ----------------------------------------------------------------------------
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
-    from relay.passwords import hash_password
+    from relay.receive.passwords import hash_password
 
     if args.stdin or not sys.stdin.isatty():
         password = sys.stdin.readline().rstrip("\r\n")
@@ -259,8 +259,8 @@ def _become(uid: int, gid: int) -> None:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    from relay import queuectl
-    from relay.spool import Spool, SpoolError
+    from relay.spool import ctl as queuectl
+    from relay.spool.store import Spool, SpoolError
 
     config = load_config(args.config, check_secrets=False)
     spool = Spool(config.spool.directory)

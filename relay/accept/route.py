@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from relay.config import Config
-from relay.message import Reply
+from relay.core.message import Reply
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from email.message import EmailMessage, Message, MIMEPart
 from email.parser import BytesHeaderParser
 from typing import cast
 
-from relay.classify import classify
-from relay.message import Reply
+from relay.core.message import Reply
+from relay.deliver.classify import classify
 
 # SMTP's line ending, never 8-bit content. Bodies are wrapped at 78 when they are encoded;
 # the report is generated with the 998 limit so that a long token in a DSN field is left

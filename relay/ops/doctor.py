@@ -4,15 +4,16 @@ Users' most common question is "why 535?", and Exchange's answer names none of t
 dozen setup steps in Entra ID and Exchange that may be missing. The doctor walks the path a
 message takes - config, DNS, TCP, TLS, token, token claims, XOAUTH2 login, MAIL/RCPT - with
 the relay's own code (the same TLS context, token provider and XOAUTH2 exchange as real
-deliveries, see :mod:`relay.upstream` and :mod:`relay.tokens`), so what passes here passes
-for mail. A failure stops only the steps that depend on it: the token does not need the
-network path to Exchange, so one run shows every independent problem, and steps after a
-failure they depend on are listed as skipped rather than failing noisily.
+deliveries, see :mod:`relay.deliver.upstream` and :mod:`relay.oauth.tokens`), so what
+passes here passes for mail. A failure stops only the steps that depend on it: the token
+does not need the network path to Exchange, so one run shows every independent problem, and
+steps after a failure they depend on are listed as skipped rather than failing noisily.
 
-Explanations come from :func:`relay.classify.classify` and :mod:`relay.tokens`; the texts
-here add what those cannot know: the exact commands with this profile's values filled in,
-and the step of the README's "Microsoft-side setup" that they belong to. Nothing printed
-contains a token or a secret; MAIL/RCPT is a dry run (RSET instead of DATA), so nothing is
+Explanations come from :func:`relay.deliver.classify.classify` and
+:mod:`relay.oauth.tokens`; the texts here add what those cannot know: the exact commands
+with this profile's values filled in, and the step of the README's "Microsoft-side setup"
+that they belong to. Nothing printed contains a token or a secret; MAIL/RCPT is a dry run
+(RSET instead of DATA), so nothing is
 sent unless ``--send-to`` asks for it.
 """
 
@@ -32,18 +33,18 @@ from typing import Any, TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from relay.classify import classify
 from relay.config import CLOUDS, Config, ConfigError, Credential, Profile, Upstream, load_config
-from relay.message import Content, Outbound, Reply, new_message_id
-from relay.secrets import SecretSourceError
-from relay.testmessage import build_test_message
-from relay.tokens import SEND_AS_APP, Token, TokenError, TokenProvider
-from relay.upstream import (
+from relay.core.message import Content, Outbound, Reply, new_message_id
+from relay.core.secrets import SecretSourceError
+from relay.deliver.classify import classify
+from relay.deliver.upstream import (
     AuthenticationRejected,
     UpstreamClient,
     UpstreamSession,
     UpstreamUnavailable,
 )
+from relay.oauth.tokens import SEND_AS_APP, Token, TokenError, TokenProvider
+from relay.ops.testmessage import build_test_message
 
 DEFAULT_TIMEOUT = 10.0
 TOKEN_TIMEOUT = 60.0   # msal may retry; its own HTTP timeouts bound each request
@@ -54,7 +55,7 @@ SUBJECT = "smtp-oauth-relay doctor test message"
 
 _SETUP = {1: "App registration", 2: "Credential", 3: "API permission",
           4: "Service principal in Exchange", 5: "SMTP AUTH enabled"}
-# Entra error codes (see relay.tokens) and the setup step that fixes them.
+# Entra error codes (see relay.oauth.tokens) and the setup step that fixes them.
 _TOKEN_SETUP_STEP = {7000215: 2, 7000222: 2, 7000218: 2, 700027: 2, 700016: 1, 90002: 1,
                      500011: 3}
 # What the classifier says when it knows nothing more than the reply's class.

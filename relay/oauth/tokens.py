@@ -41,9 +41,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from relay.config import Config, Credential
-from relay.log import redact
-from relay.metrics import NO_HOOKS, Hooks
-from relay.secrets import Secret, SecretSourceError
+from relay.core.log import redact
+from relay.core.secrets import Secret, SecretSourceError
+from relay.ops.metrics import NO_HOOKS, Hooks
 
 log = logging.getLogger(__name__)
 

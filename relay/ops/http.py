@@ -24,12 +24,12 @@ bounded: at most ``MAX_CONNECTIONS`` connections, each buffering at most a reque
               written, fsynced and removed in a worker thread) and a token obtainable for
               every credential (the cached one while valid, else a fetch with a short
               timeout), and no profile whose mail the upstream keeps refusing (its
-              login, or SendAs: see :mod:`relay.profilehealth`; judged from delivery
+              login, or SendAs: see :mod:`relay.ops.profilehealth`; judged from delivery
               attempts, never by contacting Exchange); otherwise 503 and a plain-text
               list of what is not ready, with the upstream's reply and the fix. The
               spool and token results are reused for ``http.cache_ttl``, so probes cannot
               hammer Entra ID or the disk.
-``/metrics``  Prometheus' text format (see :mod:`relay.metrics`).
+``/metrics``  Prometheus' text format (see :mod:`relay.ops.metrics`).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from relay.metrics import CONTENT_TYPE
-from relay.tokens import MIN_USABLE, TokenError, TokenProvider
+from relay.oauth.tokens import MIN_USABLE, TokenError, TokenProvider
+from relay.ops.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from relay.app import Relay
