@@ -19,7 +19,8 @@ from pathlib import Path
 
 from relay.accept.route import Router
 from relay.config import Config, ConfigError
-from relay.core.message import Outbound, Reply
+from relay.core.message import Outbound
+from relay.core.reply import Reply
 from relay.deliver.deliverer import Deliverer
 from relay.oauth.tokens import Tokens
 from relay.ops import notify as notify
@@ -47,7 +48,7 @@ class Relay:
         self.receiver = Receiver(config, router=Router(config), verifier=self.verifier,
                                  submit=self.submit, writer=self.spool.writer)
         self.metrics.watch(self)
-        self.http = HttpEndpoint(self) if config.http.enabled else None
+        self.http = HttpEndpoint(self, self.metrics) if config.http.enabled else None
         self._stopping = asyncio.Event()
         # One reload at a time; a SIGHUP while one runs queues one more (not one per signal).
         self._reload_lock = asyncio.Lock()

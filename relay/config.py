@@ -31,12 +31,13 @@ from pydantic import (
 )
 
 from relay.core import secrets as secrets
+from relay.core.errors import RelayError
 from relay.core.secrets import Secret
 
 DEFAULT_CONFIG_PATH = Path("/etc/smtp-oauth-relay/config.yaml")
 
 
-class ConfigError(Exception):
+class ConfigError(RelayError):
     """The configuration cannot be used; ``problems`` lists (key path, message) pairs."""
 
     def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:

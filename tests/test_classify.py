@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.core.message import Reply
+from relay.core.reply import Reply
 from relay.deliver.classify import TABLE, Action, Verdict, classify
 
 A = Action

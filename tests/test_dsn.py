@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from relay.core.message import Reply
+from relay.core.reply import Reply
 from relay.queue.dsn import build_dsn, is_auto_reply
 
 ORIGINAL = (b"From: App <app@contoso.com>\r\nTo: bob@example.net\r\nSubject: Invoice 42\r\n"

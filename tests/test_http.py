@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.app import Relay
 from relay.config import Config
-from relay.core.message import Reply
+from relay.core.reply import Reply
 from relay.ops.http import MAX_CONNECTIONS, _Connections
 from relay.ops.metrics import RelayMetrics, _CertificateDates
 from relay.sandbox.pki import create_pki

@@ -20,7 +20,8 @@ import aiosmtplib
 import pytest
 
 from relay.app import Relay
-from relay.core.message import Content, DeliveryResult, Outbound, Reply, new_message_id
+from relay.core.message import Content, DeliveryResult, Outbound, new_message_id
+from relay.core.reply import Reply
 from relay.deliver.deliverer import Deliverer
 from relay.oauth.tokens import Tokens
 from relay.queue import manager as queue_module

@@ -20,10 +20,10 @@ import yaml
 
 from relay.app import Relay
 from relay.config import Config
+from relay.core.events import Hooks
 from relay.core.log import redact
-from relay.core.message import Reply
+from relay.core.reply import Reply
 from relay.deliver.classify import Problem, classify
-from relay.ops.metrics import Hooks
 from relay.ops.profilehealth import LOGIN_REFUSALS, SEND_AS_DENIALS, ProfileHealth
 from relay.sandbox.service import Sandbox
 from tests.conftest import RelayFactory, address, build_config, wait_until

@@ -25,7 +25,8 @@ import pytest
 from relay.accept.route import Router
 from relay.config import Config, ConfigError, ServerTLS
 from relay.core.log import message_id
-from relay.core.message import Content, Outbound, Reply
+from relay.core.message import Content, Outbound
+from relay.core.reply import Reply
 from relay.receive import Receiver, address_problem
 from relay.receive.passwords import PasswordVerifier
 from relay.receive.tls import server_context

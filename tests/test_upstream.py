@@ -364,7 +364,7 @@ async def test_all_refused_is_a_refusal_even_when_partial_allowed(
 
 
 def test_refusal_reply_is_permanent_only_if_all_refusals_are() -> None:
-    from relay.core.message import Reply
+    from relay.core.reply import Reply
 
     perm = Reply(550, "5.1.1 unknown")
     temp = Reply(451, "4.4.0 later")

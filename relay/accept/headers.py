@@ -27,6 +27,8 @@ from email.policy import SMTP, SMTPUTF8, EmailPolicy
 from email.policy import default as _default_policy
 from typing import Any
 
+from relay.core.errors import RelayError
+
 __all__ = [
     "Address",
     "HeaderBlock",
@@ -119,7 +121,7 @@ def field_name(line: bytes) -> str:
     return m.group(1).decode("ascii") if m else ""
 
 
-class HeaderError(ValueError):
+class HeaderError(RelayError, ValueError):
     """A header field could not be understood well enough to act on it."""
 
 

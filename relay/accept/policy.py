@@ -35,19 +35,16 @@ from relay.accept.headers import (
 )
 from relay.accept.route import address_matches, normalize_address
 from relay.config import Profile
-from relay.core.message import Reply
+from relay.core.errors import ReplyError
+from relay.core.reply import Reply
 
 log = logging.getLogger(__name__)
 
 _UNSAFE_TEXT = re.compile(r"[^\x20-\x7e]")
 
 
-class PolicyRejected(Exception):
+class PolicyRejected(ReplyError):
     """The profile's policy refuses this sender; ``reply`` is the 550 to give the client."""
-
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(str(reply))
-        self.reply = reply
 
 
 @dataclass(frozen=True)

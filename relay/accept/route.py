@@ -18,7 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from relay.config import Config
-from relay.core.message import Reply
+from relay.core.errors import ReplyError
+from relay.core.reply import Reply
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +29,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _UNSAFE_TEXT = re.compile(r"[^\x20-\x7e]")
 
 
-class Unroutable(Exception):
+class Unroutable(ReplyError):
     """No profile applies to a message; ``reply`` is the 550 to give the client."""
-
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(str(reply))
-        self.reply = reply
 
 
 @functools.lru_cache(maxsize=4096)

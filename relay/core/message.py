@@ -1,4 +1,10 @@
-"""What travels between the stages: an outbound message, SMTP replies, delivery results.
+"""What travels between the stages: the message's bytes, the outbound message, results.
+
+- :class:`Content`: a message's bytes, in memory or in a spool file, read in chunks;
+- :func:`canonical`, :data:`LINE_BREAK`, :data:`CHUNK`: the line model and the I/O size;
+- :class:`Outbound`: one message ready for delivery through one mailbox profile;
+- :class:`DeliveryResult`: what one attempt did, per recipient;
+- :func:`new_message_id`: the relay's queue id.
 
 These types know nothing of aiosmtpd or aiosmtplib, so the receiving side, the delivery
 step and the spool can all pass them around and store them.
@@ -20,7 +26,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+from relay.core.reply import Reply
+
 # A line break as SMTP peers read one: CRLF, or a bare LF, or a CR not followed by LF.
 LINE_BREAK = re.compile(rb"\r\n|\n|\r(?!\n)")
 # Read and write size for message bytes on disk and on the wire: large enough that a 30 MB
@@ -32,41 +39,6 @@ def canonical(data: bytes) -> bytes:
     """``data`` with every line break made CRLF and a final CRLF (see the module docstring)."""
     data = LINE_BREAK.sub(b"\r\n", data)
     return data if not data or data.endswith(b"\r\n") else data + b"\r\n"
-
-
-@dataclass(frozen=True)
-class Reply:
-    """An SMTP reply: three-digit code and text (which may start with an enhanced code)."""
-
-    code: int
-    text: str
-
-    @property
-    def permanent(self) -> bool:
-        return 500 <= self.code < 600
-
-    @property
-    def transient(self) -> bool:
-        return 400 <= self.code < 500
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.code < 400
-
-    @property
-    def enhanced(self) -> str | None:
-        m = _ENHANCED.match(self.text)
-        return m.group(0) if m else None
-
-    def as_smtp(self) -> str:
-        """Render for aiosmtpd: multi-line replies use ``code-text`` continuation lines."""
-        lines = [ln for ln in self.text.replace("\r", "").split("\n") if ln] or [""]
-        out = [f"{self.code}-{ln}" for ln in lines[:-1]]
-        out.append(f"{self.code} {lines[-1]}")
-        return "\r\n".join(out)
-
-    def __str__(self) -> str:
-        return f"{self.code} {' '.join(self.text.split())}"
 
 
 def new_message_id() -> str:

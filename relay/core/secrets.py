@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Final
 
+from relay.core.errors import RelayError
+
 _MASK: Final = "********"
 
 
@@ -44,7 +46,7 @@ class Secret:
         raise TypeError("Secret values are not serialisable")
 
 
-class SecretSourceError(Exception):
+class SecretSourceError(RelayError):
     """A secret's source is configured but cannot be read (message is safe to show)."""
 
 

@@ -18,7 +18,7 @@ import enum
 import re
 from dataclasses import dataclass
 
-from relay.core.message import Reply
+from relay.core.reply import Reply
 
 
 class Action(enum.StrEnum):

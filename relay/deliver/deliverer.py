@@ -21,12 +21,13 @@ import logging
 import time
 
 from relay.config import Config, Profile
-from relay.core.message import DeliveryResult, Outbound, Reply
+from relay.core.events import NO_HOOKS, Hooks
+from relay.core.message import DeliveryResult, Outbound
+from relay.core.reply import Reply
 from relay.deliver.classify import Problem, classify
 from relay.deliver.pool import SessionPool
 from relay.deliver.upstream import AuthenticationRejected, OnAccepted, UpstreamClient
 from relay.oauth.tokens import TokenError, Tokens
-from relay.ops.metrics import NO_HOOKS, Hooks
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from relay.core.message import DeliveryResult, Outbound, Reply
+from relay.core.message import DeliveryResult, Outbound
+from relay.core.reply import Reply
 from relay.deliver.classify import Action, classify
 from relay.deliver.upstream import (
     AuthenticationRejected,

@@ -42,8 +42,10 @@ from aiosmtplib import (
 )
 
 from relay.config import Upstream
+from relay.core.errors import ReplyError
 from relay.core.log import redact
-from relay.core.message import Content, DeliveryResult, Outbound, Reply
+from relay.core.message import Content, DeliveryResult, Outbound
+from relay.core.reply import Reply
 from relay.core.secrets import Secret
 
 log = logging.getLogger(__name__)
@@ -69,20 +71,16 @@ class HasAccessToken(Protocol):
     def access_token(self) -> Secret: ...
 
 
-class AuthenticationRejected(Exception):
+class AuthenticationRejected(ReplyError):
     """The upstream refused the XOAUTH2 login with a 5xx (e.g. ``535 5.7.3``)."""
 
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(f"upstream rejected the login: {reply}")
-        self.reply = reply
+    def __str__(self) -> str:
+        reply = self.reply
+        return f"upstream rejected the login: {reply}"
 
 
-class UpstreamUnavailable(Exception):
+class UpstreamUnavailable(ReplyError):
     """No usable session: ``reply`` is what the sending client should be told (4xx)."""
-
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(str(reply))
-        self.reply = reply
 
 
 def build_tls_context(ca_file: Path | None) -> ssl.SSLContext:

@@ -41,9 +41,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from relay.config import Config, Credential
+from relay.core.errors import RelayError
+from relay.core.events import NO_HOOKS, Hooks
 from relay.core.log import redact
 from relay.core.secrets import Secret, SecretSourceError
-from relay.ops.metrics import NO_HOOKS, Hooks
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ _ADVICE: dict[int, str] = {
 SEND_AS_APP = "SMTP.SendAsApp"
 
 
-class TokenError(Exception):
+class TokenError(RelayError):
     """No token could be obtained; ``message`` is safe to log and says what to do.
 
     ``transient`` is True when retrying later may succeed without a configuration change

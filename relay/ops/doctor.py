@@ -34,7 +34,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from relay.config import CLOUDS, Config, ConfigError, Credential, Profile, Upstream, load_config
-from relay.core.message import Content, Outbound, Reply, new_message_id
+from relay.core.message import Content, Outbound, new_message_id
+from relay.core.reply import Reply
 from relay.core.secrets import SecretSourceError
 from relay.deliver.classify import classify
 from relay.deliver.upstream import (

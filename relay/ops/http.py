@@ -43,14 +43,11 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from relay.oauth.tokens import MIN_USABLE, TokenError, TokenProvider
-from relay.ops.metrics import CONTENT_TYPE
-
-if TYPE_CHECKING:
-    from relay.app import Relay
+from relay.ops.metrics import CONTENT_TYPE, RelayMetrics
+from relay.ops.view import RelayView
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +114,9 @@ class ReadinessCheck:
     probe; the spool probe and the tokens at most once per ``http.cache_ttl``, with one
     evaluation in flight however many probes arrive."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: RelayView, metrics: RelayMetrics) -> None:
         self._relay = relay
+        self._metrics = metrics
         self._cached: tuple[float, list[Check]] | None = None
         self._evaluating: asyncio.Task[list[Check]] | None = None
         self._spool_probe: asyncio.Future[None] | None = None
@@ -156,7 +154,7 @@ class ReadinessCheck:
         # From memory, so never cached: a profile shows ready again with the attempt
         # that logged in, not up to cache_ttl later.
         profiles = [Check(f"profile {s.profile}", s.ready, s.detail)
-                    for s in relay.metrics.profiles.statuses()]
+                    for s in self._metrics.profiles.statuses()]
         return [listeners, queue, *profiles]
 
     async def _evaluate(self) -> list[Check]:
@@ -332,9 +330,10 @@ class _Connections:
 class HttpEndpoint:
     """The HTTP server of one relay (``http:`` in the config)."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: RelayView, metrics: RelayMetrics) -> None:
         self._relay = relay
-        self.readiness = ReadinessCheck(relay)
+        self._registry = metrics
+        self.readiness = ReadinessCheck(relay, metrics)
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
         self.connections = _Connections(MAX_CONNECTIONS)
@@ -450,8 +449,9 @@ class HttpEndpoint:
     async def _metrics(self) -> Response:
         relay = self._relay
         settings = relay.config.http
-        await relay.metrics.refresh(settings.cache_ttl, wait=min(5.0, settings.request_timeout))
-        return Response(200, relay.metrics.exposition(), content_type=CONTENT_TYPE)
+        await self._registry.refresh(settings.cache_ttl,
+                                    wait=min(5.0, settings.request_timeout))
+        return Response(200, self._registry.exposition(), content_type=CONTENT_TYPE)
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

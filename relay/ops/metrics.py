@@ -34,7 +34,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
@@ -50,13 +49,12 @@ from prometheus_client.registry import Collector
 
 from relay import __version__
 from relay.config import Config, SecretRef
+from relay.core.events import Hooks
 from relay.core.log import redact
-from relay.core.message import Reply
+from relay.core.reply import Reply
 from relay.ops.profilehealth import ProfileHealth
+from relay.ops.view import RelayView
 from relay.spool.store import Spool, State
-
-if TYPE_CHECKING:
-    from relay.app import Relay
 
 log = logging.getLogger(__name__)
 
@@ -78,49 +76,6 @@ def reply_class(reply: Reply) -> str:
     return f"{reply.code // 100}xx" if 200 <= reply.code < 600 else "other"
 
 
-class Hooks:
-    """What the relay reports as it happens. This base ignores everything."""
-
-    def received(self, profile: str, reply: Reply) -> None:
-        """A client's message (after DATA) was answered with ``reply``: 2xx once it is in
-        the spool (or delivered), 4xx when it could not be stored, 5xx when a waiting
-        client was given the upstream's permanent refusal."""
-
-    def delivered(self, profile: str, reply: Reply) -> None:
-        """An attempt delivered the message to (some of) its recipients."""
-
-    def deferred(self, profile: str, reply: Reply) -> None:
-        """An attempt ended with recipients left for a later retry."""
-
-    def bounced(self, profile: str, reply: Reply) -> None:
-        """Recipients failed for good (a delivery report follows, or a waiting client
-        was given the permanent reply)."""
-
-    def attempt(self, reply: Reply, seconds: float) -> None:
-        """One delivery attempt through the upstream took ``seconds``."""
-
-    def token_error(self, credential: str) -> None:
-        """A token fetch for ``credential`` failed."""
-
-    def login_refused(self, profile: str, mailbox: str, reply: Reply, *,
-                      fresh_token: bool) -> None:
-        """An attempt for ``profile`` ended with the upstream refusing the relay's login for
-        ``mailbox``: a reply the classifier marks as a login problem (535 5.7.3, 5.7.139,
-        5.7.30, 430 4.2.0 mailbox logon failure, 530 5.7.57). ``fresh_token``: the login
-        was refused again with a freshly fetched token, so the token is not the cause."""
-
-    def logged_in(self, profile: str, mailbox: str, *, delivered: bool) -> None:
-        """An attempt for ``profile`` ran on a session whose login the upstream accepted,
-        and got no login-problem reply; ``delivered``: the upstream took the message, one
-        an application handed over (not a delivery report of the relay's own), for (some
-        of) its recipients."""
-
-    def send_as_denied(self, profile: str, mailbox: str, reply: Reply) -> None:
-        """The upstream refused a message of ``profile`` because ``mailbox`` may not send
-        as its sender (SendAsDenied, 5.7.60)."""
-
-
-NO_HOOKS = Hooks()
 
 
 # --- reading state off the loop ---------------------------------------------------------
@@ -269,7 +224,7 @@ class RelayMetrics(Hooks):
         # profile_ready gauge read it.
         self.profiles = ProfileHealth()
         self._configured_profiles: set[str] = set()
-        self._relay: Relay | None = None
+        self._relay: RelayView | None = None
         self._dates = _CertificateDates()
         self._snapshot: _Snapshot | None = None
         self._scan: asyncio.Task[None] | None = None
@@ -308,7 +263,7 @@ class RelayMetrics(Hooks):
 
     # --- state -----------------------------------------------------------------------------
 
-    def watch(self, relay: Relay) -> None:
+    def watch(self, relay: RelayView) -> None:
         """Start reporting ``relay``'s state (call once its components exist)."""
         self._relay = relay
         self.registry.register(_StateCollector(self, relay))
@@ -348,7 +303,7 @@ class RelayMetrics(Hooks):
             async with asyncio.timeout(wait):
                 await asyncio.shield(self._scan)
 
-    async def _rescan(self, relay: Relay) -> None:
+    async def _rescan(self, relay: RelayView) -> None:
         config = relay.config
 
         def scan() -> _Snapshot:
@@ -377,7 +332,7 @@ class RelayMetrics(Hooks):
 class _StateCollector(Collector):
     """Gauges read from the relay when scraped (on the event loop: nothing here blocks)."""
 
-    def __init__(self, metrics: RelayMetrics, relay: Relay) -> None:
+    def __init__(self, metrics: RelayMetrics, relay: RelayView) -> None:
         self._metrics = metrics
         self._relay = relay
 

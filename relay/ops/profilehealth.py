@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from relay.config import Config, Profile
 from relay.core.log import scrub
-from relay.core.message import Reply
+from relay.core.reply import Reply
 from relay.deliver.classify import classify
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from email.message import EmailMessage, Message, MIMEPart
 from email.parser import BytesHeaderParser
 from typing import cast
 
-from relay.core.message import Reply
+from relay.core.reply import Reply
 from relay.deliver.classify import classify
 
 # SMTP's line ending, never 8-bit content. Bodies are wrapped at 78 when they are encoded;

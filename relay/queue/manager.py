@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 from relay.accept.headers import RawMessage
 from relay.config import Config
+from relay.core.events import NO_HOOKS, Hooks
 from relay.core.log import message_context
-from relay.core.message import Content, DeliveryResult, Outbound, Reply, new_message_id
+from relay.core.message import Content, DeliveryResult, Outbound, new_message_id
+from relay.core.reply import Reply
 from relay.deliver.classify import Action, classify
 from relay.deliver.deliverer import Deliverer
-from relay.ops.metrics import NO_HOOKS, Hooks
 from relay.queue.dsn import build_dsn, is_auto_reply
 from relay.queue.governor import Governor, Limits
 from relay.spool.store import Entry, Spool, State
@@ -530,7 +531,7 @@ class Queue:
             # Nothing left to send: an outcome that _keep saved, now filed where it belongs.
             if entry.failed:
                 await asyncio.to_thread(self.spool.move, entry, State.ACTIVE, State.FAILED)
-                return Outcome("failed", _parse_reply(next(iter(entry.failed.values()))))
+                return Outcome("failed", Reply.parse(next(iter(entry.failed.values()))))
             await asyncio.to_thread(self.spool.remove, entry.id, State.ACTIVE)
             return Outcome("delivered", Reply(250, "2.0.0 Ok"))
         mailbox = self._mailbox(entry)
@@ -697,7 +698,7 @@ class Queue:
             self._hooks.delivered(entry.profile, r.result.reply if r.result.reply.ok
                                   else Reply(250, "2.0.0 Ok"))
         if failed:
-            self._hooks.bounced(entry.profile, _parse_reply(entry.failed[failed[0]]))
+            self._hooks.bounced(entry.profile, Reply.parse(entry.failed[failed[0]]))
         if r.still:
             self._hooks.deferred(entry.profile,
                                  r.result.refused.get(r.still[0], r.result.reply))
@@ -734,10 +735,7 @@ class Queue:
         if result.reply.permanent:
             reply = result.reply
         else:
-            first = next(iter(entry.failed.values()))
-            code = first.split(" ", 1)
-            reply = (Reply(int(code[0]), code[1]) if len(code) == 2 and code[0].isdigit()
-                     else Reply(550, f"5.0.0 {first}"))
+            reply = Reply.parse(next(iter(entry.failed.values())))
         hint = classify(reply).hint
         if not hint:
             return reply
@@ -797,7 +795,7 @@ class Queue:
             build_dsn,
             reporting_mta=self.config.server.hostname, sender_mailbox=profile.mailbox, to=to,
             original_headers=headers, arrival=entry.received_at,
-            failed={r: _parse_reply(t) for r, t in failed.items()},
+            failed={r: Reply.parse(t) for r, t in failed.items()},
             remote_mta=upstream.host, original_envelope_id="", queue_id=entry.id,
             reason=reason)
         bounce = Entry(id=new_message_id(), profile=entry.profile, mail_from=profile.mailbox,
@@ -833,8 +831,3 @@ def _client_reply(mid: str, outcome: Outcome) -> Reply:
         return Reply(250, f"2.0.0 Ok: delivered as {mid} to some recipients; "
                           "the others were refused for good")
     return Reply(250, f"2.0.0 Ok: queued as {mid}")
-
-
-def _parse_reply(text: str) -> Reply:
-    code, _, rest = text.partition(" ")
-    return Reply(int(code), rest) if code.isdigit() else Reply(550, text)

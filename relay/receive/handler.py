@@ -35,7 +35,8 @@ from relay.accept.policy import (
 from relay.accept.route import Unroutable
 from relay.config import Profile
 from relay.core.log import message_context
-from relay.core.message import Outbound, Reply, new_message_id
+from relay.core.message import Outbound, new_message_id
+from relay.core.reply import Reply
 from relay.receive.data import Received
 from relay.receive.session import (
     NULL_SENDER,

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from relay.accept.route import Router
 from relay.config import Config, ConfigError, Listener
 from relay.core.log import message_context
-from relay.core.message import Outbound, Reply
+from relay.core.message import Outbound
+from relay.core.reply import Reply
 from relay.receive.data import MemoryBudget
 from relay.receive.guard import AuthGuard, Clock, RefusalLog
 from relay.receive.handler import OpenWriter, RelayHandler, Submit

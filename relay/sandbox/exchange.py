@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException
 
-from relay.core.message import Reply
+from relay.core.reply import Reply
 from relay.oauth.tokens import SEND_AS_APP
 from relay.sandbox.pki import LocalPKI
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from relay.accept.headers import RawMessage
+from relay.core.errors import RelayError
 from relay.spool.store import Entry, Spool, SpoolBusy, State
 
 # How long a command waits for another operator's command to finish.
@@ -29,7 +30,7 @@ _HEAD_LIMIT = 1024 * 1024
 _LOOKUPS = 3
 
 
-class QueueCommandError(Exception):
+class QueueCommandError(RelayError):
     """An operator command that cannot be carried out (message text is for the operator).
 
     ``temporary``: the message changed while the command ran (the relay took it, or another

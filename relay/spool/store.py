@@ -81,6 +81,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter
 
+from relay.core.errors import RelayError
 from relay.core.message import Content
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ class Entry:
 _ENTRY = TypeAdapter(Entry)
 
 
-class SpoolError(Exception):
+class SpoolError(RelayError):
     """The spool cannot be used (not writable, on tmpfs when that is refused, ...)."""
 
 
