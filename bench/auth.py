@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.receive.passwords import PasswordVerifier, hash_password
+from relay.core.passhash import hash_password
+from relay.receive.passwords import PasswordVerifier
 
 PASSWORD = b"correct horse battery staple"
 

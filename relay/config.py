@@ -115,7 +115,7 @@ def _check_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 
 def _check_password_hash(value: str) -> str:
-    from relay.receive.passwords import check_hash_format
+    from relay.core.passhash import check_hash_format
 
     check_hash_format(value)
     return value

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, settings
 
 from relay.app import Relay
 from relay.config import Config, parse_config
-from relay.receive.passwords import hash_password
+from relay.core.passhash import hash_password
 from relay.sandbox.service import Sandbox
 from tests.relayproc import merge
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from relay.receive.passwords import hash_password
+from relay.core.passhash import hash_password
 from tests.relayproc import ROOT, Harness, RelayProcess, harness, send_on
 from tests.test_receive import ipv6_available
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from relay.receive.passwords import hash_password
+from relay.core.passhash import hash_password
 from relay.sandbox.exchange import ReceivedMessage
 from tests.relayproc import (
     MAILBOX,

@@ -8,7 +8,7 @@ import pytest
 
 from relay.accept.route import Router, Unroutable, address_matches
 from relay.config import Config, parse_config
-from relay.receive.passwords import hash_password
+from relay.core.passhash import hash_password
 
 _HASH = hash_password("secret-pw", ln=10)
 

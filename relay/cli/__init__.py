@@ -224,7 +224,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 # --- hash-password ----------------------------------------------------------------------------
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
-    from relay.receive.passwords import hash_password
+    from relay.core.passhash import hash_password
 
     if args.stdin or not sys.stdin.isatty():
         password = sys.stdin.readline().rstrip("\r\n")
