@@ -27,8 +27,8 @@ from relay.ops import notify as notify
 from relay.ops.http import HttpEndpoint
 from relay.ops.metrics import RelayMetrics
 from relay.queue.manager import Queue
-from relay.receive import Receiver
 from relay.receive.passwords import PasswordVerifier
+from relay.receive.server import Receiver
 from relay.spool.store import Spool
 
 log = logging.getLogger(__name__)

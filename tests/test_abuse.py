@@ -21,8 +21,8 @@ import pytest
 
 from relay.accept.route import Router
 from relay.config import Config
-from relay.receive import Receiver
 from relay.receive.passwords import PasswordVerifier
+from relay.receive.server import Receiver
 from tests.conftest import PASSWORDS, build_config
 from tests.test_guard import Clock
 from tests.test_receive import (  # noqa: F401  (_close_clients: autouse fixture)

@@ -18,7 +18,7 @@ import aiosmtplib
 import aiosmtplib.protocol
 from aiosmtpd.smtp import SMTP
 
-from relay.receive import session as session_module
+from relay.receive import replies as replies_module
 
 # Attributes an aiosmtpd SMTP instance has once constructed, which the session reads.
 SMTP_ATTRIBUTES = ("_tls_protocol", "_original_transport",
@@ -71,7 +71,7 @@ def test_aiosmtpd_still_gives_the_replies_the_session_rewrites() -> None:
     words them differently, they would go out without one."""
     # Adjacent string literals joined, as Python joins them.
     source = re.sub(r"""['"]\s*\n\s*['"]""", "", inspect.getsource(aiosmtpd.smtp))
-    for text in session_module._ENHANCED_REPLIES:
+    for text in replies_module.ENHANCED_REPLIES:
         _code, _, words = text.partition(" ")
         # "send HELO/EHLO first" is an f-string there: send {helo} first.
         template = re.sub(r"\b[EH][EH]LO\b", "{helo}", words)

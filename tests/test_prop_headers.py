@@ -18,10 +18,11 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from relay.accept.cleanup import prepare_headers
 from relay.accept.headers import RawMessage, received_header
 from relay.accept.policy import PolicyRejected, PolicyResult, is_permitted
-from relay.receive.data import HAS_NUL, DataReader, Limits, Received
-from relay.receive.handler import prepare_headers
+from relay.receive.data import DataReader, Limits, Received
+from relay.receive.replies import HAS_NUL
 from tests.strategies import (
     MAILBOX,
     NOT_PERMITTED,

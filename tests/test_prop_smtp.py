@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from relay.accept.headers import RawMessage
 from relay.accept.policy import is_permitted
 from relay.core.log import _NOISY, JsonFormatter
-from relay.receive import Receiver
+from relay.receive.server import Receiver
 from tests.conftest import PASSWORDS, build_config
 from tests.strategies import (
     NOT_PERMITTED,

@@ -27,8 +27,9 @@ from relay.config import Config, ConfigError, ServerTLS
 from relay.core.log import message_id
 from relay.core.message import Content, Outbound
 from relay.core.reply import Reply
-from relay.receive import Receiver, address_problem
+from relay.receive.addresses import address_problem
 from relay.receive.passwords import PasswordVerifier
+from relay.receive.server import Receiver
 from relay.receive.tls import server_context
 from relay.sandbox.pki import LocalPKI, create_pki
 from relay.spool.store import Spool
@@ -636,7 +637,7 @@ async def test_session_deadline_during_hand_over_is_answered_first(
     # loop is held, as by a slow policy check), so it is noticed only once the hand-over
     # has begun: the message's reply must still come before the 421, or the client
     # would send it again.
-    import relay.receive.handler as handler_module
+    import relay.receive.incoming as handler_module
     original = handler_module.received_header
 
     def slow_received_header(**kwargs: Any) -> bytes:

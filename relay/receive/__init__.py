@@ -1,31 +1,16 @@
-"""The SMTP receiving side, where legacy applications connect.
+"""The SMTP receiving side, where legacy applications connect (Postfix's smtpd).
 
-- :mod:`relay.receive.server`: :class:`Receiver`, the listeners, connection limit,
-  reload and shutdown;
-- :mod:`relay.receive.session`: :class:`RelaySMTP`, one connection (AUTH, TLS, limits);
+- :mod:`relay.receive.server`: :class:`Receiver`, the connection gate, submissions, drain;
+- :mod:`relay.receive.listeners`: binding the listeners, and changing them on reload;
+- :mod:`relay.receive.session`: :class:`RelaySMTP`, one connection;
+- :mod:`relay.receive.auth`: AUTH PLAIN and LOGIN against local accounts;
+- :mod:`relay.receive.passwords`: checking those passwords, cached;
+- :mod:`relay.receive.guard`: failed-AUTH penalties and lockouts, the refusal log;
+- :mod:`relay.receive.clocks`: a connection's line and session deadlines;
 - :mod:`relay.receive.handler`: :class:`RelayHandler`, the MAIL/RCPT/DATA decisions;
-- :mod:`relay.receive.guard`: failed-AUTH penalties and lockouts, the refusal log.
+- :mod:`relay.receive.data`: DATA as it arrives (line model, limits, memory budget);
+- :mod:`relay.receive.incoming`: one message streaming to the spool;
+- :mod:`relay.receive.addresses`: checks of client and envelope addresses;
+- :mod:`relay.receive.replies`: the replies the relay gives, as values;
+- :mod:`relay.receive.tls`: the server's TLS context, renewable on reload.
 """
-
-from relay.receive.handler import RelayHandler, address_problem
-from relay.receive.server import Receiver
-from relay.receive.session import (
-    RelayEnvelope,
-    RelaySession,
-    RelaySMTP,
-    Settings,
-    client_address,
-    is_loopback,
-)
-
-__all__ = [
-    "Receiver",
-    "RelayEnvelope",
-    "RelayHandler",
-    "RelaySMTP",
-    "RelaySession",
-    "Settings",
-    "address_problem",
-    "client_address",
-    "is_loopback",
-]

@@ -34,12 +34,11 @@ from typing import Protocol
 from relay.accept.headers import LineKind, field_name, line_kind
 from relay.config import Server
 from relay.core.message import CHUNK, LINE_BREAK
+from relay.core.reply import Reply
+from relay.receive import replies
 
 __all__ = ["DataReader", "Limits", "MemoryBudget", "Received", "Sink"]
 
-TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
-HAS_NUL = ("554 5.6.0 Message contains a NUL byte, which mail may not carry; encode binary "
-           "attachments (base64)")
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ class Received:
 
     size: int = 0                # bytes as the client sent them (the SIZE limit counts these)
     eight_bit: bool = False
-    refusal: str | None = None
+    refusal: Reply | None = None
     tail: bytes = b""
 
 
@@ -184,8 +183,7 @@ class DataReader:
                 # over-long line can end the data), and refuse the message at the end.
                 line = await reader.read(exc.consumed)
                 result.size += len(line)
-                self._refuse(f"500 5.5.2 Line too long (limit {limits.max_line_length} "
-                             "octets)")
+                self._refuse(replies.line_too_long(limits.max_line_length))
                 in_line, after_crlf = True, False
                 continue
             except asyncio.IncompleteReadError as exc:
@@ -203,11 +201,10 @@ class DataReader:
             if result.refusal is not None:
                 continue            # draining: the message is refused already
             if result.size > limits.max_message_size:
-                self._refuse(TOO_BIG)
+                self._refuse(replies.TOO_BIG)
                 continue
             if len(line) > limits.max_line_length + 2:
-                self._refuse(f"500 5.5.2 Line too long (limit {limits.max_line_length} "
-                             "octets)")
+                self._refuse(replies.line_too_long(limits.max_line_length))
                 continue
             if line[:1] == b"." and line not in (b".\r\n", b".\n"):
                 line = line[1:]     # transparency (RFC 5321 4.5.2)
@@ -257,14 +254,14 @@ class DataReader:
     def _limit_headers(self) -> None:
         limits = self.limits
         if self._head_size > limits.max_header_size:
-            self._refuse(f"552 5.3.4 Header section too large (limit "
-                         f"{limits.max_header_size} octets)")
+            self._refuse(Reply(552, f"5.3.4 Header section too large (limit "
+                                    f"{limits.max_header_size} octets)"))
         elif self._fields > limits.max_header_fields:
-            self._refuse(f"552 5.3.4 Too many header fields (limit "
-                         f"{limits.max_header_fields})")
+            self._refuse(Reply(552, f"5.3.4 Too many header fields (limit "
+                                    f"{limits.max_header_fields})"))
         elif self._hops > limits.max_received_headers:
-            self._refuse(f"554 5.4.6 Too many hops ({self._hops} Received header fields): "
-                         "a mail loop?")
+            self._refuse(Reply(554, f"5.4.6 Too many hops ({self._hops} Received header "
+                                    "fields): a mail loop?"))
 
     async def _end_of_headers(self, sink: Sink) -> None:
         assert self._head is not None
@@ -283,11 +280,11 @@ class DataReader:
 
     def _check(self, data: bytes) -> None:
         if b"\0" in data:
-            self._refuse(HAS_NUL)
+            self._refuse(replies.HAS_NUL)
         if not data.isascii():
             self._received.eight_bit = True
 
-    def _refuse(self, reply: str) -> None:
+    def _refuse(self, reply: Reply) -> None:
         """Refuse the message (the first reason stands); what is held is dropped now."""
         if self._received.refusal is None:
             self._received.refusal = reply

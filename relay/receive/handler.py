@@ -14,10 +14,8 @@ can find the traceback in the log.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import errno
 import functools
-import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -25,26 +23,16 @@ from typing import Any, TypeVar
 
 from aiosmtpd.smtp import TLSSetupException
 
-from relay.accept.headers import RawMessage, received_header
-from relay.accept.policy import (
-    PolicyRejected,
-    PolicyResult,
-    apply_sender_policy,
-    check_envelope_sender,
-)
+from relay.accept.policy import PolicyRejected, check_envelope_sender
 from relay.accept.route import Unroutable
-from relay.config import Profile
 from relay.core.log import message_context
 from relay.core.message import Outbound, new_message_id
 from relay.core.reply import Reply
+from relay.receive import replies
+from relay.receive.addresses import address_problem, in_networks, path, sender_problem
 from relay.receive.data import Received
-from relay.receive.session import (
-    NULL_SENDER,
-    SHUTTING_DOWN,
-    RelayEnvelope,
-    RelaySession,
-    RelaySMTP,
-)
+from relay.receive.incoming import Incoming
+from relay.receive.session import RelayEnvelope, RelaySession, RelaySMTP
 from relay.spool.store import DataWriter
 
 log = logging.getLogger(__name__)
@@ -52,20 +40,7 @@ log = logging.getLogger(__name__)
 Submit = Callable[[Outbound], Awaitable[Reply]]
 # Where a new message's bytes are written while it arrives (Spool.writer).
 OpenWriter = Callable[[str], DataWriter]
-STORAGE_FULL = Reply(452, "4.3.1 Insufficient system storage; try again later")
 _Hook = TypeVar("_Hook", bound=Callable[..., Awaitable[str]])
-
-_MAX_ADDRESS = 254          # RFC 5321 4.5.3.1.3 path length, less the angle brackets
-_MAX_LOCAL_PART = 64
-
-
-def _path(address: str) -> str:
-    """An envelope address for a log line: ``<a@b>``, or ``<>`` for the null sender."""
-    return NULL_SENDER if address == NULL_SENDER else f"<{address}>"
-
-
-def internal_error(mid: str) -> str:
-    return f"451 4.3.0 Internal error, try again later (id {mid})"
 
 
 def _guarded(hook: _Hook) -> _Hook:
@@ -81,90 +56,9 @@ def _guarded(hook: _Hook) -> _Hook:
             with message_context(mid):
                 log.exception("internal error in %s: client=%s", hook.__name__,
                               session.client_ip)
-            return internal_error(mid)
+            return replies.internal_error(mid).as_smtp()
 
     return wrapper  # type: ignore[return-value]
-
-
-def _encoding_problem(address: str, smtputf8: bool) -> str | None:
-    """Why ``address``'s characters cannot travel as they are (RFC 6531), or None."""
-    try:
-        address.encode("utf-8")
-    except UnicodeEncodeError:
-        return "553 5.6.7 Address is not valid UTF-8"
-    if not address.isascii() and not smtputf8:
-        return "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL FROM"
-    return None
-
-
-def address_problem(address: str, smtputf8: bool) -> str | None:
-    """Why ``address`` cannot be a recipient, or None if it can (a mailbox@domain)."""
-    if (problem := _encoding_problem(address, smtputf8)) is not None:
-        return problem
-    raw = address.encode("utf-8")
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not domain:
-        return "553 5.1.3 Address must be of the form name@domain"
-    if len(raw) > _MAX_ADDRESS or len(local.encode("utf-8")) > _MAX_LOCAL_PART:
-        return "553 5.1.3 Address too long"
-    if any(ord(ch) < 32 or ch == "\x7f" for ch in address):
-        return "553 5.1.3 Address contains control characters"
-    quoted = len(local) >= 2 and local.startswith('"') and local.endswith('"')
-    if any(ch.isspace() for ch in (domain if quoted else address)):
-        return "553 5.1.3 Address contains spaces"
-    if domain.startswith("[") and domain.endswith("]"):
-        literal = domain[1:-1].removeprefix("IPv6:")
-        try:
-            ipaddress.ip_address(literal)
-        except ValueError:
-            return "553 5.1.3 Invalid address literal"
-        return None
-    labels = domain.rstrip(".").split(".")
-    for label in labels:
-        if not label or len(label) > 63 or label.startswith("-") or label.endswith("-"):
-            return "553 5.1.3 Invalid domain"
-        if not all(ch.isalnum() or ch == "-" for ch in label):
-            return "553 5.1.3 Invalid domain"
-    return None
-
-
-def sender_problem(address: str, smtputf8: bool) -> str | None:
-    """Why ``address`` cannot be an envelope sender, or None.
-
-    Looser than :func:`address_problem`: cron and other local programs send unqualified
-    senders (``root``), and the null sender ``<>`` is a sender too. But a sender travels
-    on into the upstream's MAIL FROM, the log and any delivery report, so nothing in it
-    may break a line or a field (a CR there once made every report fail).
-    """
-    if address == NULL_SENDER:
-        return None
-    if (problem := _encoding_problem(address, smtputf8)) is not None:
-        return problem
-    raw = address.encode("utf-8")
-    if any(ord(ch) < 32 or ch == "\x7f" for ch in address):
-        return "553 5.1.7 Sender address contains control characters"
-    if len(raw) > _MAX_ADDRESS:
-        return "553 5.1.7 Sender address too long"
-    if not address or any(ch.isspace() for ch in address.rpartition("@")[2]):
-        return "553 5.1.7 Invalid sender address"
-    return None
-
-
-def _in_networks(ip: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
-                 ) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return any(addr in net for net in networks)
-
-
-def _protocol(session: RelaySession) -> str:
-    """The ``with`` keyword of the Received field (RFC 3848)."""
-    if not session.extended_smtp:
-        return "SMTP"
-    return "ESMTP" + ("S" if session.encrypted else "") + ("A" if session.authenticated
-                                                          else "")
 
 
 def _upstream_options(options: list[str], size: int, eight_bit: bool) -> list[str]:
@@ -180,104 +74,6 @@ def _upstream_options(options: list[str], size: int, eight_bit: bool) -> list[st
     if eight_bit and not any(opt.upper().startswith("BODY=") for opt in out):
         out.append("BODY=8BITMIME")
     return out
-
-
-def prepare_headers(profile_name: str, profile: Profile, mail_from: str, section: bytes,
-                    max_addresses: int) -> PolicyResult:
-    """Everything done to a header section before it is kept; CPU-bound, so it runs in a
-    worker thread. Raises :class:`PolicyRejected` with the reply for the client.
-
-    First what makes the section safe to parse (the size and count of sender fields),
-    then 8-bit bytes that are not UTF-8 made UTF-8 (relay.accept.headers.RawMessage.recode_8bit),
-    then the profile's sender policy.
-    """
-    msg = RawMessage(section)
-    problem = msg.sender_fields_problem(max_addresses)
-    if problem is not None:
-        raise PolicyRejected(Reply(552, f"5.6.0 Message refused: {problem}"))
-    if not section.isascii() and msg.recode_8bit():
-        section = msg.to_bytes()
-    return apply_sender_policy(profile_name, profile, mail_from, section)
-
-
-class _Incoming:
-    """One message as it streams in (the :class:`relay.receive.data.Sink`).
-
-    At the end of the header section the header work runs in a worker thread; the result,
-    with the Received field before it, is written with the first part of the body. A
-    refusal or a disk error is only noted here (the client is still sending): the rest is
-    drained, the file discarded, and the reply given after the end of the data. Every
-    failure discards the file at once (a full disk is not kept full by our debris).
-    """
-
-    def __init__(self, server: RelaySMTP, session: RelaySession, envelope: RelayEnvelope,
-                 writer: DataWriter) -> None:
-        assert envelope.id is not None
-        self.id = envelope.id
-        self.writer = writer
-        self.policy: PolicyResult | None = None
-        self.refusal: Reply | None = None
-        self.failure: OSError | None = None
-        self._server = server
-        self._session = session
-        self._envelope = envelope
-        self._pending: list[bytes] = []
-
-    @property
-    def _stopped(self) -> bool:
-        return self.refusal is not None or self.failure is not None
-
-    async def headers(self, section: bytes) -> None:
-        server, session, envelope = self._server, self._session, self._envelope
-        config = server.settings.config
-        assert envelope.profile is not None and envelope.mail_from is not None
-        profile = envelope.profile
-        # The relay's working time is not the client's: its clocks stop meanwhile.
-        server.pause_idle_timer()
-        try:
-            with message_context(self.id):
-                self.policy = await asyncio.to_thread(
-                    prepare_headers, profile, config.profiles[profile], envelope.mail_from,
-                    section, config.server.max_header_addresses)
-                rcpts = envelope.rcpt_tos
-                header = received_header(
-                    client_helo=session.host_name or "", client_ip=session.client_ip,
-                    hostname=config.server.hostname, protocol=_protocol(session),
-                    message_id=self.id, recipient=rcpts[0] if len(rcpts) == 1 else None,
-                    when=dt.datetime.now(dt.UTC))
-            self._pending = [header, self.policy.data]
-        except PolicyRejected as exc:
-            self.refusal = exc.reply
-        except Exception:
-            with message_context(self.id):
-                log.exception("internal error reading the header section: client=%s",
-                              session.client_ip)
-            self.refusal = Reply(451, "4.3.0 Internal error, try again later")
-        finally:
-            server.resume_idle_timer(reply_first=False)
-
-    async def body(self, data: bytes) -> None:
-        await self._write(data, finish=False)
-
-    async def finish(self, tail: bytes) -> None:
-        """The last bytes: written and made durable in one step."""
-        await self._write(tail, finish=True)
-
-    async def _write(self, data: bytes, *, finish: bool) -> None:
-        if self._stopped:
-            return
-        parts, self._pending = [*self._pending, data], []
-        self._server.pause_idle_timer()
-        try:
-            await asyncio.to_thread(self.writer.write, b"".join(parts), finish=finish)
-        except OSError as exc:
-            self.failure = exc          # the writer has discarded the file itself
-        finally:
-            # After the last byte the client only waits for its reply: that comes first.
-            self._server.resume_idle_timer(reply_first=finish)
-
-    def discard(self) -> None:
-        self.writer.discard()
 
 
 def _with_id(reply: Reply, mid: str) -> str:
@@ -319,27 +115,27 @@ class RelayHandler:
         mid = new_message_id()
         with message_context(mid):
             if server.draining:
-                return SHUTTING_DOWN
+                return replies.SHUTTING_DOWN.as_smtp()
             config = server.settings.config
             ip = session.client_ip
             if not (session.authenticated
-                    or _in_networks(ip, config.server.relay_networks)):
+                    or in_networks(ip, config.server.relay_networks)):
                 log.warning("relay denied: client=%s sender=%s auth_offered=%s",
-                            ip, _path(address), server.offers_auth,
+                            ip, path(address), server.offers_auth,
                             extra={"event": "refused", "client": ip, "sender": address})
                 if server.offers_auth:
-                    return "530 5.7.0 Authentication required"
-                return f"554 5.7.1 Relay access denied for {ip}"
+                    return replies.AUTHENTICATION_REQUIRED.as_smtp()
+                return replies.relay_denied(ip).as_smtp()
             problem = sender_problem(address, envelope.smtp_utf8)
             if problem is not None:
                 log.info("sender refused: client=%s reply=%s", ip, problem)
-                return problem
+                return problem.as_smtp()
             try:
                 profile_name = server.settings.router.select(
                     user=session.user, sender=address, client_ip=ip)
             except Unroutable as exc:
                 log.warning("unroutable: client=%s user=%s sender=%s reply=%s",
-                            ip, session.user, _path(address), exc.reply,
+                            ip, session.user, path(address), exc.reply,
                             extra={"event": "refused", "client": ip, "user": session.user,
                                    "sender": address, "reply": str(exc.reply)})
                 return exc.reply.as_smtp()
@@ -347,7 +143,7 @@ class RelayHandler:
                 check_envelope_sender(profile_name, config.profiles[profile_name], address)
             except PolicyRejected as exc:
                 log.warning("sender refused: client=%s user=%s profile=%s sender=%s reply=%s",
-                            ip, session.user, profile_name, _path(address), exc.reply,
+                            ip, session.user, profile_name, path(address), exc.reply,
                             extra={"event": "refused", "client": ip, "user": session.user,
                                    "profile": profile_name, "sender": address,
                                    "reply": str(exc.reply)})
@@ -357,8 +153,8 @@ class RelayHandler:
             envelope.mail_from = address
             envelope.mail_options.extend(mail_options)
             log.debug("sender accepted: client=%s sender=%s profile=%s",
-                      ip, _path(address), profile_name)
-            return "250 2.1.0 Sender OK"
+                      ip, path(address), profile_name)
+            return replies.SENDER_OK.as_smtp()
 
     @_guarded
     async def handle_RCPT(self, server: RelaySMTP, session: RelaySession,
@@ -369,29 +165,29 @@ class RelayHandler:
             if problem is not None:
                 log.info("recipient refused: client=%s rcpt=<%s> reply=%s",
                          session.client_ip, address, problem)
-                return problem
+                return problem.as_smtp()
             folded = address.casefold()
             if any(r.casefold() == folded for r in envelope.rcpt_tos):
-                return "250 2.1.5 Recipient OK"     # once is enough
+                return replies.RECIPIENT_OK.as_smtp()      # once is enough
             limit = server.settings.config.server.max_recipients
             if len(envelope.rcpt_tos) >= limit:
                 log.info("too many recipients: client=%s limit=%d", session.client_ip, limit)
-                return "452 4.5.3 Too many recipients"
+                return replies.TOO_MANY_RECIPIENTS.as_smtp()
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
-            return "250 2.1.5 Recipient OK"
+            return replies.RECIPIENT_OK.as_smtp()
 
     # --- DATA: begin_data, then the sink (_Incoming) as it streams, then end_data -----------
 
     def begin_data(self, server: RelaySMTP, session: RelaySession,
-                   envelope: RelayEnvelope) -> _Incoming:
+                   envelope: RelayEnvelope) -> Incoming:
         """Where this transaction's message goes while it streams in (see _Incoming)."""
         mid = envelope.id or new_message_id()
         envelope.id = mid
-        return _Incoming(server, session, envelope, self._writer(mid))
+        return Incoming(server, session, envelope, self._writer(mid))
 
     async def end_data(self, server: RelaySMTP, session: RelaySession,
-                       envelope: RelayEnvelope, incoming: _Incoming,
+                       envelope: RelayEnvelope, incoming: Incoming,
                        received: Received) -> str:
         """The reply to the message: a refusal, or the hand-over's outcome."""
         mid = incoming.id
@@ -402,32 +198,29 @@ class RelayHandler:
                 incoming.discard()
                 log.exception("internal error at the end of DATA: client=%s",
                               session.client_ip)
-                return internal_error(mid)
+                return replies.internal_error(mid).as_smtp()
 
     async def _end_data(self, server: RelaySMTP, session: RelaySession,
-                        envelope: RelayEnvelope, incoming: _Incoming,
+                        envelope: RelayEnvelope, incoming: Incoming,
                         received: Received) -> str:
         mid = incoming.id
-        refusal = received.refusal or (incoming.refusal.as_smtp() if incoming.refusal
-                                       else None)
+        refusal = received.refusal or incoming.refusal
         if refusal is not None:
             incoming.discard()
-            last_line = refusal.split("\r\n")[-1]
             log.warning("message refused: client=%s user=%s sender=%s size=%d reply=%s",
-                        session.client_ip, session.user, _path(envelope.mail_from or ""),
-                        received.size, last_line,
+                        session.client_ip, session.user, path(envelope.mail_from or ""),
+                        received.size, refusal,
                         extra={"event": "refused", "client": session.client_ip,
                                "user": session.user, "profile": envelope.profile,
                                "sender": envelope.mail_from, "size": received.size,
-                               "reply": last_line})
-            return refusal
+                               "reply": str(refusal)})
+            return refusal.as_smtp()
         if incoming.failure is not None:
             exc = incoming.failure
             log.error("cannot spool the message: %s", exc.strerror or exc)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                return _with_id(STORAGE_FULL, mid)
-            return _with_id(Reply(451, "4.3.0 Cannot store the message right now; try "
-                                       "again later"), mid)
+                return _with_id(replies.STORAGE_FULL, mid)
+            return _with_id(replies.CANNOT_STORE, mid)
         policy = incoming.policy
         assert policy is not None and envelope.profile is not None
         config = server.settings.config
@@ -474,7 +267,7 @@ class RelayHandler:
             raise
         except Exception:
             log.exception("handing the message on failed: client=%s", outbound.client)
-            return Reply(451, "4.3.0 Internal error, try again later")
+            return replies.INTERNAL_ERROR
         finally:
             server.resume_idle_timer()
 
@@ -486,8 +279,8 @@ class RelayHandler:
         if isinstance(error, TLSSetupException):
             log.warning("TLS handshake failed: client=%s error=%s", client,
                         error.__cause__ or error)
-            return "454 4.7.0 TLS not available"
+            return replies.TLS_NOT_AVAILABLE.as_smtp()
         incident = new_message_id()
         with message_context(incident):
             log.error("internal error in SMTP session: client=%s", client, exc_info=error)
-        return internal_error(incident)
+        return replies.internal_error(incident).as_smtp()

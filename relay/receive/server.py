@@ -39,14 +39,12 @@ from relay.config import Config, ConfigError, Listener
 from relay.core.log import message_context
 from relay.core.message import Outbound
 from relay.core.reply import Reply
+from relay.receive import replies
 from relay.receive.data import MemoryBudget
 from relay.receive.guard import AuthGuard, Clock, RefusalLog
 from relay.receive.handler import OpenWriter, RelayHandler, Submit
 from relay.receive.passwords import PasswordVerifier
 from relay.receive.session import (
-    SHUTTING_DOWN,
-    TOO_MANY_CONNECTIONS,
-    TOO_MANY_CONNECTIONS_FROM_CLIENT,
     RelaySMTP,
     Settings,
     is_loopback,
@@ -219,15 +217,15 @@ class Receiver:
     def budget(self) -> MemoryBudget:
         return self._budget
 
-    def admit(self, session: RelaySMTP) -> str | None:
+    def admit(self, session: RelaySMTP) -> Reply | None:
         server = self._settings.config.server
         ip = session.client_ip
         if self._draining:
-            refusal = SHUTTING_DOWN
+            refusal = replies.SHUTTING_DOWN
         elif len(self._sessions) >= server.max_connections:
-            refusal = TOO_MANY_CONNECTIONS
+            refusal = replies.TOO_MANY_CONNECTIONS
         elif self._per_client[ip] >= server.connections_per_client:
-            refusal = TOO_MANY_CONNECTIONS_FROM_CLIENT
+            refusal = replies.TOO_MANY_CONNECTIONS_FROM_CLIENT
         else:
             self._sessions.add(session)
             self._per_client[ip] += 1
@@ -237,7 +235,7 @@ class Receiver:
         if held is not None:
             log.warning("connection refused: client=%s reply=%s%s", ip, refusal,
                         f" ({held} more since the last line)" if held else "",
-                        extra={"event": "refused", "client": ip, "reply": refusal,
+                        extra={"event": "refused", "client": ip, "reply": str(refusal),
                                "not_logged": held})
         return refusal
 
@@ -456,7 +454,7 @@ class Receiver:
         while True:
             for session in list(self._sessions):
                 if session.idle:
-                    session.shut(SHUTTING_DOWN)
+                    session.shut(replies.SHUTTING_DOWN)
             if not self._sessions and not self._submissions:
                 return True
             if loop.time() >= deadline:
@@ -477,7 +475,7 @@ class Receiver:
             b.server.close()
         sessions = list(self._sessions)
         for session in sessions:
-            session.shut(SHUTTING_DOWN)
+            session.shut(replies.SHUTTING_DOWN)
         tasks = [t for s in sessions if (t := s.handler_task) is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)

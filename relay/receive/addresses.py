@@ -1,0 +1,150 @@
+"""Addresses as the receiving side sees them: the client's, and the envelope's.
+
+- :func:`client_address`, :func:`is_loopback`, :func:`in_networks`: the client's IP as
+  text (IPv4-mapped IPv6 unwrapped), whether it is this machine, whether it is in a list;
+- :func:`address_problem`, :func:`sender_problem`: why an envelope recipient or sender
+  cannot be used (the reply that says so), or None;
+- :func:`loggable_user`, :func:`json_user`: a user name a client sent, safe for the log;
+- :data:`NULL_SENDER`: the null reverse-path, as carried in ``envelope.mail_from``.
+
+Pure functions: everything a client sent is checked here before it reaches a log line, a
+header, the spool or the upstream's MAIL FROM.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from typing import Any
+
+from relay.core.reply import Reply
+
+# The null reverse-path of bounces and receipts, as carried in envelope.mail_from.
+NULL_SENDER = "<>"
+
+_MAX_ADDRESS = 254          # RFC 5321 4.5.3.1.3 path length, less the angle brackets
+_MAX_LOCAL_PART = 64
+# Longest user name written to the log; the rest is cut so a client cannot flood it.
+_MAX_LOGGED_USER = 64
+
+_NOT_UTF8 = Reply(553, "5.6.7 Address is not valid UTF-8")
+_NEEDS_SMTPUTF8 = Reply(553, "5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on "
+                             "MAIL FROM")
+_NOT_NAME_AT_DOMAIN = Reply(553, "5.1.3 Address must be of the form name@domain")
+_TOO_LONG = Reply(553, "5.1.3 Address too long")
+_CONTROL = Reply(553, "5.1.3 Address contains control characters")
+_SPACES = Reply(553, "5.1.3 Address contains spaces")
+_BAD_LITERAL = Reply(553, "5.1.3 Invalid address literal")
+_BAD_DOMAIN = Reply(553, "5.1.3 Invalid domain")
+_SENDER_CONTROL = Reply(553, "5.1.7 Sender address contains control characters")
+_SENDER_TOO_LONG = Reply(553, "5.1.7 Sender address too long")
+_SENDER_INVALID = Reply(553, "5.1.7 Invalid sender address")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def client_address(peer: Any) -> str:
+    """The client's IP as text, with IPv4-mapped IPv6 (``::ffff:a.b.c.d``) unwrapped."""
+    host = peer[0] if isinstance(peer, tuple) and peer else peer
+    try:
+        ip = ipaddress.ip_address(str(host))
+    except ValueError:
+        return str(host) or "unknown"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+def in_networks(ip: str, networks: Iterable[Network]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in networks)
+
+
+def _encoding_problem(address: str, smtputf8: bool) -> Reply | None:
+    """Why ``address``'s characters cannot travel as they are (RFC 6531), or None."""
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return _NOT_UTF8
+    if not address.isascii() and not smtputf8:
+        return _NEEDS_SMTPUTF8
+    return None
+
+
+def address_problem(address: str, smtputf8: bool) -> Reply | None:
+    """Why ``address`` cannot be a recipient, or None if it can (a mailbox@domain)."""
+    if (problem := _encoding_problem(address, smtputf8)) is not None:
+        return problem
+    raw = address.encode("utf-8")
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        return _NOT_NAME_AT_DOMAIN
+    if len(raw) > _MAX_ADDRESS or len(local.encode("utf-8")) > _MAX_LOCAL_PART:
+        return _TOO_LONG
+    if any(ord(ch) < 32 or ch == "\x7f" for ch in address):
+        return _CONTROL
+    quoted = len(local) >= 2 and local.startswith('"') and local.endswith('"')
+    if any(ch.isspace() for ch in (domain if quoted else address)):
+        return _SPACES
+    if domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1].removeprefix("IPv6:")
+        try:
+            ipaddress.ip_address(literal)
+        except ValueError:
+            return _BAD_LITERAL
+        return None
+    for label in domain.rstrip(".").split("."):
+        if not label or len(label) > 63 or label.startswith("-") or label.endswith("-"):
+            return _BAD_DOMAIN
+        if not all(ch.isalnum() or ch == "-" for ch in label):
+            return _BAD_DOMAIN
+    return None
+
+
+def sender_problem(address: str, smtputf8: bool) -> Reply | None:
+    """Why ``address`` cannot be an envelope sender, or None.
+
+    Looser than :func:`address_problem`: cron and other local programs send unqualified
+    senders (``root``), and the null sender ``<>`` is a sender too. But a sender travels
+    on into the upstream's MAIL FROM, the log and any delivery report, so nothing in it
+    may break a line or a field (a CR there once made every report fail).
+    """
+    if address == NULL_SENDER:
+        return None
+    if (problem := _encoding_problem(address, smtputf8)) is not None:
+        return problem
+    if any(ord(ch) < 32 or ch == "\x7f" for ch in address):
+        return _SENDER_CONTROL
+    if len(address.encode("utf-8")) > _MAX_ADDRESS:
+        return _SENDER_TOO_LONG
+    if not address or any(ch.isspace() for ch in address.rpartition("@")[2]):
+        return _SENDER_INVALID
+    return None
+
+
+def path(address: str) -> str:
+    """An envelope address for a log line: ``<a@b>``, or ``<>`` for the null sender."""
+    return NULL_SENDER if address == NULL_SENDER else f"<{address}>"
+
+
+def json_user(user: bytes) -> str:
+    """A user name as a JSON log field: without the quotes of :func:`loggable_user`."""
+    return user[:_MAX_LOGGED_USER].decode("utf-8", errors="backslashreplace")
+
+
+def loggable_user(user: str | bytes) -> str:
+    """A user name as it may appear in a log line: escaped, and cut if very long."""
+    if isinstance(user, bytes):
+        user = user.decode("utf-8", errors="backslashreplace")
+    text = repr(user[:_MAX_LOGGED_USER])
+    return text + "..." if len(user) > _MAX_LOGGED_USER else text
