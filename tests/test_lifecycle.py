@@ -103,14 +103,14 @@ def bound_ports(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The port of every listening socket the receiver binds from now on, in order.
     (Ports are left to the kernel: a number picked by a test could be taken meanwhile.)"""
     ports: list[int] = []
-    real_listen = receive_server._listen
+    real_listen = receive_server.listen
 
     def listen(listener: Listener) -> socket.socket:
         sock = real_listen(listener)
         ports.append(sock.getsockname()[1])
         return sock
 
-    monkeypatch.setattr(receive_server, "_listen", listen)
+    monkeypatch.setattr(receive_server, "listen", listen)
     return ports
 
 
@@ -218,14 +218,14 @@ async def test_moving_a_listener_binds_the_new_before_closing_the_old(
     try:
         [(host, port)] = relay.listening
         old_open_when_new_bound: list[bool] = []
-        real_listen = receive_server._listen
+        real_listen = receive_server.listen
 
         def listen(listener: Listener) -> socket.socket:
             sock = real_listen(listener)
             old_open_when_new_bound.append(accepts(host, port))
             return sock
 
-        monkeypatch.setattr(receive_server, "_listen", listen)
+        monkeypatch.setattr(receive_server, "listen", listen)
         session = await Session.open(host, port)          # opened before the move
         moved = with_listeners(relay.config, {"address": "127.0.0.2", "port": 0})
         assert await relay.reload(lambda: moved) is True, caplog.text

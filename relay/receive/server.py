@@ -1,4 +1,7 @@
-"""The listening side: sockets, the connection limit, reload and shutdown.
+"""The receiving side as a whole: its listeners, the connection gate, shutdown.
+
+- :class:`Receiver`: binds the listeners, admits connections (limits overall and per
+  client address), hands messages over as tasks it owns, reloads all or nothing, drains.
 
 Everything runs on the caller's event loop (``loop.create_server`` with one aiosmtpd
 protocol per connection, no Controller thread). Each new connection gets the settings
@@ -11,14 +14,8 @@ accepting; :meth:`Receiver.commit` then switches in one step (nothing in it can 
 :meth:`Receiver.abandon` closes what was bound and the running configuration stays as it
 was. A port that cannot be bound thus refuses the reload instead of leaving the relay
 without a listener. Sockets of listeners that stay are never bound again: re-binding a
-socket that is still held is what made a peer's SIGHUP reload exit.
-
-Which new listener is "the same" as a bound one (:func:`identities`): the one with the
-same address and port. Listeners on port 0 (any free port, as in tests) are matched by
-position: the n-th port-0 listener on an address in the new configuration is the n-th one
-on that address in the old. A listener that keeps its identity keeps its socket even when
-its other options (tls, require_tls, synchronous) change: new connections get the new
-options, open sessions keep theirs.
+socket that is still held is what made a peer's SIGHUP reload exit (which listener is
+"the same": :mod:`relay.receive.listeners`).
 """
 
 from __future__ import annotations
@@ -26,13 +23,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
-import ipaddress
 import logging
 import socket
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from relay.accept.route import Router
 from relay.config import Config, ConfigError, Listener
@@ -43,6 +38,16 @@ from relay.receive import replies
 from relay.receive.data import MemoryBudget
 from relay.receive.guard import AuthGuard, Clock, RefusalLog
 from relay.receive.handler import OpenWriter, RelayHandler, Submit
+from relay.receive.listeners import (
+    BACKLOG,
+    Bound,
+    Identity,
+    ListenerChange,
+    describe,
+    identities,
+    listen,
+    overlaps,
+)
 from relay.receive.passwords import PasswordVerifier
 from relay.receive.session import (
     RelaySMTP,
@@ -54,119 +59,6 @@ from relay.receive.tls import SwitchableContext, server_context
 log = logging.getLogger(__name__)
 
 _DRAIN_POLL = 0.05
-_BACKLOG = 100                # asyncio's default for create_server
-
-# Who a listener is across a reload: (normalised address, port, position); see identities().
-Identity = tuple[str, int, int]
-
-
-@dataclass(eq=False)
-class _Bound:
-    """One listening socket and the asyncio server that accepts on it.
-
-    ``listener`` holds the options that new connections accepted by ``server`` get; a
-    reload that changes only options replaces it in place, keeping server and socket.
-    """
-
-    listener: Listener
-    identity: Identity
-    server: asyncio.Server = field(init=False)
-
-    @property
-    def port(self) -> int:
-        """The port actually bound (the kernel's choice for ``port: 0``)."""
-        sockets = self.server.sockets
-        return int(sockets[0].getsockname()[1]) if sockets else self.listener.port
-
-
-@dataclass(eq=False)
-class ListenerChange:
-    """A switch of the receiver to a new configuration, made ready by
-    :meth:`Receiver.prepare`: every step that could fail is done, nothing in use changed.
-
-    New sockets are bound and listening already (the kernel queues connections to them),
-    but nothing accepts on them until :meth:`Receiver.commit`.
-    """
-
-    settings: Settings
-    switch: SwitchableContext | None
-    bound: list[_Bound] = field(default_factory=list)     # after the commit, config order
-    options: list[tuple[_Bound, Listener]] = field(default_factory=list)  # kept sockets
-    opened: list[_Bound] = field(default_factory=list)    # servers made for this change
-    retired: list[_Bound] = field(default_factory=list)   # servers the commit closes
-
-    def summary(self) -> list[str]:
-        """One line per listener that changes, for the log."""
-        replaced = {b.identity for b in self.retired} & {b.identity for b in self.opened}
-        lines = [f"listener {_describe(b.listener)} closed (its open connections go on)"
-                 for b in self.retired if b.identity not in replaced]
-        lines += [f"listener {_describe(b.listener)} "
-                  + (f"keeps its socket, new connections get: {_options(b.listener)}"
-                     if b.identity in replaced else f"added: {_options(b.listener)}")
-                  for b in self.opened]
-        lines += [f"listener {_describe(new)} keeps its socket, new connections get: "
-                  f"{_options(new)}" for _, new in self.options]
-        return lines
-
-
-def _describe(listener: Listener, port: int | None = None) -> str:
-    host = f"[{listener.address}]" if ":" in listener.address else listener.address
-    return f"{host}:{listener.port if port is None else port}"
-
-
-def _options(listener: Listener) -> str:
-    sync = f", synchronous {listener.synchronous:g}s" if listener.synchronous else ""
-    return f"tls {listener.tls}, require_tls {str(listener.require_tls).lower()}{sync}"
-
-
-def identities(listeners: list[Listener]) -> list[Identity]:
-    """Who each listener is across a reload: (address, port, n).
-
-    The address is normalised (``::1`` and ``0:0::1`` are one address). ``n`` numbers the
-    listeners with the same address and port in their order; a fixed port may be listed
-    only once per address, so ``n`` is 0 except for port-0 listeners, which are thereby
-    matched by position.
-    """
-    seen: dict[tuple[str, int], int] = {}
-    out: list[Identity] = []
-    for listener in listeners:
-        key = (ipaddress.ip_address(listener.address).compressed, listener.port)
-        n = seen.get(key, 0)
-        seen[key] = n + 1
-        out.append((key[0], key[1], n))
-    return out
-
-
-def _overlaps(a: str, b: str) -> bool:
-    """Whether sockets on addresses ``a`` and ``b`` compete for the same ports."""
-    ia, ib = ipaddress.ip_address(a), ipaddress.ip_address(b)
-    return ia.version == ib.version and (ia == ib or ia.is_unspecified or ib.is_unspecified)
-
-
-def _listen(listener: Listener) -> socket.socket:
-    """A bound, listening, non-blocking TCP socket for ``listener``.
-
-    Made here rather than by ``loop.create_server`` so that it holds the port and queues
-    connections before anything accepts on it: a reload binds first and starts accepting
-    only once nothing can fail any more.
-    """
-    ip = ipaddress.ip_address(listener.address)
-    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            # As asyncio does: "::" is IPv6 only; IPv4 needs a listener of its own.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((listener.address, listener.port))
-        sock.listen(_BACKLOG)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 class Receiver:
     """All SMTP listeners of the relay and the sessions on them.
 
@@ -188,7 +80,7 @@ class Receiver:
         self._per_client: collections.Counter[str] = collections.Counter()
         self._handler = RelayHandler(self._spawn, writer)
         self._budget = MemoryBudget(config.server.buffer_memory)
-        self._bound: list[_Bound] = []
+        self._bound: list[Bound] = []
         self._sessions: set[RelaySMTP] = set()
         self._submissions: set[asyncio.Task[Reply]] = set()
         self._switch: SwitchableContext | None = None
@@ -324,28 +216,28 @@ class Receiver:
         return change
 
     @staticmethod
-    def _bind(listener: Listener, leaving: list[_Bound]) -> socket.socket:
+    def _bind(listener: Listener, leaving: list[Bound]) -> socket.socket:
         """:func:`_listen`, with an error that names the listener and, when the port is
         held by a listener this reload removes, says why that cannot work."""
         try:
-            return _listen(listener)
+            return listen(listener)
         except OSError as exc:
             hint = ""
             if exc.errno == errno.EADDRINUSE:
                 holders = [b for b in leaving if b.port == listener.port
-                           and _overlaps(b.listener.address, listener.address)]
+                           and overlaps(b.listener.address, listener.address)]
                 if holders:
-                    held = _describe(holders[0].listener, holders[0].port)
+                    held = describe(holders[0].listener, holders[0].port)
                     hint = (f" (held by listener {held}, which "
                             "this configuration removes: new listeners are bound before "
                             "old ones close, so this change needs a restart)")
-            raise OSError(exc.errno, f"cannot listen on {_describe(listener)}: "
+            raise OSError(exc.errno, f"cannot listen on {describe(listener)}: "
                                      f"{exc.strerror or exc}{hint}") from exc
 
     async def _serve(self, listener: Listener, identity: Identity, sock: socket.socket,
-                     settings: Settings, switch: SwitchableContext | None) -> _Bound:
+                     settings: Settings, switch: SwitchableContext | None) -> Bound:
         """An asyncio server on ``sock`` (which it owns from now on), not accepting yet."""
-        bound = _Bound(listener, identity)
+        bound = Bound(listener, identity)
 
         def protocol() -> RelaySMTP:
             # Read at each connection: the settings and options current at that moment.
@@ -356,11 +248,11 @@ class Receiver:
             ssl_ctx: ssl.SSLContext | None = None
             if listener.tls == "implicit":
                 if switch is None:
-                    raise OSError(0, f"cannot listen on {_describe(listener)}: "
+                    raise OSError(0, f"cannot listen on {describe(listener)}: "
                                      "tls: implicit needs server.tls")
                 ssl_ctx = switch.front
             bound.server = await asyncio.get_running_loop().create_server(
-                protocol, sock=sock, ssl=ssl_ctx, backlog=_BACKLOG, start_serving=False,
+                protocol, sock=sock, ssl=ssl_ctx, backlog=BACKLOG, start_serving=False,
                 ssl_handshake_timeout=(
                     min(60.0, settings.config.server.idle_timeout) if ssl_ctx else None))
         except BaseException:
@@ -413,7 +305,7 @@ class Receiver:
         self._budget.update(config.server.buffer_memory)
         self.guard.configure(config.server.auth_throttle)
 
-    async def _unbind(self, bound: list[_Bound]) -> None:
+    async def _unbind(self, bound: list[Bound]) -> None:
         for b in bound:
             b.server.close()
             self._bound.remove(b)
