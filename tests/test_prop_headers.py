@@ -19,8 +19,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from relay.accept.cleanup import prepare_headers
-from relay.accept.headers import RawMessage, received_header
+from relay.accept.headers import RawMessage
 from relay.accept.policy import PolicyRejected, PolicyResult, is_permitted
+from relay.accept.trace import received_header
 from relay.receive.data import DataReader, Limits, Received
 from relay.receive.replies import HAS_NUL
 from tests.strategies import (

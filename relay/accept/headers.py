@@ -14,31 +14,27 @@ knows folding, quoted display names containing ``@`` or ``,``, encoded words and
 
 from __future__ import annotations
 
-import datetime as dt
 import email.errors
 import email.utils
 import enum
-import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.headerregistry import Address, BaseHeader
 from email.policy import SMTP, SMTPUTF8, EmailPolicy
 from email.policy import default as _default_policy
 from typing import Any
 
+from relay.accept.names import salvage
 from relay.core.errors import RelayError
 
 __all__ = [
     "Address",
-    "HeaderBlock",
     "HeaderError",
     "LineKind",
     "ParsedAddresses",
     "RawMessage",
-    "clean_display_name",
     "line_kind",
-    "received_header",
 ]
 
 # A field starts with a name of printable ASCII other than ":", then (obsolete syntax allows
@@ -59,16 +55,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 # decide who a message is sent as.
 _SERIOUS_DEFECTS = (email.errors.InvalidHeaderDefect, email.errors.HeaderMissingRequiredValue)
 
-# Last resort for a single ``name <addr>`` whose name has unquoted specials, e.g.
-# ``Sales @ HQ <sales@example.com>`` or ``Smith, John <js@example.com>``: the standard parser
-# (correctly, by the grammar) takes ``Sales@HQ`` or two addresses from those. Devices send
-# them anyway, and the angle brackets make the intended address unambiguous.
-# Written so that no two parts can match the same characters: a regex that can (e.g. a lazy
-# name followed by optional blanks) backtracks polynomially, and a few thousand blanks in
-# a From field would hold the interpreter for minutes.
-_NAME_ANGLE_ADDR = re.compile(r"^(?P<name>[^<>]*)<\s*(?P<addr>[^<>\s@]+@[^<>\s@]+)\s*>\s*$")
-# The salvage is for one hand-written "name <addr>", never a long value.
-_MAX_SALVAGE = 998
 # The fields that name who a message is from: what Exchange checks Send As against, and
 # so what the sender policy reads.
 SENDER_FIELDS = ("From", "Sender", "Resent-From", "Resent-Sender")
@@ -151,20 +137,6 @@ def _detect_eol(data: bytes) -> bytes:
     if nl >= 0:
         return b"\n"
     return b"\r\n"
-
-
-def clean_display_name(name: str) -> str:
-    """A display name safe to render: bytes that were not UTF-8 decoded, controls removed.
-
-    Legacy senders that put 8-bit bytes in headers without saying which charset almost
-    always mean Windows-1252, so undecodable bytes are read that way instead of being
-    turned into replacement characters.
-    """
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        name = name.encode("utf-8", "surrogateescape").decode("cp1252", "replace")
-    return " ".join(_CONTROL.sub(" ", name).split())
 
 
 def _needs_utf8(header: BaseHeader) -> bool:
@@ -286,7 +258,7 @@ class RawMessage:
             if problem is None and header is not None:
                 out.extend(header.addresses)  # type: ignore[attr-defined]
                 continue
-            rescued = _salvage(value)
+            rescued = salvage(value)
             if rescued is None:
                 raise HeaderError(problem)
             out.append(rescued)
@@ -414,97 +386,7 @@ class RawMessage:
         return b"".join(parts)
 
 
-HeaderBlock = RawMessage
-
 
 def _short(text: str, limit: int = 120) -> str:
     text = " ".join(_CONTROL.sub(" ", text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _salvage(value: str) -> Address | None:
-    if len(value) > _MAX_SALVAGE:
-        return None
-    m = _NAME_ANGLE_ADDR.match(value)
-    if not m:
-        return None
-    try:
-        addr = _default_policy.header_factory("To", m["addr"])
-    except Exception:  # same registry quirks as above
-        return None
-    if addr.defects or len(addr.addresses) != 1:
-        return None
-    spec = addr.addresses[0]
-    if not spec.username or not spec.domain:
-        return None
-    name = m["name"].strip()
-    if len(name) >= 2 and name[0] == name[-1] == '"' and '"' not in name[1:-1].replace('\\"', ""):
-        name = re.sub(r"\\(.)", r"\1", name[1:-1])
-    elif '"' in name:
-        return None  # an unbalanced quote: readers disagree on where the name ends
-    if "=?" in name:
-        # Encoded words may hide any character, CR and LF among them (which is why the
-        # registry gave up on this value: no Address may hold them).
-        name = clean_display_name(str(_default_policy.header_factory("Subject", name)))
-    return Address(display_name=name, username=spec.username, domain=spec.domain)
-
-
-# --- trace field --------------------------------------------------------------------------
-
-_HELO_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\;<>\"]")
-_TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-_PATH_UNSAFE = re.compile(r"[^\x21-\x7e]|[<>()\\;]")
-_MAX_HELO = 100
-_MAX_PATH = 256
-
-
-def _bounded(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _ip_literal(client_ip: str) -> str:
-    try:
-        ip = ipaddress.ip_address(client_ip)
-    except ValueError:
-        return "unknown"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # an IPv4 client on a dual-stack socket
-    return f"[IPv6:{ip.compressed}]" if ip.version == 6 else f"[{ip}]"
-
-
-def _fold_tokens(head: str, tokens: Iterable[str], limit: int = 78) -> str:
-    lines = [head]
-    for token in tokens:
-        if len(lines[-1]) + 1 + len(token) > limit and lines[-1].strip() not in ("", head):
-            lines.append("\t" + token)
-        else:
-            lines[-1] += " " + token
-    return "\r\n".join(lines) + "\r\n"
-
-
-def received_header(*, client_helo: str, client_ip: str, hostname: str, protocol: str,
-                    message_id: str, recipient: str | None, when: dt.datetime) -> bytes:
-    """An RFC 5321 section 4.4 trace field, CRLF-terminated and folded at 78 columns.
-
-    Everything the client chose (HELO name, recipient) is cleaned so it cannot end the
-    field, open or close a comment, or fake the ``;`` before the date. ``recipient`` is
-    only given for single-recipient messages: a ``for`` clause listing every envelope
-    recipient would reveal Bcc recipients to all of them.
-    """
-    helo = _bounded(_HELO_UNSAFE.sub("?", client_helo), _MAX_HELO) or "unknown"
-    host = _bounded(_HELO_UNSAFE.sub("?", hostname), _MAX_HELO) or "localhost"
-    proto = _TOKEN_UNSAFE.sub("", protocol) or "SMTP"
-    mid = _TOKEN_UNSAFE.sub("", message_id) or "unknown"
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    date = email.utils.format_datetime(when)
-    tokens = [f"from {helo}", f"({_ip_literal(client_ip)})", f"by {host}",
-              "(smtp-oauth-relay)", f"with {proto}", f"id {mid}"]
-    if recipient is not None:
-        rcpt = _bounded(_PATH_UNSAFE.sub("", recipient), _MAX_PATH)
-        tokens.append(f"for <{rcpt}>;")
-    else:
-        tokens[-1] += ";"
-    tokens.append(date)
-    text = _fold_tokens("Received:", tokens)
-    return text.encode("ascii", "replace")

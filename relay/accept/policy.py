@@ -25,14 +25,8 @@ import logging
 import re
 from dataclasses import dataclass
 
-from relay.accept.headers import (
-    SENDER_FIELDS,
-    Address,
-    HeaderError,
-    ParsedAddresses,
-    RawMessage,
-    clean_display_name,
-)
+from relay.accept.headers import SENDER_FIELDS, Address, HeaderError, ParsedAddresses, RawMessage
+from relay.accept.names import clean_display_name
 from relay.accept.route import address_matches, normalize_address
 from relay.config import Profile
 from relay.core.errors import ReplyError

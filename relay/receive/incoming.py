@@ -17,8 +17,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from relay.accept.cleanup import prepare_headers
-from relay.accept.headers import received_header
 from relay.accept.policy import PolicyRejected, PolicyResult
+from relay.accept.trace import received_header
 from relay.core.log import message_context
 from relay.core.reply import Reply
 from relay.receive import replies

@@ -1,0 +1,69 @@
+"""Display names and addresses read the lenient way, for what devices really send.
+
+- :func:`clean_display_name`: a display name safe to render again (bytes that were not
+  UTF-8 read as Windows-1252, control characters removed);
+- :func:`salvage`: the address of a single hand-written ``name <addr>`` whose name the
+  standard parser cannot take (``Sales @ HQ <sales@example.com>``), or None.
+
+The strict reading is the email package's (:mod:`relay.accept.headers`); this is the one
+fallback, for one ``name <addr>`` at most 998 characters long, never for a list.
+"""
+
+from __future__ import annotations
+
+import re
+from email.headerregistry import Address
+from email.policy import default as _default_policy
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+# Last resort for a single ``name <addr>`` whose name has unquoted specials, e.g.
+# ``Sales @ HQ <sales@example.com>`` or ``Smith, John <js@example.com>``: the standard parser
+# (correctly, by the grammar) takes ``Sales@HQ`` or two addresses from those. Devices send
+# them anyway, and the angle brackets make the intended address unambiguous.
+# Written so that no two parts can match the same characters: a regex that can (e.g. a lazy
+# name followed by optional blanks) backtracks polynomially, and a few thousand blanks in
+# a From field would hold the interpreter for minutes.
+_NAME_ANGLE_ADDR = re.compile(r"^(?P<name>[^<>]*)<\s*(?P<addr>[^<>\s@]+@[^<>\s@]+)\s*>\s*$")
+# The salvage is for one hand-written "name <addr>", never a long value.
+_MAX_SALVAGE = 998
+
+def clean_display_name(name: str) -> str:
+    """A display name safe to render: bytes that were not UTF-8 decoded, controls removed.
+
+    Legacy senders that put 8-bit bytes in headers without saying which charset almost
+    always mean Windows-1252, so undecodable bytes are read that way instead of being
+    turned into replacement characters.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        name = name.encode("utf-8", "surrogateescape").decode("cp1252", "replace")
+    return " ".join(_CONTROL.sub(" ", name).split())
+
+
+def salvage(value: str) -> Address | None:
+    if len(value) > _MAX_SALVAGE:
+        return None
+    m = _NAME_ANGLE_ADDR.match(value)
+    if not m:
+        return None
+    try:
+        addr = _default_policy.header_factory("To", m["addr"])
+    except Exception:  # same registry quirks as above
+        return None
+    if addr.defects or len(addr.addresses) != 1:
+        return None
+    spec = addr.addresses[0]
+    if not spec.username or not spec.domain:
+        return None
+    name = m["name"].strip()
+    if len(name) >= 2 and name[0] == name[-1] == '"' and '"' not in name[1:-1].replace('\\"', ""):
+        name = re.sub(r"\\(.)", r"\1", name[1:-1])
+    elif '"' in name:
+        return None  # an unbalanced quote: readers disagree on where the name ends
+    if "=?" in name:
+        # Encoded words may hide any character, CR and LF among them (which is why the
+        # registry gave up on this value: no Address may hold them).
+        name = clean_display_name(str(_default_policy.header_factory("Subject", name)))
+    return Address(display_name=name, username=spec.username, domain=spec.domain)
