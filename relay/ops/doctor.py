@@ -23,7 +23,6 @@ import asyncio
 import datetime as dt
 import enum
 import ipaddress
-import json
 import socket
 import ssl
 from dataclasses import dataclass, field
@@ -75,8 +74,6 @@ class Status(enum.StrEnum):
     SKIP = "skip"   # not run: a step it depends on failed
 
 
-_LABEL = {Status.OK: "[ OK ]", Status.INFO: "[INFO]", Status.WARN: "[WARN]",
-          Status.FAIL: "[FAIL]", Status.SKIP: "[SKIP]"}
 _SEVERITY = {Status.SKIP: 0, Status.OK: 0, Status.INFO: 1, Status.WARN: 2, Status.FAIL: 3}
 
 
@@ -665,42 +662,3 @@ def _tls_summary(session: UpstreamSession, up: Upstream) -> str:
 
     return (f"{how}; {tls.version()}; certificate for {up.host} verified (issued by "
             f"{name_of('issuer')}, valid until {cert.get('notAfter', '?')})")
-
-
-# --- output ----------------------------------------------------------------------------
-
-def render_json(reports: list[ProfileReport]) -> str:
-    return json.dumps([r.as_dict() for r in reports], indent=2)
-
-
-def render_text(reports: list[ProfileReport]) -> str:
-    lines: list[str] = []
-    for report in reports:
-        if report.mailbox is None:  # the config could not be used
-            lines.append("configuration" if report.profile is None
-                         else f"profile {report.profile}")
-        else:
-            lines.append(f"profile {report.profile}: {report.mailbox} via {report.upstream} "
-                         f"(credential {report.credential})")
-        for step in report.steps:
-            detail = step.detail.splitlines() or [""]
-            lines.append(f"  {_LABEL[step.status]} {step.name:<9} {detail[0]}")
-            lines += [f"  {'':6} {'':<9} {extra}" for extra in detail[1:]]
-            if step.fix and step.status in (Status.FAIL, Status.WARN):
-                fix = step.fix.splitlines()
-                lines.append(f"{'':9}fix: {fix[0]}")
-                lines += [f"{'':14}{extra}" for extra in fix[1:]]
-        lines.append("")
-    fails = sum(s.status is Status.FAIL for r in reports for s in r.steps)
-    warns = sum(s.status is Status.WARN for r in reports for s in r.steps)
-    checked = sum(r.mailbox is not None for r in reports)
-    if not checked:
-        lines.append("the configuration is not usable, so nothing else was checked")
-    elif fails:
-        lines.append(f"{fails} failure(s), {warns} warning(s) in {checked} profile(s); "
-                     "fix the first FAIL of a profile first: later steps depend on it")
-    elif warns:
-        lines.append(f"no failures, {warns} warning(s) in {checked} profile(s)")
-    else:
-        lines.append(f"all checks passed for {checked} profile(s)")
-    return "\n".join(lines)
