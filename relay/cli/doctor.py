@@ -18,7 +18,7 @@ from pathlib import Path
 
 from relay.cli.common import EX_FAIL, EX_OK
 from relay.core.log import setup_logging
-from relay.ops.doctor import ProfileReport, Status, failed
+from relay.ops.doctorreport import ProfileReport, Status, failed
 
 _LABEL = {Status.OK: "[ OK ]", Status.INFO: "[INFO]", Status.WARN: "[WARN]",
           Status.FAIL: "[FAIL]", Status.SKIP: "[SKIP]"}
