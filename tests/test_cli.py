@@ -188,12 +188,12 @@ async def test_token_warns_about_what_exchange_will_refuse(
         warnings: list[str]) -> None:
     """`token` says so when the token lacks the app role (or is delegated), exit 0 still:
     with RBAC for Applications a token without the role is right."""
-    from relay import cli
+    from relay.cli import token
     from tests.conftest import build_config
 
     sandbox.entra.extra_claims = dict(claims)
     args = argparse.Namespace(credential=None, profile=None, json=False, config="c.yaml")
-    assert await cli._token(args, sandbox.apply(build_config())) == 0
+    assert await token.show(args, sandbox.apply(build_config())) == 0
     out, err = capsys.readouterr()
     assert re.search(r"^audience:\s+https://outlook\.office365\.com$", out, re.M)
     for text in warnings:

@@ -53,7 +53,7 @@ yaml_values = st.recursive(
 
 
 def split_path(path: str) -> list[str]:
-    """A problem's key path as its parts; a part may be a JSON string (relay.config._key)."""
+    """A problem's key path as its parts; a part may be a JSON string (relay.config.errors._key)."""
     parts: list[str] = []
     pos = 0
     decoder = json.JSONDecoder()

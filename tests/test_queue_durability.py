@@ -523,7 +523,7 @@ async def test_new_mail_and_retries_take_turns(tmp_path: Path) -> None:
 
 def test_a_crash_while_setting_aside_loses_nothing(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from relay.ops.metrics import scan_spool
+    from relay.ops.gauges import scan_spool
 
     spool = Spool(tmp_path / "spool")
     spool.open(on_tmpfs="warn")

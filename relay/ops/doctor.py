@@ -1,5 +1,9 @@
 """``smtp-oauth-relay doctor``: which setup step is missing, and how to fix it.
 
+- :func:`diagnose`: check one profile or every profile of a config file, and return a
+  :class:`relay.ops.doctorreport.ProfileReport` for each;
+- :class:`Doctor`: the checks themselves, for profiles of a loaded config.
+
 Users' most common question is "why 535?", and Exchange's answer names none of the half
 dozen setup steps in Entra ID and Exchange that may be missing. The doctor walks the path a
 message takes - config, DNS, TCP, TLS, token, token claims, XOAUTH2 login, MAIL/RCPT - with
@@ -9,113 +13,51 @@ passes here passes for mail. A failure stops only the steps that depend on it: t
 does not need the network path to Exchange, so one run shows every independent problem, and
 steps after a failure they depend on are listed as skipped rather than failing noisily.
 
-Explanations come from :func:`relay.deliver.classify.classify` and
-:mod:`relay.oauth.tokens`; the texts here add what those cannot know: the exact commands
-with this profile's values filled in, and the step of the README's "Microsoft-side setup"
-that they belong to. Nothing printed contains a token or a secret; MAIL/RCPT is a dry run
-(RSET instead of DATA), so nothing is
-sent unless ``--send-to`` asks for it.
+What a failure means and how to fix it is in :mod:`relay.ops.doctoradvice`. Nothing
+reported contains a token or a secret; MAIL/RCPT is a dry run (RSET instead of DATA), so
+nothing is sent unless ``--send-to`` asks for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import enum
 import ipaddress
-import json
 import socket
 import ssl
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from relay.config import CLOUDS, Config, ConfigError, Credential, Profile, Upstream, load_config
+from relay.config import Config, ConfigError, Credential, Profile, Upstream, load_config
 from relay.core.message import Content, Outbound, new_message_id
-from relay.core.reply import Reply
 from relay.core.secrets import SecretSourceError
-from relay.deliver.classify import classify
 from relay.deliver.upstream import (
     AuthenticationRejected,
     UpstreamClient,
     UpstreamSession,
     UpstreamUnavailable,
 )
-from relay.oauth.tokens import SEND_AS_APP, Token, TokenError, TokenProvider
+from relay.oauth.tokens import Token, TokenError, TokenProvider
+from relay.ops.doctoradvice import (
+    ca_setting,
+    connect_failure,
+    explain,
+    host_hint,
+    judge_claims,
+    login_fix,
+    setup_step,
+    token_failed,
+)
+from relay.ops.doctorreport import ProfileReport, Status, Step, host_port, skip, worst
 from relay.ops.testmessage import build_test_message
 
 DEFAULT_TIMEOUT = 10.0
 TOKEN_TIMEOUT = 60.0   # msal may retry; its own HTTP timeouts bound each request
 WARN_DAYS = 30
-# Office 365 Exchange Online's application id: a token requested for it carries it as aud.
-EXCHANGE_APP_ID = "00000002-0000-0ff1-ce00-000000000000"
 SUBJECT = "smtp-oauth-relay doctor test message"
-
-_SETUP = {1: "App registration", 2: "Credential", 3: "API permission",
-          4: "Service principal in Exchange", 5: "SMTP AUTH enabled"}
-# Entra error codes (see relay.oauth.tokens) and the setup step that fixes them.
-_TOKEN_SETUP_STEP = {7000215: 2, 7000222: 2, 7000218: 2, 700027: 2, 700016: 1, 90002: 1,
-                     500011: 3}
-# What the classifier says when it knows nothing more than the reply's class.
-_GENERIC = frozenset(classify(Reply(code, "")).explanation for code in (250, 450, 550))
-
-
-def setup_step(number: int) -> str:
-    return f'README "Microsoft-side setup", step {number}: {_SETUP[number]}'
-
-
-class Status(enum.StrEnum):
-    OK = "ok"
-    INFO = "info"   # nothing wrong, but something could not be checked
-    WARN = "warn"
-    FAIL = "fail"
-    SKIP = "skip"   # not run: a step it depends on failed
-
-
-_LABEL = {Status.OK: "[ OK ]", Status.INFO: "[INFO]", Status.WARN: "[WARN]",
-          Status.FAIL: "[FAIL]", Status.SKIP: "[SKIP]"}
-_SEVERITY = {Status.SKIP: 0, Status.OK: 0, Status.INFO: 1, Status.WARN: 2, Status.FAIL: 3}
-
-
-@dataclass
-class Step:
-    name: str
-    status: Status
-    detail: str
-    fix: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status in (Status.OK, Status.INFO, Status.WARN)
-
-
-def _skip(name: str, because: str) -> Step:
-    return Step(name, Status.SKIP, f"not run: {because}")
-
-
-@dataclass
-class ProfileReport:
-    profile: str | None
-    mailbox: str | None = None
-    credential: str | None = None
-    upstream: str | None = None
-    steps: list[Step] = field(default_factory=list)
-
-    @property
-    def status(self) -> Status:
-        worst = max((s.status for s in self.steps), key=_SEVERITY.__getitem__,
-                    default=Status.OK)
-        return Status.OK if worst in (Status.INFO, Status.SKIP) else worst
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile, "mailbox": self.mailbox,
-                "credential": self.credential, "upstream": self.upstream,
-                "status": str(self.status),
-                "steps": [{"name": s.name, "status": str(s.status), "detail": s.detail,
-                           "fix": s.fix} for s in self.steps]}
 
 
 # --- entry point -------------------------------------------------------------------------
@@ -160,10 +102,6 @@ def _select(config: Config, profile: str | None, source: str) -> list[str]:
     return list(config.profiles)
 
 
-def failed(reports: list[ProfileReport]) -> bool:
-    return any(s.status is Status.FAIL for r in reports for s in r.steps)
-
-
 # --- the checks --------------------------------------------------------------------------
 
 class Doctor:
@@ -191,7 +129,7 @@ class Doctor:
         upstream = self.config.upstream_for(profile)
         upstream = upstream.model_copy(update={"timeout": min(upstream.timeout, self.timeout)})
         report = ProfileReport(name, profile.mailbox, profile.credential,
-                               _where(upstream.host, upstream.port))
+                               host_port(upstream.host, upstream.port))
         steps = report.steps
         steps.append(Step("config", Status.OK, f"{self.source} is valid"))
         # The token first (shown after the network steps): the session must not sit idle
@@ -205,14 +143,14 @@ class Doctor:
                 session, network = await self._connect(profile, upstream)
                 steps += network
             else:
-                steps += [_skip("connect", "DNS failed"), _skip("tls", "DNS failed")]
+                steps += [skip("connect", "DNS failed"), skip("tls", "DNS failed")]
 
             if isinstance(token, TokenError):
-                steps.append(self._token_failed(profile.credential, token))
-                steps.append(_skip("claims", "no token"))
+                steps.append(token_failed(profile.credential, token))
+                steps.append(skip("claims", "no token"))
             else:
                 steps.append(self._token_ok(token))
-                steps.append(self._claims(profile, upstream, token))
+                steps.append(judge_claims(self.config, profile, upstream, token))
 
             login = await self._login(session, profile, token, steps)
             steps.append(login)
@@ -220,12 +158,12 @@ class Doctor:
                 assert session is not None
                 steps.append(await self._envelope(session, name, profile))
             else:
-                steps.append(_skip("envelope", "no login"))
+                steps.append(skip("envelope", "no login"))
             if self.send_to is not None:
                 if session is not None and session.is_open and steps[-1].status is Status.OK:
                     steps.append(await self._send(session, name, profile, self.send_to))
                 else:
-                    steps.append(_skip("send", "the checks before it failed"))
+                    steps.append(skip("send", "the checks before it failed"))
         finally:
             if session is not None:
                 await session.close()
@@ -234,22 +172,9 @@ class Doctor:
 
     # --- network ---------------------------------------------------------------------
 
-    def _host_hint(self, profile: Profile) -> str:
-        """Where the host and port come from, and what they should be."""
-        exchange = f"{self._exchange_host(profile)}:587"
-        if profile.upstream is not None:
-            return (f"check upstreams.{profile.upstream}.host and port (Exchange Online: "
-                    f"{exchange})")
-        cred = profile.credential
-        return (f"{exchange} is Exchange Online's endpoint for credentials.{cred}.cloud: "
-                f"{self.config.credentials[cred].cloud}")
-
-    def _exchange_host(self, profile: Profile) -> str:
-        return CLOUDS[self.config.credentials[profile.credential].cloud].smtp_host
-
     async def _dns(self, profile: Profile, up: Upstream) -> Step:
         loop = asyncio.get_running_loop()
-        fix = (f"{self._host_hint(profile)}; check this machine's DNS resolver "
+        fix = (f"{host_hint(self.config, profile)}; check this machine's DNS resolver "
                "(/etc/resolv.conf; in a container, the container's DNS settings)")
         try:
             ipaddress.ip_address(up.host)
@@ -272,79 +197,24 @@ class Doctor:
 
     async def _connect(self, profile: Profile,
                        up: Upstream) -> tuple[UpstreamSession | None, list[Step]]:
-        where = _where(up.host, up.port)
+        where = host_port(up.host, up.port)
         try:
             client = UpstreamClient(up, up.helo_name or self.config.server.hostname)
         except ValueError as exc:  # the CA file cannot be loaded
-            return None, [_skip("connect", "the TLS settings are unusable"), Step(
+            return None, [skip("connect", "the TLS settings are unusable"), Step(
                 "tls", Status.FAIL, str(exc),
-                f"{_ca_setting(profile)} must be a PEM file with the CA certificate(s)")]
+                f"{ca_setting(profile)} must be a PEM file with the CA certificate(s)")]
         session = client.session()
         try:
             await session.connect()
         except UpstreamUnavailable as exc:
-            return None, self._connect_failed(profile, up, session.stage, exc)
+            return None, connect_failure(self.config, profile, up, session.stage, exc)
         peer = session.transport_info("peername")
-        at = (f"connected to {_where(str(peer[0]), int(peer[1]))}"
+        at = (f"connected to {host_port(str(peer[0]), int(peer[1]))}"
               if isinstance(peer, tuple) and len(peer) >= 2 else f"connected to {where}")
         return session, [Step("connect", Status.OK, f"{at}; the SMTP greeting and EHLO "
                                                     "were accepted"),
                          Step("tls", Status.OK, _tls_summary(session, up))]
-
-    def _connect_failed(self, profile: Profile, up: Upstream, stage: str,
-                        exc: UpstreamUnavailable) -> list[Step]:
-        where = _where(up.host, up.port)
-        detail = _plain(exc.reply)
-        reached = Step("connect", Status.OK, f"{where} accepts connections")
-        if (verify := _cause(exc, ssl.SSLCertVerificationError)) is not None:
-            return [reached, Step("tls", Status.FAIL, detail,
-                                  self._verify_fix(profile, up, verify))]
-        if (tls := _cause(exc, ssl.SSLError)) is not None:
-            return [reached, Step("tls", Status.FAIL, detail, (
-                f"the TLS handshake failed ({tls.reason or tls}): Exchange Online needs TLS "
-                "1.2 or newer; a proxy or firewall that intercepts the connection may be "
-                f"interfering; check that {where} is an SMTP submission endpoint"
-                + ("" if up.tls == "implicit" else " with STARTTLS")))]
-        if stage == "STARTTLS":
-            return [reached, Step("tls", Status.FAIL, detail, (
-                f"{where} did not offer or complete STARTTLS, and the relay never sends its "
-                "token without TLS. Usually a firewall's SMTP inspection strips STARTTLS "
-                "(e.g. Cisco ASA/FTD 'inspect esmtp'): turn it off for this traffic; or the "
-                f"host is not Exchange Online's submission endpoint "
-                f"({self._exchange_host(profile)}:587)"))]
-        if _cause(exc, ConnectionRefusedError) is not None:
-            fix = (f"nothing accepts connections on {where}, or a firewall rejects them; "
-                   f"{self._host_hint(profile)}")
-        elif _cause(exc, TimeoutError) is not None:
-            fix = (f"no answer from {where}: a firewall probably drops outbound connections "
-                   f"to port {up.port}; allow outbound TCP {up.port} to {up.host} (an HTTP "
-                   "proxy from HTTPS_PROXY does not carry SMTP)")
-        else:
-            fix = (f"the server at {where} did not complete the SMTP greeting and EHLO; "
-                   f"{self._host_hint(profile)}")
-        return [Step("connect", Status.FAIL, detail, fix),
-                _skip("tls", "no connection")]
-
-    def _verify_fix(self, profile: Profile, up: Upstream,
-                    exc: ssl.SSLCertVerificationError) -> str:
-        problem = (exc.verify_message or exc.reason or "").lower()
-        if "mismatch" in problem:
-            return (f"the certificate is not valid for {up.host}: connect by the name "
-                    f"Microsoft publishes ({self._exchange_host(profile)}), not an IP address "
-                    "or an alias; if the name is right, something intercepts the connection")
-        if "expired" in problem or "not yet valid" in problem:
-            return ("the certificate is outside its validity period: check this machine's "
-                    "clock (date -u); if the clock is right, something on the path presents "
-                    "an old certificate")
-        if up.ca_file is not None:
-            return (f"the certificate is not signed by the CA in {_ca_setting(profile)} "
-                    f"({problem or 'unknown'}): set it to the CA that issued the upstream's "
-                    "certificate (a TLS-inspecting proxy's own CA, if one is in between), or "
-                    "remove it to use the system's trust store")
-        return ("the certificate is not signed by a CA this machine trusts "
-                f"({problem or 'unknown'}). Usually a TLS-inspecting proxy or firewall is in "
-                f"between: set {_ca_setting(profile)} to its CA certificate (PEM); "
-                "otherwise update the system's CA certificates (ca-certificates)")
 
     # --- token -----------------------------------------------------------------------
 
@@ -367,132 +237,26 @@ class Doctor:
         return Step("token", Status.OK, f"acquired (app {token.app_id or '?'}, audience "
                                         f"{token.audience or '?'}, valid {minutes} min)")
 
-    def _token_failed(self, name: str, exc: TokenError) -> Step:
-        message = exc.message.removeprefix(f"credential {name!r}: ")
-        advice, said, entra = message.partition(". Entra ID said: ")
-        if said:
-            detail, fix = f"Entra ID said: {entra}", advice
-        else:
-            detail = message
-            fix = ("a network or temporary problem between this machine and Entra ID "
-                   "(see the detail); run doctor again once it is solved" if exc.transient
-                   else f"correct credentials.{name} as the detail says")
-        number = _TOKEN_SETUP_STEP.get(exc.code or 0)
-        if number is not None:
-            fix += f" ({setup_step(number)})"
-        return Step("token", Status.FAIL, detail, fix)
-
-    def _claims(self, profile: Profile, up: Upstream, token: Token) -> Step:
-        name = profile.credential
-        cred = self.config.credentials[name]
-        problems: list[tuple[Status, str, str]] = []
-        facts: list[str] = []
-
-        cloud = next((c for c, spec in CLOUDS.items() if spec.smtp_host == up.host.lower()),
-                     cred.cloud)
-        resource = CLOUDS[cloud].scope.removesuffix("/.default")
-        accepted = {resource, resource + "/", EXCHANGE_APP_ID}
-        if cloud == "global":
-            accepted |= {"https://outlook.office.com", "https://outlook.office.com/"}
-        audience = token.audience or ""
-        if audience.lower() not in accepted:
-            if cred.scope is not None:
-                fix = (f"set credentials.{name}.scope to {resource}/.default, or remove it "
-                       "(the cloud's default scope is the right one)")
-            elif cred.cloud != cloud:
-                fix = f"set credentials.{name}.cloud: {cloud} ({up.host} is in that cloud)"
-            else:
-                fix = f"request the token for the scope {resource}/.default"
-            problems.append((Status.FAIL, f"the token is for {audience or 'no audience'}, "
-                             f"but Exchange Online ({cloud} cloud) needs {resource}", fix))
-        else:
-            facts.append(f"audience {audience}")
-
-        tid, configured = token.tenant or "", cred.tenant_id
-        if "." in configured:  # a domain name: Entra puts the directory id into tid
-            facts.append(f"tenant {tid or '?'}")
-        elif tid.lower() != configured.lower():
-            problems.append((Status.FAIL, f"the token's tenant (tid) is {tid or 'missing'}, "
-                             f"not the configured tenant_id {configured}",
-                             f"check credentials.{name}.tenant_id and authority: the token "
-                             "must come from the mailbox's own tenant"))
-        else:
-            facts.append(f"tenant {tid}")
-
-        if token.scopes:
-            problems.append((Status.FAIL, "a delegated token (scp: "
-                             f"{' '.join(token.scopes)}), issued for a user, not for the app",
-                             "the relay uses the client-credentials flow and needs an "
-                             "application token: in the app registration use Office 365 "
-                             f"Exchange Online > *Application* permissions > {SEND_AS_APP} "
-                             "(not the delegated SMTP.Send) and grant admin consent "
-                             f"({setup_step(3)})"))
-        if SEND_AS_APP in token.roles:
-            facts.append(f"role {SEND_AS_APP}")
-        else:
-            roles = ", ".join(token.roles) or "none"
-            problems.append((Status.WARN, f"no {SEND_AS_APP} role in the token (roles: "
-                             f"{roles})",
-                             f"add API permission Office 365 Exchange Online > Application "
-                             f"permissions > {SEND_AS_APP} and grant admin consent "
-                             f"({setup_step(3)}), unless the app is authorised through RBAC "
-                             "for Applications in Exchange (New-ManagementRoleAssignment "
-                             f"-Role 'Application {SEND_AS_APP}'): then this is expected"))
-
-        if not problems:
-            return Step("claims", Status.OK, "app-only token: " + ", ".join(facts))
-        worst = max((p[0] for p in problems), key=_SEVERITY.__getitem__)
-        return Step("claims", worst, "; ".join(p[1] for p in problems),
-                    "\n".join(p[2] for p in problems))
-
     # --- Exchange --------------------------------------------------------------------
 
     async def _login(self, session: UpstreamSession | None, profile: Profile,
                      token: Token | TokenError, steps: list[Step]) -> Step:
         if session is None:
-            return _skip("login", "no TLS connection to the upstream")
+            return skip("login", "no TLS connection to the upstream")
         if isinstance(token, TokenError):
-            return _skip("login", "no token")
+            return skip("login", "no token")
         if any(s.name == "claims" and s.status is Status.FAIL for s in steps):
-            return _skip("login", "the token cannot work (see claims)")
+            return skip("login", "the token cannot work (see claims)")
         try:
             await session.login(profile.mailbox, token)
         except AuthenticationRejected as exc:
             return Step("login", Status.FAIL, str(exc.reply),
-                        self._login_fix(exc.reply, profile, token))
+                        login_fix(self.config, exc.reply, profile, token))
         except UpstreamUnavailable as exc:
-            return Step("login", Status.FAIL, str(exc.reply), _explain(exc.reply) or (
+            return Step("login", Status.FAIL, str(exc.reply), explain(exc.reply) or (
                 "the upstream did not complete the login (see the detail); if it persists, "
                 f"check that {session.where} is Exchange Online"))
         return Step("login", Status.OK, f"XOAUTH2 login accepted for {profile.mailbox}")
-
-    def _login_fix(self, reply: Reply, profile: Profile, token: Token) -> str:
-        verdict = classify(reply)
-        mailbox = profile.mailbox
-        if verdict == classify(Reply(535, "5.7.139")):
-            return (f"{verdict.explanation}.\nExchange Online PowerShell ({setup_step(5)}):\n"
-                    f"  Set-CASMailbox -Identity {mailbox} -SmtpClientAuthenticationDisabled "
-                    "$false\n"
-                    "  Get-TransportConfig | Format-List SmtpClientAuthenticationDisabled\n"
-                    "  Set-TransportConfig -SmtpClientAuthenticationDisabled $false   # the "
-                    "tenant-wide default\n"
-                    "Security defaults (Entra admin center > Overview > Properties > Manage "
-                    "security defaults) switch SMTP AUTH off for the whole tenant.")
-        if verdict == classify(Reply(535, "5.7.3")):
-            client_id = self.config.credentials[profile.credential].client_id
-            oid = str(token.claims.get("oid") or "<object id of the app's Enterprise "
-                                                 "application>")
-            text = (f"{verdict.explanation}.\nExchange Online PowerShell ({setup_step(4)}; "
-                    "the token's oid is the Enterprise application's object id):\n"
-                    f"  New-ServicePrincipal -AppId {client_id} -ObjectId {oid}\n"
-                    f"  Add-MailboxPermission -Identity {mailbox} -User {oid} "
-                    "-AccessRights FullAccess\n"
-                    "New permissions can take a while to apply in Exchange Online.")
-            if SEND_AS_APP not in token.roles:
-                text += (f"\nThe token also has no {SEND_AS_APP} role: grant it "
-                         f"({setup_step(3)}) unless RBAC for Applications is used.")
-            return text
-        return _explain(reply) or verdict.explanation
 
     async def _envelope(self, session: UpstreamSession, name: str, profile: Profile) -> Step:
         mailbox = profile.mailbox
@@ -506,7 +270,7 @@ class Doctor:
                                                "accepted; RSET, nothing was sent")
         reply = next(iter(result.refused.values()), result.reply)
         command = "RCPT TO" if result.refused else "MAIL FROM"
-        return Step("envelope", Status.FAIL, f"{command}: {reply}", _explain(reply) or (
+        return Step("envelope", Status.FAIL, f"{command}: {reply}", explain(reply) or (
             f"Exchange refused {command} for the profile's own mailbox {mailbox}: check that "
             "the mailbox exists, is licensed and may send, and the detail's status code"))
 
@@ -523,7 +287,7 @@ class Doctor:
                                            f"{result.reply}")
         reply = next(iter(result.refused.values()), result.reply)
         return Step("send", Status.FAIL, f"test message to {to}: {reply}",
-                    _explain(reply) or "see the detail: this is the upstream's own verdict")
+                    explain(reply) or "see the detail: this is the upstream's own verdict")
 
     # --- expiry ----------------------------------------------------------------------
 
@@ -557,9 +321,8 @@ class Doctor:
             return Step("expiry", Status.INFO, f"{kind} expiry unknown; {where} (Entra ID > "
                                                "Certificates & secrets shows the date) to "
                                                f"get a warning {WARN_DAYS} days ahead")
-        worst = max((c[0] for c in checks), key=_SEVERITY.__getitem__)
         fixes = list(dict.fromkeys(c[2] for c in checks if c[2] and c[0] is not Status.OK))
-        return Step("expiry", worst, "; ".join(c[1] for c in checks),
+        return Step("expiry", worst(c[0] for c in checks), "; ".join(c[1] for c in checks),
                     "\n".join(fixes) or None)
 
 
@@ -608,46 +371,8 @@ def _certificate_expiry(cred: Credential, base: str) -> dt.datetime | None:
     return None
 
 
+
 # --- helpers ---------------------------------------------------------------------------
-
-_E = TypeVar("_E", bound=BaseException)
-
-
-def _cause(exc: BaseException, kind: type[_E]) -> _E | None:
-    """The first exception of ``kind`` in ``exc``'s chain of causes."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, kind):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def _where(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _ca_setting(profile: Profile) -> str:
-    if profile.upstream is not None:
-        return f"upstreams.{profile.upstream}.ca_file"
-    return ("ca_file of an upstream (add upstreams: {o365: {host: smtp.office365.com, "
-            "ca_file: /path/to/ca.pem} and profiles.<name>.upstream: o365)")
-
-
-def _plain(reply: Reply) -> str:
-    """The relay's own 451 text without its SMTP codes (they mean nothing to a reader)."""
-    text = " ".join(reply.text.split())
-    enhanced = reply.enhanced
-    return text[len(enhanced):].strip() if enhanced else text
-
-
-def _explain(reply: Reply) -> str | None:
-    """The classifier's explanation, unless it only knows the reply's class."""
-    explanation = classify(reply).explanation
-    return None if explanation in _GENERIC else explanation
-
 
 def _tls_summary(session: UpstreamSession, up: Upstream) -> str:
     how = "implicit TLS" if up.tls == "implicit" else "STARTTLS offered"
@@ -665,42 +390,3 @@ def _tls_summary(session: UpstreamSession, up: Upstream) -> str:
 
     return (f"{how}; {tls.version()}; certificate for {up.host} verified (issued by "
             f"{name_of('issuer')}, valid until {cert.get('notAfter', '?')})")
-
-
-# --- output ----------------------------------------------------------------------------
-
-def render_json(reports: list[ProfileReport]) -> str:
-    return json.dumps([r.as_dict() for r in reports], indent=2)
-
-
-def render_text(reports: list[ProfileReport]) -> str:
-    lines: list[str] = []
-    for report in reports:
-        if report.mailbox is None:  # the config could not be used
-            lines.append("configuration" if report.profile is None
-                         else f"profile {report.profile}")
-        else:
-            lines.append(f"profile {report.profile}: {report.mailbox} via {report.upstream} "
-                         f"(credential {report.credential})")
-        for step in report.steps:
-            detail = step.detail.splitlines() or [""]
-            lines.append(f"  {_LABEL[step.status]} {step.name:<9} {detail[0]}")
-            lines += [f"  {'':6} {'':<9} {extra}" for extra in detail[1:]]
-            if step.fix and step.status in (Status.FAIL, Status.WARN):
-                fix = step.fix.splitlines()
-                lines.append(f"{'':9}fix: {fix[0]}")
-                lines += [f"{'':14}{extra}" for extra in fix[1:]]
-        lines.append("")
-    fails = sum(s.status is Status.FAIL for r in reports for s in r.steps)
-    warns = sum(s.status is Status.WARN for r in reports for s in r.steps)
-    checked = sum(r.mailbox is not None for r in reports)
-    if not checked:
-        lines.append("the configuration is not usable, so nothing else was checked")
-    elif fails:
-        lines.append(f"{fails} failure(s), {warns} warning(s) in {checked} profile(s); "
-                     "fix the first FAIL of a profile first: later steps depend on it")
-    elif warns:
-        lines.append(f"no failures, {warns} warning(s) in {checked} profile(s)")
-    else:
-        lines.append(f"all checks passed for {checked} profile(s)")
-    return "\n".join(lines)

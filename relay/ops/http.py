@@ -1,5 +1,9 @@
 """The relay's HTTP endpoint: liveness and readiness probes, and Prometheus metrics.
 
+- :class:`HttpEndpoint`: the server of one relay (``http:`` in the config): start, stop,
+  and the three pages;
+- :class:`Response`: one answer, rendered as HTTP/1.1 with ``Connection: close``.
+
 It runs on the relay's own event loop (``asyncio.start_server``), not in a thread and not
 in a web framework: three read-only pages need neither, and a probe answered by the very
 loop that moves the mail proves that loop is responsive. The server is small and
@@ -19,16 +23,8 @@ bounded: at most ``MAX_CONNECTIONS`` connections, each buffering at most a reque
 
 ``/healthz``  200 ``ok`` while the process and its loop work; 503 if the queue's
               dispatcher died (mail would be accepted and never sent: restart it).
-``/readyz``   200 when the relay can take and deliver mail: every listener bound and not
-              shutting down, the queue running, the spool writable (a probe file
-              written, fsynced and removed in a worker thread) and a token obtainable for
-              every credential (the cached one while valid, else a fetch with a short
-              timeout), and no profile whose mail the upstream keeps refusing (its
-              login, or SendAs: see :mod:`relay.ops.profilehealth`; judged from delivery
-              attempts, never by contacting Exchange); otherwise 503 and a plain-text
-              list of what is not ready, with the upstream's reply and the fix. The
-              spool and token results are reused for ``http.cache_ttl``, so probes cannot
-              hammer Entra ID or the disk.
+``/readyz``   200 when the relay can take and deliver mail, otherwise 503 and a
+              plain-text list of what is not ready (see :mod:`relay.ops.readiness`).
 ``/metrics``  Prometheus' text format (see :mod:`relay.ops.metrics`).
 """
 
@@ -39,22 +35,19 @@ import contextlib
 import email.utils
 import itertools
 import logging
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlsplit
 
-from relay.oauth.tokens import MIN_USABLE, TokenError, TokenProvider
-from relay.ops.metrics import CONTENT_TYPE, RelayMetrics
+from relay.ops.exposition import CONTENT_TYPE
+from relay.ops.metrics import RelayMetrics
+from relay.ops.readiness import ReadinessCheck
 from relay.ops.view import RelayView
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_HEAD = 8192       # request line + headers; probes and Prometheus send ~200 B
 MAX_CONNECTIONS = 32          # open at once; more push out the longest-waiting idle one
-TOKEN_TIMEOUT = 2.0           # readiness waits this long for a token fetch (it goes on)
-SPOOL_TIMEOUT = 2.0           # ... and this long for the spool probe
 _LINGER = 0.5                 # after an error reply, read what the client still sends
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -83,151 +76,6 @@ class Response:
                  *(f"{k}: {v}" for k, v in self.headers.items())]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         return head if head_only else head + self.body
-
-
-# --- readiness ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-
-
-@dataclass(frozen=True)
-class Readiness:
-    checks: list[Check]
-
-    @property
-    def ready(self) -> bool:
-        return all(c.ok for c in self.checks)
-
-    def render(self) -> str:
-        """What is not ready first: a probe's log usually shows only the first lines."""
-        ordered = sorted(self.checks, key=lambda c: c.ok)
-        lines = [f"{c.name}: {'ok' if c.ok else 'NOT READY'}: {c.detail}" for c in ordered]
-        return ("ready" if self.ready else "not ready") + "\n" + "\n".join(lines) + "\n"
-
-
-class ReadinessCheck:
-    """Decides /readyz. Cheap checks (listeners, shutdown, queue) are made for every
-    probe; the spool probe and the tokens at most once per ``http.cache_ttl``, with one
-    evaluation in flight however many probes arrive."""
-
-    def __init__(self, relay: RelayView, metrics: RelayMetrics) -> None:
-        self._relay = relay
-        self._metrics = metrics
-        self._cached: tuple[float, list[Check]] | None = None
-        self._evaluating: asyncio.Task[list[Check]] | None = None
-        self._spool_probe: asyncio.Future[None] | None = None
-        self._spool_probe_started = 0.0
-        self._probe_numbers = itertools.count(1)
-
-    async def result(self) -> Readiness:
-        checks = self._live_checks()
-        ttl = self._relay.config.http.cache_ttl
-        cached = self._cached
-        if cached is not None and time.monotonic() - cached[0] < ttl:
-            return Readiness(checks + cached[1])
-        if self._evaluating is None or self._evaluating.done():
-            self._evaluating = asyncio.ensure_future(self._evaluate())
-        # Shielded: a probe that gives up does not cancel the evaluation for the others.
-        return Readiness(checks + await asyncio.shield(self._evaluating))
-
-    def _live_checks(self) -> list[Check]:
-        relay = self._relay
-        receiver = relay.receiver
-        if receiver.draining:
-            listeners = Check("listeners", False, "shutting down: new connections get 421")
-        elif unbound := receiver.unbound:
-            where = ", ".join(f"{x.address}:{x.port}" for x in unbound)
-            listeners = Check("listeners", False, f"not bound: {where}")
-        else:
-            listeners = Check("listeners", True, "bound: " + ", ".join(
-                f"{h}:{p}" for h, p in relay.listening))
-        if relay.queue.failed:
-            queue = Check("queue", False, "the dispatcher stopped unexpectedly (see the log)")
-        elif not relay.queue.running:
-            queue = Check("queue", False, "not running (recovering the spool, or stopping)")
-        else:
-            queue = Check("queue", True, f"{relay.queue.in_flight} attempt(s) in flight")
-        # From memory, so never cached: a profile shows ready again with the attempt
-        # that logged in, not up to cache_ttl later.
-        profiles = [Check(f"profile {s.profile}", s.ready, s.detail)
-                    for s in self._metrics.profiles.statuses()]
-        return [listeners, queue, *profiles]
-
-    async def _evaluate(self) -> list[Check]:
-        relay = self._relay
-        try:
-            providers = list(relay.tokens)
-            results = await asyncio.gather(
-                self._spool(), *(self._token(name, p) for name, p in providers))
-            checks = list(results)
-        except Exception:
-            log.exception("readiness check failed")
-            checks = [Check("readiness", False, "the check itself failed (see the log)")]
-        self._cached = (time.monotonic(), checks)
-        return checks
-
-    async def _spool(self) -> Check:
-        relay = self._relay
-        if not relay.queue.running:
-            # Recovery empties spool/tmp; a probe file there could vanish under it.
-            return Check("spool", False, "not checked while the queue is not running")
-        root = relay.spool.root
-        probe = self._spool_probe
-        if probe is not None and not probe.done():
-            stuck = time.monotonic() - self._spool_probe_started
-            return Check("spool", False, f"{root}: the previous write probe has not finished "
-                                         f"after {stuck:.0f} s (is the disk hung?)")
-        path = root / "tmp" / f".readyz-{os.getpid()}-{next(self._probe_numbers)}"
-        self._spool_probe_started = time.monotonic()
-        probe = self._spool_probe = asyncio.ensure_future(asyncio.to_thread(_write_probe,
-                                                                             path))
-        try:
-            async with asyncio.timeout(SPOOL_TIMEOUT):
-                await asyncio.shield(probe)
-        except TimeoutError:
-            return Check("spool", False, f"{root}: writing a probe file took more than "
-                                         f"{SPOOL_TIMEOUT:g} s")
-        except OSError as exc:
-            return Check("spool", False, f"{root} is not writable: {exc.strerror or exc}")
-        return Check("spool", True, f"{root} is writable")
-
-    async def _token(self, name: str, provider: TokenProvider) -> Check:
-        what = f"credential {name}"
-        token = provider.current
-        if token is not None and token.expires_in() > MIN_USABLE:
-            return Check(what, True, f"token valid for {token.expires_in():.0f} s")
-        try:
-            async with asyncio.timeout(TOKEN_TIMEOUT):
-                token = await provider.get()
-        except TimeoutError:
-            return Check(what, False, f"no valid token, and Entra ID did not answer within "
-                                      f"{TOKEN_TIMEOUT:g} s (the relay keeps trying)")
-        except TokenError as exc:
-            return Check(what, False, f"no valid token: {exc.message}")
-        return Check(what, True, f"token valid for {token.expires_in():.0f} s")
-
-    async def close(self) -> None:
-        for task in (self._evaluating, self._spool_probe):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-
-
-def _write_probe(path: Path) -> None:
-    """What accepting a message needs from the spool: create, write, fsync, remove."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, b"ready?\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
 
 
 # --- the server --------------------------------------------------------------------------

@@ -1,74 +1,50 @@
-"""Prometheus metrics of one relay, and the hooks through which the code paths report.
+"""Prometheus metrics of one relay: the counters of what happens, and what feeds them.
 
-Two kinds of numbers, measured two ways:
-
-* events are counted where they happen (a message accepted, the outcome of a delivery
-  attempt, a refused upstream login, a failed token fetch): the queue, the deliverer and
-  the token providers call :class:`Hooks`, which does nothing by default, so the CLI
-  commands and the unit tests of one component need no registry; :class:`RelayMetrics`
-  turns the calls into counters and a histogram, and feeds the per-profile readiness
+- :class:`RelayMetrics`: the :class:`relay.core.events.Hooks` of a running relay, in its
+  own registry. Events are counted where they happen (a message accepted, the outcome of
+  a delivery attempt, a refused upstream login, a failed token fetch): the queue, the
+  deliverer and the token providers call the hooks, which do nothing by default, so the
+  CLI commands and the unit tests of one component need no registry. The calls become
+  counters and a histogram, and feed the per-profile readiness
   (:class:`relay.ops.profilehealth.ProfileHealth`) that /readyz and a gauge report;
-* state is read when Prometheus scrapes (queue depth, token expiry, open sessions,
-  certificate and secret expiry, profile readiness), by a custom collector, so no code
-  path has to keep a gauge up to date and no value can drift from the truth.
+- :meth:`RelayMetrics.refresh`: the state that needs the disk (the spool's counts, the
+  certificates' expiry dates), read in a worker thread at most once per
+  ``http.cache_ttl``; the gauges (:mod:`relay.ops.gauges`) show the result when scraped;
+- :func:`reply_class`: a reply's label value (``2xx``, ``4xx``, ``5xx``).
 
 The queue is on disk and may be long: counting it means listing directories, which must
-not happen on the event loop nor for every scrape. :meth:`RelayMetrics.refresh` scans
-the spool (streaming, one ``stat`` per queued message, nothing kept per message) and reads
-the certificate files in a worker thread, at most once per ``http.cache_ttl``; the
-collector only reads the result.
-
-Every relay owns its own :class:`CollectorRegistry`, not prometheus_client's global one,
-so that two relays in one process (tests, an embedding application) do not share counts
-or collide on registration.
+not happen on the event loop nor for every scrape. Every relay owns its own
+:class:`CollectorRegistry`, not prometheus_client's global one, so that two relays in one
+process (tests, an embedding application) do not share counts or collide on registration.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from relay import __version__
 from relay.config import Config, SecretRef
 from relay.core.events import Hooks
 from relay.core.log import redact
 from relay.core.reply import Reply
+from relay.ops.exposition import PREFIX, render
+from relay.ops.gauges import Snapshot, StateCollector, scan_spool
 from relay.ops.profilehealth import ProfileHealth
 from relay.ops.view import RelayView
-from relay.spool.store import Spool, State
 
 log = logging.getLogger(__name__)
 
-PREFIX = "smtp_relay_"
-# Each counter and histogram would also export a *_created gauge (its creation time),
-# doubling the series for nothing a dashboard uses.
-disable_created_metrics()
-# The text format every Prometheus version reads (prometheus_client's "latest" moved on).
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # An upstream attempt is a TLS handshake, a login and a transaction when no session is
 # pooled, a single transaction when one is; timeouts are 60 s per command.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-# States whose messages are still waiting to go out (hold is the operator's business).
-_QUEUED = ("incoming", "active", "deferred")
 
 
 def reply_class(reply: Reply) -> str:
@@ -76,46 +52,7 @@ def reply_class(reply: Reply) -> str:
     return f"{reply.code // 100}xx" if 200 <= reply.code < 600 else "other"
 
 
-
-
-# --- reading state off the loop ---------------------------------------------------------
-
-@dataclass(frozen=True)
-class SpoolStats:
-    """Messages per state, and when the oldest still-queued one arrived (epoch seconds)."""
-
-    counts: dict[str, int]
-    oldest_received: float | None
-
-
-def scan_spool(spool: Spool) -> SpoolStats:
-    """Count the spool's states by listing them (streamed: memory does not grow with the
-    queue). A message's arrival time is its data file's mtime: written once, at
-    acceptance, never touched again (deferred/ files' mtimes are due times instead)."""
-    counts: dict[str, int] = {}
-    oldest: float | None = None
-    for state in State:
-        n = 0
-        with contextlib.suppress(OSError):
-            for name in spool.names(state):
-                n += 1
-                mid = spool.id_from_name(name)
-                if state.value not in _QUEUED or mid is None:
-                    continue
-                try:
-                    arrived = os.stat(spool.data_path(mid)).st_mtime
-                except OSError:
-                    continue               # delivered or moved meanwhile
-                if oldest is None or arrived < oldest:
-                    oldest = arrived
-        counts[state.value] = n
-    n = 0
-    with contextlib.suppress(OSError), os.scandir(spool.root / "corrupt") as it:
-        for item in it:
-            n += item.name.endswith(".json")    # a message's data may lie beside it
-    counts["corrupt"] = n
-    return SpoolStats(counts, oldest)
-
+# --- certificate expiry, read off the loop ---------------------------------------------
 
 class _CertificateDates:
     """Expiry of the certificates the config names, re-read only when a file changes."""
@@ -176,13 +113,6 @@ def _not_after(path: Path, pfx: bool, passphrase: SecretRef | None) -> float | N
         return None
 
 
-@dataclass(frozen=True)
-class _Snapshot:
-    taken: float                       # time.monotonic()
-    spool: SpoolStats
-    certificates: dict[str, float]
-
-
 # --- the metrics ------------------------------------------------------------------------
 
 class RelayMetrics(Hooks):
@@ -226,7 +156,7 @@ class RelayMetrics(Hooks):
         self._configured_profiles: set[str] = set()
         self._relay: RelayView | None = None
         self._dates = _CertificateDates()
-        self._snapshot: _Snapshot | None = None
+        self._snapshot: Snapshot | None = None
         self._scan: asyncio.Task[None] | None = None
 
     # --- hooks -----------------------------------------------------------------------------
@@ -266,7 +196,7 @@ class RelayMetrics(Hooks):
     def watch(self, relay: RelayView) -> None:
         """Start reporting ``relay``'s state (call once its components exist)."""
         self._relay = relay
-        self.registry.register(_StateCollector(self, relay))
+        self.registry.register(StateCollector(relay, self.profiles, lambda: self._snapshot))
         self.configure(relay.config)
 
     def configure(self, config: Config) -> None:
@@ -306,8 +236,8 @@ class RelayMetrics(Hooks):
     async def _rescan(self, relay: RelayView) -> None:
         config = relay.config
 
-        def scan() -> _Snapshot:
-            return _Snapshot(time.monotonic(), scan_spool(relay.spool), self._dates.read(config))
+        def scan() -> Snapshot:
+            return Snapshot(time.monotonic(), scan_spool(relay.spool), self._dates.read(config))
 
         try:
             self._snapshot = await asyncio.to_thread(scan)
@@ -315,12 +245,12 @@ class RelayMetrics(Hooks):
             log.warning("metrics: cannot scan the spool", exc_info=True)
 
     @property
-    def snapshot(self) -> _Snapshot | None:
+    def snapshot(self) -> Snapshot | None:
         return self._snapshot
 
     def exposition(self) -> bytes:
         """The registry in Prometheus' text format."""
-        return generate_latest(self.registry)
+        return render(self.registry)
 
     async def close(self) -> None:
         if self._scan is not None and not self._scan.done():
@@ -328,99 +258,3 @@ class RelayMetrics(Hooks):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._scan
 
-
-class _StateCollector(Collector):
-    """Gauges read from the relay when scraped (on the event loop: nothing here blocks)."""
-
-    def __init__(self, metrics: RelayMetrics, relay: RelayView) -> None:
-        self._metrics = metrics
-        self._relay = relay
-
-    def collect(self) -> Iterator[Metric]:
-        relay = self._relay
-        now = time.time()
-        info = GaugeMetricFamily(PREFIX + "build_info", "The relay's version.",
-                                 labels=["version"])
-        info.add_metric([__version__], 1)
-        yield info
-        yield GaugeMetricFamily(PREFIX + "client_sessions",
-                                "Client SMTP connections open now.",
-                                value=relay.receiver.sessions)
-        upstream = GaugeMetricFamily(
-            PREFIX + "upstream_sessions",
-            "Upstream SMTP sessions per mailbox (idle, in use, opening or closing): what "
-            "Exchange counts against its per-mailbox connection limit.", labels=["mailbox"])
-        for mailbox, count in sorted(relay.deliverer.upstream_sessions().items()):
-            upstream.add_metric([mailbox], count)
-        yield upstream
-        ready = GaugeMetricFamily(
-            PREFIX + "profile_ready",
-            "1 while the profile's mail goes through as far as delivery attempts show, 0 "
-            "while the upstream refuses its login or refuses its messages SendAsDenied "
-            "(/readyz says why).", labels=["profile"])
-        for status in self._metrics.profiles.statuses():
-            ready.add_metric([status.profile], 1 if status.ready else 0)
-        yield ready
-        yield from self._tokens(now)
-        yield from self._expiries(now)
-        yield from self._queue(now)
-
-    def _tokens(self, now: float) -> Iterator[Metric]:
-        age = GaugeMetricFamily(PREFIX + "token_age_seconds",
-                                "Age of the cached access token per credential.",
-                                labels=["credential"])
-        left = GaugeMetricFamily(PREFIX + "token_expires_in_seconds",
-                                 "Seconds until the cached access token expires (negative: "
-                                 "expired); absent while there is no token.",
-                                 labels=["credential"])
-        for name, provider in self._relay.tokens:
-            token = provider.current
-            if token is None:
-                continue
-            if token.obtained_at:
-                age.add_metric([name], max(0.0, now - token.obtained_at))
-            left.add_metric([name], token.expires_in(now))
-        yield age
-        yield left
-
-    def _expiries(self, now: float) -> Iterator[Metric]:
-        config = self._relay.config
-        secrets = GaugeMetricFamily(
-            PREFIX + "client_secret_expires_in_days",
-            "Days until a client secret expires (credentials.<name>.secret_expires).",
-            labels=["credential"])
-        for name, cred in config.credentials.items():
-            if cred.secret_expires is not None and cred.client_secret is not None:
-                expires = dt.datetime.combine(cred.secret_expires, dt.time.min, dt.UTC)
-                secrets.add_metric([name], (expires.timestamp() - now) / 86400)
-        yield secrets
-        certs = GaugeMetricFamily(
-            PREFIX + "certificate_expires_in_days",
-            "Days until a certificate expires; source is its key in the configuration "
-            "(server.tls, credentials.<name>.certificate).", labels=["source"])
-        snapshot = self._metrics.snapshot
-        if snapshot is not None:
-            for source, not_after in sorted(snapshot.certificates.items()):
-                certs.add_metric([source], (not_after - now) / 86400)
-        yield certs
-
-    def _queue(self, now: float) -> Iterator[Metric]:
-        snapshot = self._metrics.snapshot
-        if snapshot is None:
-            return
-        depth = GaugeMetricFamily(
-            PREFIX + "queue_messages",
-            "Messages in the spool per state (corrupt: files set aside for an operator).",
-            labels=["state"])
-        for state, count in snapshot.spool.counts.items():
-            depth.add_metric([state], count)
-        yield depth
-        oldest = snapshot.spool.oldest_received
-        yield GaugeMetricFamily(
-            PREFIX + "queue_oldest_message_age_seconds",
-            "Age of the oldest message waiting for delivery (incoming, active, deferred); "
-            "0 when none is.", value=max(0.0, now - oldest) if oldest is not None else 0.0)
-        yield GaugeMetricFamily(
-            PREFIX + "queue_scan_age_seconds",
-            "How old the spool scan behind the queue metrics is.",
-            value=max(0.0, time.monotonic() - snapshot.taken))

@@ -9,7 +9,7 @@ and mail only piles up until then, so /readyz and a metric report them per profi
 
 Nothing here contacts Exchange: readiness reports what delivery attempts observed (a probe
 that logged in would count against the mailbox's 3 sessions and could itself be what is
-refused). The deliverer reports through :class:`relay.ops.metrics.Hooks`; this class keeps,
+refused). The deliverer reports through :class:`relay.core.events.Hooks`; this class keeps,
 per configured profile only, the current streak of each kind of refusal:
 
 * **Login refused** (replies the classifier marks ``Problem.LOGIN``): a login that
@@ -139,7 +139,7 @@ class ProfileHealth:
                 profiles[name] = _State(setup)
         self._profiles = profiles
 
-    # --- observations (from relay.ops.metrics.Hooks) ----------------------------------------------
+    # --- observations (from relay.core.events.Hooks) ----------------------------------------------
 
     def login_refused(self, profile: str, mailbox: str, reply: Reply, *,
                       fresh_token: bool) -> None:
