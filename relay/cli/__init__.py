@@ -285,66 +285,63 @@ def cmd_queue(args: argparse.Namespace) -> int:
         _err(f"error: {exc}{acting_as}")
         return EX_UNAVAILABLE
     action = args.action
-    try:
-        if action == "list":
-            rows = [queuectl.summary(st, e) for st, e in queuectl.iter_entries(spool)]
-            if args.json:
-                print(json.dumps(rows, indent=2))
+    if action == "list":
+        rows = [queuectl.summary(st, e) for st, e in queuectl.iter_entries(spool)]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                print(f"{r['id']}  {r['state']:<8} {r['size']:>9}  {r['received']}  "
+                      f"{r['from'] or '<>'} -> {', '.join(r['recipients'])}"
+                      + (f"\n    {r['last_reply']}" if r["last_reply"] else ""))
+            print(f"-- {len(rows)} message(s)")
+        return EX_OK
+    if action == "flush":
+        try:
+            flushed = queuectl.flush(spool)
+        except (queuectl.QueueCommandError, OSError) as exc:
+            _err(f"error: {exc}")
+            temporary = isinstance(exc, queuectl.QueueCommandError) and exc.temporary
+            return EX_TEMPFAIL if temporary else EX_FAIL
+        if args.json:
+            print(json.dumps({"action": action, "done": flushed, "skipped": []}, indent=2))
+        else:
+            print(f"{len(flushed)} deferred message(s) due now")
+        return EX_OK
+    if not args.ids:
+        _err(f"error: queue {action} needs one or more message ids")
+        return EX_USAGE
+    done: list[str] = []
+    skipped: list[dict[str, Any]] = []
+    for mid in args.ids:
+        try:
+            if action == "show":
+                info = queuectl.show(spool, mid)
+                print(json.dumps(info, indent=2) if args.json else "\n".join(
+                    f"{k}: {v}" for k, v in info.items()))
             else:
-                for r in rows:
-                    print(f"{r['id']}  {r['state']:<8} {r['size']:>9}  {r['received']}  "
-                          f"{r['from'] or '<>'} -> {', '.join(r['recipients'])}"
-                          + (f"\n    {r['last_reply']}" if r["last_reply"] else ""))
-                print(f"-- {len(rows)} message(s)")
-            return EX_OK
-        if action == "flush":
-            try:
-                flushed = queuectl.flush(spool)
-            except (queuectl.QueueCommandError, OSError) as exc:
-                _err(f"error: {exc}")
-                temporary = isinstance(exc, queuectl.QueueCommandError) and exc.temporary
-                return EX_TEMPFAIL if temporary else EX_FAIL
-            if args.json:
-                print(json.dumps({"action": action, "done": flushed, "skipped": []}, indent=2))
-            else:
-                print(f"{len(flushed)} deferred message(s) due now")
-            return EX_OK
-        if not args.ids:
-            _err(f"error: queue {action} needs one or more message ids")
-            return EX_USAGE
-        done: list[str] = []
-        skipped: list[dict[str, Any]] = []
-        for mid in args.ids:
-            try:
-                if action == "show":
-                    info = queuectl.show(spool, mid)
-                    print(json.dumps(info, indent=2) if args.json else "\n".join(
-                        f"{k}: {v}" for k, v in info.items()))
-                else:
-                    text = getattr(queuectl, action)(spool, mid)
-                    if not args.json:
-                        print(text)
-                done.append(mid)
-                continue
-            except queuectl.QueueCommandError as exc:
-                reason, temporary = str(exc), exc.temporary
-            except OSError as exc:
-                # Not a race queuectl knows about (permissions, a missing directory): one
-                # line naming the message and the file, not a traceback.
-                where = f" ({exc.filename})" if exc.filename else ""
-                reason = f"{mid}: {exc.strerror or exc}{where}"
-                temporary = isinstance(exc, FileNotFoundError)
-            _err(f"error: {reason}")
-            skipped.append({"id": mid, "reason": reason, "temporary": temporary})
-        if args.json and action != "show":
-            print(json.dumps({"action": action, "done": done, "skipped": skipped}, indent=2))
-        # A mistake (no such message, wrong state) needs the operator; a message that
-        # merely changed meanwhile needs only another try.
-        if any(not s["temporary"] for s in skipped):
-            return EX_FAIL
-        return EX_TEMPFAIL if skipped else EX_OK
-    finally:
-        asyncio.run(spool.close())
+                text = getattr(queuectl, action)(spool, mid)
+                if not args.json:
+                    print(text)
+            done.append(mid)
+            continue
+        except queuectl.QueueCommandError as exc:
+            reason, temporary = str(exc), exc.temporary
+        except OSError as exc:
+            # Not a race queuectl knows about (permissions, a missing directory): one
+            # line naming the message and the file, not a traceback.
+            where = f" ({exc.filename})" if exc.filename else ""
+            reason = f"{mid}: {exc.strerror or exc}{where}"
+            temporary = isinstance(exc, FileNotFoundError)
+        _err(f"error: {reason}")
+        skipped.append({"id": mid, "reason": reason, "temporary": temporary})
+    if args.json and action != "show":
+        print(json.dumps({"action": action, "done": done, "skipped": skipped}, indent=2))
+    # A mistake (no such message, wrong state) needs the operator; a message that
+    # merely changed meanwhile needs only another try.
+    if any(not s["temporary"] for s in skipped):
+        return EX_FAIL
+    return EX_TEMPFAIL if skipped else EX_OK
 
 
 # --- parser -------------------------------------------------------------------------------------

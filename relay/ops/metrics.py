@@ -54,7 +54,8 @@ from relay.core.log import redact
 from relay.core.reply import Reply
 from relay.ops.profilehealth import ProfileHealth
 from relay.ops.view import RelayView
-from relay.spool.store import Spool, State
+from relay.spool.records import State
+from relay.spool.store import Spool
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from relay.receive.session import (
     RelaySession,
     RelaySMTP,
 )
-from relay.spool.store import DataWriter
+from relay.spool.writer import DataWriter
 
 log = logging.getLogger(__name__)
 
