@@ -3,6 +3,7 @@
 - relay.spool.records: :class:`State` and :class:`Entry`, a message's metadata record;
 - relay.spool.store: :class:`Spool`, the directories and the protocol of moves, blocking;
 - relay.spool.recovery: what a start does after a stop or a crash;
+- relay.spool.locks: one relay per spool, operator commands one at a time; SpoolError;
 - relay.spool.facade: :class:`AsyncSpool`, the one face the event loop (the queue) uses;
 - relay.spool.writer: :class:`DataWriter`, a message's bytes as they arrive;
 - relay.spool.disk: the crash-safe system calls underneath;
