@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.spool.store import Entry, Spool, State
+from relay.spool.records import Entry, State
+from relay.spool.store import Spool
 
 
 def fill(spool: Spool, count: int) -> None:

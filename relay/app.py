@@ -26,7 +26,7 @@ from relay.oauth.tokens import Tokens
 from relay.ops import notify as notify
 from relay.ops.http import HttpEndpoint
 from relay.ops.metrics import RelayMetrics
-from relay.queue.manager import Queue
+from relay.queue.scheduler import Queue
 from relay.receive.passwords import PasswordVerifier
 from relay.receive.server import Receiver
 from relay.spool.store import Spool

@@ -37,7 +37,8 @@ from aiosmtplib.protocol import SMTPProtocol
 from relay.app import Relay
 from relay.receive.session import RelaySMTP
 from relay.sandbox.exchange import ReceivedMessage
-from relay.spool.store import Spool, State
+from relay.spool.records import State
+from relay.spool.store import Spool
 
 FAULTS = ("EIO", "ENOSPC", "crash")
 CLIENT_TIMEOUT = 20.0
@@ -198,7 +199,7 @@ async def kill(relay: Relay) -> None:
         if session.transport is not None:
             session.transport.abort()
     steps: list[Callable[[], Any]] = [
-        lambda: relay.receiver.stop(), lambda: relay.queue.stop(0), relay.spool.close,
+        lambda: relay.receiver.stop(), lambda: relay.queue.stop(0), relay.queue.spool.close,
         relay.deliverer.aclose, relay.tokens.aclose]
     for step in steps:
         with contextlib.suppress(Crash, Exception):

@@ -202,7 +202,7 @@ async def test_token_warns_about_what_exchange_will_refuse(
 
 
 def test_run_refuses_a_spool_on_tmpfs_without_a_traceback(tmp_path: Path) -> None:
-    from relay.spool.store import filesystem_type
+    from relay.spool.disk import filesystem_type
 
     if filesystem_type(Path("/dev/shm")) != "tmpfs":
         pytest.skip("/dev/shm is not a tmpfs on this machine")

@@ -28,7 +28,7 @@ import pytest
 from relay.app import Relay
 from relay.sandbox.entra import FakeEntra
 from relay.sandbox.pki import LocalPKI, create_pki
-from relay.spool.store import State
+from relay.spool.records import State
 from tests.conftest import address, build_config, wait_until
 from tests.realservers import DOVECOT_HOST, Dovecot, SmtpSink, dovecot_missing
 from tests.relayproc import CLIENT_ID, MAILBOX, TENANT  # those of conftest's BASE_CONFIG

@@ -10,7 +10,7 @@ import pytest
 
 from relay.app import Relay
 from relay.sandbox.service import Sandbox
-from relay.spool.store import Entry, State
+from relay.spool.records import Entry, State
 from tests.conftest import PASSWORDS, RelayFactory, address, wait_until
 
 MESSAGE = (

@@ -28,10 +28,12 @@ import pytest
 
 from relay.app import Relay
 from relay.config import Config
-from relay.queue import manager as queue_module
-from relay.queue.manager import GOVERNOR_FILE
+from relay.queue import attempt
+from relay.queue.pacing import GOVERNOR_FILE
 from relay.sandbox.service import Sandbox
-from relay.spool.store import Spool, State
+from relay.spool.records import State
+from relay.spool.recovery import recover
+from relay.spool.store import Spool
 from tests.conftest import build_config
 from tests.faults import (
     FAULTS,
@@ -89,7 +91,7 @@ def relay_config(sandbox: Sandbox, root: Path, synchronous: bool) -> Config:
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> SpoolCalls:
-    monkeypatch.setattr(queue_module, "BACKOFF_MIN_KEEP", 0.01)   # the pause after a refusal
+    monkeypatch.setattr(attempt, "BACKOFF_MIN_KEEP", 0.01)   # the pause after a refusal
     return SpoolCalls(monkeypatch)
 
 
@@ -290,6 +292,6 @@ def test_saving_the_pacing_windows_fails_cleanly_at_every_call(
             spool.save_state(GOVERNOR_FILE, b'{"new": 2}')
         calls.disarm()
         if fault == "crash":
-            spool.recover()                 # the next start
+            recover(spool)                  # the next start
         assert spool.load_state(GOVERNOR_FILE) in (b'{"old": 1}', b'{"new": 2}'), k
         assert list((spool.root / "tmp").iterdir()) == [], k

@@ -20,7 +20,7 @@ import pytest
 
 from relay.app import Relay
 from relay.sandbox.service import Sandbox
-from relay.spool.store import State
+from relay.spool.records import State
 from tests.conftest import RelayFactory, address, build_config, wait_until
 from tests.test_receive import Client, _close_clients  # noqa: F401  (autouse fixture)
 
@@ -251,9 +251,9 @@ async def test_one_pathological_message_does_not_hold_up_other_clients(
 async def test_a_failed_write_leaves_nothing_behind_and_the_next_message_goes_through(
         start_relay: RelayFactory, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from relay.spool import store as spool_module
+    from relay.spool import disk
     relay = await start_relay(REWRITE)
-    real = spool_module._write_all
+    real = disk.write_all
     full = [True]
 
     def write_all(fd: int, data: bytes) -> None:
@@ -262,7 +262,7 @@ async def test_a_failed_write_leaves_nothing_behind_and_the_next_message_goes_th
             raise OSError(28, "No space left on device")
         real(fd, data)
 
-    monkeypatch.setattr(spool_module, "_write_all", write_all)
+    monkeypatch.setattr(disk, "write_all", write_all)
     big = b"From: relay@contoso.com\r\n\r\n" + (b"y" * 998 + b"\r\n") * 1000 + b".\r\n"
     code, text = await send_raw(relay, big)
     assert (code, text.split(" ", 1)[0]) == (452, "4.3.1")

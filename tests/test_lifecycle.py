@@ -23,7 +23,7 @@ from relay.config import Config, Listener
 from relay.receive import server as receive_server
 from relay.sandbox.pki import create_pki
 from relay.sandbox.service import Sandbox
-from relay.spool.store import SpoolError
+from relay.spool.locks import SpoolError
 from tests.conftest import build_config, wait_until
 from tests.test_end_to_end import MESSAGE, send
 

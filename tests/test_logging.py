@@ -28,7 +28,7 @@ import pytest
 from relay.app import Relay
 from relay.core.log import _NOISY, setup_logging
 from relay.sandbox.service import Sandbox
-from relay.spool.store import State
+from relay.spool.records import State
 from tests.conftest import PASSWORDS, address, build_config, wait_until
 
 WRONG_PASSWORD = "not-the-password-Q7x"

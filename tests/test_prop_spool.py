@@ -19,7 +19,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from relay.spool.store import Entry, State
+from relay.spool.records import Entry, State
 from tests.conftest import wait_until
 from tests.test_queue_durability import MESSAGE, ScriptedDeliverer, _deferred, scripted_queue
 

@@ -16,9 +16,9 @@ import pytest
 from relay.app import Relay
 from relay.config import Delivery
 from relay.core.message import DeliveryResult, Outbound
-from relay.queue.manager import backoff
+from relay.queue.settle import backoff
 from relay.sandbox.service import Sandbox
-from relay.spool.store import State
+from relay.spool.records import State
 from tests.conftest import RelayFactory, address, build_config, wait_until
 
 MESSAGE = b"From: app@contoso.com\r\nTo: a@example.com\r\nSubject: queued\r\n\r\nbody\r\n"
@@ -294,7 +294,7 @@ OPERATOR = {"synchronous": None, "bounce": "operator", "operator": "postmaster@c
 
 async def test_a_failed_dsn_to_the_operator_is_not_bounced_again(
         start_relay: RelayFactory, sandbox: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="relay.queue.manager")
+    caplog.set_level(logging.WARNING, logger="relay.queue")
     relay = await start_relay({"delivery": OPERATOR})
     sandbox.exchange.fail_next("rcpt", 550, "5.1.1 User unknown", recipient="gone@example.com")
     sandbox.exchange.fail_next("rcpt", 550, "5.1.1 User unknown", count=1000,
@@ -317,7 +317,7 @@ async def test_a_failed_dsn_to_the_operator_is_not_bounced_again(
 async def test_reports_and_null_sender_mail_never_get_a_dsn(
         start_relay: RelayFactory, sandbox: Sandbox, caplog: pytest.LogCaptureFixture,
         sender: str, extra_header: bytes) -> None:
-    caplog.set_level(logging.WARNING, logger="relay.queue.manager")
+    caplog.set_level(logging.WARNING, logger="relay.queue")
     relay = await start_relay({"delivery": OPERATOR})
     sandbox.exchange.fail_next("rcpt", 550, "5.1.1 User unknown", recipient="gone@example.com")
     await send(relay, ["gone@example.com"], sender=sender, data=extra_header + MESSAGE)
@@ -331,7 +331,7 @@ async def test_reports_and_null_sender_mail_never_get_a_dsn(
 
 async def test_bounce_none_sends_no_dsn(
         start_relay: RelayFactory, sandbox: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="relay.queue.manager")
+    caplog.set_level(logging.WARNING, logger="relay.queue")
     relay = await start_relay({"delivery": {"synchronous": None, "bounce": "none"}})
     sandbox.exchange.fail_next("rcpt", 550, "5.1.1 User unknown", recipient="gone@example.com")
     await send(relay, ["gone@example.com"])
@@ -356,7 +356,7 @@ async def test_persistent_535_defers_and_alerts_never_bounces(
     assert entry.last_reply is not None and "535 5.7.3" in entry.last_reply
     assert entry.next_attempt <= time.time() + 3600   # within retry_max
     assert queued(relay, State.FAILED) == [] and sandbox.exchange.messages == []
-    alerts = [r for r in caplog.records if r.name == "relay.queue.manager"
+    alerts = [r for r in caplog.records if r.name == "relay.queue.attempt"
               and r.levelno == logging.ERROR and "New-ServicePrincipal" in r.getMessage()]
     assert alerts, caplog.text
 

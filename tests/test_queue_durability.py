@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import os
 import time
 from collections.abc import Container
@@ -24,12 +25,14 @@ from relay.core.message import Content, DeliveryResult, Outbound, new_message_id
 from relay.core.reply import Reply
 from relay.deliver.deliverer import Deliverer
 from relay.oauth.tokens import Tokens
-from relay.queue import manager as queue_module
-from relay.queue.manager import Queue
+from relay.queue import attempt, bounce, waiters
+from relay.queue.scheduler import Queue
 from relay.sandbox.service import Sandbox
 from relay.spool import ctl as queuectl
-from relay.spool import store as spool_module
-from relay.spool.store import Entry, Spool, State
+from relay.spool import disk
+from relay.spool.records import Entry, State
+from relay.spool.recovery import recover
+from relay.spool.store import Spool
 from tests.conftest import address, build_config, wait_until
 
 MESSAGE = b"From: app@contoso.com\r\nTo: a@example.com\r\nSubject: durable\r\n\r\nbody\r\n"
@@ -63,7 +66,7 @@ async def test_file_and_directory_are_synced_before_submit_returns(
         events.append(("reply", "", frozenset()))
     finally:
         monkeypatch.undo()
-        await spool.close()
+        await queue.spool.close()
         await deliverer.aclose()
         await tokens.aclose()
 
@@ -104,7 +107,7 @@ async def send_to(relay: Relay, rcpts: list[str]) -> aiosmtplib.SMTPResponse:
 
 def _enospc_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The next metadata write (an attempt saving its outcome) fails with ENOSPC, once."""
-    real = spool_module._write_synced
+    real = disk.write_synced
     left = [1]
 
     def write(path: Path, data: bytes, *, sync: bool = True) -> None:
@@ -115,7 +118,7 @@ def _enospc_once(monkeypatch: pytest.MonkeyPatch) -> None:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, data, sync=sync)
 
-    monkeypatch.setattr(spool_module, "_write_synced", write)
+    monkeypatch.setattr(disk, "write_synced", write)
 
 
 @pytest.mark.parametrize("synchronous", [None, 10])
@@ -147,7 +150,7 @@ async def test_missing_data_is_set_aside_not_retried_forever(sandbox: Sandbox) -
     relay.spool.open(on_tmpfs="warn")
     entry = Entry(id="NODATA000001", profile="system", mail_from="app@contoso.com",
                   rcpt_tos=["a@example.com"], size=10, received_at=time.time())
-    await relay.spool.accept(entry, MESSAGE)
+    relay.spool.add(entry, MESSAGE)
     await relay.queue.start()           # recovery first: the message is whole then
     try:
         relay.spool.data_path(entry.id).unlink()   # gone behind the relay's back
@@ -168,10 +171,10 @@ def test_recovery_and_queue_commands_take_turns(tmp_path: Path,
     relay_spool.open(on_tmpfs="warn")
     entry = Entry(id="RACE00000001", profile="system", mail_from="a@contoso.com",
                   rcpt_tos=["r@example.com"], size=5, received_at=0.0)
-    asyncio.run(relay_spool.accept(entry, MESSAGE))
+    relay_spool.add(entry, MESSAGE)
     queuectl.hold(operator, entry.id)
     monkeypatch.setattr(queuectl, "LOCK_WAIT", 0.05)
-    real = Spool._meta_path
+    real = Spool.meta_path
     tried: list[str] = []
 
     def meta_path(self: Spool, state: State, mid: str) -> Path:
@@ -185,11 +188,11 @@ def test_recovery_and_queue_commands_take_turns(tmp_path: Path,
                 tried.append("busy")
         return real(self, state, mid)
 
-    monkeypatch.setattr(Spool, "_meta_path", meta_path)
-    relay_spool.recover()
+    monkeypatch.setattr(Spool, "meta_path", meta_path)
+    recover(relay_spool)
     assert tried == ["busy"]
     assert relay_spool.data_path(entry.id).exists()
-    monkeypatch.setattr(Spool, "_meta_path", real)
+    monkeypatch.setattr(Spool, "meta_path", real)
     assert queuectl.release(operator, entry.id).endswith("released")
     assert relay_spool.locate(entry.id) is not None
 
@@ -202,11 +205,11 @@ async def test_dispatcher_and_a_waiting_client_never_both_run_a_message(
     await relay.start()
     loop = asyncio.get_running_loop()
     queue = relay.queue
-    real_store, real_read = Spool._store, Spool.read
+    real_add, real_read = Spool.add, Spool.read
 
-    def store(self: Spool, entry: Entry, data: bytes, state: State) -> None:
-        real_store(self, entry, data, state)
-        loop.call_soon_threadsafe(queue._wakeup.set)    # the dispatcher looks right now
+    def add(self: Spool, entry: Entry, data: bytes, state: State = State.INCOMING) -> None:
+        real_add(self, entry, data, state)
+        loop.call_soon_threadsafe(queue.wake)           # the dispatcher looks right now
 
     def read(self: Spool, state: State, name: str) -> Entry:
         entry = real_read(self, state, name)
@@ -214,7 +217,7 @@ async def test_dispatcher_and_a_waiting_client_never_both_run_a_message(
             time.sleep(0.3)                              # ...and is slow to read the file
         return entry
 
-    monkeypatch.setattr(Spool, "_store", store)
+    monkeypatch.setattr(Spool, "add", add)
     monkeypatch.setattr(Spool, "read", read)
     real_deliver = relay.deliverer.deliver
     running: list[str] = []
@@ -306,11 +309,11 @@ async def test_a_backlog_costs_one_scan_per_window_not_per_message(
 
 async def test_an_answered_client_is_not_held_by_a_disk_that_refuses_the_update(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(queue_module, "_SETTLE_WAIT", 0.2)
+    monkeypatch.setattr(waiters, "SETTLE_WAIT", 0.2)
     queue, _ = scripted_queue(tmp_path, ScriptedDeliverer(Reply(550, "5.1.1 User unknown")))
     await queue.start()
 
-    def read_only(*_: object) -> None:
+    def read_only(*_: object, **__: object) -> None:
         raise OSError(errno.EROFS, "Read-only file system")
 
     try:
@@ -326,7 +329,7 @@ async def test_an_answered_client_is_not_held_by_a_disk_that_refuses_the_update(
 async def test_a_take_whose_directory_fsync_failed_is_still_delivered(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, holds_fails: bool) -> None:
     """...also when asking where the message is fails at first (EIO from stat)."""
-    monkeypatch.setattr(queue_module, "BACKOFF_MIN_KEEP", 0.05)
+    monkeypatch.setattr(attempt, "BACKOFF_MIN_KEEP", 0.05)
     deliverer = ScriptedDeliverer()
     queue, spool = scripted_queue(tmp_path, deliverer)
     await queue.start()
@@ -341,7 +344,7 @@ async def test_a_take_whose_directory_fsync_failed_is_still_delivered(
             return real_holds(self, state, mid)
 
         monkeypatch.setattr(Spool, "holds", holds)
-    real_move, real_fsync = Spool.move, spool_module._fsync_dir
+    real_move, real_fsync = Spool.move, disk.fsync_dir
     failed: list[Path] = []
 
     def fsync_dir(path: Path) -> None:
@@ -353,11 +356,11 @@ async def test_a_take_whose_directory_fsync_failed_is_still_delivered(
     def move(self: Spool, entry: Entry, src: State, dst: State, **kw: bool) -> None:
         # The take into active/: its rename succeeds, the fsync of active/ fails.
         if dst is State.ACTIVE and not failed:
-            monkeypatch.setattr(spool_module, "_fsync_dir", fsync_dir)
+            monkeypatch.setattr(disk, "fsync_dir", fsync_dir)
             try:
                 real_move(self, entry, src, dst, **kw)
             finally:
-                monkeypatch.setattr(spool_module, "_fsync_dir", real_fsync)
+                monkeypatch.setattr(disk, "fsync_dir", real_fsync)
         else:
             real_move(self, entry, src, dst, **kw)
 
@@ -383,7 +386,7 @@ async def test_a_report_that_cannot_be_built_is_filed_not_retried(
     def build_dsn(**kw: object) -> bytes:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(queue_module, "build_dsn", build_dsn)
+    monkeypatch.setattr(bounce, "build_dsn", build_dsn)
     await queue.start()
     try:
         msg = outbound()
@@ -429,20 +432,21 @@ def _entry(**kw: Any) -> Entry:
 
 def _deferred(spool: Spool, due: float) -> Entry:
     entry = _entry(next_attempt=due, attempts=1)
-    spool._store(entry, MESSAGE, State.DEFERRED)
+    spool.add(entry, MESSAGE, State.DEFERRED)
     return entry
 
 
 def _unparsable(spool: Spool) -> Entry:
     """A deferred message whose metadata is damaged, due before everything else."""
     entry = _deferred(spool, 1.0)
-    meta = spool._meta_path(State.DEFERRED, entry.id)
+    meta = spool.meta_path(State.DEFERRED, entry.id)
     meta.write_text("{not json")
     os.utime(meta, (1, 1))
     return entry
 
 
-async def test_buffered_names_are_checked_when_their_turn_comes(tmp_path: Path) -> None:
+async def test_buffered_names_are_checked_when_their_turn_comes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The buffer of due names is a hint, not the truth: a name that was deferred again
     since (its backoff must hold), held or deleted is skipped, and does not keep a
     later name from using the free slot."""
@@ -450,11 +454,12 @@ async def test_buffered_names_are_checked_when_their_turn_comes(tmp_path: Path) 
     queue, spool = scripted_queue(tmp_path, deliverer, window=1)
     later = _deferred(spool, time.time() + 3600)      # deferred again meanwhile
     due = _deferred(spool, time.time() - 1)
-    queue._due.extend(["GONE00000001.json", f"{later.id}.json", f"{due.id}.json"])
-    queue._next_deferred_scan = time.time() + 3600     # only the buffer counts here
+    # What the scan of deferred/ listed as due, in that order; one has been deleted since.
+    listed = ["GONE00000001.json", f"{later.id}.json", f"{due.id}.json"]
+    monkeypatch.setattr(Spool, "due", lambda *_, **__: (listed, math.inf))
     try:
-        await queue._fill()
-        await wait_until(lambda: not queue._active)
+        await queue.dispatch_once()
+        await wait_until(lambda: queue.in_flight == 0)
         assert deliverer.calls == [(due.id, ["a@example.com"])]
         assert spool.holds(State.DEFERRED, later.id)
     finally:
@@ -477,7 +482,7 @@ async def test_an_unparsable_deferred_file_is_set_aside_not_rescanned(
     finally:
         await queue.stop(1)
     # Set aside whole: the next start's recovery must not take the data for an orphan.
-    Spool(spool.root).recover()
+    recover(Spool(spool.root))
     assert all((spool.root / "corrupt" / f"{e.id}.eml").read_bytes() == MESSAGE for e in bad)
 
 
@@ -510,11 +515,12 @@ async def test_new_mail_and_retries_take_turns(tmp_path: Path) -> None:
     queue, spool = scripted_queue(tmp_path, deliverer, window=2)
     retries = [_deferred(spool, time.time() - 5) for _ in range(3)]
     for _ in range(3):
-        await spool.accept(_entry(), MESSAGE)
-    queue._next_deferred_scan = 0.0
+        spool.add(_entry(), MESSAGE)
     try:
-        await queue._fill()                     # one pass, a window of two
-        started = set(queue._active)
+        await queue.dispatch_once()             # one pass, a window of two
+        assert queue.in_flight == 2
+        await wait_until(lambda: queue.in_flight == 0)
+        started = {mid for mid, _ in deliverer.calls}
         assert len(started) == 2
         assert len(started & {e.id for e in retries}) == 1
     finally:
@@ -532,11 +538,11 @@ def test_a_crash_while_setting_aside_loses_nothing(tmp_path: Path,
     def crash(*_: object) -> None:
         raise KeyboardInterrupt     # the process dies between moving the data and the rest
 
-    monkeypatch.setattr(Spool, "_set_aside", crash)
+    monkeypatch.setattr(Spool, "set_aside_file", crash)
     with pytest.raises(KeyboardInterrupt):
         spool.set_aside(State.DEFERRED, entry.id, "test")
     monkeypatch.undo()
-    Spool(spool.root).recover()     # the next start
+    recover(Spool(spool.root))      # the next start
     corrupt = spool.root / "corrupt"
     assert (corrupt / f"{entry.id}.eml").read_bytes() == MESSAGE
     assert (corrupt / f"{entry.id}.json").exists()
@@ -548,11 +554,11 @@ async def test_with_one_free_slot_retries_still_get_their_turn(tmp_path: Path) -
     queue, spool = scripted_queue(tmp_path, deliverer, window=1)
     retry = _deferred(spool, time.time() - 5)
     for _ in range(3):
-        await spool.accept(_entry(), MESSAGE)
+        spool.add(_entry(), MESSAGE)
     try:
         for _ in range(2):          # two passes, one slot each: new mail cannot take both
-            await queue._fill()
-            await wait_until(lambda: not queue._active)
+            await queue.dispatch_once()
+            await wait_until(lambda: queue.in_flight == 0)
         assert retry.id in [mid for mid, _ in deliverer.calls]
     finally:
         await queue.stop(1)
@@ -585,18 +591,18 @@ async def test_the_queue_leaves_a_message_alone_until_its_accept_is_done(
     queue, spool = scripted_queue(tmp_path, deliverer)
     await queue.start()
     loop = asyncio.get_running_loop()
-    real_sync = Spool._sync_dirs
+    real_sync = Spool.sync_dirs
 
     def sync_dirs(self: Spool) -> None:
-        loop.call_soon_threadsafe(queue._wakeup.set)   # the dispatcher looks now...
+        loop.call_soon_threadsafe(queue.wake)          # the dispatcher looks now...
         time.sleep(0.3)
         raise OSError(errno.EIO, "Input/output error")  # ...and the sync fails
 
-    monkeypatch.setattr(Spool, "_sync_dirs", sync_dirs)
+    monkeypatch.setattr(Spool, "sync_dirs", sync_dirs)
     try:
         with pytest.raises(OSError):
             await queue.submit(outbound())
-        monkeypatch.setattr(Spool, "_sync_dirs", real_sync)
+        monkeypatch.setattr(Spool, "sync_dirs", real_sync)
         await asyncio.sleep(0.3)
         assert deliverer.calls == []
         assert sum(spool.count(s) for s in State) == 0
@@ -607,7 +613,7 @@ async def test_the_queue_leaves_a_message_alone_until_its_accept_is_done(
 async def test_a_retry_whose_take_failed_is_tried_again_soon(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Not only after the dispatcher's idle poll (10 s): it is due now."""
-    monkeypatch.setattr(queue_module, "BACKOFF_MIN_KEEP", 0.05)
+    monkeypatch.setattr(attempt, "BACKOFF_MIN_KEEP", 0.05)
     deliverer = ScriptedDeliverer()
     queue, spool = scripted_queue(tmp_path, deliverer)
     _deferred(spool, time.time() - 1)
@@ -636,7 +642,7 @@ async def test_a_deferral_whose_directory_sync_failed_is_retried_on_time(
     (0.2 s here), not after the dispatcher's idle poll (10 s)."""
     deliverer = ScriptedDeliverer(Reply(451, "4.4.0 try later"))
     queue, spool = scripted_queue(tmp_path, deliverer)
-    real_fsync = spool_module._fsync_dir
+    real_fsync = disk.fsync_dir
     failed: list[Path] = []
 
     def fsync_dir(path: Path) -> None:
@@ -645,7 +651,7 @@ async def test_a_deferral_whose_directory_sync_failed_is_retried_on_time(
             raise OSError(errno.EIO, "Input/output error")
         real_fsync(path)
 
-    monkeypatch.setattr(spool_module, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(disk, "fsync_dir", fsync_dir)
     await queue.start()
     try:
         await queue.submit(outbound())

@@ -9,6 +9,7 @@ point) and tests/test_process.py (a real relay process).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import subprocess
@@ -23,7 +24,8 @@ from relay import cli
 from relay.app import Relay
 from relay.sandbox.service import Sandbox
 from relay.spool import ctl as queuectl
-from relay.spool.store import Entry, Spool, State
+from relay.spool.records import Entry, State
+from relay.spool.store import Spool
 from tests.conftest import build_config, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +63,7 @@ class Queue:
         e = Entry(id=mid, profile="system", mail_from=MAILBOX,
                   rcpt_tos=kw.pop("rcpt_tos", ["a@example.com"]), size=len(DATA),
                   received_at=time.time() - 60, **kw)
-        self.spool._store(e, DATA, state)
+        self.spool.add(e, DATA, state)
         return e
 
     def run(self, *args: str) -> tuple[int, str, str]:
@@ -100,7 +102,8 @@ def test_list_and_show_json(q: Queue) -> None:
     assert {m: r["state"] for m, r in rows.items()} == {
         "INC1": "incoming", "DEF1": "deferred", "HLD1": "hold", "FAI1": "failed"}
     assert rows["DEF1"]["attempts"] == 2 and rows["DEF1"]["last_reply"] == "451 4.4.1 x"
-    assert rows["DEF1"]["next_attempt"] == queuectl._iso(later)       # the file's mtime
+    assert rows["DEF1"]["next_attempt"] == dt.datetime.fromtimestamp(    # the file's mtime
+        later, dt.UTC).isoformat(timespec="seconds")
     assert rows["INC1"]["next_attempt"] is None
 
     info = q.json("show", "FAI1")

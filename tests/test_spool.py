@@ -15,8 +15,13 @@ from typing import Any
 import pytest
 
 from relay.spool import ctl as queuectl
-from relay.spool import store as spool_module
-from relay.spool.store import Entry, Spool, SpoolBusy, SpoolError, State, filesystem_type
+from relay.spool import disk
+from relay.spool.disk import filesystem_type
+from relay.spool.facade import AsyncSpool
+from relay.spool.locks import SpoolBusy, SpoolError
+from relay.spool.records import Entry, State
+from relay.spool.recovery import recover
+from relay.spool.store import Spool
 
 
 def entry(mid: str, **kw: object) -> Entry:
@@ -31,33 +36,54 @@ def spool(tmp_path: Path) -> Spool:
     return s
 
 
+# A metadata file as every version so far writes it (keys in this order, no spaces): it
+# reads as it is, and is written back byte for byte, so relays and queue commands of
+# older and newer versions can work on the same spool.
+RECORD = (
+    b'{"id":"4F2A9C01B3D7","profile":"system","mail_from":"app@contoso.com",'
+    b'"rcpt_tos":["a@example.com","b@example.com"],"size":1234,'
+    b'"received_at":1700000000.5,"mail_options":["BODY=8BITMIME"],"client":"127.0.0.1",'
+    b'"user":"alice","return_path":"bounce@app.example.com","mailbox":"relay@contoso.com",'
+    b'"attempts":2,"next_attempt":1700000100.0,"last_reply":"451 4.3.2 busy",'
+    b'"delivered":["a@example.com"],"failed":{"c@example.com":"550 5.1.1 unknown"}}')
+
+
+def test_the_record_format_is_the_same_for_every_version() -> None:
+    e = Entry.from_json(RECORD, "4F2A9C01B3D7.json")
+    assert (e.mail_options, e.return_path, e.failed) == (
+        ["BODY=8BITMIME"], "bounce@app.example.com", {"c@example.com": "550 5.1.1 unknown"})
+    assert e.to_json() == RECORD
+
+
 async def test_accept_writes_data_and_metadata(spool: Spool) -> None:
-    await spool.accept(entry("AAA"), b"hello\r\n")
+    files = AsyncSpool(spool)
+    await files.accept(entry("AAA"), b"hello\r\n")
     assert spool.read_data("AAA") == b"hello\r\n"
     assert spool.read(State.INCOMING, "AAA.json").rcpt_tos == ["x@y.z"]
     assert list((spool.root / "tmp").iterdir()) == []
-    await spool.close()
+    await files.close()
 
 
 async def test_concurrent_accepts_share_directory_fsyncs(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = 0
-    real = spool._sync_dirs
+    real = spool.sync_dirs
 
     def counting() -> None:
         nonlocal calls
         calls += 1
         real()
 
-    monkeypatch.setattr(spool, "_sync_dirs", counting)
-    await asyncio.gather(*(spool.accept(entry(f"M{i:03d}"), b"x") for i in range(200)))
+    monkeypatch.setattr(spool, "sync_dirs", counting)
+    files = AsyncSpool(spool)
+    await asyncio.gather(*(files.accept(entry(f"M{i:03d}"), b"x") for i in range(200)))
     assert spool.count(State.INCOMING) == 200
     assert calls < 200                               # group commit: batches, not one each
-    await spool.close()
+    await files.close()
 
 
 def test_move_and_deferred_due_time(spool: Spool) -> None:
-    spool._store(entry("BBB"), b"data", State.INCOMING)
+    spool.add(entry("BBB"), b"data", State.INCOMING)
     e = spool.read(State.INCOMING, "BBB.json")
     spool.move(e, State.INCOMING, State.ACTIVE, rewrite=False)      # an attempt starts
     e.attempts, e.next_attempt, e.last_reply = 1, 1_000, "451 4.3.2 busy"
@@ -76,7 +102,7 @@ def test_move_and_deferred_due_time(spool: Spool) -> None:
 
 
 def test_move_of_a_message_someone_else_moved_changes_nothing(spool: Spool) -> None:
-    spool._store(entry("CCC"), b"data", State.INCOMING)
+    spool.add(entry("CCC"), b"data", State.INCOMING)
     e = spool.read(State.INCOMING, "CCC.json")
     spool.move(e, State.INCOMING, State.HOLD, rewrite=False)     # an operator holds it
     with pytest.raises(FileNotFoundError):
@@ -89,7 +115,7 @@ def test_move_of_a_message_someone_else_moved_changes_nothing(spool: Spool) -> N
 
 def test_flush_makes_deferred_due(spool: Spool) -> None:
     for i in range(3):
-        spool._store(entry(f"F{i}", next_attempt=time.time() + 3600), b"x", State.DEFERRED)
+        spool.add(entry(f"F{i}", next_attempt=time.time() + 3600), b"x", State.DEFERRED)
     assert spool.flush_deferred(time.time()) == 3
     assert len(spool.due(time.time() + 1, 10)[0]) == 3
 
@@ -97,7 +123,7 @@ def test_flush_makes_deferred_due(spool: Spool) -> None:
 def test_due_returns_earliest_first_and_bounded(spool: Spool) -> None:
     for i in range(50):
         e = entry(f"D{i:02d}", next_attempt=float(1000 + (i * 7) % 50))
-        spool._store(e, b"x", State.DEFERRED)
+        spool.add(e, b"x", State.DEFERRED)
     due, upcoming = spool.due(now=2000, limit=5)
     assert upcoming == float("inf")
     assert len(due) == 5
@@ -106,12 +132,12 @@ def test_due_returns_earliest_first_and_bounded(spool: Spool) -> None:
 
 
 def test_recover_after_crash(spool: Spool) -> None:
-    spool._store(entry("OK1"), b"1", State.INCOMING)
-    spool._store(entry("ACT"), b"2", State.ACTIVE)
+    spool.add(entry("OK1"), b"1", State.INCOMING)
+    spool.add(entry("ACT"), b"2", State.ACTIVE)
     (spool.root / "tmp" / "HALF.eml").write_bytes(b"half written")
     (spool.root / "data" / "ORPHAN.eml").write_bytes(b"never acknowledged")
     (spool.root / "deferred" / "NODATA.json").write_bytes(b"{}")
-    report = spool.recover()
+    report = recover(spool)
     assert report == {"discarded": 1, "requeued": 1, "orphans": 1, "corrupt": 1}
     assert sorted(spool.names(State.INCOMING)) == ["ACT.json", "OK1.json"]
     assert not (spool.root / "data" / "ORPHAN.eml").exists()
@@ -119,7 +145,7 @@ def test_recover_after_crash(spool: Spool) -> None:
 
 
 def test_remove_deletes_data(spool: Spool) -> None:
-    spool._store(entry("GONE"), b"1", State.ACTIVE)
+    spool.add(entry("GONE"), b"1", State.ACTIVE)
     spool.remove("GONE", State.ACTIVE)
     assert spool.locate("GONE") is None
     assert not spool.data_path("GONE").exists()
@@ -134,14 +160,15 @@ async def test_an_accept_whose_directory_sync_fails_leaves_nothing_behind(
     """The files are renamed into place before the directories are synced. If the sync
     fails the client is told 4xx and sends the message again: the first copy must go, or
     it would be delivered as well."""
-    monkeypatch.setattr(spool_module, "_fsync_dir", _eio)
+    monkeypatch.setattr(disk, "fsync_dir", _eio)
+    files = AsyncSpool(spool)
     with pytest.raises(OSError):
-        await spool.accept(entry("SYNC"), b"data")
+        await files.accept(entry("SYNC"), b"data")
     monkeypatch.undo()
     assert spool.locate("SYNC") is None
     assert not spool.data_path("SYNC").exists()
     assert list((spool.root / "tmp").iterdir()) == []
-    await spool.close()
+    await files.close()
 
 
 def test_a_delivery_record_on_a_full_disk_is_written_in_place(
@@ -155,8 +182,8 @@ def test_a_delivery_record_on_a_full_disk_is_written_in_place(
     few.rcpt_tos = ["a@b.c", "d@e.f"]
     many.rcpt_tos = [f"recipient-{i}@example.com" for i in range(200)]
     for e in (few, many):
-        spool._store(e, b"data", State.ACTIVE)
-    monkeypatch.setattr(spool_module, "_write_synced", full)
+        spool.add(e, b"data", State.ACTIVE)
+    monkeypatch.setattr(disk, "write_synced", full)
     few.delivered = ["a@b.c"]
     spool.record_delivered(few, complete=False)
     assert spool.read(State.ACTIVE, "FEW.json").delivered == ["a@b.c"]
@@ -174,7 +201,7 @@ def test_removing_a_recorded_delivery_goes_on_past_a_disk_error(
     """record_delivered has unlinked the metadata (the message is done): an error from
     unlinking it again (.json) or its data (.eml) must not make the delivered message look
     like a failed attempt. Data left behind goes at the next start."""
-    spool._store(entry("DONE"), b"1", State.ACTIVE)
+    spool.add(entry("DONE"), b"1", State.ACTIVE)
     spool.record_delivered(entry("DONE"), complete=True)
     real_unlink = os.unlink
 
@@ -189,7 +216,7 @@ def test_removing_a_recorded_delivery_goes_on_past_a_disk_error(
     assert spool.locate("DONE") is None
     if failing == ".eml":
         assert "cannot remove the data of DONE" in caplog.text
-        assert spool.recover()["orphans"] == 1
+        assert recover(spool)["orphans"] == 1
     assert not spool.data_path("DONE").exists()
 
 
@@ -352,7 +379,7 @@ def fresh(tmp_path: Path, name: str, setup: Setup, mid: str = "RACE") -> Spool:
     s = Spool(tmp_path / name)
     s.open(on_tmpfs="warn")
     state, make = setup
-    s._store(make(mid), b"Subject: race\r\n\r\nbody\r\n", state)
+    s.add(make(mid), b"Subject: race\r\n\r\nbody\r\n", state)
     return s
 
 
@@ -447,7 +474,7 @@ def test_a_crash_at_any_step_is_resolved_by_recovery(
         with pytest.raises(Crash):
             run(spool, "RACE")
         steps.reset()
-        spool.recover()                                  # the relay starts again
+        recover(spool)                                   # the relay starts again
         where = places(spool, "RACE")
         state = where[0] if where else "gone"
         assert state in allowed, f"crash before step {k}: {operation} left it in {where}"
@@ -465,7 +492,7 @@ def test_a_crash_at_any_step_is_resolved_by_recovery(
 
 
 def test_content_of_shared_states_is_never_rewritten(spool: Spool) -> None:
-    spool._store(entry("SHR"), b"data", State.DEFERRED)
+    spool.add(entry("SHR"), b"data", State.DEFERRED)
     e = spool.read(State.DEFERRED, "SHR.json")
     e.attempts = 7
     with pytest.raises(ValueError, match="shared"):
@@ -489,19 +516,17 @@ def test_a_message_discarded_during_a_write_is_gone_and_its_descriptor_closed(
     goes at once, and the descriptor is closed by the write, never under it."""
     import threading
 
-    from relay.spool import store as spool_module
-
     writer = spool.writer("GONE00000001")
     writer.write(b"Subject: x\r\n")
     entered, release = threading.Event(), threading.Event()
-    real = spool_module._write_all
+    real = disk.write_all
 
     def slow(fd: int, data: bytes) -> None:
         entered.set()
         release.wait(5)
         real(fd, data)
 
-    monkeypatch.setattr(spool_module, "_write_all", slow)
+    monkeypatch.setattr(disk, "write_all", slow)
     errors: list[BaseException] = []
 
     def last_write() -> None:

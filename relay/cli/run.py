@@ -44,7 +44,7 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
 
 
 def command(args: argparse.Namespace) -> int:
-    from relay.spool.store import SpoolError
+    from relay.spool.locks import SpoolError
 
     config = load(args, sandbox=args.sandbox)
     setup_logging(config.logging.level, config.logging.format)

@@ -2,6 +2,8 @@
 
 - :class:`Content`: a message's bytes, in memory or in a spool file, read in chunks;
 - :func:`canonical`, :data:`LINE_BREAK`, :data:`CHUNK`: the line model and the I/O size;
+- :class:`Envelope`: one message's SMTP envelope and where it came from, the part that the
+  spool's record of a message (relay.spool.records.Entry) and :class:`Outbound` share;
 - :class:`Outbound`: one message ready for delivery through one mailbox profile;
 - :class:`DeliveryResult`: what one attempt did, per recipient;
 - :func:`new_message_id`: the relay's queue id.
@@ -23,8 +25,9 @@ import os
 import re
 import secrets as _random
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from relay.core.reply import Reply
 
@@ -124,15 +127,19 @@ class Content:
                 os.unlink(self.path)
 
 
-@dataclass
-class Outbound:
-    """One message ready for delivery through one mailbox profile."""
+@dataclass(kw_only=True)
+class Envelope:
+    """One message's SMTP envelope and origin, defined once for every record of the message.
+
+    The spool keeps it (with the delivery history) in each message's metadata file, and
+    every delivery attempt sends it (with the bytes) as an :class:`Outbound`; a record of
+    one kind is made from the other with :meth:`envelope`, so no field is copied by hand.
+    """
 
     id: str
     profile: str
     mail_from: str
     rcpt_tos: list[str]
-    content: Content
     mail_options: list[str] = field(default_factory=list)
     client: str = ""
     user: str | None = None
@@ -142,6 +149,19 @@ class Outbound:
     # The envelope sender as the client gave it ("<>" for the null sender), when the
     # sender policy changed ``mail_from``: delivery reports go here, not to the mailbox.
     return_path: str | None = None
+
+    def envelope(self) -> dict[str, Any]:
+        """The envelope's fields by name (lists copied), to build another record of the
+        same message: ``Outbound(**entry.envelope(), content=...)``."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), list) else v)
+                for f in fields(Envelope)}
+
+
+@dataclass(kw_only=True)
+class Outbound(Envelope):
+    """One message ready for delivery through one mailbox profile."""
+
+    content: Content
     # How long the submitting client may wait for the first attempt (listener setting);
     # None: answer as soon as the message is safely spooled.
     synchronous: float | None = None

@@ -17,7 +17,6 @@ state the command does not work on).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +26,8 @@ from typing import Any
 from relay.config import Config
 from relay.core.errors import RelayError
 from relay.spool import ctl
-from relay.spool.store import Spool, SpoolError
+from relay.spool.locks import SpoolError
+from relay.spool.store import Spool
 
 # The actions that take message ids, and what each does to one message (its line of text).
 PER_MESSAGE: dict[str, Callable[[Spool, str], str] | None] = {
@@ -82,10 +82,7 @@ def open_spool(config: Config) -> Iterator[Spool]:
         spool.open(on_tmpfs="warn")
     except SpoolError as exc:
         raise SpoolUnavailable(f"{exc}{acting_as}") from exc
-    try:
-        yield spool
-    finally:
-        asyncio.run(spool.close())
+    yield spool
 
 
 def act(spool: Spool, action: str, ids: Iterable[str]) -> Iterator[Outcome]:

@@ -1,9 +1,15 @@
 """Delivery status notifications (RFC 3464) for mail the relay gave up on or is still retrying.
 
+- :func:`build_dsn`: the report's bytes, about failed (and delayed) recipients, with the
+  original's header section;
+- :func:`is_auto_reply`: whether a message is itself a report or an auto-reply, which must
+  never be reported on (a mail loop).
+
 Once the relay has answered 250 the client has forgotten the message, so a failure that
-comes later can only reach the sender as a DSN. It is built with the ``email`` package so
-that folding, boundaries and encodings are right, and it is kept 7-bit clean (non-ASCII is
-quoted-printable or escaped) so any upstream accepts it whatever the original contained.
+comes later can only reach the sender as a DSN (when to send one, and to whom, is
+relay.queue.bounce's). It is built with the ``email`` package so that folding, boundaries
+and encodings are right, and it is kept 7-bit clean (non-ASCII is quoted-printable or
+escaped) so any upstream accepts it whatever the original contained.
 """
 
 from __future__ import annotations
@@ -72,11 +78,12 @@ def _header_block(original: bytes) -> str:
 def build_dsn(*, reporting_mta: str, sender_mailbox: str, to: str, original_headers: bytes,
               arrival: float, failed: dict[str, Reply], delayed: dict[str, Reply] | None = None,
               remote_mta: str | None, original_envelope_id: str, reason: str | None = None,
-              queue_id: str | None = None) -> bytes:
+              queue_id: str | None = None, now: float | None = None) -> bytes:
     """A ``multipart/report`` DSN to ``to`` about ``failed`` and ``delayed`` recipients.
 
     ``original_envelope_id`` is the client's ENVID (xtext, as given in MAIL FROM) and is
     left out when empty; ``queue_id`` is the relay's own id, for the operator's grep.
+    ``now`` dates the report (the queue's clock; the time of the call if not given).
     """
     delayed = delayed or {}
     outcomes = [(rcpt, reply, "failed") for rcpt, reply in failed.items()]
@@ -122,7 +129,7 @@ def build_dsn(*, reporting_mta: str, sender_mailbox: str, to: str, original_head
     report["To"] = to
     report["Subject"] = ("Undelivered Mail Returned to Sender" if failed
                          else "Delayed Mail (still being retried)")
-    report["Date"] = _date(time.time())
+    report["Date"] = _date(time.time() if now is None else now)
     report["Message-ID"] = email.utils.make_msgid("dsn", domain=reporting_mta)
     report["Auto-Submitted"] = "auto-replied"
     report["MIME-Version"] = "1.0"

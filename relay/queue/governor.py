@@ -1,5 +1,13 @@
 """Per-mailbox pacing within Exchange Online's submission limits.
 
+- :class:`Governor`: per mailbox, when a message with so many recipients may go
+  (:meth:`Governor.ready_at`), what was sent (``started``, ``finished``, ``forget``) and
+  what Exchange said (``throttled``, ``quota_exceeded``); ``export``/``restore`` for
+  keeping its windows across restarts (relay.queue.pacing), ``snapshot`` for the probes;
+- :class:`Limits`: the limits it keeps to (``delivery.mailbox_limits``);
+- :data:`MINUTE`, :data:`DAY`, :data:`SLOT_RETRY`, :data:`UNKNOWN_QUOTA_PAUSE`: its windows
+  and waits.
+
 Exchange answers a mailbox that goes over its limits with errors (432 4.3.2 for a fourth
 session, SubmissionQuotaExceededException after 10,000 recipients a day) or with silent
 delays. Keeping under the limits is cheaper than retrying after them, so the queue manager

@@ -33,7 +33,7 @@ from relay.receive.addresses import address_problem, in_networks, path, sender_p
 from relay.receive.data import Received
 from relay.receive.incoming import Incoming
 from relay.receive.session import RelayEnvelope, RelaySession, RelaySMTP
-from relay.spool.store import DataWriter
+from relay.spool.writer import DataWriter
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from relay.accept.trace import received_header
 from relay.core.log import message_context
 from relay.core.reply import Reply
 from relay.receive import replies
-from relay.spool.store import DataWriter
+from relay.spool.writer import DataWriter
 
 if TYPE_CHECKING:
     from relay.receive.session import RelayEnvelope, RelaySession, RelaySMTP

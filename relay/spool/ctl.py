@@ -1,12 +1,18 @@
 """Operator commands on the spool: ``smtp-oauth-relay queue list|show|retry|hold|release|
 delete|flush``, like Postfix's mailq and postsuper.
 
+- :func:`iter_entries`, :func:`summary`, :func:`show`: what is queued, one message closely;
+- :func:`retry`, :func:`hold`, :func:`release`, :func:`delete`, :func:`flush`: the changes;
+- :class:`QueueCommandError`: a command that cannot be carried out, and whether running it
+  again may work.
+
 They work whether the relay is running or not: every change follows the spool's protocol
-(relay.spool.store's docstring), a single rename or unlink of a message's metadata file that fails,
-changing nothing, if the relay took the message meanwhile. Messages in active/ (being
-delivered right now) are left alone, and the commands take the spool's operator lock, so
-that two operators cannot interleave either. A running relay picks up retried or released
-messages within seconds (immediately after ``systemctl kill -s USR1 smtp-oauth-relay``).
+(relay.spool's package docstring), a single rename or unlink of a message's metadata file
+that fails, changing nothing, if the relay took the message meanwhile. Messages in active/
+(being delivered right now) are left alone, and the commands take the spool's operator
+lock, so that two operators cannot interleave either. A running relay picks up retried or
+released messages within seconds (immediately after ``systemctl kill -s USR1
+smtp-oauth-relay``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from typing import Any
 
 from relay.accept.headers import RawMessage
 from relay.core.errors import RelayError
-from relay.spool.store import Entry, Spool, SpoolBusy, State
+from relay.spool.locks import SpoolBusy
+from relay.spool.records import Entry, State
+from relay.spool.store import Spool
 
 # How long a command waits for another operator's command to finish.
 LOCK_WAIT = 10.0

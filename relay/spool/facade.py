@@ -1,0 +1,159 @@
+"""The spool as the event loop uses it: one async face over the blocking store.
+
+- :class:`AsyncSpool`: every call of relay.spool.store.Spool the queue makes, each run in
+  a worker thread; :meth:`AsyncSpool.accept`, which stores a new message durably and
+  shares the directory fsyncs of concurrent arrivals (group commit);
+  :meth:`AsyncSpool.candidates`, the scan for messages waiting in incoming/ and due in
+  deferred/; and :meth:`AsyncSpool.record_delivered`, the one call kept on the event loop
+  on purpose.
+
+The queue reaches the disk only through this class: the relay's scheduling code holds no
+``asyncio.to_thread`` of its own, and which call blocks (every one of the store's) is
+said in one place. The blocking store stays usable on its own, by operator commands,
+the metrics and tests (:attr:`AsyncSpool.store`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Container
+
+from relay.core.message import Content
+from relay.spool import recovery
+from relay.spool.records import Entry, State
+from relay.spool.store import Spool
+
+
+class AsyncSpool:
+    """The async face of ``store`` (see the module docstring)."""
+
+    def __init__(self, store: Spool) -> None:
+        self.store = store
+        self._commit_waiters: list[asyncio.Future[None]] = []
+        self._commit_wakeup: asyncio.Event | None = None
+        self._committer: asyncio.Task[None] | None = None
+
+    # --- accepting ----------------------------------------------------------------------
+
+    async def accept(self, entry: Entry, content: Content | bytes,
+                     state: State = State.INCOMING) -> Content:
+        """Store a new message; returns only once it would survive a crash or power loss.
+
+        ``content`` is either small bytes made by the relay (a delivery report), or the
+        finished writer file of this message (Spool.writer). Returns the stored content.
+        Raises OSError (disk full, ...) with nothing of the message left behind.
+
+        The files are in place before the directories are synced, so a failed sync must
+        take them out again: the caller answers 4xx, the client sends the message again,
+        and a copy left in ``state`` would be delivered as well. The caller must keep the
+        queue from taking the message until this returns (or the withdrawal could fail).
+        """
+        if isinstance(content, bytes):
+            content = Content(data=content)
+        await asyncio.to_thread(self.store.add, entry, content, state)
+        try:
+            await self._group_commit()
+        except OSError:
+            await asyncio.to_thread(self.store.withdraw, entry.id, state)
+            raise
+        return Content.from_file(self.store.data_path(entry.id), content.size)
+
+    async def _group_commit(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._committer is None or self._committer.done():
+            self._commit_wakeup = asyncio.Event()
+            self._committer = loop.create_task(self._commit_loop())
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._commit_waiters.append(waiter)
+        assert self._commit_wakeup is not None
+        self._commit_wakeup.set()
+        await waiter
+
+    async def _commit_loop(self) -> None:
+        assert self._commit_wakeup is not None
+        while True:
+            await self._commit_wakeup.wait()
+            self._commit_wakeup.clear()
+            batch, self._commit_waiters = self._commit_waiters, []
+            if not batch:
+                continue
+            try:
+                await asyncio.to_thread(self.store.sync_dirs)
+            except OSError as exc:
+                for w in batch:
+                    if not w.done():
+                        w.set_exception(exc)
+                continue
+            for w in batch:
+                if not w.done():
+                    w.set_result(None)
+
+    async def close(self) -> None:
+        if self._committer is not None:
+            self._committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+            self._committer = None
+
+    # --- starting and stopping ----------------------------------------------------------
+
+    async def recover(self) -> dict[str, int]:
+        return await asyncio.to_thread(recovery.recover, self.store)
+
+    async def load_state(self, name: str) -> bytes | None:
+        return await asyncio.to_thread(self.store.load_state, name)
+
+    async def save_state(self, name: str, data: bytes) -> None:
+        await asyncio.to_thread(self.store.save_state, name, data)
+
+    # --- finding work -------------------------------------------------------------------
+
+    async def candidates(self, now: float, room: int, due_limit: int,
+                         skip: Container[str] = ()) -> tuple[list[str], list[str], float]:
+        """Up to ``room`` incoming names; with ``due_limit``, up to that many due deferred
+        names (earliest first) and when the next deferred one is due. Names in ``skip``
+        (unreadable just now) are passed over. One trip to a worker thread for both."""
+        return await asyncio.to_thread(self._candidates, now, room, due_limit, skip)
+
+    def _candidates(self, now: float, room: int, due_limit: int,
+                    skip: Container[str]) -> tuple[list[str], list[str], float]:
+        names = (n for n in self.store.names(State.INCOMING) if n not in skip)
+        incoming = [n for n, _ in zip(names, range(room), strict=False)]
+        if not due_limit:
+            return incoming, [], float("inf")
+        due, upcoming = self.store.due(now, due_limit, skip)
+        return incoming, due, upcoming
+
+    async def flush_deferred(self, now: float) -> int:
+        return await asyncio.to_thread(self.store.flush_deferred, now)
+
+    async def read(self, state: State, name: str) -> Entry:
+        return await asyncio.to_thread(self.store.read, state, name)
+
+    async def content(self, mid: str) -> Content:
+        return await asyncio.to_thread(self.store.content, mid)
+
+    async def holds(self, state: State, mid: str) -> bool:
+        return await asyncio.to_thread(self.store.holds, state, mid)
+
+    # --- state changes ------------------------------------------------------------------
+
+    async def move(self, entry: Entry, src: State, dst: State, *,
+                   rewrite: bool = True) -> None:
+        await asyncio.to_thread(self.store.move, entry, src, dst, rewrite=rewrite)
+
+    async def set_due(self, mid: str, when: float) -> None:
+        await asyncio.to_thread(self.store.set_due, mid, when)
+
+    async def remove(self, mid: str, state: State, *, claimed: bool = False) -> None:
+        await asyncio.to_thread(self.store.remove, mid, state, claimed=claimed)
+
+    async def set_aside(self, state: State, mid: str, why: str) -> None:
+        await asyncio.to_thread(self.store.set_aside, state, mid, why)
+
+    def record_delivered(self, entry: Entry, *, complete: bool) -> None:
+        """Spool.record_delivered, on the event loop itself: it must happen right after the
+        upstream's 250 is read, before any other task runs, and it is a system call or two
+        without an fsync (see there)."""
+        self.store.record_delivered(entry, complete=complete)

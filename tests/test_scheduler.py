@@ -1,0 +1,98 @@
+"""The dispatcher driven pass by pass (Queue.dispatch_once) with an injected clock: pacing,
+due times, the deferred files' mtimes and a message's lifetime all follow that clock, so
+no test here waits for real time to pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from relay.core.message import new_message_id
+from relay.core.reply import Reply
+from relay.queue.scheduler import Queue
+from relay.spool.records import Entry, State
+from relay.spool.store import Spool
+from tests.conftest import build_config, wait_until
+from tests.test_queue_durability import MESSAGE, ScriptedDeliverer
+
+T = 2_000_000_000.0        # far from the real time: only the injected clock can reach it
+
+
+class Clock:
+    def __init__(self, now: float = T) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rig(tmp_path: Path, deliverer: ScriptedDeliverer, clock: Clock,
+        **delivery: object) -> tuple[Queue, Spool]:
+    config = build_config({"delivery": {"synchronous": None, **delivery}})
+    spool = Spool(tmp_path / "spool")
+    spool.open(on_tmpfs="warn")
+    return Queue(spool, deliverer, config, clock=clock), spool  # type: ignore[arg-type]
+
+
+def arrive(spool: Spool, clock: Clock) -> Entry:
+    entry = Entry(id=new_message_id(), profile="system", mail_from="app@contoso.com",
+                  rcpt_tos=["a@example.com"], size=len(MESSAGE), received_at=clock(),
+                  mailbox="relay@contoso.com")
+    spool.add(entry, MESSAGE)
+    return entry
+
+
+async def run_pass(queue: Queue) -> float:
+    next_due = await queue.dispatch_once()
+    await wait_until(lambda: queue.in_flight == 0)
+    return next_due
+
+
+async def test_paced_mail_waits_on_disk_until_the_clock_says(tmp_path: Path) -> None:
+    clock, deliverer = Clock(), ScriptedDeliverer()
+    queue, spool = rig(tmp_path, deliverer, clock, mailbox_limits={"messages_per_minute": 2})
+    try:
+        for _ in range(2):
+            arrive(spool, clock)
+        await run_pass(queue)
+        assert len(deliverer.calls) == 2            # the minute's two
+        for _ in range(2):
+            arrive(spool, clock)
+        await run_pass(queue)
+        assert len(deliverer.calls) == 2
+        waiting = sorted(spool.read(State.DEFERRED, n).next_attempt
+                         for n in spool.names(State.DEFERRED))
+        assert waiting == [T + 60, T + 90]          # spread out by the pace (60 s / 2)
+        assert all(spool.read(State.DEFERRED, n).attempts == 0
+                   for n in spool.names(State.DEFERRED))
+        clock.now = T + 59
+        assert await run_pass(queue) == T + 60      # nothing due yet; when to look again
+        assert len(deliverer.calls) == 2
+        clock.now = T + 60
+        await run_pass(queue)
+        assert len(deliverer.calls) == 3
+        clock.now = T + 90
+        await run_pass(queue)
+        assert len(deliverer.calls) == 4
+        assert sum(spool.count(s) for s in State) == 0
+    finally:
+        await queue.stop(1)
+
+
+async def test_the_lifetime_runs_out_on_the_clock(tmp_path: Path) -> None:
+    clock = Clock()
+    deliverer = ScriptedDeliverer(Reply(451, "4.4.0 try later"))
+    queue, spool = rig(tmp_path, deliverer, clock, max_lifetime="1h", retry_initial="10m",
+                       retry_max="10m", bounce="none")
+    msg = arrive(spool, clock)
+    try:
+        await run_pass(queue)
+        retry = spool.read(State.DEFERRED, f"{msg.id}.json")
+        assert retry.attempts == 1 and T + 480 <= retry.next_attempt <= T + 600
+        clock.now = T + 3600                        # due, and its hour is up
+        await run_pass(queue)
+        assert len(deliverer.calls) == 2
+        failed = spool.read(State.FAILED, f"{msg.id}.json")
+        assert failed.attempts == 2
+        assert failed.failed == {"a@example.com": "451 4.4.0 try later"}
+    finally:
+        await queue.stop(1)
