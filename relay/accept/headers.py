@@ -28,6 +28,7 @@ from email.policy import default as _default_policy
 from typing import Any
 
 from relay.core.errors import RelayError
+from relay.core.text import one_line, truncate
 
 __all__ = [
     "Address",
@@ -418,8 +419,7 @@ HeaderBlock = RawMessage
 
 
 def _short(text: str, limit: int = 120) -> str:
-    text = " ".join(_CONTROL.sub(" ", text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return truncate(one_line(_CONTROL.sub(" ", text)), limit)
 
 
 def _salvage(value: str) -> Address | None:
@@ -458,10 +458,6 @@ _MAX_HELO = 100
 _MAX_PATH = 256
 
 
-def _bounded(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _ip_literal(client_ip: str) -> str:
     try:
         ip = ipaddress.ip_address(client_ip)
@@ -491,8 +487,8 @@ def received_header(*, client_helo: str, client_ip: str, hostname: str, protocol
     only given for single-recipient messages: a ``for`` clause listing every envelope
     recipient would reveal Bcc recipients to all of them.
     """
-    helo = _bounded(_HELO_UNSAFE.sub("?", client_helo), _MAX_HELO) or "unknown"
-    host = _bounded(_HELO_UNSAFE.sub("?", hostname), _MAX_HELO) or "localhost"
+    helo = truncate(_HELO_UNSAFE.sub("?", client_helo), _MAX_HELO) or "unknown"
+    host = truncate(_HELO_UNSAFE.sub("?", hostname), _MAX_HELO) or "localhost"
     proto = _TOKEN_UNSAFE.sub("", protocol) or "SMTP"
     mid = _TOKEN_UNSAFE.sub("", message_id) or "unknown"
     if when.tzinfo is None:
@@ -501,7 +497,7 @@ def received_header(*, client_helo: str, client_ip: str, hostname: str, protocol
     tokens = [f"from {helo}", f"({_ip_literal(client_ip)})", f"by {host}",
               "(smtp-oauth-relay)", f"with {proto}", f"id {mid}"]
     if recipient is not None:
-        rcpt = _bounded(_PATH_UNSAFE.sub("", recipient), _MAX_PATH)
+        rcpt = truncate(_PATH_UNSAFE.sub("", recipient), _MAX_PATH)
         tokens.append(f"for <{rcpt}>;")
     else:
         tokens[-1] += ";"

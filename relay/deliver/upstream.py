@@ -24,9 +24,9 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import aiosmtplib
 from aiosmtplib import (
@@ -42,9 +42,10 @@ from aiosmtplib import (
 )
 
 from relay.config import Upstream
-from relay.core.errors import ReplyError
+from relay.core.errors import ReplyError, find_cause
 from relay.core.log import redact
 from relay.core.message import Content, DeliveryResult, Outbound
+from relay.core.net import host_port
 from relay.core.reply import Reply
 from relay.core.secrets import Secret
 
@@ -97,26 +98,6 @@ def build_tls_context(ca_file: Path | None) -> ssl.SSLContext:
     return ctx
 
 
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-_E = TypeVar("_E", bound=BaseException)
-
-
-def _find(exc: BaseException, kind: type[_E]) -> _E | None:
-    return next((e for e in _causes(exc) if isinstance(e, kind)), None)
-
-
 def _digest(token: HasAccessToken) -> bytes:
     return hashlib.sha256(token.access_token.reveal().encode()).digest()
 
@@ -142,7 +123,7 @@ class UpstreamSession:
     def __init__(self, upstream: Upstream, helo_name: str, tls_context: ssl.SSLContext) -> None:
         self.upstream = upstream
         self.helo_name = helo_name
-        self.where = _host_port(upstream.host, upstream.port)
+        self.where = host_port(upstream.host, upstream.port)
         self._tls = tls_context
         self._smtp: aiosmtplib.SMTP | None = None
         self._stage = "connect"
@@ -458,7 +439,7 @@ class UpstreamSession:
     def _failure(self, exc: BaseException) -> Reply:
         """A 451 naming host:port, the protocol step and the cause of a broken path."""
         where, stage, timeout = self.where, self._stage, self.upstream.timeout
-        if (cert := _find(exc, ssl.SSLCertVerificationError)) is not None:
+        if (cert := find_cause(exc, ssl.SSLCertVerificationError)) is not None:
             detail = cert.verify_message or cert.reason or str(cert)
             if "mismatch" in detail.lower():
                 hint = f"the certificate is not valid for {self.upstream.host}; check the host"
@@ -467,13 +448,13 @@ class UpstreamSession:
                         "to that CA")
             return Reply(451, f"4.4.1 TLS with upstream {where} failed: certificate verify "
                               f"failed ({detail}) - {hint}")
-        if (tls := _find(exc, ssl.SSLError)) is not None:
+        if (tls := find_cause(exc, ssl.SSLError)) is not None:
             return Reply(451, f"4.4.1 TLS handshake with upstream {where} failed: "
                               f"{tls.reason or tls}")
-        if (dns := _find(exc, socket.gaierror)) is not None:
+        if (dns := find_cause(exc, socket.gaierror)) is not None:
             return Reply(451, f"4.4.1 Cannot resolve upstream host {self.upstream.host}: "
                               f"{dns.strerror or dns}")
-        if _find(exc, ConnectionRefusedError) is not None:
+        if find_cause(exc, ConnectionRefusedError) is not None:
             return Reply(451, f"4.4.1 Cannot connect to upstream {where}: connection refused")
         if isinstance(exc, SMTPConnectTimeoutError):
             return Reply(451, f"4.4.1 Cannot connect to upstream {where}: no answer within "
@@ -555,7 +536,7 @@ class UpstreamClient:
     def __init__(self, upstream: Upstream, helo_name: str) -> None:
         self.upstream = upstream
         self.helo_name = helo_name
-        self.where = _host_port(upstream.host, upstream.port)
+        self.where = host_port(upstream.host, upstream.port)
         self.tls_context = build_tls_context(upstream.ca_file)
 
     def session(self) -> UpstreamSession:

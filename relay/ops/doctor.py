@@ -28,13 +28,15 @@ import socket
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from relay.config import CLOUDS, Config, ConfigError, Credential, Profile, Upstream, load_config
+from relay.core.errors import find_cause
 from relay.core.message import Content, Outbound, new_message_id
+from relay.core.net import host_port
 from relay.core.reply import Reply
 from relay.core.secrets import SecretSourceError
 from relay.deliver.classify import classify
@@ -191,7 +193,7 @@ class Doctor:
         upstream = self.config.upstream_for(profile)
         upstream = upstream.model_copy(update={"timeout": min(upstream.timeout, self.timeout)})
         report = ProfileReport(name, profile.mailbox, profile.credential,
-                               _where(upstream.host, upstream.port))
+                               host_port(upstream.host, upstream.port))
         steps = report.steps
         steps.append(Step("config", Status.OK, f"{self.source} is valid"))
         # The token first (shown after the network steps): the session must not sit idle
@@ -272,7 +274,7 @@ class Doctor:
 
     async def _connect(self, profile: Profile,
                        up: Upstream) -> tuple[UpstreamSession | None, list[Step]]:
-        where = _where(up.host, up.port)
+        where = host_port(up.host, up.port)
         try:
             client = UpstreamClient(up, up.helo_name or self.config.server.hostname)
         except ValueError as exc:  # the CA file cannot be loaded
@@ -285,7 +287,7 @@ class Doctor:
         except UpstreamUnavailable as exc:
             return None, self._connect_failed(profile, up, session.stage, exc)
         peer = session.transport_info("peername")
-        at = (f"connected to {_where(str(peer[0]), int(peer[1]))}"
+        at = (f"connected to {host_port(str(peer[0]), int(peer[1]))}"
               if isinstance(peer, tuple) and len(peer) >= 2 else f"connected to {where}")
         return session, [Step("connect", Status.OK, f"{at}; the SMTP greeting and EHLO "
                                                     "were accepted"),
@@ -293,13 +295,13 @@ class Doctor:
 
     def _connect_failed(self, profile: Profile, up: Upstream, stage: str,
                         exc: UpstreamUnavailable) -> list[Step]:
-        where = _where(up.host, up.port)
+        where = host_port(up.host, up.port)
         detail = _plain(exc.reply)
         reached = Step("connect", Status.OK, f"{where} accepts connections")
-        if (verify := _cause(exc, ssl.SSLCertVerificationError)) is not None:
+        if (verify := find_cause(exc, ssl.SSLCertVerificationError)) is not None:
             return [reached, Step("tls", Status.FAIL, detail,
                                   self._verify_fix(profile, up, verify))]
-        if (tls := _cause(exc, ssl.SSLError)) is not None:
+        if (tls := find_cause(exc, ssl.SSLError)) is not None:
             return [reached, Step("tls", Status.FAIL, detail, (
                 f"the TLS handshake failed ({tls.reason or tls}): Exchange Online needs TLS "
                 "1.2 or newer; a proxy or firewall that intercepts the connection may be "
@@ -312,10 +314,10 @@ class Doctor:
                 "(e.g. Cisco ASA/FTD 'inspect esmtp'): turn it off for this traffic; or the "
                 f"host is not Exchange Online's submission endpoint "
                 f"({self._exchange_host(profile)}:587)"))]
-        if _cause(exc, ConnectionRefusedError) is not None:
+        if find_cause(exc, ConnectionRefusedError) is not None:
             fix = (f"nothing accepts connections on {where}, or a firewall rejects them; "
                    f"{self._host_hint(profile)}")
-        elif _cause(exc, TimeoutError) is not None:
+        elif find_cause(exc, TimeoutError) is not None:
             fix = (f"no answer from {where}: a firewall probably drops outbound connections "
                    f"to port {up.port}; allow outbound TCP {up.port} to {up.host} (an HTTP "
                    "proxy from HTTPS_PROXY does not carry SMTP)")
@@ -609,25 +611,6 @@ def _certificate_expiry(cred: Credential, base: str) -> dt.datetime | None:
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-_E = TypeVar("_E", bound=BaseException)
-
-
-def _cause(exc: BaseException, kind: type[_E]) -> _E | None:
-    """The first exception of ``kind`` in ``exc``'s chain of causes."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, kind):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def _where(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
 
 def _ca_setting(profile: Profile) -> str:
     if profile.upstream is not None:

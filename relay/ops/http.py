@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from relay.core.net import host_port
 from relay.oauth.tokens import MIN_USABLE, TokenError, TokenProvider
 from relay.ops.metrics import CONTENT_TYPE, RelayMetrics
 from relay.ops.view import RelayView
@@ -140,11 +141,11 @@ class ReadinessCheck:
         if receiver.draining:
             listeners = Check("listeners", False, "shutting down: new connections get 421")
         elif unbound := receiver.unbound:
-            where = ", ".join(f"{x.address}:{x.port}" for x in unbound)
+            where = ", ".join(host_port(x.address, x.port) for x in unbound)
             listeners = Check("listeners", False, f"not bound: {where}")
         else:
             listeners = Check("listeners", True, "bound: " + ", ".join(
-                f"{h}:{p}" for h, p in relay.listening))
+                host_port(h, p) for h, p in relay.listening))
         if relay.queue.failed:
             queue = Check("queue", False, "the dispatcher stopped unexpectedly (see the log)")
         elif not relay.queue.running:
@@ -341,19 +342,19 @@ class HttpEndpoint:
 
     async def start(self) -> None:
         settings = self._relay.config.http
-        host = f"[{settings.address}]" if ":" in settings.address else settings.address
         try:
             self._server = await asyncio.start_server(
                 self._client, settings.address, settings.port, limit=MAX_REQUEST_HEAD,
                 reuse_address=True)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot listen on {host}:{settings.port} for the HTTP "
+            where = host_port(settings.address, settings.port)
+            raise OSError(exc.errno, f"cannot listen on {where} for the HTTP "
                                      f"endpoint (http.address, http.port; or http.enabled: "
                                      f"false): {exc.strerror or exc}") from exc
         sockname = self._server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
-        log.info("http endpoint on http://%s:%d (/healthz, /readyz, /metrics)",
-                 host, self.address[1])
+        log.info("http endpoint on http://%s (/healthz, /readyz, /metrics)",
+                 host_port(settings.address, self.address[1]))
 
     async def stop(self) -> None:
         server, self._server = self._server, None

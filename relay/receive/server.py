@@ -38,6 +38,7 @@ from relay.accept.route import Router
 from relay.config import Config, ConfigError, Listener
 from relay.core.log import message_context
 from relay.core.message import Outbound
+from relay.core.net import host_port
 from relay.core.reply import Reply
 from relay.receive.data import MemoryBudget
 from relay.receive.guard import AuthGuard, Clock, RefusalLog
@@ -112,8 +113,7 @@ class ListenerChange:
 
 
 def _describe(listener: Listener, port: int | None = None) -> str:
-    host = f"[{listener.address}]" if ":" in listener.address else listener.address
-    return f"{host}:{listener.port if port is None else port}"
+    return host_port(listener.address, listener.port if port is None else port)
 
 
 def _options(listener: Listener) -> str:

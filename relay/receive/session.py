@@ -30,6 +30,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, syntax
 
 from relay.accept.route import Router
 from relay.config import Config, Listener
+from relay.core.net import host_port
 from relay.receive.data import DataReader, Limits, MemoryBudget
 from relay.receive.guard import AuthGuard, Lockout
 from relay.receive.passwords import PasswordVerifier
@@ -281,8 +282,8 @@ class RelaySMTP(SMTP):
             # listener that requires STARTTLS does not offer AUTH before it.
             self._auth_require_tls = not self._implicit_tls and (
                 bool(self.require_starttls) or not self._loopback_check(self.client_ip))
-            log.debug("connection: client=%s listener=%s:%d", self.client_ip,
-                      self.listener.address, self.listener.port)
+            log.debug("connection: client=%s listener=%s", self.client_ip,
+                      host_port(self.listener.address, self.listener.port))
             # Counted from the first connection_made only: STARTTLS gives no new budget.
             self._session_started = self.loop.time()
             self._session_handle = self.loop.call_later(self._session_timeout,
