@@ -23,7 +23,7 @@ from relay.core.message import Outbound
 from relay.core.net import host_port
 from relay.core.reply import Reply
 from relay.deliver.deliverer import Deliverer
-from relay.oauth.tokens import Tokens
+from relay.oauth.registry import Tokens
 from relay.ops import notify as notify
 from relay.ops.http import HttpEndpoint
 from relay.ops.metrics import RelayMetrics

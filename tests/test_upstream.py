@@ -23,7 +23,7 @@ from relay.config import Upstream
 from relay.core.message import Content, Outbound
 from relay.core.secrets import Secret
 from relay.deliver.upstream import AuthenticationRejected, UpstreamClient, refusal_for
-from relay.oauth.tokens import Token
+from relay.oauth.token import Token
 from relay.sandbox.exchange import FakeExchange
 from relay.sandbox.pki import LocalPKI, create_pki
 

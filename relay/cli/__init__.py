@@ -24,7 +24,7 @@ from relay import __version__
 from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from relay.core.log import setup_logging
 from relay.core.message import Content, Outbound, new_message_id
-from relay.oauth.tokens import SEND_AS_APP
+from relay.oauth.token import SEND_AS_APP
 from relay.ops.testmessage import build_test_message
 
 EX_OK, EX_FAIL, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 0, 1, 2, 69, 75, 78
@@ -131,7 +131,8 @@ def _pick_credential(config: Config, args: argparse.Namespace) -> str:
 
 
 async def _token(args: argparse.Namespace, config: Config) -> int:
-    from relay.oauth.tokens import TokenError, TokenProvider
+    from relay.oauth.provider import TokenProvider
+    from relay.oauth.token import TokenError
 
     name = _pick_credential(config, args)
     provider = TokenProvider(name, config.credentials[name])
@@ -179,7 +180,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 async def _send_test(args: argparse.Namespace, config: Config) -> int:
     from relay.deliver.deliverer import Deliverer
-    from relay.oauth.tokens import Tokens
+    from relay.oauth.registry import Tokens
 
     profile_name = args.profile or config.routing.system_profile
     if profile_name not in config.profiles:

@@ -27,7 +27,8 @@ from relay.core.reply import Reply
 from relay.deliver.classify import Problem, classify
 from relay.deliver.pool import SessionPool
 from relay.deliver.upstream import AuthenticationRejected, OnAccepted, UpstreamClient
-from relay.oauth.tokens import TokenError, Tokens
+from relay.oauth.registry import Tokens
+from relay.oauth.token import TokenError
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ OnAccepted = Callable[[list[str]], None]
 
 
 class HasAccessToken(Protocol):
-    """What :mod:`relay.oauth.tokens` hands out; only the access token is used here."""
+    """What :mod:`relay.oauth.provider` hands out; only the access token is used here."""
 
     @property
     def access_token(self) -> Secret: ...

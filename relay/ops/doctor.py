@@ -4,13 +4,13 @@ Users' most common question is "why 535?", and Exchange's answer names none of t
 dozen setup steps in Entra ID and Exchange that may be missing. The doctor walks the path a
 message takes - config, DNS, TCP, TLS, token, token claims, XOAUTH2 login, MAIL/RCPT - with
 the relay's own code (the same TLS context, token provider and XOAUTH2 exchange as real
-deliveries, see :mod:`relay.deliver.upstream` and :mod:`relay.oauth.tokens`), so what
+deliveries, see :mod:`relay.deliver.upstream` and :mod:`relay.oauth.provider`), so what
 passes here passes for mail. A failure stops only the steps that depend on it: the token
 does not need the network path to Exchange, so one run shows every independent problem, and
 steps after a failure they depend on are listed as skipped rather than failing noisily.
 
 Explanations come from :func:`relay.deliver.classify.classify` and
-:mod:`relay.oauth.tokens`; the texts here add what those cannot know: the exact commands
+:mod:`relay.oauth.advice`; the texts here add what those cannot know: the exact commands
 with this profile's values filled in, and the step of the README's "Microsoft-side setup"
 that they belong to. Nothing printed contains a token or a secret; MAIL/RCPT is a dry run
 (RSET instead of DATA), so nothing is
@@ -30,15 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import pkcs12
-
 from relay.config import CLOUDS, Config, ConfigError, Credential, Profile, Upstream, load_config
 from relay.core.errors import find_cause
 from relay.core.message import Content, Outbound, new_message_id
 from relay.core.net import host_port
 from relay.core.reply import Reply
-from relay.core.secrets import SecretSourceError
 from relay.deliver.classify import classify
 from relay.deliver.upstream import (
     AuthenticationRejected,
@@ -46,7 +42,9 @@ from relay.deliver.upstream import (
     UpstreamSession,
     UpstreamUnavailable,
 )
-from relay.oauth.tokens import SEND_AS_APP, Token, TokenError, TokenProvider
+from relay.oauth.certificates import CertificateError, app_certificate
+from relay.oauth.provider import TokenProvider
+from relay.oauth.token import SEND_AS_APP, Token, TokenError
 from relay.ops.testmessage import build_test_message
 
 DEFAULT_TIMEOUT = 10.0
@@ -58,7 +56,7 @@ SUBJECT = "smtp-oauth-relay doctor test message"
 
 _SETUP = {1: "App registration", 2: "Credential", 3: "API permission",
           4: "Service principal in Exchange", 5: "SMTP AUTH enabled"}
-# Entra error codes (see relay.oauth.tokens) and the setup step that fixes them.
+# Entra error codes (see relay.oauth.advice) and the setup step that fixes them.
 _TOKEN_SETUP_STEP = {7000215: 2, 7000222: 2, 7000218: 2, 700027: 2, 700016: 1, 90002: 1,
                      500011: 3}
 # What the classifier says when it knows nothing more than the reply's class.
@@ -545,7 +543,7 @@ class Doctor:
         if cred.certificate is not None:
             try:
                 not_after = _certificate_expiry(cred, base)
-            except ValueError as exc:
+            except CertificateError as exc:
                 checks.append((Status.FAIL, str(exc), f"check {base}.certificate"))
             else:
                 if not_after is not None:
@@ -576,38 +574,10 @@ def _judge(what: str, when: str, days: int, renew: str) -> tuple[Status, str, st
 
 def _certificate_expiry(cred: Credential, base: str) -> dt.datetime | None:
     """The app certificate's notAfter (UTC), None if only a thumbprint is configured;
-    ValueError (safe to show) when the file cannot be read."""
-    cert = cred.certificate
-    assert cert is not None
-    if cert.pfx_file is not None:
-        try:
-            data = cert.pfx_file.read_bytes()
-            passphrase = cert.passphrase.resolve().reveal().encode() if cert.passphrase else None
-            _, leaf, _ = pkcs12.load_key_and_certificates(data, passphrase)
-        except OSError as exc:
-            raise ValueError(f"cannot read {base}.certificate.pfx_file {cert.pfx_file}: "
-                             f"{exc.strerror or exc}") from None
-        except SecretSourceError as exc:
-            raise ValueError(f"cannot read {base}.certificate.passphrase: {exc}") from None
-        except ValueError:
-            raise ValueError(f"cannot open {base}.certificate.pfx_file {cert.pfx_file} "
-                             "(wrong passphrase, or not a PKCS#12 file)") from None
-        if leaf is None:
-            raise ValueError(f"{base}.certificate.pfx_file {cert.pfx_file} holds no "
-                             "certificate")
-        return leaf.not_valid_after_utc
-    if cert.public_certificate_file is not None:
-        try:
-            leaf = x509.load_pem_x509_certificate(cert.public_certificate_file.read_bytes())
-        except OSError as exc:
-            raise ValueError(f"cannot read {base}.certificate.public_certificate_file "
-                             f"{cert.public_certificate_file}: {exc.strerror or exc}") from None
-        except ValueError:
-            raise ValueError(f"{base}.certificate.public_certificate_file "
-                             f"{cert.public_certificate_file} is not a PEM certificate"
-                             ) from None
-        return leaf.not_valid_after_utc
-    return None
+    CertificateError (safe to show) when the file cannot be read."""
+    assert cred.certificate is not None
+    leaf = app_certificate(cred.certificate, f"{base}.certificate")
+    return leaf.not_valid_after_utc if leaf is not None else None
 
 
 # --- helpers ---------------------------------------------------------------------------

@@ -46,7 +46,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from relay.core.net import host_port
-from relay.oauth.tokens import MIN_USABLE, TokenError, TokenProvider
+from relay.oauth.provider import MIN_USABLE, TokenProvider
+from relay.oauth.token import TokenError
 from relay.ops.metrics import CONTENT_TYPE, RelayMetrics
 from relay.ops.view import RelayView
 

@@ -35,8 +35,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import pkcs12
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -50,8 +48,8 @@ from prometheus_client.registry import Collector
 from relay import __version__
 from relay.config import Config, SecretRef
 from relay.core.events import Hooks
-from relay.core.log import redact
 from relay.core.reply import Reply
+from relay.oauth.certificates import load_certificate
 from relay.ops.profilehealth import ProfileHealth
 from relay.ops.view import RelayView
 from relay.spool.store import Spool, State
@@ -158,18 +156,7 @@ class _CertificateDates:
 def _not_after(path: Path, pfx: bool, passphrase: SecretRef | None) -> float | None:
     """The leaf certificate's notAfter; None (logged at debug) if it cannot be read."""
     try:
-        data = path.read_bytes()
-        if pfx:
-            secret = None
-            if passphrase is not None:
-                secret = passphrase.resolve().reveal()
-                redact(secret)
-            _, leaf, _ = pkcs12.load_key_and_certificates(
-                data, secret.encode() if secret else None)
-            if leaf is None:
-                return None
-        else:
-            leaf = x509.load_pem_x509_certificates(data)[0]
+        leaf = load_certificate(path, "certificate", pfx=pfx, passphrase=passphrase)
         return leaf.not_valid_after_utc.timestamp()
     except Exception as exc:
         log.debug("cannot read the expiry date of %s (%s)", path, exc.__class__.__name__)
