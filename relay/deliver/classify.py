@@ -1,5 +1,11 @@
 """What an upstream reply means for the queue: deliver, wait, slow down, pause, alert, bounce.
 
+- :func:`classify`: the :class:`Verdict` on a :class:`~relay.core.reply.Reply`: an
+  :class:`Action` for the queue, an explanation for the operator's log, a hint for the
+  sender, whether to alert, and the setup :class:`Problem` it shows, if any;
+- :data:`TABLE`: the :class:`Rule` objects (first match wins) that know Exchange Online's
+  replies.
+
 The SMTP class of a reply is not enough to act on. Exchange answers a missing permission
 and a bad login with 5xx, yet neither is the message's fault: bouncing them would throw
 away mail that goes through once the operator fixes the setup. A used-up daily quota is

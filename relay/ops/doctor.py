@@ -4,7 +4,7 @@ Users' most common question is "why 535?", and Exchange's answer names none of t
 dozen setup steps in Entra ID and Exchange that may be missing. The doctor walks the path a
 message takes - config, DNS, TCP, TLS, token, token claims, XOAUTH2 login, MAIL/RCPT - with
 the relay's own code (the same TLS context, token provider and XOAUTH2 exchange as real
-deliveries, see :mod:`relay.deliver.upstream` and :mod:`relay.oauth.provider`), so what
+deliveries, see :mod:`relay.deliver.session` and :mod:`relay.oauth.provider`), so what
 passes here passes for mail. A failure stops only the steps that depend on it: the token
 does not need the network path to Exchange, so one run shows every independent problem, and
 steps after a failure they depend on are listed as skipped rather than failing noisily.
@@ -36,12 +36,9 @@ from relay.core.message import Content, Outbound, new_message_id
 from relay.core.net import host_port
 from relay.core.reply import Reply
 from relay.deliver.classify import classify
-from relay.deliver.upstream import (
-    AuthenticationRejected,
-    UpstreamClient,
-    UpstreamSession,
-    UpstreamUnavailable,
-)
+from relay.deliver.failures import AuthenticationRejected, UpstreamUnavailable
+from relay.deliver.session import UpstreamSession
+from relay.deliver.upstream import UpstreamClient
 from relay.oauth.certificates import CertificateError, app_certificate
 from relay.oauth.provider import TokenProvider
 from relay.oauth.token import SEND_AS_APP, Token, TokenError
