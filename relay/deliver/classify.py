@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 
 from relay.core.reply import Reply
+from relay.core.text import one_line
 
 
 class Action(enum.StrEnum):
@@ -184,7 +185,7 @@ class _Fill(dict[str, str]):
 
 def classify(reply: Reply) -> Verdict:
     """The queue's decision for ``reply``; replies of other classes than 2/4/5 are retried."""
-    line = f"{reply.code} {' '.join(reply.text.split())}"
+    line = f"{reply.code} {one_line(reply.text)}"
     for rule in TABLE:
         m = rule.pattern.search(line)
         if m is not None:
