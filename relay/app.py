@@ -20,9 +20,10 @@ from pathlib import Path
 from relay.accept.route import Router
 from relay.config import Config, ConfigError
 from relay.core.message import Outbound
+from relay.core.net import host_port
 from relay.core.reply import Reply
 from relay.deliver.deliverer import Deliverer
-from relay.oauth.tokens import Tokens
+from relay.oauth.registry import Tokens
 from relay.ops import notify as notify
 from relay.ops.http import HttpEndpoint
 from relay.ops.metrics import RelayMetrics
@@ -98,7 +99,7 @@ class Relay:
             self.spool.unclaim()
             raise
         log.info("listening on %s; spool %s", ", ".join(
-            f"{h}:{p}" for h, p in self.listening), self.spool.root)
+            host_port(h, p) for h, p in self.listening), self.spool.root)
 
     async def stop(self, grace: float = 0.0) -> None:
         """Stop accepting (new clients get 421), let work in flight finish within ``grace``.
@@ -174,7 +175,7 @@ class Relay:
         for line in change.summary():
             log.info("%s", line)
         log.info("configuration reloaded; SMTP listeners: %s", ", ".join(
-            f"{h}:{p}" for h, p in self.listening))
+            host_port(h, p) for h, p in self.listening))
         return None
 
     async def serve(self, reload: Callable[[], Config] | None = None,
@@ -256,7 +257,7 @@ class Relay:
 
     def _status(self) -> str:
         """One line for ``systemctl status``."""
-        where = ", ".join(f"{h}:{p}" for h, p in self.listening) or "no listener"
+        where = ", ".join(host_port(h, p) for h, p in self.listening) or "no listener"
         return f"accepting mail on {where}"
 
 

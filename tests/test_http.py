@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import shutil
 import socket
 import time
@@ -29,6 +30,7 @@ from relay.ops.metrics import RelayMetrics, _CertificateDates
 from relay.sandbox.pki import create_pki
 from relay.sandbox.service import Sandbox
 from tests.conftest import RelayFactory, address, build_config, wait_until
+from tests.test_receive import ipv6_available
 
 HTTP: dict[str, Any] = {"http": {"port": 0, "cache_ttl": "0.1s", "request_timeout": "0.5s"}}
 MESSAGE = b"From: app@contoso.com\r\nTo: x@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
@@ -204,6 +206,27 @@ async def test_readyz_reports_a_listener_that_stopped_listening(
     assert reply.status == 503
     assert "listeners: NOT READY: not bound: 127.0.0.1:0" in reply.text
     assert (await get(relay, "/healthz")).status == 200      # alive: liveness is the loop
+
+
+@pytest.mark.skipif(not ipv6_available(), reason="IPv6 loopback (::1) is not available")
+async def test_ipv6_endpoints_are_written_in_brackets(start_relay: RelayFactory,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """``::1:2525`` reads as an address without a port: /readyz and the log lines that name
+    a listener write ``[::1]:2525``, as the relay's other messages do."""
+    caplog.set_level(logging.DEBUG, logger="relay")
+    relay = await start_relay(with_http({"server": {"listeners": [
+        {"address": "127.0.0.1", "port": 0}, {"address": "::1", "port": 0}]}}))
+    (_, v4), (_, v6) = relay.listening
+    reply = await get(relay, "/readyz")
+    assert f"listeners: ok: bound: 127.0.0.1:{v4}, [::1]:{v6}" in reply.text
+    assert f"listening on 127.0.0.1:{v4}, [::1]:{v6}; spool" in caplog.text
+    client = aiosmtplib.SMTP(hostname="::1", port=v6, timeout=5)
+    await client.connect()
+    await client.quit()
+    assert "connection: client=::1 listener=[::1]:0" in caplog.text
+    relay.receiver._bound[1].server.close()
+    reply = await get(relay, "/readyz")
+    assert "listeners: NOT READY: not bound: [::1]:0" in reply.text
 
 
 # --- metrics ------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from relay.core.message import Content, Outbound, new_message_id
 from relay.deliver.deliverer import Deliverer
 from relay.deliver.pool import SessionPool
 from relay.deliver.upstream import UpstreamClient
-from relay.oauth.tokens import TokenProvider, Tokens
+from relay.oauth.provider import TokenProvider
+from relay.oauth.registry import Tokens
 from relay.sandbox.exchange import FakeExchange
 from relay.sandbox.service import SANDBOX_UPSTREAM, Sandbox
 from tests.conftest import build_config, wait_until

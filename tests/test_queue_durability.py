@@ -24,7 +24,7 @@ from relay.app import Relay
 from relay.core.message import Content, DeliveryResult, Outbound, new_message_id
 from relay.core.reply import Reply
 from relay.deliver.deliverer import Deliverer
-from relay.oauth.tokens import Tokens
+from relay.oauth.registry import Tokens
 from relay.queue import attempt, bounce, waiters
 from relay.queue.scheduler import Queue
 from relay.sandbox.service import Sandbox

@@ -26,8 +26,12 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
 from relay.config import Config, Credential
-from relay.oauth import tokens as tokens
-from relay.oauth.tokens import Token, TokenError, TokenProvider, Tokens, explain_entra_error
+from relay.core.secrets import Secret
+from relay.oauth import provider as provider_module
+from relay.oauth.advice import explain_entra_error
+from relay.oauth.provider import TokenProvider
+from relay.oauth.registry import Tokens
+from relay.oauth.token import Token, TokenError
 from relay.sandbox.entra import FakeEntra, InvalidToken
 from relay.sandbox.pki import LocalPKI, create_pki
 from tests.conftest import wait_until
@@ -170,7 +174,7 @@ async def test_refresh_before_longer_than_lifetime(fake: FakeEntra, make: Any,
     """Every get() fetches (the token is always inside its refresh window), with a warning."""
     fake.token_lifetime = 600
     provider = make(refresh_before=1200)
-    with caplog.at_level(logging.WARNING, logger="relay.oauth.tokens"):
+    with caplog.at_level(logging.WARNING, logger="relay.oauth.provider"):
         first = await provider.get()
         assert await provider.get() is first  # valid: renewal goes on in the background
         second = await renewed(provider)
@@ -192,7 +196,7 @@ async def test_msal_runs_only_in_a_worker_thread(fake: FakeEntra, make: Any,
             threads.append(threading.current_thread())
             return super().acquire_token_for_client(*args, **kwargs)
 
-    monkeypatch.setattr(tokens.msal, "ConfidentialClientApplication", Spy)
+    monkeypatch.setattr(provider_module.msal, "ConfidentialClientApplication", Spy)
     await make().get()
     assert len(threads) == 2
     assert threading.main_thread() not in threads
@@ -227,7 +231,7 @@ async def test_entra_500_keeps_the_valid_cached_token(fake: FakeEntra, make: Any
     first = await provider.get()
     clock.offset = first.expires_in(time.time()) - 300  # refresh due, 5 min of validity left
     fake.fail_next(500)
-    with caplog.at_level(logging.WARNING, logger="relay.oauth.tokens"):
+    with caplog.at_level(logging.WARNING, logger="relay.oauth.provider"):
         assert await provider.get() is first
         with pytest.raises(TokenError):
             await renewed(provider)
@@ -324,7 +328,7 @@ def test_explain_entra_error_fallback_and_scope() -> None:
 
 
 def test_token_without_jwt_has_no_claims() -> None:
-    token = Token(tokens.Secret("opaque-token-value"), time.time() + 60)
+    token = Token(Secret("opaque-token-value"), time.time() + 60)
     assert token.claims == {}
     assert token.audience is None and token.roles == () and token.app_id is None
     assert "opaque-token-value" not in repr(token)
@@ -428,10 +432,10 @@ async def test_background_refresh_retries_after_failures(fake: FakeEntra, make: 
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture,
                                                          ) -> None:
-    monkeypatch.setattr(tokens, "BACKOFF_MIN", 0.05)
+    monkeypatch.setattr(provider_module, "BACKOFF_MIN", 0.05)
     fake.fail_next(503, count=2, retry_after=0)
     provider = make()
-    with caplog.at_level(logging.INFO, logger="relay.oauth.tokens"):
+    with caplog.at_level(logging.INFO, logger="relay.oauth.provider"):
         provider.start()
         await _wait_for(lambda: provider.current is not None)
     assert fake.token_requests == 3
@@ -441,7 +445,7 @@ async def test_background_refresh_retries_after_failures(fake: FakeEntra, make: 
 
 async def test_background_refresher_survives_unexpected_errors(
         fake: FakeEntra, make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tokens, "BACKOFF_MIN", 0.05)
+    monkeypatch.setattr(provider_module, "BACKOFF_MIN", 0.05)
     provider = make()
     real = provider._acquire_blocking
     calls = []

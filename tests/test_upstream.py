@@ -22,8 +22,9 @@ import pytest
 from relay.config import Upstream
 from relay.core.message import Content, Outbound
 from relay.core.secrets import Secret
-from relay.deliver.upstream import AuthenticationRejected, UpstreamClient, refusal_for
-from relay.oauth.tokens import Token
+from relay.deliver.failures import AuthenticationRejected, refusal_for
+from relay.deliver.upstream import UpstreamClient
+from relay.oauth.token import Token
 from relay.sandbox.exchange import FakeExchange
 from relay.sandbox.pki import LocalPKI, create_pki
 
@@ -262,7 +263,7 @@ async def test_token_never_logged(exchange: FakeExchange, client: UpstreamClient
     logged = caplog.text + "".join(repr(r.args) for r in caplog.records)
     for secret in (GOOD, EXPIRED, GOOD[20:80], payload.decode()[:60], "Bearer "):
         assert secret not in logged
-    ours = [r for r in caplog.records if r.name.startswith("relay.deliver.upstream")]
+    ours = [r for r in caplog.records if r.name.startswith("relay.deliver.")]
     delivered = [r.getMessage() for r in ours if "reply=250" in r.getMessage()]
     assert len(delivered) == 1
     assert all(part in delivered[0] for part in

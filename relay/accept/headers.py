@@ -27,6 +27,7 @@ from typing import Any
 
 from relay.accept.names import salvage
 from relay.core.errors import RelayError
+from relay.core.text import one_line, truncate
 
 __all__ = [
     "Address",
@@ -388,5 +389,4 @@ class RawMessage:
 
 
 def _short(text: str, limit: int = 120) -> str:
-    text = " ".join(_CONTROL.sub(" ", text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return truncate(one_line(_CONTROL.sub(" ", text)), limit)

@@ -31,6 +31,7 @@ from relay.accept.route import address_matches, normalize_address
 from relay.config import Profile
 from relay.core.errors import ReplyError
 from relay.core.reply import Reply
+from relay.core.text import truncate
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def is_permitted(profile: Profile, address: str) -> bool:
 def _safe(text: str, limit: int = 100) -> str:
     # Reply lines are limited to 512 octets (RFC 5321 4.5.3.1.5); client text is bounded.
     text = _UNSAFE_TEXT.sub("?", text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return truncate(text, limit)
 
 
 def _advice(profile_name: str) -> str:

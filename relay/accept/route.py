@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from relay.config import Config
 from relay.core.errors import ReplyError
 from relay.core.reply import Reply
+from relay.core.text import truncate
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _candidates(client_ip: str) -> tuple[IPAddress, ...]:
 
 def _safe(text: str, limit: int = 200) -> str:
     text = _UNSAFE_TEXT.sub("?", text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return truncate(text, limit)
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,13 @@ import ipaddress
 import re
 from collections.abc import Iterable
 
+from relay.core.text import truncate
+
 _HELO_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\;<>\"]")
 _TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _PATH_UNSAFE = re.compile(r"[^\x21-\x7e]|[<>()\\;]")
 _MAX_HELO = 100
 _MAX_PATH = 256
-
-
-def _bounded(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _ip_literal(client_ip: str) -> str:
@@ -53,8 +51,8 @@ def received_header(*, client_helo: str, client_ip: str, hostname: str, protocol
     only given for single-recipient messages: a ``for`` clause listing every envelope
     recipient would reveal Bcc recipients to all of them.
     """
-    helo = _bounded(_HELO_UNSAFE.sub("?", client_helo), _MAX_HELO) or "unknown"
-    host = _bounded(_HELO_UNSAFE.sub("?", hostname), _MAX_HELO) or "localhost"
+    helo = truncate(_HELO_UNSAFE.sub("?", client_helo), _MAX_HELO) or "unknown"
+    host = truncate(_HELO_UNSAFE.sub("?", hostname), _MAX_HELO) or "localhost"
     proto = _TOKEN_UNSAFE.sub("", protocol) or "SMTP"
     mid = _TOKEN_UNSAFE.sub("", message_id) or "unknown"
     if when.tzinfo is None:
@@ -63,7 +61,7 @@ def received_header(*, client_helo: str, client_ip: str, hostname: str, protocol
     tokens = [f"from {helo}", f"({_ip_literal(client_ip)})", f"by {host}",
               "(smtp-oauth-relay)", f"with {proto}", f"id {mid}"]
     if recipient is not None:
-        rcpt = _bounded(_PATH_UNSAFE.sub("", recipient), _MAX_PATH)
+        rcpt = truncate(_PATH_UNSAFE.sub("", recipient), _MAX_PATH)
         tokens.append(f"for <{rcpt}>;")
     else:
         tokens[-1] += ";"

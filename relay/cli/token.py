@@ -19,7 +19,7 @@ from typing import Any
 from relay.cli.common import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, err, print_json, with_sandbox
 from relay.config import Config, ConfigError
 from relay.core.log import setup_logging
-from relay.oauth.tokens import SEND_AS_APP, Token
+from relay.oauth.token import SEND_AS_APP, Token
 
 
 def command(args: argparse.Namespace) -> int:
@@ -45,7 +45,8 @@ def credential_name(config: Config, args: argparse.Namespace) -> str:
 
 
 async def show(args: argparse.Namespace, config: Config) -> int:
-    from relay.oauth.tokens import TokenError, TokenProvider
+    from relay.oauth.provider import TokenProvider
+    from relay.oauth.token import TokenError
 
     name = credential_name(config, args)
     provider = TokenProvider(name, config.credentials[name])

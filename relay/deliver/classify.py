@@ -1,5 +1,11 @@
 """What an upstream reply means for the queue: deliver, wait, slow down, pause, alert, bounce.
 
+- :func:`classify`: the :class:`Verdict` on a :class:`~relay.core.reply.Reply`: an
+  :class:`Action` for the queue, an explanation for the operator's log, a hint for the
+  sender, whether to alert, and the setup :class:`Problem` it shows, if any;
+- :data:`TABLE`: the :class:`Rule` objects (first match wins) that know Exchange Online's
+  replies.
+
 The SMTP class of a reply is not enough to act on. Exchange answers a missing permission
 and a bad login with 5xx, yet neither is the message's fault: bouncing them would throw
 away mail that goes through once the operator fixes the setup. A used-up daily quota is
@@ -19,6 +25,7 @@ import re
 from dataclasses import dataclass
 
 from relay.core.reply import Reply
+from relay.core.text import one_line
 
 
 class Action(enum.StrEnum):
@@ -178,7 +185,7 @@ class _Fill(dict[str, str]):
 
 def classify(reply: Reply) -> Verdict:
     """The queue's decision for ``reply``; replies of other classes than 2/4/5 are retried."""
-    line = f"{reply.code} {' '.join(reply.text.split())}"
+    line = f"{reply.code} {one_line(reply.text)}"
     for rule in TABLE:
         m = rule.pattern.search(line)
         if m is not None:

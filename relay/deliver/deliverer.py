@@ -1,5 +1,11 @@
 """The delivery step: one message, one profile, one attempt through the upstream.
 
+- :class:`Deliverer`: :meth:`~Deliverer.deliver` makes one attempt for an
+  :class:`~relay.core.message.Outbound` (token, pooled session, one retry with a fresh
+  token after a refused login) and returns its :class:`~relay.core.message.DeliveryResult`;
+  it keeps one session pool per upstream across reloads (:meth:`~Deliverer.prepare`,
+  :meth:`~Deliverer.apply`) and counts the open sessions per mailbox for the metrics.
+
 This is the single place that knows how a profile becomes a token and an upstream
 session, and how their failures become an SMTP reply. The receiving side calls it while
 the client waits; a durable queue calls the very same method for each (re)try.
@@ -11,12 +17,13 @@ dropping it. A rejected login in particular is never a reason to bounce mail.
 
 Being the one place that sees how an attempt's login went, it also reports what each
 attempt showed about the profile's setup (login refused or accepted, SendAsDenied) to
-the :class:`~relay.ops.metrics.Hooks`, from which readiness per profile is judged.
+the :class:`~relay.core.events.Hooks`, from which readiness per profile is judged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -25,11 +32,15 @@ from relay.core.events import NO_HOOKS, Hooks
 from relay.core.message import DeliveryResult, Outbound
 from relay.core.reply import Reply
 from relay.deliver.classify import Problem, classify
+from relay.deliver.failures import AuthenticationRejected
 from relay.deliver.pool import SessionPool
-from relay.deliver.upstream import AuthenticationRejected, OnAccepted, UpstreamClient
-from relay.oauth.tokens import TokenError, Tokens
+from relay.deliver.session import OnAccepted
+from relay.deliver.upstream import UpstreamClient
+from relay.oauth.registry import Tokens
+from relay.oauth.token import TokenError
 
 log = logging.getLogger(__name__)
+
 
 class Deliverer:
     """Turns an :class:`Outbound` into an upstream delivery for its profile.
@@ -123,15 +134,16 @@ class Deliverer:
         pool = self._pool(profile)
         provider = self._tokens.provider(profile.credential)
         mailbox = msg.mailbox or profile.mailbox
+        send = functools.partial(pool.send, msg, mailbox,
+                                 require_all_recipients=require_all_recipients,
+                                 on_accepted=on_accepted)
         started = time.monotonic()
         try:
             token = await provider.get()
         except TokenError as exc:
             return self._token_failure(msg, profile, exc)
         try:
-            result = await pool.send(msg, mailbox, token,
-                                     require_all_recipients=require_all_recipients,
-                                     on_accepted=on_accepted)
+            result = await send(token)
         except AuthenticationRejected as first:
             log.warning("upstream rejected the token for %s (%s); fetching a new token and "
                         "retrying once", mailbox, first.reply,
@@ -144,9 +156,7 @@ class Deliverer:
         except TokenError as exc:
             return self._token_failure(msg, profile, exc)
         try:
-            result = await pool.send(msg, mailbox, token,
-                                     require_all_recipients=require_all_recipients,
-                                     on_accepted=on_accepted)
+            result = await send(token)
         except AuthenticationRejected as second:
             duration = time.monotonic() - started
             log.error("upstream rejected a fresh token for mailbox %s (profile %s): %s — %s "

@@ -1,5 +1,12 @@
 """Upstream sessions kept open between messages, per mailbox, within Exchange's limits.
 
+- :class:`SessionPool`: the authenticated sessions to one upstream, per mailbox: lends one
+  (:meth:`~SessionPool.session`, a :class:`~relay.deliver.lease.Lease`) or delivers a
+  message through one (:meth:`~SessionPool.send`), closes idle ones, and adopts new
+  limits on a reload (:meth:`~SessionPool.configure`);
+- ``DEFAULT_MAX_SESSIONS``, ``DEFAULT_IDLE_TIMEOUT``, ``DEFAULT_MAX_MESSAGES``,
+  ``DEFAULT_CHECK_AFTER``: its limits unless told otherwise.
+
 Opening a session to Exchange Online is expensive: TCP, STARTTLS, two EHLOs and a 2 kB
 XOAUTH2 login, several round trips before the first MAIL FROM. Exchange also allows only
 3 concurrent connections per mailbox and counts idle ones too, so a pool that opened
@@ -33,14 +40,10 @@ from dataclasses import dataclass, field
 from relay.core.message import DeliveryResult, Outbound
 from relay.core.reply import Reply
 from relay.deliver.classify import Action, classify
-from relay.deliver.upstream import (
-    AuthenticationRejected,
-    HasAccessToken,
-    OnAccepted,
-    UpstreamClient,
-    UpstreamSession,
-    UpstreamUnavailable,
-)
+from relay.deliver.failures import AuthenticationRejected, UpstreamUnavailable
+from relay.deliver.lease import Lease, PooledSession
+from relay.deliver.session import HasAccessToken, OnAccepted
+from relay.deliver.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -48,75 +51,17 @@ DEFAULT_MAX_SESSIONS = 3
 DEFAULT_IDLE_TIMEOUT = 30.0
 DEFAULT_MAX_MESSAGES = 100
 DEFAULT_CHECK_AFTER = 2.0
-# Stages at which a broken connection cannot have delivered any part of the message.
-_BEFORE_DATA = frozenset({"MAIL FROM", "RCPT TO"})
-# Verdicts after which the session is known to be in a clean state and welcome upstream.
-_REUSABLE = frozenset({Action.DELIVERED, Action.BOUNCE})
-
-
-@dataclass(eq=False)
-class _Conn:
-    session: UpstreamSession
-    number: int
-    messages: int = 0
-    last_used: float = 0.0
 
 
 @dataclass(eq=False)
 class _Box:
     """One mailbox's sessions; ``count`` is what Exchange would count as connections."""
 
-    idle: list[_Conn] = field(default_factory=list)   # most recently used last
+    idle: list[PooledSession] = field(default_factory=list)   # most recently used last
     count: int = 0        # idle + lent out + being opened + being closed
     retiring: int = 0     # of which being closed
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     token: HasAccessToken | None = field(default=None, repr=False)  # newest token seen
-
-
-class Lease:
-    """A session lent out by :meth:`SessionPool.session`; send through it so the pool
-    can tell afterwards whether the session is fit to be reused."""
-
-    def __init__(self, conn: _Conn, reused: bool) -> None:
-        self._conn = conn
-        self.reused = reused
-        self.result: DeliveryResult | None = None
-        self.lost_before_data = False
-        self._discard = False
-
-    @property
-    def session(self) -> UpstreamSession:
-        return self._conn.session
-
-    @property
-    def number(self) -> int:
-        """The session's number in this pool, for logs."""
-        return self._conn.number
-
-    async def send_one(self, msg: Outbound, *, require_all_recipients: bool = True,
-                       on_accepted: OnAccepted | None = None) -> DeliveryResult:
-        session = self._conn.session
-        self._conn.messages += 1
-        self.result = await session.send_one(
-            msg, require_all_recipients=require_all_recipients, on_accepted=on_accepted)
-        # The connection broke before DATA: nothing was committed upstream, so sending
-        # the message again on another session cannot deliver it twice.
-        self.lost_before_data = (not session.is_open and session.stage in _BEFORE_DATA
-                                 and not self.result.accepted)
-        return self.result
-
-    def discard(self) -> None:
-        """Close the session on release instead of keeping it."""
-        self._discard = True
-
-    def _unfit(self) -> str | None:
-        if self._discard:
-            return "discarded"
-        if not self._conn.session.is_open:
-            return "connection lost or closed by the upstream"
-        if self.result is not None and classify(self.result.reply).action not in _REUSABLE:
-            return f"after reply {self.result.reply.code}"
-        return None
 
 
 class SessionPool:
@@ -234,7 +179,7 @@ class SessionPool:
         return result
 
     async def _acquire(self, key: str, box: _Box, mailbox: str, token: HasAccessToken,
-                       fresh: bool) -> tuple[_Conn, bool]:
+                       fresh: bool) -> tuple[PooledSession, bool]:
         box.token = token
         for stale in [c for c in box.idle if not c.session.authenticated_as(mailbox, token)]:
             box.idle.remove(stale)
@@ -260,14 +205,14 @@ class SessionPool:
             log.debug("upstream %s: opening session %d for %s (%d of %d)", self.client.where,
                       number, mailbox, box.count, self.max_sessions)
             await session.open(mailbox, token)
-            return _Conn(session, number, last_used=time.monotonic()), False
+            return PooledSession(session, number, last_used=time.monotonic()), False
         except BaseException:
             if conn is not None:
                 conn.session.abort()
             self._release_slot(key, box)
             raise
 
-    async def _reserve(self, key: str, box: _Box) -> _Conn | None:
+    async def _reserve(self, key: str, box: _Box) -> PooledSession | None:
         """Take an idle session (returned) or a free slot (None); wait while at the cap."""
         while True:
             if self._closed:
@@ -290,7 +235,7 @@ class SessionPool:
                 raise
             box.waiters.remove(waiter)
 
-    def _why_not_reuse(self, conn: _Conn, mailbox: str, token: HasAccessToken,
+    def _why_not_reuse(self, conn: PooledSession, mailbox: str, token: HasAccessToken,
                        fresh: bool) -> str | None:
         if fresh:
             return "a fresh session was asked for"
@@ -305,7 +250,7 @@ class SessionPool:
     # --- returning ----------------------------------------------------------------------------
 
     async def _release(self, key: str, box: _Box, mailbox: str, lease: Lease) -> None:
-        conn = lease._conn
+        conn = lease.conn
         conn.last_used = time.monotonic()
         if lease.result is not None \
                 and classify(lease.result.reply).action is Action.THROTTLE:
@@ -313,7 +258,7 @@ class SessionPool:
             for idle in list(box.idle):
                 box.idle.remove(idle)
                 self._retire(key, box, idle, "the upstream asked to throttle")
-        why = lease._unfit()
+        why = lease.unfit()
         if why is None:
             if self._closed:
                 why = "the pool is closed"
@@ -353,7 +298,7 @@ class SessionPool:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _retire(self, key: str, box: _Box, conn: _Conn, why: str) -> None:
+    def _retire(self, key: str, box: _Box, conn: PooledSession, why: str) -> None:
         """Close an idle session in the background; its slot is freed once it is closed."""
         log.debug("upstream %s: closing idle session %d for %s: %s", self.client.where,
                   conn.number, key, why)
@@ -362,7 +307,7 @@ class SessionPool:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _close_conn(self, key: str, box: _Box, conn: _Conn) -> None:
+    async def _close_conn(self, key: str, box: _Box, conn: PooledSession) -> None:
         try:
             await conn.session.close()
         finally:

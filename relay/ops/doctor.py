@@ -8,7 +8,7 @@ Users' most common question is "why 535?", and Exchange's answer names none of t
 dozen setup steps in Entra ID and Exchange that may be missing. The doctor walks the path a
 message takes - config, DNS, TCP, TLS, token, token claims, XOAUTH2 login, MAIL/RCPT - with
 the relay's own code (the same TLS context, token provider and XOAUTH2 exchange as real
-deliveries, see :mod:`relay.deliver.upstream` and :mod:`relay.oauth.tokens`), so what
+deliveries, see :mod:`relay.deliver.session` and :mod:`relay.oauth.provider`), so what
 passes here passes for mail. A failure stops only the steps that depend on it: the token
 does not need the network path to Exchange, so one run shows every independent problem, and
 steps after a failure they depend on are listed as skipped rather than failing noisily.
@@ -28,19 +28,15 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import pkcs12
-
 from relay.config import Config, ConfigError, Credential, Profile, Upstream, load_config
 from relay.core.message import Content, Outbound, new_message_id
-from relay.core.secrets import SecretSourceError
-from relay.deliver.upstream import (
-    AuthenticationRejected,
-    UpstreamClient,
-    UpstreamSession,
-    UpstreamUnavailable,
-)
-from relay.oauth.tokens import Token, TokenError, TokenProvider
+from relay.core.net import host_port
+from relay.deliver.failures import AuthenticationRejected, UpstreamUnavailable
+from relay.deliver.session import UpstreamSession
+from relay.deliver.upstream import UpstreamClient
+from relay.oauth.certificates import CertificateError, app_certificate
+from relay.oauth.provider import TokenProvider
+from relay.oauth.token import Token, TokenError
 from relay.ops.doctoradvice import (
     ca_setting,
     connect_failure,
@@ -51,7 +47,7 @@ from relay.ops.doctoradvice import (
     setup_step,
     token_failed,
 )
-from relay.ops.doctorreport import ProfileReport, Status, Step, host_port, skip, worst
+from relay.ops.doctorreport import ProfileReport, Status, Step, skip, worst
 from relay.ops.testmessage import build_test_message
 
 DEFAULT_TIMEOUT = 10.0
@@ -307,7 +303,7 @@ class Doctor:
         if cred.certificate is not None:
             try:
                 not_after = _certificate_expiry(cred, base)
-            except ValueError as exc:
+            except CertificateError as exc:
                 checks.append((Status.FAIL, str(exc), f"check {base}.certificate"))
             else:
                 if not_after is not None:
@@ -337,39 +333,10 @@ def _judge(what: str, when: str, days: int, renew: str) -> tuple[Status, str, st
 
 def _certificate_expiry(cred: Credential, base: str) -> dt.datetime | None:
     """The app certificate's notAfter (UTC), None if only a thumbprint is configured;
-    ValueError (safe to show) when the file cannot be read."""
-    cert = cred.certificate
-    assert cert is not None
-    if cert.pfx_file is not None:
-        try:
-            data = cert.pfx_file.read_bytes()
-            passphrase = cert.passphrase.resolve().reveal().encode() if cert.passphrase else None
-            _, leaf, _ = pkcs12.load_key_and_certificates(data, passphrase)
-        except OSError as exc:
-            raise ValueError(f"cannot read {base}.certificate.pfx_file {cert.pfx_file}: "
-                             f"{exc.strerror or exc}") from None
-        except SecretSourceError as exc:
-            raise ValueError(f"cannot read {base}.certificate.passphrase: {exc}") from None
-        except ValueError:
-            raise ValueError(f"cannot open {base}.certificate.pfx_file {cert.pfx_file} "
-                             "(wrong passphrase, or not a PKCS#12 file)") from None
-        if leaf is None:
-            raise ValueError(f"{base}.certificate.pfx_file {cert.pfx_file} holds no "
-                             "certificate")
-        return leaf.not_valid_after_utc
-    if cert.public_certificate_file is not None:
-        try:
-            leaf = x509.load_pem_x509_certificate(cert.public_certificate_file.read_bytes())
-        except OSError as exc:
-            raise ValueError(f"cannot read {base}.certificate.public_certificate_file "
-                             f"{cert.public_certificate_file}: {exc.strerror or exc}") from None
-        except ValueError:
-            raise ValueError(f"{base}.certificate.public_certificate_file "
-                             f"{cert.public_certificate_file} is not a PEM certificate"
-                             ) from None
-        return leaf.not_valid_after_utc
-    return None
-
+    CertificateError (safe to show) when the file cannot be read."""
+    assert cred.certificate is not None
+    leaf = app_certificate(cred.certificate, f"{base}.certificate")
+    return leaf.not_valid_after_utc if leaf is not None else None
 
 
 # --- helpers ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@
   relay's own 451 text without its codes.
 
 Explanations come from :func:`relay.deliver.classify.classify` and
-:mod:`relay.oauth.tokens`; the texts here add what those cannot know: the exact commands
+:mod:`relay.oauth.advice`; the texts here add what those cannot know: the exact commands
 with this profile's values filled in, and the step of the README's "Microsoft-side setup"
 that they belong to. Nothing here contains a token or a secret.
 """
@@ -19,21 +19,22 @@ that they belong to. Nothing here contains a token or a secret.
 from __future__ import annotations
 
 import ssl
-from typing import TypeVar
 
 from relay.config import CLOUDS, Config, Profile, Upstream
+from relay.core.errors import find_cause
+from relay.core.net import host_port
 from relay.core.reply import Reply
 from relay.deliver.classify import classify
-from relay.deliver.upstream import UpstreamUnavailable
-from relay.oauth.tokens import SEND_AS_APP, Token, TokenError
-from relay.ops.doctorreport import Status, Step, host_port, skip, worst
+from relay.deliver.failures import UpstreamUnavailable
+from relay.oauth.token import SEND_AS_APP, Token, TokenError
+from relay.ops.doctorreport import Status, Step, skip, worst
 
 # Office 365 Exchange Online's application id: a token requested for it carries it as aud.
 EXCHANGE_APP_ID = "00000002-0000-0ff1-ce00-000000000000"
 
 _SETUP = {1: "App registration", 2: "Credential", 3: "API permission",
           4: "Service principal in Exchange", 5: "SMTP AUTH enabled"}
-# Entra error codes (see relay.oauth.tokens) and the setup step that fixes them.
+# Entra error codes (see relay.oauth.advice) and the setup step that fixes them.
 _TOKEN_SETUP_STEP = {7000215: 2, 7000222: 2, 7000218: 2, 700027: 2, 700016: 1, 90002: 1,
                      500011: 3}
 # What the classifier says when it knows nothing more than the reply's class.
@@ -69,10 +70,10 @@ def connect_failure(config: Config, profile: Profile, up: Upstream, stage: str,
     where = host_port(up.host, up.port)
     detail = plain(exc.reply)
     reached = Step("connect", Status.OK, f"{where} accepts connections")
-    if (verify := _cause(exc, ssl.SSLCertVerificationError)) is not None:
+    if (verify := find_cause(exc, ssl.SSLCertVerificationError)) is not None:
         return [reached, Step("tls", Status.FAIL, detail,
                               verify_fix(config, profile, up, verify))]
-    if (tls := _cause(exc, ssl.SSLError)) is not None:
+    if (tls := find_cause(exc, ssl.SSLError)) is not None:
         return [reached, Step("tls", Status.FAIL, detail, (
             f"the TLS handshake failed ({tls.reason or tls}): Exchange Online needs TLS "
             "1.2 or newer; a proxy or firewall that intercepts the connection may be "
@@ -85,10 +86,10 @@ def connect_failure(config: Config, profile: Profile, up: Upstream, stage: str,
             "(e.g. Cisco ASA/FTD 'inspect esmtp'): turn it off for this traffic; or the "
             f"host is not Exchange Online's submission endpoint "
             f"({exchange_host(config, profile)}:587)"))]
-    if _cause(exc, ConnectionRefusedError) is not None:
+    if find_cause(exc, ConnectionRefusedError) is not None:
         fix = (f"nothing accepts connections on {where}, or a firewall rejects them; "
                f"{host_hint(config, profile)}")
-    elif _cause(exc, TimeoutError) is not None:
+    elif find_cause(exc, TimeoutError) is not None:
         fix = (f"no answer from {where}: a firewall probably drops outbound connections "
                f"to port {up.port}; allow outbound TCP {up.port} to {up.host} (an HTTP "
                "proxy from HTTPS_PROXY does not carry SMTP)")
@@ -239,21 +240,6 @@ def login_fix(config: Config, reply: Reply, profile: Profile, token: Token) -> s
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-_E = TypeVar("_E", bound=BaseException)
-
-
-def _cause(exc: BaseException, kind: type[_E]) -> _E | None:
-    """The first exception of ``kind`` in ``exc``'s chain of causes."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, kind):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
-
 
 def ca_setting(profile: Profile) -> str:
     if profile.upstream is not None:

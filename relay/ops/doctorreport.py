@@ -6,7 +6,6 @@
   the fix; :func:`skip` for a step not run because one it depends on failed;
 - :class:`ProfileReport`: the steps of one profile, with :meth:`~ProfileReport.as_dict`
   (the ``--json`` shape); :func:`failed`: whether any step of any report failed;
-- :func:`host_port`: a host and port as the report shows them (``[::1]:587``).
 
 The checks (:mod:`relay.ops.doctor`) fill these in; the command line renders them.
 """
@@ -75,6 +74,3 @@ class ProfileReport:
 def failed(reports: list[ProfileReport]) -> bool:
     return any(s.status is Status.FAIL for r in reports for s in r.steps)
 
-
-def host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

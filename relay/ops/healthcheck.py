@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, parse_config
+from relay.core.net import host_port
 
 HEALTHY, UNHEALTHY = 0, 1
 # Of the answer's body, this much is shown: enough for /readyz's reasons (an upstream reply
@@ -41,10 +42,6 @@ def _reachable(address: str) -> str:
     return address
 
 
-def _host(address: str) -> str:
-    return f"[{address}]" if ":" in address else address
-
-
 def http_target(config: Config) -> tuple[str, int] | None:
     """(address, port) of the HTTP endpoint, or None when the config disables it."""
     if not config.http.enabled:
@@ -54,7 +51,7 @@ def http_target(config: Config) -> tuple[str, int] | None:
 
 def probe_http(address: str, port: int, path: str, timeout: float) -> tuple[bool, str]:
     """GET ``path``; healthy only on a 2xx answer."""
-    url = f"http://{_host(address)}:{port}{path}"
+    url = f"http://{host_port(address, port)}{path}"
     # No proxy: HTTP_PROXY/HTTPS_PROXY are set for the relay's way out to Entra ID and
     # would send a probe of loopback to the proxy.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -72,7 +69,7 @@ def probe_http(address: str, port: int, path: str, timeout: float) -> tuple[bool
 
 def probe_smtp(address: str, port: int, timeout: float) -> tuple[bool, str]:
     """Greeting, NOOP, QUIT: the listener accepts and its event loop answers."""
-    where = f"smtp://{_host(address)}:{port}"
+    where = f"smtp://{host_port(address, port)}"
     try:
         with smtplib.SMTP(address, port, timeout=timeout) as smtp:
             code, _ = smtp.noop()

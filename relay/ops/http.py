@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from relay.core.net import host_port
 from relay.ops.exposition import CONTENT_TYPE
 from relay.ops.metrics import RelayMetrics
 from relay.ops.readiness import ReadinessCheck
@@ -189,19 +190,19 @@ class HttpEndpoint:
 
     async def start(self) -> None:
         settings = self._relay.config.http
-        host = f"[{settings.address}]" if ":" in settings.address else settings.address
         try:
             self._server = await asyncio.start_server(
                 self._client, settings.address, settings.port, limit=MAX_REQUEST_HEAD,
                 reuse_address=True)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot listen on {host}:{settings.port} for the HTTP "
+            where = host_port(settings.address, settings.port)
+            raise OSError(exc.errno, f"cannot listen on {where} for the HTTP "
                                      f"endpoint (http.address, http.port; or http.enabled: "
                                      f"false): {exc.strerror or exc}") from exc
         sockname = self._server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
-        log.info("http endpoint on http://%s:%d (/healthz, /readyz, /metrics)",
-                 host, self.address[1])
+        log.info("http endpoint on http://%s (/healthz, /readyz, /metrics)",
+                 host_port(settings.address, self.address[1]))
 
     async def stop(self) -> None:
         server, self._server = self._server, None

@@ -27,14 +27,12 @@ import os
 import time
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import pkcs12
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from relay.config import Config, SecretRef
 from relay.core.events import Hooks
-from relay.core.log import redact
 from relay.core.reply import Reply
+from relay.oauth.certificates import load_certificate
 from relay.ops.exposition import PREFIX, render
 from relay.ops.gauges import Snapshot, StateCollector, scan_spool
 from relay.ops.profilehealth import ProfileHealth
@@ -95,18 +93,7 @@ class _CertificateDates:
 def _not_after(path: Path, pfx: bool, passphrase: SecretRef | None) -> float | None:
     """The leaf certificate's notAfter; None (logged at debug) if it cannot be read."""
     try:
-        data = path.read_bytes()
-        if pfx:
-            secret = None
-            if passphrase is not None:
-                secret = passphrase.resolve().reveal()
-                redact(secret)
-            _, leaf, _ = pkcs12.load_key_and_certificates(
-                data, secret.encode() if secret else None)
-            if leaf is None:
-                return None
-        else:
-            leaf = x509.load_pem_x509_certificates(data)[0]
+        leaf = load_certificate(path, "certificate", pfx=pfx, passphrase=passphrase)
         return leaf.not_valid_after_utc.timestamp()
     except Exception as exc:
         log.debug("cannot read the expiry date of %s (%s)", path, exc.__class__.__name__)

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from relay.config import Config, Profile
 from relay.core.log import scrub
 from relay.core.reply import Reply
+from relay.core.text import truncate
 from relay.deliver.classify import classify
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def _setup(config: Config, profile: Profile) -> tuple[object, ...]:
 def _shown(reply: Reply) -> str:
     """The upstream's reply as one printable line, bounded, with no secret in it."""
     text = "".join(c if c.isprintable() else "?" for c in scrub(str(reply)))
-    return text if len(text) <= _MAX_REPLY else text[:_MAX_REPLY - 3] + "..."
+    return truncate(text, _MAX_REPLY)
 
 
 def _when(t: float) -> str:

@@ -24,7 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay.oauth.tokens import MIN_USABLE, TokenError, TokenProvider
+from relay.core.net import host_port
+from relay.oauth.provider import MIN_USABLE, TokenProvider
+from relay.oauth.token import TokenError
 from relay.ops.metrics import RelayMetrics
 from relay.ops.view import RelayView
 
@@ -90,11 +92,11 @@ class ReadinessCheck:
         if receiver.draining:
             listeners = Check("listeners", False, "shutting down: new connections get 421")
         elif unbound := receiver.unbound:
-            where = ", ".join(f"{x.address}:{x.port}" for x in unbound)
+            where = ", ".join(host_port(x.address, x.port) for x in unbound)
             listeners = Check("listeners", False, f"not bound: {where}")
         else:
             listeners = Check("listeners", True, "bound: " + ", ".join(
-                f"{h}:{p}" for h, p in relay.listening))
+                host_port(h, p) for h, p in relay.listening))
         if relay.queue.failed:
             queue = Check("queue", False, "the dispatcher stopped unexpectedly (see the log)")
         elif not relay.queue.running:

@@ -37,7 +37,7 @@ async def send_test_message(config: Config, profile: str, to: str, *, sender: st
     """Deliver one test message to ``to`` through ``profile`` (a name in the config),
     from ``sender`` (default: the profile's mailbox); its message id and the result."""
     from relay.deliver.deliverer import Deliverer
-    from relay.oauth.tokens import Tokens
+    from relay.oauth.registry import Tokens
 
     mail_from = sender or config.profiles[profile].mailbox
     text = build_test_message(mail_from, to, subject, config.server.hostname)

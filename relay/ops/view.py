@@ -14,7 +14,7 @@ from typing import Protocol
 
 from relay.config import Config
 from relay.deliver.deliverer import Deliverer
-from relay.oauth.tokens import Tokens
+from relay.oauth.registry import Tokens
 from relay.queue.scheduler import Queue
 from relay.receive.server import Receiver
 from relay.spool.store import Spool

@@ -23,6 +23,7 @@ import socket
 from dataclasses import dataclass, field
 
 from relay.config import Listener
+from relay.core.net import host_port
 from relay.receive.session import Settings
 from relay.receive.tls import SwitchableContext
 
@@ -82,8 +83,7 @@ class ListenerChange:
 
 
 def describe(listener: Listener, port: int | None = None) -> str:
-    host = f"[{listener.address}]" if ":" in listener.address else listener.address
-    return f"{host}:{listener.port if port is None else port}"
+    return host_port(listener.address, listener.port if port is None else port)
 
 
 def _options(listener: Listener) -> str:

@@ -31,6 +31,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.accept.route import Router
 from relay.config import Config, Listener
+from relay.core.net import host_port
 from relay.core.reply import Reply
 from relay.receive import replies
 from relay.receive.addresses import NULL_SENDER, client_address, is_loopback
@@ -202,8 +203,8 @@ class RelaySMTP(AuthSMTP):
             # listener that requires STARTTLS does not offer AUTH before it.
             self._auth_require_tls = not self._implicit_tls and (
                 bool(self.require_starttls) or not self._loopback_check(self.client_ip))
-            log.debug("connection: client=%s listener=%s:%d", self.client_ip,
-                      self.listener.address, self.listener.port)
+            log.debug("connection: client=%s listener=%s", self.client_ip,
+                      host_port(self.listener.address, self.listener.port))
             self._clocks.start()
         self._clocks.new_stream()
         super().connection_made(transport)

@@ -35,7 +35,7 @@ from typing import Any, NoReturn
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException
 
 from relay.core.reply import Reply
-from relay.oauth.tokens import SEND_AS_APP
+from relay.oauth.token import SEND_AS_APP
 from relay.sandbox.pki import LocalPKI
 
 log = logging.getLogger(__name__)

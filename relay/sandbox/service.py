@@ -15,6 +15,7 @@ import secrets
 from pathlib import Path
 
 from relay.config import Config, Credential, SecretRef, Upstream
+from relay.core.net import host_port
 from relay.sandbox.entra import FakeEntra
 from relay.sandbox.exchange import FakeExchange
 from relay.sandbox.pki import create_pki
@@ -81,7 +82,7 @@ class Sandbox:
         })
 
     def banner(self, listening: list[tuple[str, int]]) -> str:
-        where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in listening)
+        where = ", ".join(host_port(h, p) for h, p in listening)
         lines = [
             "SANDBOX MODE - nothing is sent to Microsoft, no mail leaves this machine.",
             f"Entra ID (token endpoint) is simulated at {self.entra.url}",

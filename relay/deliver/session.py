@@ -1,0 +1,390 @@
+"""One SMTP session with the upstream: connect, STARTTLS, XOAUTH2 login, then messages.
+
+- :class:`UpstreamSession`: one authenticated session that can carry several messages
+  (:meth:`~UpstreamSession.send_one`), with :meth:`~UpstreamSession.check` to prove an idle
+  one alive and :attr:`~UpstreamSession.stage` to tell where it broke;
+- :class:`HasAccessToken`: what it needs of a token (only the access token);
+- :data:`OnAccepted`: the callback told which recipients the upstream accepted, the moment
+  its reply to DATA arrives.
+
+Two rules shape this module. First, the token is only ever sent over TLS that verified
+the server: in ``starttls`` mode a server that does not offer STARTTLS gets no AUTH at
+all. Second, only the upstream's own verdict on a message may be permanent: its replies
+to MAIL, RCPT and DATA are passed on as given (code and text), while everything about the
+path there becomes ``451 4.4.x`` (:mod:`relay.deliver.failures`), so that the sending
+application keeps the message and tries again. A rejected login is raised as
+:class:`~relay.deliver.failures.AuthenticationRejected`, because the caller (not this
+module) decides to fetch a new token and retry. :mod:`relay.deliver.pool` keeps sessions
+open per mailbox between messages and reopens them when the token changes (SMTP allows
+only one AUTH per session).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Protocol
+
+import aiosmtplib
+from aiosmtplib import (
+    SMTPDataError,
+    SMTPException,
+    SMTPRecipientRefused,
+    SMTPResponseException,
+    SMTPSenderRefused,
+)
+
+from relay.config import Upstream
+from relay.core.log import redact
+from relay.core.message import DeliveryResult, Outbound
+from relay.core.net import host_port
+from relay.core.reply import Reply
+from relay.core.secrets import Secret
+from relay.core.text import one_line
+from relay.deliver.data import send_data
+from relay.deliver.failures import (
+    AuthenticationRejected,
+    UpstreamUnavailable,
+    path_failure,
+    refusal_for,
+    session_refusal,
+    transaction_reply,
+)
+
+log = logging.getLogger(__name__)
+
+_QUIT_TIMEOUT = 5.0
+_CHECK_TIMEOUT = 10.0
+
+# Called with the recipients the upstream accepted, the moment its final reply to DATA
+# arrives (see UpstreamSession.send_one).
+OnAccepted = Callable[[list[str]], None]
+
+
+class HasAccessToken(Protocol):
+    """What :mod:`relay.oauth.provider` hands out; only the access token is used here."""
+
+    @property
+    def access_token(self) -> Secret: ...
+
+
+def _digest(token: HasAccessToken) -> bytes:
+    return hashlib.sha256(token.access_token.reveal().encode()).digest()
+
+
+class UpstreamSession:
+    """One SMTP session with the upstream: connect, TLS, EHLO, XOAUTH2, then messages."""
+
+    def __init__(self, upstream: Upstream, helo_name: str, tls_context: ssl.SSLContext) -> None:
+        self.upstream = upstream
+        self.helo_name = helo_name
+        self.where = host_port(upstream.host, upstream.port)
+        self._tls = tls_context
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._stage = "connect"
+        self.mailbox: str | None = None
+        self._token_digest: bytes | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._smtp is not None and self._smtp.is_connected and self.mailbox is not None
+
+    @property
+    def stage(self) -> str:
+        """The protocol step the session is at, or was at when it broke: a pool can tell
+        a connection lost before DATA (safe to retry elsewhere) from one lost during it."""
+        return self._stage
+
+    def authenticated_as(self, mailbox: str, token: HasAccessToken) -> bool:
+        """True if this open session was logged in as ``mailbox`` with this very token."""
+        return (self.is_open and (self.mailbox or "").lower() == mailbox.lower()
+                and self._token_digest == _digest(token))
+
+    # --- opening -------------------------------------------------------------------------
+
+    async def open(self, mailbox: str, token: HasAccessToken) -> None:
+        """Connect and log in; raises :class:`UpstreamUnavailable` (4xx reply inside) or
+        :class:`AuthenticationRejected`. The session is closed when either is raised."""
+        await self.connect()
+        await self.login(mailbox, token)
+
+    async def connect(self) -> None:
+        """The part of :meth:`open` that needs no token: connect, EHLO and (in starttls
+        mode) STARTTLS + EHLO, so a diagnosis can test the path before and apart from the
+        login. Raises :class:`UpstreamUnavailable` (closed); :attr:`stage` tells where."""
+        if self._smtp is not None:
+            raise RuntimeError("session already opened")
+        implicit = self.upstream.tls == "implicit"
+        smtp = aiosmtplib.SMTP(
+            hostname=self.upstream.host, port=self.upstream.port,
+            local_hostname=self.helo_name, timeout=self.upstream.timeout,
+            use_tls=implicit, start_tls=False, tls_context=self._tls)
+        self._smtp = smtp
+        try:
+            self._stage = "connect"
+            await smtp.connect()
+            self._stage = "EHLO"
+            await smtp.ehlo()
+            if not implicit:
+                self._stage = "STARTTLS"
+                if not smtp.supports_extension("starttls"):
+                    raise UpstreamUnavailable(Reply(
+                        451, f"4.7.0 Upstream {self.where} does not offer STARTTLS; the relay "
+                             "does not send credentials without TLS (is something on the "
+                             "path stripping STARTTLS, or does the upstream need "
+                             "tls: implicit?)"))
+                await smtp.starttls()
+                self._stage = "EHLO"
+                await smtp.ehlo()
+        except BaseException as exc:
+            error = self._opening_failed(exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+    async def login(self, mailbox: str, token: HasAccessToken) -> None:
+        """XOAUTH2 on a session :meth:`connect` opened; raises like :meth:`open`."""
+        smtp = self._smtp
+        if smtp is None or self.mailbox is not None:
+            raise RuntimeError("login needs a connected session that is not logged in")
+        try:
+            self._stage = "AUTH"
+            await self._authenticate(smtp, mailbox, token)
+        except BaseException as exc:
+            error = self._opening_failed(exc)
+            if error is exc:
+                raise
+            raise error from exc
+        self.mailbox = mailbox
+        self._token_digest = _digest(token)
+
+    def _opening_failed(self, exc: BaseException) -> BaseException:
+        """Close the half-open session; what :meth:`open` raises instead of ``exc``."""
+        self._abort()
+        if isinstance(exc, AuthenticationRejected | UpstreamUnavailable) \
+                or not isinstance(exc, Exception):
+            return exc
+        if isinstance(exc, SMTPResponseException) and 400 <= exc.code < 600:
+            return UpstreamUnavailable(session_refusal(exc.code, exc.message, self.where,
+                                                       self._stage))
+        return UpstreamUnavailable(path_failure(exc, self.upstream, self._stage))
+
+    def transport_info(self, key: str) -> object:
+        """``get_extra_info(key)`` of the open connection (e.g. ``ssl_object``), or None."""
+        smtp = self._smtp
+        return smtp.get_transport_info(key) if smtp is not None and smtp.is_connected else None
+
+    async def _authenticate(self, smtp: aiosmtplib.SMTP, mailbox: str,
+                            token: HasAccessToken) -> None:
+        """SASL XOAUTH2 in the two-step form: the 2-3 kB response goes on its own line,
+        not on the AUTH command line (RFC 4954's 512-octet command limit)."""
+        if "xoauth2" not in smtp.server_auth_methods:
+            offered = " ".join(smtp.server_auth_methods).upper() or "none"
+            raise UpstreamUnavailable(Reply(
+                451, f"4.7.0 Upstream {self.where} does not offer AUTH XOAUTH2 "
+                     f"(offers: {offered}); check the upstream host"))
+        access = token.access_token.reveal()
+        redact(access)
+        payload = base64.b64encode(f"user={mailbox}\x01auth=Bearer {access}\x01\x01".encode())
+        response = await smtp.execute_command(b"AUTH", b"XOAUTH2")
+        challenge = ""
+        if response.code == 334:
+            response = await smtp.execute_command(payload)
+            if response.code == 334:
+                # Gmail/Dovecot style: an error challenge first; an empty line gets the verdict.
+                challenge = _decode_challenge(response.message)
+                response = await smtp.execute_command(b"")
+        if response.code == 235:
+            return
+        text = response.message + (f" (server said: {challenge})" if challenge else "")
+        if 400 <= response.code < 500:
+            raise UpstreamUnavailable(Reply(response.code, text))
+        if 500 <= response.code < 600:
+            raise AuthenticationRejected(Reply(response.code, text))
+        raise UpstreamUnavailable(Reply(
+            451, f"4.4.2 Upstream {self.where} gave an unexpected reply to AUTH: "
+                 f"{response.code} {one_line(response.message)}"))
+
+    # --- sending -------------------------------------------------------------------------
+
+    async def send_one(self, msg: Outbound, *, require_all_recipients: bool = True,
+                       dry_run: bool = False,
+                       on_accepted: OnAccepted | None = None) -> DeliveryResult:
+        """One transaction. ``accepted`` lists recipients the message was delivered to,
+        ``refused`` those the upstream refused at RCPT; the reply applies to the rest.
+
+        With ``require_all_recipients`` any refusal abandons the message (RSET) so the
+        client can retry it whole; otherwise it goes to the accepted recipients.
+        ``dry_run`` stops before DATA (RSET instead): the upstream's verdict on sender and
+        recipients without sending anything, for diagnosis. ``on_accepted`` is called
+        with the accepted recipients as soon as the upstream's 250 to DATA is read, before
+        this coroutine yields again: a caller that records it there keeps the window in
+        which a crash sends the message twice as short as it can be.
+        """
+        smtp = self._smtp
+        if smtp is None or not self.is_open:
+            raise RuntimeError("session is not open")
+        try:
+            result = await self._transaction(smtp, msg, require_all_recipients, dry_run,
+                                             on_accepted)
+        except BaseException as exc:
+            self._abort()
+            if isinstance(exc, SMTPException | OSError | TimeoutError):
+                return DeliveryResult(path_failure(exc, self.upstream, self._stage),
+                                      authenticated=True)
+            raise
+        # Only a logged-in session gets this far (is_open above).
+        result.authenticated = True
+        return result
+
+    def _mail_options(self, smtp: aiosmtplib.SMTP, msg: Outbound) -> tuple[list[str], bool]:
+        """The client's BODY/SMTPUTF8 where the upstream supports them, and our SIZE."""
+        options: list[str] = []
+        utf8 = False
+        for option in msg.mail_options:
+            key, _, value = option.partition("=")
+            key, value = key.upper(), value.upper()
+            if key == "BODY" and value in ("7BIT", "8BITMIME") \
+                    and smtp.supports_extension("8bitmime"):
+                options.append(f"BODY={value}")
+            elif key == "SMTPUTF8" and not value and smtp.supports_extension("smtputf8"):
+                utf8 = True
+        addresses = [msg.mail_from, *msg.rcpt_tos]
+        if not utf8 and not all(a.isascii() for a in addresses) \
+                and smtp.supports_extension("smtputf8"):
+            utf8 = True
+        if utf8:
+            options.append("SMTPUTF8")
+        if smtp.supports_extension("size"):
+            options.append(f"SIZE={msg.content.size}")
+        return options, utf8
+
+    def _verdict(self, code: int, text: str) -> Reply:
+        return transaction_reply(code, text, self.where, self._stage)
+
+    async def _transaction(self, smtp: aiosmtplib.SMTP, msg: Outbound,
+                           require_all: bool, dry_run: bool = False,
+                           on_accepted: OnAccepted | None = None) -> DeliveryResult:
+        options, utf8 = self._mail_options(smtp, msg)
+        encoding = "utf-8" if utf8 else "ascii"
+        self._stage = "MAIL FROM"
+        try:
+            await smtp.mail(msg.mail_from, options=options, encoding=encoding)
+        except SMTPSenderRefused as exc:
+            return DeliveryResult(self._verdict(exc.code, exc.message))
+        except UnicodeEncodeError:
+            return DeliveryResult(Reply(550, f"5.6.7 Sender <{msg.mail_from}> is not ASCII "
+                                             f"and upstream {self.where} lacks SMTPUTF8"))
+        except ValueError:
+            return DeliveryResult(Reply(501, f"5.1.7 Bad sender address <{msg.mail_from}>"))
+
+        self._stage = "RCPT TO"
+        accepted: list[str] = []
+        refused: dict[str, Reply] = {}
+        for rcpt in msg.rcpt_tos:
+            try:
+                await smtp.rcpt(rcpt, encoding=encoding)
+            except SMTPRecipientRefused as exc:
+                refused[rcpt] = self._verdict(exc.code, exc.message)
+                if not smtp.is_connected:  # 421: the upstream is closing the session
+                    self._abort()
+                    return DeliveryResult(refused[rcpt], [], refused)
+            except UnicodeEncodeError:
+                refused[rcpt] = Reply(550, "5.6.7 Address is not ASCII and upstream "
+                                           "lacks SMTPUTF8")
+            except ValueError:
+                refused[rcpt] = Reply(501, "5.1.3 Bad recipient address syntax")
+            else:
+                accepted.append(rcpt)
+
+        if refused and (require_all or not accepted):
+            self._stage = "RSET"
+            await self._rset(smtp)
+            return DeliveryResult(refusal_for(refused, len(msg.rcpt_tos)), [], refused)
+
+        if dry_run:
+            self._stage = "RSET"
+            await self._rset(smtp)
+            return DeliveryResult(Reply(250, "2.0.0 Sender and recipients accepted; dry run, "
+                                             "RSET instead of DATA: nothing was sent"),
+                                  accepted, refused)
+
+        self._stage = "DATA"
+        try:
+            response = await send_data(smtp, msg.content, self.upstream.timeout)
+        except SMTPDataError as exc:
+            return DeliveryResult(self._verdict(exc.code, exc.message), [], refused)
+        if on_accepted is not None:
+            try:
+                on_accepted(accepted)
+            except Exception:
+                # The message was delivered: nothing may turn that into a failure (and so
+                # into a second delivery on retry).
+                log.exception("recording an accepted message failed")
+        return DeliveryResult(Reply(response.code, response.message), accepted, refused)
+
+    async def _rset(self, smtp: aiosmtplib.SMTP) -> None:
+        try:
+            await smtp.rset()
+        except (SMTPException, OSError, TimeoutError):
+            self._abort()
+
+    async def check(self) -> bool:
+        """RSET an idle session before reusing it; False (and closed) if it fails.
+
+        A connection can die without a word (the upstream's idle timeout, a NAT entry
+        expiring); a reply proves it alive, and RSET also clears whatever transaction
+        state a previous message may have left behind. The wait is kept short, since a
+        healthy server answers RSET at once and a dead path would otherwise hold a message
+        for the whole command timeout.
+        """
+        smtp = self._smtp
+        if smtp is None or not self.is_open:
+            return False
+        self._stage = "RSET"
+        try:
+            await smtp.rset(timeout=min(self.upstream.timeout, _CHECK_TIMEOUT))
+        except (SMTPException, OSError, TimeoutError):
+            self._abort()
+            return False
+        return True
+
+    # --- closing -------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """QUIT politely (briefly), then drop the connection whatever happened."""
+        smtp, self._smtp = self._smtp, None
+        self.mailbox = None
+        if smtp is None:
+            return
+        try:
+            if smtp.is_connected:
+                await smtp.quit(timeout=min(self.upstream.timeout, _QUIT_TIMEOUT))
+        except (SMTPException, OSError, TimeoutError):
+            pass
+        finally:
+            smtp.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once, without QUIT: for a session whose protocol state
+        is unknown (an attempt was cancelled mid-command), which must never be reused."""
+        self._abort()
+
+    def _abort(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        self.mailbox = None
+        if smtp is not None:
+            smtp.close()
+
+
+def _decode_challenge(message: str) -> str:
+    """The readable part of an XOAUTH2 error challenge (base64 JSON), if any."""
+    try:
+        text = base64.b64decode(message.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    text = one_line(text)
+    return text[:300] if text.isprintable() else ""
