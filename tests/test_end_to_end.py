@@ -181,7 +181,7 @@ async def test_entra_outage_without_token_queues_the_message(
     assert response.code == 250 and "queued as" in response.message
     assert sandbox.exchange.messages == []
     [entry] = deferred_entries(relay)
-    assert entry.last_reply is not None and entry.last_reply.startswith("451 4.7.0")
+    assert entry.last_reply is not None and str(entry.last_reply).startswith("451 4.7.0")
     sandbox.entra.clear_failures()                            # Entra is back
     relay.queue.flush()
     await wait_until(lambda: len(sandbox.exchange.messages) == 1)
@@ -241,7 +241,7 @@ async def test_upstream_down_keeps_the_message(
     response = await send(relay, "billing@contoso.com", ["a@example.com"])
     assert response.code == 250
     [entry] = deferred_entries(relay)
-    assert entry.last_reply is not None and entry.last_reply.startswith("451 4.4.1")
+    assert entry.last_reply is not None and str(entry.last_reply).startswith("451 4.4.1")
     assert relay.spool.data_path(entry.id).exists()
 
 

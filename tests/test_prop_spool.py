@@ -19,6 +19,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from relay.core.reply import Reply
 from relay.spool.records import Entry, State
 from tests.conftest import wait_until
 from tests.test_queue_durability import MESSAGE, ScriptedDeliverer, _deferred, scripted_queue
@@ -30,8 +31,8 @@ VALID: dict[str, Any] = json.loads(Entry(
     rcpt_tos=["a@example.com", "b@example.com"], size=1234, received_at=1_700_000_000.5,
     mail_options=["BODY=8BITMIME"], client="127.0.0.1", user="alice",
     return_path="bounce@app.example.com", mailbox="relay@contoso.com", attempts=2,
-    next_attempt=1_700_000_100.0, last_reply="451 4.3.2 busy", delivered=["a@example.com"],
-    failed={"c@example.com": "550 5.1.1 unknown"}).to_json())
+    next_attempt=1_700_000_100.0, last_reply=Reply(451, "4.3.2 busy"), delivered=["a@example.com"],
+    failed={"c@example.com": Reply(550, "5.1.1 unknown")}).to_json())
 NAME = f"{VALID['id']}.json"
 
 json_values = st.recursive(
@@ -82,7 +83,10 @@ def check(raw: bytes, name: str | None) -> None:
     for address in (entry.mail_from, *entry.rcpt_tos, *entry.delivered, *entry.failed,
                     entry.return_path or "", entry.mailbox or "", entry.profile):
         address.encode("utf-8")         # it goes out in MAIL FROM, RCPT TO and the log
-    assert all(isinstance(v, str) for v in entry.failed.values())
+    replies = [*entry.failed.values(), *([entry.last_reply] if entry.last_reply else [])]
+    assert all(isinstance(r, Reply) and isinstance(r.code, int) for r in replies)
+    for reply in replies:
+        str(reply).encode("utf-8")      # it goes into the log, DSNs and queue show
     assert Entry.from_json(entry.to_json(), name) == entry
 
 
@@ -90,6 +94,8 @@ def check(raw: bytes, name: str | None) -> None:
 @example(json.dumps({**VALID, "rcpt_tos": "a@example.com"}).encode(), True)
 @example(json.dumps({**VALID, "attempts": "x"}).encode(), True)
 @example(json.dumps({**VALID, "failed": ["x"]}).encode(), True)
+@example(json.dumps({**VALID, "failed": {"c@example.com": 550}}).encode(), True)
+@example(json.dumps({**VALID, "last_reply": "no code at all"}).encode(), True)
 @example(json.dumps({**VALID, "received_at": 1e999}).encode(), True)
 def test_mutated_record(raw: bytes, named: bool) -> None:
     check(raw, NAME if named else None)

@@ -113,7 +113,7 @@ async def test_submission_quota_pauses_only_that_mailbox(
     [name] = queued(relay, State.DEFERRED)
     entry = relay.spool.read(State.DEFERRED, name)
     assert entry.next_attempt > time.time() + 1800   # paused, not bounced, not retried soon
-    assert "SubmissionQuotaExceeded" in (entry.last_reply or "")
+    assert "SubmissionQuotaExceeded" in str(entry.last_reply)
     # More mail for the paused mailbox waits; another mailbox is not affected.
     await send(relay, ["b@example.com"])
     await send(relay, ["c@example.com"], sender="alice@contoso.com",
@@ -353,7 +353,7 @@ async def test_persistent_535_defers_and_alerts_never_bounces(
     [name] = queued(relay, State.DEFERRED)
     entry = relay.spool.read(State.DEFERRED, name)
     assert entry.failed == {} and entry.attempts == 1
-    assert entry.last_reply is not None and "535 5.7.3" in entry.last_reply
+    assert entry.last_reply is not None and "535 5.7.3" in str(entry.last_reply)
     assert entry.next_attempt <= time.time() + 3600   # within retry_max
     assert queued(relay, State.FAILED) == [] and sandbox.exchange.messages == []
     alerts = [r for r in caplog.records if r.name == "relay.queue.attempt"

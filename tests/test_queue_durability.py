@@ -394,7 +394,7 @@ async def test_a_report_that_cannot_be_built_is_filed_not_retried(
         await wait_until(lambda: spool.holds(State.FAILED, msg.id))
         assert len(deliverer.calls) == 1
         failed = spool.read(State.FAILED, f"{msg.id}.json")
-        assert failed.failed == {"a@example.com": "550 5.1.1 User unknown"}
+        assert failed.failed == {"a@example.com": Reply.parse("550 5.1.1 User unknown")}
         assert [s for s in State if s is not State.FAILED and spool.count(s)] == []
         assert "cannot build the delivery report" in caplog.text
     finally:

@@ -22,6 +22,7 @@ import pytest
 
 from relay import cli
 from relay.app import Relay
+from relay.core.reply import Reply
 from relay.sandbox.service import Sandbox
 from relay.spool import ctl as queuectl
 from relay.spool.records import Entry, State
@@ -94,9 +95,9 @@ def q(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Queue:
 def test_list_and_show_json(q: Queue) -> None:
     later = time.time() + 3600
     q.add("INC1", State.INCOMING)
-    q.add("DEF1", State.DEFERRED, attempts=2, next_attempt=later, last_reply="451 4.4.1 x")
+    q.add("DEF1", State.DEFERRED, attempts=2, next_attempt=later, last_reply=Reply(451, "4.4.1 x"))
     q.add("HLD1", State.HOLD)
-    q.add("FAI1", State.FAILED, attempts=5, failed={"a@example.com": "550 5.1.1 unknown"})
+    q.add("FAI1", State.FAILED, attempts=5, failed={"a@example.com": Reply(550, "5.1.1 unknown")})
 
     rows = {r["id"]: r for r in q.json("list")}
     assert {m: r["state"] for m, r in rows.items()} == {
@@ -136,7 +137,7 @@ def test_hold_and_release(q: Queue) -> None:
 
 def test_retry_of_a_failed_message_tries_the_failed_recipients_again(q: Queue) -> None:
     q.add("RF1", State.FAILED, rcpt_tos=["a@example.com", "b@example.com"], attempts=4,
-          delivered=["a@example.com"], failed={"b@example.com": "550 5.1.1 unknown"})
+          delivered=["a@example.com"], failed={"b@example.com": Reply(550, "5.1.1 unknown")})
     assert q.json("retry", "RF1") == {"action": "retry", "done": ["RF1"], "skipped": []}
     assert q.where("RF1") == "deferred"
     e = q.spool.read(State.DEFERRED, "RF1.json")
@@ -150,7 +151,7 @@ async def test_a_retried_dead_letter_is_delivered_by_the_next_relay(
         sandbox: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
     q = Queue(sandbox.directory, capsys)            # the sandbox relay's spool directory
     q.add("DEAD1", State.FAILED, rcpt_tos=["a@example.com", "b@example.com"], attempts=4,
-          delivered=["a@example.com"], failed={"b@example.com": "550 5.1.1 unknown"})
+          delivered=["a@example.com"], failed={"b@example.com": Reply(550, "5.1.1 unknown")})
     code, out, err = await asyncio.to_thread(q.run, "retry", "DEAD1")
     assert (code, out) == (0, "DEAD1: will be retried now\n"), err
 
@@ -291,7 +292,7 @@ def test_root_acts_as_the_spool_owner(capsys: pytest.CaptureFixture[str]) -> Non
     try:
         base.chmod(0o755)
         queue = Queue(base, capsys)
-        queue.add("OWNED0000001", State.FAILED, failed={"a@example.com": "550 5.1.1 no"})
+        queue.add("OWNED0000001", State.FAILED, failed={"a@example.com": Reply(550, "5.1.1 no")})
         for path in [queue.spool.root, *queue.spool.root.rglob("*")]:
             os.chown(path, nobody, nobody)
         queue.config.chmod(0o644)

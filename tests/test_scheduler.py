@@ -93,6 +93,6 @@ async def test_the_lifetime_runs_out_on_the_clock(tmp_path: Path) -> None:
         assert len(deliverer.calls) == 2
         failed = spool.read(State.FAILED, f"{msg.id}.json")
         assert failed.attempts == 2
-        assert failed.failed == {"a@example.com": "451 4.4.0 try later"}
+        assert failed.failed == {"a@example.com": Reply.parse("451 4.4.0 try later")}
     finally:
         await queue.stop(1)

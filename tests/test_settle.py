@@ -35,7 +35,7 @@ def test_every_recipient_accepted_is_done() -> None:
     s = settle(entry(OK, SLOW), [OK, SLOW], result([OK, SLOW]), RECEIVED + 1, POLICY, LOW)
     assert s.done and s.delivered == (OK, SLOW) and s.failed == {} and s.pending == ()
     assert s.entry.delivered == [OK, SLOW] and s.entry.failed == {}
-    assert s.entry.attempts == 1 and s.entry.last_reply == "250 2.0.0 Ok"
+    assert s.entry.attempts == 1 and s.entry.last_reply == Reply(250, "2.0.0 Ok")
     assert not (s.throttle or s.pause or s.alerts or s.expired)
 
 
@@ -71,19 +71,19 @@ def test_a_permanent_refusal_fails_that_recipient_only() -> None:
     s = settle(entry(OK, GONE, SLOW), [OK, GONE, SLOW],
                result([OK], {GONE: "550 5.1.1 User unknown", SLOW: "451 4.4.0 later"}),
                RECEIVED + 1, POLICY, LOW)
-    assert s.failed == {GONE: "550 5.1.1 User unknown"}      # the report names only it
+    assert s.failed == {GONE: Reply.parse("550 5.1.1 User unknown")}      # the report names only it
     assert s.pending == (SLOW,) and s.delivered == (OK,)
-    assert s.entry.failed == {GONE: "550 5.1.1 User unknown"}
+    assert s.entry.failed == {GONE: Reply.parse("550 5.1.1 User unknown")}
 
 
 def test_earlier_failures_are_kept_but_not_reported_again() -> None:
-    before = entry(GONE, SLOW, attempts=1, failed={GONE: "550 5.1.1 User unknown"})
+    before = entry(GONE, SLOW, attempts=1, failed={GONE: Reply(550, "5.1.1 User unknown")})
     s = settle(before, [SLOW], result([], {SLOW: "550 5.1.10 RecipientNotFound"},
                                       reply="550 5.1.10 RecipientNotFound"),
                RECEIVED + 60, POLICY, LOW)
-    assert s.failed == {SLOW: "550 5.1.10 RecipientNotFound"}
-    assert s.entry.failed == {GONE: "550 5.1.1 User unknown",
-                              SLOW: "550 5.1.10 RecipientNotFound"}
+    assert s.failed == {SLOW: Reply.parse("550 5.1.10 RecipientNotFound")}
+    assert s.entry.failed == {GONE: Reply.parse("550 5.1.1 User unknown"),
+                              SLOW: Reply.parse("550 5.1.10 RecipientNotFound")}
     assert s.done and s.entry.attempts == 2
 
 
@@ -94,7 +94,7 @@ def test_the_lifetime_ends_the_retries_with_each_recipients_own_reply() -> None:
     s = settle(entry(OK, SLOW, busy), [OK, SLOW, busy],
                result([OK], {SLOW: "451 4.4.0 later"}), RECEIVED + 5 * DAY, POLICY, LOW)
     assert s.done and s.pending == ()
-    assert s.failed == {SLOW: "451 4.4.0 later", busy: EXPIRED}
+    assert s.failed == {SLOW: Reply.parse("451 4.4.0 later"), busy: EXPIRED}
     assert s.expired == "gave up after 5 days and 1 attempts"
     assert s.delivered == (OK,)
 

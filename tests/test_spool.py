@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from relay.core.reply import Reply
 from relay.spool import ctl as queuectl
 from relay.spool import disk
 from relay.spool.disk import filesystem_type
@@ -50,9 +51,17 @@ RECORD = (
 
 def test_the_record_format_is_the_same_for_every_version() -> None:
     e = Entry.from_json(RECORD, "4F2A9C01B3D7.json")
-    assert (e.mail_options, e.return_path, e.failed) == (
-        ["BODY=8BITMIME"], "bounce@app.example.com", {"c@example.com": "550 5.1.1 unknown"})
+    assert (e.mail_options, e.return_path, e.failed, e.last_reply) == (
+        ["BODY=8BITMIME"], "bounce@app.example.com",
+        {"c@example.com": Reply(550, "5.1.1 unknown")}, Reply(451, "4.3.2 busy"))
     assert e.to_json() == RECORD
+
+
+@pytest.mark.parametrize("field", [b'"last_reply":451', b'"last_reply":["451 busy"]',
+                                   b'"last_reply":{"code":451,"text":"busy"}'])
+def test_a_reply_that_is_not_its_one_line_text_is_refused(field: bytes) -> None:
+    with pytest.raises(ValueError):
+        Entry.from_json(RECORD.replace(b'"last_reply":"451 4.3.2 busy"', field))
 
 
 async def test_accept_writes_data_and_metadata(spool: Spool) -> None:
@@ -86,14 +95,14 @@ def test_move_and_deferred_due_time(spool: Spool) -> None:
     spool.add(entry("BBB"), b"data", State.INCOMING)
     e = spool.read(State.INCOMING, "BBB.json")
     spool.move(e, State.INCOMING, State.ACTIVE, rewrite=False)      # an attempt starts
-    e.attempts, e.next_attempt, e.last_reply = 1, 1_000, "451 4.3.2 busy"
+    e.attempts, e.next_attempt, e.last_reply = 1, 1_000, Reply(451, "4.3.2 busy")
     spool.move(e, State.ACTIVE, State.DEFERRED)                     # ... and is deferred
     assert list(spool.names(State.DEFERRED)) == ["BBB.json"]
     assert (spool.root / "deferred" / "BBB.json").stat().st_mtime == 1000
     assert spool.due(now=999, limit=10) == ([], 1000)
     assert spool.due(now=1000, limit=10) == (["BBB.json"], float("inf"))
     again = spool.read(State.DEFERRED, "BBB.json")
-    assert again.attempts == 1 and again.last_reply == "451 4.3.2 busy"
+    assert again.attempts == 1 and again.last_reply == Reply(451, "4.3.2 busy")
     assert again.next_attempt == 1000
     spool.set_due("BBB", 5)
     assert spool.read(State.DEFERRED, "BBB.json").next_attempt == 5
@@ -319,7 +328,7 @@ def relay_takes(spool: Spool, mid: str) -> None:
 def relay_defers(spool: Spool, mid: str) -> None:
     """What the relay does after a failed attempt: record it and defer (due at once)."""
     e = spool.read(State.ACTIVE, f"{mid}.json")
-    e.attempts, e.last_reply, e.next_attempt = 1, "451 4.4.1 try later", time.time() - 1
+    e.attempts, e.last_reply, e.next_attempt = 1, Reply(451, "4.4.1 try later"), time.time() - 1
     spool.move(e, State.ACTIVE, State.DEFERRED)
 
 
@@ -344,7 +353,7 @@ def operator(action: str) -> Callable[[Spool, str], None]:
 
 
 def failed_entry(mid: str) -> Entry:
-    return entry(mid, attempts=3, failed={"x@y.z": "550 5.1.1 no such user"})
+    return entry(mid, attempts=3, failed={"x@y.z": Reply(550, "5.1.1 no such user")})
 
 
 Setup = tuple[State, Callable[[str], Entry]]

@@ -54,8 +54,10 @@ class Reply:
     @classmethod
     def parse(cls, text: str) -> Reply:
         """A reply from its one-line form (``str(reply)``), as spool records keep them.
-        Text without a code (written by something else) becomes a 550 carrying it."""
-        code, _, rest = text.partition(" ")
-        if len(code) == 3 and code.isdigit():
+        Text without a code (written by something else) becomes a 550 carrying it.
+        Whitespace is made single spaces, as ``str`` does, so parse and ``str`` round-trip."""
+        line = " ".join(text.split())
+        code, _, rest = line.partition(" ")
+        if len(code) == 3 and code.isascii() and code.isdigit():
             return cls(int(code), rest)
-        return cls(550, text)
+        return cls(550, line)

@@ -178,8 +178,7 @@ class Attempt:
             # Nothing left to send: an outcome that keep() saved, now filed where it belongs.
             if entry.failed:
                 await ctx.spool.move(entry, State.ACTIVE, State.FAILED)
-                return Outcome(OutcomeState.FAILED,
-                               Reply.parse(next(iter(entry.failed.values()))))
+                return Outcome(OutcomeState.FAILED, next(iter(entry.failed.values())))
             await ctx.spool.remove(entry.id, State.ACTIVE)
             return Outcome(OutcomeState.DELIVERED, Reply(250, "2.0.0 Ok"))
         mailbox = mailbox_of(entry, ctx.config)

@@ -38,7 +38,7 @@ class Bouncer:
         self._accept = accept
         self._clock = clock
 
-    async def bounce(self, entry: Entry, failed: dict[str, str], content: Content,
+    async def bounce(self, entry: Entry, failed: dict[str, Reply], content: Content,
                      reason: str | None) -> None:
         """Queue a DSN for the ``failed`` recipients, unless that would be a mail loop.
 
@@ -85,7 +85,7 @@ class Bouncer:
             build_dsn,
             reporting_mta=self.config.server.hostname, sender_mailbox=profile.mailbox, to=to,
             original_headers=headers, arrival=entry.received_at,
-            failed={r: Reply.parse(t) for r, t in failed.items()},
+            failed=failed,
             remote_mta=upstream.host, original_envelope_id="", queue_id=entry.id,
             reason=reason, now=self._clock())
         bounce = Entry(id=new_message_id(), profile=entry.profile, mail_from=profile.mailbox,

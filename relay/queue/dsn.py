@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage, Message, MIMEPart
 from email.parser import BytesHeaderParser
-from typing import cast
+from typing import Literal, cast
 
 from relay.core.reply import Reply
 from relay.deliver.classify import classify
@@ -56,7 +56,12 @@ def _fields(items: list[tuple[str, str]]) -> Message:
     return block
 
 
-def _status(reply: Reply, action: str) -> str:
+# The DSN Action values the relay reports (RFC 3464 2.3.3); it never reports "delivered",
+# "relayed" or "expanded": success is silent.
+DsnAction = Literal["failed", "delayed"]
+
+
+def _status(reply: Reply, action: DsnAction) -> str:
     if reply.enhanced:
         return reply.enhanced
     klass = reply.code // 100
@@ -86,7 +91,8 @@ def build_dsn(*, reporting_mta: str, sender_mailbox: str, to: str, original_head
     ``now`` dates the report (the queue's clock; the time of the call if not given).
     """
     delayed = delayed or {}
-    outcomes = [(rcpt, reply, "failed") for rcpt, reply in failed.items()]
+    outcomes: list[tuple[str, Reply, DsnAction]] = [
+        (rcpt, reply, "failed") for rcpt, reply in failed.items()]
     outcomes += [(rcpt, reply, "delayed") for rcpt, reply in delayed.items()]
     where = f" by {remote_mta}" if remote_mta else ""
 

@@ -59,7 +59,7 @@ def report(r: AttemptReport, event: Event, hooks: Hooks, delay: float | None = N
         hooks.delivered(entry.profile, r.result.reply if r.result.reply.ok
                         else Reply(250, "2.0.0 Ok"))
     if failed:
-        hooks.bounced(entry.profile, Reply.parse(entry.failed[failed[0]]))
+        hooks.bounced(entry.profile, entry.failed[failed[0]])
     if r.pending:
         hooks.deferred(entry.profile, r.result.refused.get(r.pending[0], r.result.reply))
     tail = ""
@@ -81,7 +81,7 @@ def report(r: AttemptReport, event: Event, hooks: Hooks, delay: float | None = N
         "pending": len(r.pending), "reply": str(r.result.reply),
         "duration": round(r.duration, 3)}
     if failures:
-        fields["failures"] = failures
+        fields["failures"] = {rcpt: str(reply) for rcpt, reply in failures.items()}
     if delay is not None:
         fields["delay"] = round(delay, 1)
     log.log(logging.WARNING if event in (Event.BOUNCED, Event.REFUSED) or failed

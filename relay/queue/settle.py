@@ -35,7 +35,7 @@ from relay.spool.records import Entry
 
 # A recipient whose last reply was an acceptance and whose time ran out all the same (it
 # was accepted in an attempt whose outcome was not saved).
-EXPIRED = "451 4.4.7 Delivery time expired"
+EXPIRED = Reply(451, "4.4.7 Delivery time expired")
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class Settlement:
 
     entry: Entry                # the record to save: attempts, last reply, who is done
     delivered: tuple[str, ...]  # accepted in this attempt, in the order tried
-    failed: dict[str, str]      # failed for good in this attempt: the report's list
+    failed: dict[str, Reply]    # failed for good in this attempt: the report's list
     pending: tuple[str, ...]    # still to be tried (none once the lifetime has run out)
     expired: str | None         # why the retries end ("gave up after ..."), if they do
     throttle: bool              # the mailbox was told to slow down (432 4.3.2)
@@ -99,7 +99,7 @@ def settle(entry: Entry, tried: Sequence[str], result: DeliveryResult, now: floa
         if verdict.alert and str(reply) not in alerts:
             alerts[str(reply)] = Alert(reply, verdict.explanation)
         if verdict.action is Action.BOUNCE:
-            failed[rcpt] = str(reply)
+            failed[rcpt] = reply
     done = [*entry.delivered, *delivered]
     attempts = entry.attempts + 1
     pending = [r for r in entry.rcpt_tos if r not in done and r not in failed]
@@ -110,9 +110,9 @@ def settle(entry: Entry, tried: Sequence[str], result: DeliveryResult, now: floa
         for rcpt in pending:
             # This recipient's own last reply (the overall one may be a 250 for others).
             last = result.refused.get(rcpt, result.reply)
-            failed[rcpt] = str(last) if not last.ok else EXPIRED
+            failed[rcpt] = last if not last.ok else EXPIRED
         pending = []
-    record = replace(entry, attempts=attempts, last_reply=str(result.reply), delivered=done,
+    record = replace(entry, attempts=attempts, last_reply=result.reply, delivered=done,
                      failed=failed)
     return Settlement(
         entry=record, delivered=tuple(delivered),

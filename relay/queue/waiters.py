@@ -94,10 +94,7 @@ def answer(waiter: Waiter | None, mid: str, outcome: Outcome) -> None:
 
 def permanent_reply(entry: Entry, result: DeliveryResult) -> Reply:
     """The 5xx for a waiting client: the upstream's reply, then what it means if known."""
-    if result.reply.permanent:
-        reply = result.reply
-    else:
-        reply = Reply.parse(next(iter(entry.failed.values())))
+    reply = result.reply if result.reply.permanent else next(iter(entry.failed.values()))
     hint = classify(reply).hint
     if not hint:
         return reply

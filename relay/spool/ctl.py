@@ -74,7 +74,7 @@ def summary(state: State, entry: Entry) -> dict[str, Any]:
         "from": entry.mail_from, "recipients": entry.rcpt_tos, "size": entry.size,
         "received": _iso(entry.received_at), "attempts": entry.attempts,
         "next_attempt": _iso(entry.next_attempt) if state is State.DEFERRED else None,
-        "last_reply": entry.last_reply,
+        "last_reply": None if entry.last_reply is None else str(entry.last_reply),
     }
 
 
@@ -84,7 +84,8 @@ def _iso(ts: float) -> str:
 
 def show(spool: Spool, mid: str) -> dict[str, Any]:
     state, entry = _locate(spool, mid)
-    out = summary(state, entry) | {"delivered": entry.delivered, "failed": entry.failed,
+    out = summary(state, entry) | {"delivered": entry.delivered,
+                                    "failed": {r: str(x) for r, x in entry.failed.items()},
                                     "client": entry.client, "user": entry.user}
     try:
         out["headers"] = _headers(spool.content(mid).prefix(_HEAD_LIMIT))

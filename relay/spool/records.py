@@ -4,12 +4,14 @@
   (incoming, active, deferred, hold, failed);
 - :class:`Entry`: one message's metadata file, the message's envelope
   (:class:`relay.core.message.Envelope`, shared with what delivery sends) and its delivery
-  history; :meth:`Entry.to_json` writes the file, :meth:`Entry.from_json` reads and
-  validates it.
+  history, its replies as :class:`relay.core.reply.Reply` values; :meth:`Entry.to_json`
+  writes the file, :meth:`Entry.from_json` reads and validates it.
 
 The file is one flat JSON object. Its keys and their order are those of every version
 so far (:data:`KEYS`), so files written by this version and by older ones read the same
-in both; keys a newer version adds are ignored. A file another version wrote, a disk
+in both; keys a newer version adds are ignored. Replies are written in their one-line form
+(``"550 5.1.1 User unknown"``), which an operator reads with ``cat`` and ``jq``, and read
+back as values. A file another version wrote, a disk
 error or an operator's editor damaged is refused as a whole (ValueError, with the reason),
 so the queue sets it aside in corrupt/ instead of tripping over it on every scan.
 """
@@ -21,10 +23,24 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any
 
-from pydantic import TypeAdapter
+from pydantic import PlainValidator, TypeAdapter
 
 from relay.core.message import Envelope
+from relay.core.reply import Reply
+
+
+def _reply(value: Any) -> Reply:
+    if isinstance(value, Reply):
+        return value
+    if isinstance(value, str):
+        return Reply.parse(value)
+    raise ValueError("a reply must be a string")
+
+
+# A reply as the file holds it: its one-line text, read back as a Reply.
+StoredReply = Annotated[Reply, PlainValidator(_reply)]
 
 
 class State(enum.StrEnum):
@@ -53,12 +69,14 @@ class Entry(Envelope):
     received_at: float
     attempts: int = 0
     next_attempt: float = 0.0
-    last_reply: str | None = None
+    last_reply: StoredReply | None = None
     delivered: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, StoredReply] = field(default_factory=dict)   # for good, and why
 
     def to_json(self) -> bytes:
         record = asdict(self)
+        record["last_reply"] = None if self.last_reply is None else str(self.last_reply)
+        record["failed"] = {rcpt: str(reply) for rcpt, reply in self.failed.items()}
         return json.dumps({key: record[key] for key in KEYS}, separators=(",", ":")).encode()
 
     @classmethod
