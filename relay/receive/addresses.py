@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from relay.core.reply import Reply
+from relay.receive import replies
 
 # The null reverse-path of bounces and receipts, as carried in envelope.mail_from.
 NULL_SENDER = "<>"
@@ -26,19 +27,6 @@ _MAX_ADDRESS = 254          # RFC 5321 4.5.3.1.3 path length, less the angle bra
 _MAX_LOCAL_PART = 64
 # Longest user name written to the log; the rest is cut so a client cannot flood it.
 _MAX_LOGGED_USER = 64
-
-_NOT_UTF8 = Reply(553, "5.6.7 Address is not valid UTF-8")
-_NEEDS_SMTPUTF8 = Reply(553, "5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on "
-                             "MAIL FROM")
-_NOT_NAME_AT_DOMAIN = Reply(553, "5.1.3 Address must be of the form name@domain")
-_TOO_LONG = Reply(553, "5.1.3 Address too long")
-_CONTROL = Reply(553, "5.1.3 Address contains control characters")
-_SPACES = Reply(553, "5.1.3 Address contains spaces")
-_BAD_LITERAL = Reply(553, "5.1.3 Invalid address literal")
-_BAD_DOMAIN = Reply(553, "5.1.3 Invalid domain")
-_SENDER_CONTROL = Reply(553, "5.1.7 Sender address contains control characters")
-_SENDER_TOO_LONG = Reply(553, "5.1.7 Sender address too long")
-_SENDER_INVALID = Reply(553, "5.1.7 Invalid sender address")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -75,9 +63,9 @@ def _encoding_problem(address: str, smtputf8: bool) -> Reply | None:
     try:
         address.encode("utf-8")
     except UnicodeEncodeError:
-        return _NOT_UTF8
+        return replies.ADDRESS_NOT_UTF8
     if not address.isascii() and not smtputf8:
-        return _NEEDS_SMTPUTF8
+        return replies.ADDRESS_NEEDS_SMTPUTF8
     return None
 
 
@@ -88,26 +76,26 @@ def address_problem(address: str, smtputf8: bool) -> Reply | None:
     raw = address.encode("utf-8")
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain:
-        return _NOT_NAME_AT_DOMAIN
+        return replies.ADDRESS_NOT_NAME_AT_DOMAIN
     if len(raw) > _MAX_ADDRESS or len(local.encode("utf-8")) > _MAX_LOCAL_PART:
-        return _TOO_LONG
+        return replies.ADDRESS_TOO_LONG
     if any(ord(ch) < 32 or ch == "\x7f" for ch in address):
-        return _CONTROL
+        return replies.ADDRESS_CONTROL
     quoted = len(local) >= 2 and local.startswith('"') and local.endswith('"')
     if any(ch.isspace() for ch in (domain if quoted else address)):
-        return _SPACES
+        return replies.ADDRESS_SPACES
     if domain.startswith("[") and domain.endswith("]"):
         literal = domain[1:-1].removeprefix("IPv6:")
         try:
             ipaddress.ip_address(literal)
         except ValueError:
-            return _BAD_LITERAL
+            return replies.ADDRESS_BAD_LITERAL
         return None
     for label in domain.rstrip(".").split("."):
         if not label or len(label) > 63 or label.startswith("-") or label.endswith("-"):
-            return _BAD_DOMAIN
+            return replies.ADDRESS_BAD_DOMAIN
         if not all(ch.isalnum() or ch == "-" for ch in label):
-            return _BAD_DOMAIN
+            return replies.ADDRESS_BAD_DOMAIN
     return None
 
 
@@ -124,11 +112,11 @@ def sender_problem(address: str, smtputf8: bool) -> Reply | None:
     if (problem := _encoding_problem(address, smtputf8)) is not None:
         return problem
     if any(ord(ch) < 32 or ch == "\x7f" for ch in address):
-        return _SENDER_CONTROL
+        return replies.SENDER_CONTROL
     if len(address.encode("utf-8")) > _MAX_ADDRESS:
-        return _SENDER_TOO_LONG
+        return replies.SENDER_TOO_LONG
     if not address or any(ch.isspace() for ch in address.rpartition("@")[2]):
-        return _SENDER_INVALID
+        return replies.SENDER_INVALID
     return None
 
 

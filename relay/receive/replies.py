@@ -27,6 +27,20 @@ AUTH_LOCKED_OUT = Reply(454, "4.7.0 Too many authentication failures, try again 
 # No users: nothing to log in to. 502 (not implemented), so clients do not retry.
 AUTH_NOT_AVAILABLE = Reply(502, "5.5.1 AUTH not available: no accounts are configured")
 # RFC 4954 6: the client's answer is longer than the mechanism's buffer.
+# MAIL FROM and RCPT TO addresses that cannot be used (relay.receive.addresses).
+ADDRESS_NOT_UTF8 = Reply(553, "5.6.7 Address is not valid UTF-8")
+ADDRESS_NEEDS_SMTPUTF8 = Reply(553, "5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on "
+                              "MAIL FROM")
+ADDRESS_NOT_NAME_AT_DOMAIN = Reply(553, "5.1.3 Address must be of the form name@domain")
+ADDRESS_TOO_LONG = Reply(553, "5.1.3 Address too long")
+ADDRESS_CONTROL = Reply(553, "5.1.3 Address contains control characters")
+ADDRESS_SPACES = Reply(553, "5.1.3 Address contains spaces")
+ADDRESS_BAD_LITERAL = Reply(553, "5.1.3 Invalid address literal")
+ADDRESS_BAD_DOMAIN = Reply(553, "5.1.3 Invalid domain")
+SENDER_CONTROL = Reply(553, "5.1.7 Sender address contains control characters")
+SENDER_TOO_LONG = Reply(553, "5.1.7 Sender address too long")
+SENDER_INVALID = Reply(553, "5.1.7 Invalid sender address")
+
 AUTH_LINE_TOO_LONG = Reply(500, "5.5.6 Authentication exchange line is too long")
 AUTH_ABORTED = Reply(501, "5.7.0 Authentication aborted")
 AUTH_BAD_BASE64 = Reply(501, "5.5.2 Cannot decode base64")
