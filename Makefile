@@ -29,8 +29,9 @@ test: $(STAMP)
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -m fuzz $(PYTEST_ARGS)
 
+# One table: sending direct vs the libraries' floor vs the relay, from one run (BENCHMARKS.md).
 bench: $(STAMP)
-	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/compare.py $(BENCH_ARGS)
 
 # Thousands of messages through the relay process while the upstream, Entra ID and the disk
 # fail and the relay is killed (loopback only, a few minutes at most; SOAK_ARGS=--help).

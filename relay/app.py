@@ -19,6 +19,7 @@ from pathlib import Path
 
 from relay.accept.route import Router
 from relay.config import Config, ConfigError
+from relay.core import diskio
 from relay.core.message import Outbound
 from relay.core.net import host_port
 from relay.core.reply import Reply
@@ -83,6 +84,7 @@ class Relay:
         return self.http.address if self.http is not None else None
 
     async def start(self) -> None:
+        diskio.configure(self.config.spool.io_threads)
         self.spool.open(on_tmpfs=self.config.spool.on_tmpfs)
         self.spool.claim()
         try:

@@ -59,6 +59,8 @@ def test_check_ok(tmp_path: Path) -> None:
      "routing.system_profile: unknown profile 'sytsem'"),
     (GOOD + "server: {max_mesage_size: 10MB}\n",
      "server.max_mesage_size: unknown setting"),
+    (GOOD + "spool: {io_threads: 0}\n",
+     "spool.io_threads: Input should be greater than or equal to 1"),
     (GOOD + "server: {idle_timeout: soon}\n",
      "server.idle_timeout: expected a duration such as 30s, 5m, 1h or 5d, got 'soon'"),
     (GOOD + "server: {listeners: [{address: localhost}]}\n",

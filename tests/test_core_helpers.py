@@ -1,9 +1,12 @@
 """The small helpers in relay/core that every stage shares: host:port, bounded text, the
-walk along an exception's causes."""
+walk along an exception's causes, the disk threads."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+
+import pytest
 
 from relay.core.errors import causes, find_cause
 from relay.core.net import host_port
@@ -55,3 +58,32 @@ def test_causes_stop_at_a_loop() -> None:
     a, b = ValueError("a"), ValueError("b")
     a.__cause__, b.__cause__ = b, a
     assert list(causes(a)) == [a, b]
+
+
+async def test_disk_work_runs_on_its_own_thread_with_the_callers_context() -> None:
+    import contextvars
+    import threading
+
+    from relay.core import diskio
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    var.set("message 1")
+    where = await diskio.run(lambda: (threading.current_thread().name, var.get()))
+    assert where[0].startswith("disk") and where[1] == "message 1"
+    with pytest.raises(FileNotFoundError):
+        await diskio.run(open, "/nonexistent/relay-test")
+
+
+async def test_more_disk_threads_work_side_by_side() -> None:
+    import threading
+
+    from relay.core import diskio
+
+    both = threading.Barrier(2, timeout=5)
+    diskio.configure(2)
+    try:
+        # Each call waits for the other: this finishes only if they run at once.
+        await asyncio.gather(diskio.run(both.wait), diskio.run(both.wait))
+    finally:
+        diskio.configure(1)
+    assert await diskio.run(lambda: threading.current_thread().name.startswith("disk"))

@@ -85,3 +85,67 @@ def test_aiosmtplib_protocol_has_what_the_streamed_data_uses() -> None:
     assert "timeout" in inspect.signature(protocol.execute_command).parameters
     assert "timeout" in inspect.signature(protocol.read_response).parameters
     assert "protocol" in vars(aiosmtplib.SMTP())
+
+
+def test_the_plain_path_shortcut_reads_addresses_as_aiosmtpd_does() -> None:
+    """RelaySMTP reads ``<local@domain>`` itself, without the email package's parser; for
+    everything the shortcut takes, the result must be aiosmtpd's own."""
+    from relay.receive.session import _PLAIN_PATH, RelaySMTP
+
+    locals_ = ["a", "b1", "x-y", "_", "=", "a.b", "%", "'", "{", "\u00e9", "a..b", ".", "-",
+               "a" * 64, "a" * 65, "first.last+tag", "o'brien", "a/b=c"]
+    domains = ["b", "b.c", "-b", "b-", "b..c", "b.", "1.2.3.4", "[1.2.3.4]", "b_c",
+               "xn--e.com", "\u00e9.com", "example.co.uk"]
+    tails = [">", "> ", ">\t", ">  SIZE=1", "> (c)", ">x", "", ">\r\n", "> \x00",
+             "> SIZE=100 BODY=8BITMIME", ">(comment) SIZE=1"]
+    args = [f"{lead}{local}@{domain}{tail}" for lead in ("<", " <", "<<")
+            for local in locals_ for domain in domains for tail in tails]
+
+    async def compare() -> int:
+        smtp = RelaySMTP.__new__(RelaySMTP)
+        SMTP.__init__(smtp, object(), loop=asyncio.get_running_loop())
+        taken = 0
+        for arg in args:
+            ours = RelaySMTP._getaddr(smtp, arg)
+            try:
+                theirs = SMTP._getaddr(smtp, arg)
+            except (IndexError, ValueError):
+                theirs = (None, None)
+            assert ours == theirs, arg
+            taken += _PLAIN_PATH.match(arg) is not None
+        return taken
+
+    assert asyncio.run(compare()) > 500         # the shortcut was really taken
+
+
+def test_auth_mechanisms_are_found_once_per_class_with_the_same_result() -> None:
+    """relay.receive.setuponce replaces the ``inspect`` aiosmtpd.smtp calls getmembers
+    through; aiosmtpd must use it nowhere else, and find the same mechanisms."""
+    from relay.receive import setuponce
+    from relay.receive.session import RelaySMTP
+
+    source = inspect.getsource(aiosmtpd.smtp)
+    assert source.count("inspect.getmembers(") == 1
+    assert re.search(r"inspect\.getmembers\(obj\)\s+if mname\.startswith\(\"auth_\"\)", source)
+    assert {m.group(1) for m in re.finditer(r"\binspect\.(\w+)", source)} <= {
+        "getmembers", "signature"}
+    setuponce.install()
+    assert isinstance(aiosmtpd.smtp.inspect, setuponce._Inspect)
+
+    class Handler:
+        async def auth_CUSTOM(self, *args: object) -> None: ...
+
+    async def mechanisms(smtp_class: type[SMTP]) -> dict[str, tuple[object, bool]]:
+        smtp = smtp_class.__new__(smtp_class)
+        SMTP.__init__(smtp, Handler(), loop=asyncio.get_running_loop())
+        return {name: (getattr(attr.method, "__func__", attr.method), attr.is_builtin)
+                for name, attr in smtp._auth_methods.items()}
+
+    for smtp_class in (SMTP, RelaySMTP):
+        fast = asyncio.run(mechanisms(smtp_class))
+        aiosmtpd.smtp.inspect = inspect  # type: ignore[attr-defined]
+        try:
+            slow = asyncio.run(mechanisms(smtp_class))
+        finally:
+            setuponce.install()
+        assert fast == slow and {"PLAIN", "LOGIN", "CUSTOM"} <= set(fast), smtp_class

@@ -170,6 +170,9 @@ def _default_spool() -> Path:
 class SpoolSettings(Section):
     directory: Path = Field(default_factory=_default_spool)
     on_tmpfs: Literal["refuse", "warn"] = "refuse"
+    # Threads for the spool's disk work (relay.core.diskio): 1 avoids contention for the
+    # interpreter; more only where each fsync is slow and the filesystem merges them.
+    io_threads: int = Field(default=1, ge=1, le=32)
 
 
 class MailboxLimits(Section):

@@ -19,7 +19,6 @@ that what the sender policy inspects is exactly what Exchange will parse.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from relay.core import diskio
 from relay.core.reply import Reply
 
 # A line break as SMTP peers read one: CRLF, or a bare LF, or a CR not followed by LF.
@@ -84,20 +84,20 @@ class Content:
         return f"Content({where}, {self.size} bytes)"
 
     async def chunks(self, size: int = CHUNK) -> AsyncGenerator[bytes, None]:
-        """The bytes, ``size`` at a time; file reads happen in a worker thread."""
+        """The bytes, ``size`` at a time; file reads happen on a disk thread."""
         if self._data is not None:
             for start in range(0, len(self._data), size):
                 yield self._data[start:start + size]
             return
         assert self.path is not None
         if self.size <= size:
-            # The usual case: the whole message in one step of the worker thread.
-            if data := await asyncio.to_thread(self.path.read_bytes):
+            # The usual case: the whole message in one step of the disk thread.
+            if data := await diskio.run(self.path.read_bytes):
                 yield data
             return
-        fd = await asyncio.to_thread(os.open, self.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = await diskio.run(os.open, self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            while chunk := await asyncio.to_thread(os.read, fd, size):
+            while chunk := await diskio.run(os.read, fd, size):
                 yield chunk
         finally:
             os.close(fd)
@@ -107,7 +107,7 @@ class Content:
         if self._data is not None:
             return self._data
         assert self.path is not None
-        return await asyncio.to_thread(self.path.read_bytes)
+        return await diskio.run(self.path.read_bytes)
 
     def prefix(self, limit: int) -> bytes:
         """The first ``limit`` bytes (for the header section: relay.accept.headers splits it).

@@ -21,6 +21,7 @@ anywhere in it, so a reply the delivery step wrapped in its own words (for examp
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
 
@@ -183,8 +184,13 @@ class _Fill(dict[str, str]):
         return {"address": "the sender address", "mailbox": "used"}.get(key, f"<{key}>")
 
 
+@functools.lru_cache(maxsize=512)
 def classify(reply: Reply) -> Verdict:
-    """The queue's decision for ``reply``; replies of other classes than 2/4/5 are retried."""
+    """The queue's decision for ``reply``; replies of other classes than 2/4/5 are retried.
+
+    Cached: every attempt asks several times (the pool, the deliverer, the settlement),
+    and an upstream answers with few distinct replies; the table's regexes run once each.
+    """
     line = f"{reply.code} {one_line(reply.text)}"
     for rule in TABLE:
         m = rule.pattern.search(line)

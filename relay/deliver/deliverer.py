@@ -55,6 +55,7 @@ class Deliverer:
         self._hooks = hooks
         self._config = config
         self._pools: dict[tuple[str, str], SessionPool] = {}
+        self._by_profile: dict[str, SessionPool] = {}   # the pool each profile uses
         self._retiring: set[asyncio.Task[None]] = set()
         self.update(config)
 
@@ -71,21 +72,21 @@ class Deliverer:
         unused result needs no cleanup.
         """
         pools: dict[tuple[str, str], SessionPool] = {}
-        helo = config.server.hostname
         max_sessions = config.delivery.mailbox_limits.max_sessions
         for profile in config.profiles.values():
-            upstream = config.upstream_for(profile)
-            key = (upstream.model_dump_json(), upstream.helo_name or helo)
+            key = _pool_key(config, profile)
             if key not in pools:
+                upstream = config.upstream_for(profile)
                 pools[key] = self._pools.get(key) or SessionPool(
-                    UpstreamClient(upstream, upstream.helo_name or helo),
-                    max_sessions=max_sessions)
+                    UpstreamClient(upstream, key[1]), max_sessions=max_sessions)
         return pools
 
     def apply(self, config: Config, pools: dict[tuple[str, str], SessionPool]) -> None:
         """Switch to what :meth:`prepare` built. Pools of changed or removed upstreams are
         closed (their lent-out sessions when the attempt using them ends)."""
         old, self._config, self._pools = self._pools, config, pools
+        self._by_profile = {name: pools[_pool_key(config, profile)]
+                            for name, profile in config.profiles.items()}
         for pool in pools.values():
             pool.configure(max_sessions=config.delivery.mailbox_limits.max_sessions)
         for key, pool in old.items():
@@ -110,18 +111,13 @@ class Deliverer:
         """Open upstream sessions per configured mailbox (what Exchange counts), for metrics."""
         out: dict[str, int] = {}
         seen: set[tuple[int, str]] = set()
-        for profile in self._config.profiles.values():
-            pool = self._pool(profile)
+        for name, profile in self._config.profiles.items():
+            pool = self._by_profile[name]
             mailbox = profile.mailbox.lower()
             if (id(pool), mailbox) not in seen:
                 seen.add((id(pool), mailbox))
                 out[mailbox] = out.get(mailbox, 0) + pool.open_sessions(mailbox)
         return out
-
-    def _pool(self, profile: Profile) -> SessionPool:
-        upstream = self._config.upstream_for(profile)
-        helo = upstream.helo_name or self._config.server.hostname
-        return self._pools[(upstream.model_dump_json(), helo)]
 
     async def deliver(self, msg: Outbound, *, require_all_recipients: bool = True,
                       on_accepted: OnAccepted | None = None) -> DeliveryResult:
@@ -131,7 +127,7 @@ class Deliverer:
             return DeliveryResult(Reply(451, f"4.3.5 Profile {msg.profile} is no longer "
                                              "configured; message kept for retry"),
                                   offered=False)
-        pool = self._pool(profile)
+        pool = self._by_profile[msg.profile]
         provider = self._tokens.provider(profile.credential)
         mailbox = msg.mailbox or profile.mailbox
         send = functools.partial(pool.send, msg, mailbox,
@@ -223,3 +219,9 @@ class Deliverer:
         return DeliveryResult(Reply(
             451, f"4.7.0 Relay cannot obtain an OAuth token for profile {msg.profile} "
                  "(see the relay's log); try again later"), offered=False)
+
+
+def _pool_key(config: Config, profile: Profile) -> tuple[str, str]:
+    """Profiles share a pool when their upstream settings and HELO name are the same."""
+    upstream = config.upstream_for(profile)
+    return upstream.model_dump_json(), upstream.helo_name or config.server.hostname

@@ -22,6 +22,7 @@ only one AUTH per session).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import logging
 import ssl
@@ -72,7 +73,14 @@ class HasAccessToken(Protocol):
 
 
 def _digest(token: HasAccessToken) -> bytes:
-    return hashlib.sha256(token.access_token.reveal().encode()).digest()
+    return _secret_digest(token.access_token)
+
+
+@functools.lru_cache(maxsize=8)
+def _secret_digest(secret: Secret) -> bytes:
+    # The pool asks for every message whether a session was logged in with this token;
+    # a token is used for an hour, so its digest is made once.
+    return hashlib.sha256(secret.reveal().encode()).digest()
 
 
 class UpstreamSession:

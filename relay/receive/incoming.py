@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from relay.accept.cleanup import prepare_headers
 from relay.accept.policy import PolicyRejected, PolicyResult
 from relay.accept.trace import received_header
+from relay.core import diskio
 from relay.core.log import message_context
 from relay.core.reply import Reply
 from relay.receive import replies
@@ -107,7 +108,7 @@ class Incoming:
         parts, self._pending = [*self._pending, data], []
         self._server.pause_idle_timer()
         try:
-            await asyncio.to_thread(self.writer.write, b"".join(parts), finish=finish)
+            await diskio.run(self.writer.write, b"".join(parts), finish=finish)
         except OSError as exc:
             self.failure = exc          # the writer has discarded the file itself
         finally:

@@ -1,14 +1,14 @@
 """The spool as the event loop uses it: one async face over the blocking store.
 
-- :class:`AsyncSpool`: every call of relay.spool.store.Spool the queue makes, each run in
-  a worker thread; :meth:`AsyncSpool.accept`, which stores a new message durably and
-  shares the directory fsyncs of concurrent arrivals (group commit);
+- :class:`AsyncSpool`: every call of relay.spool.store.Spool the queue makes, each run on
+  a disk thread (relay.core.diskio); :meth:`AsyncSpool.accept`, which stores a new
+  message durably and shares the directory fsyncs of concurrent arrivals (group commit);
   :meth:`AsyncSpool.candidates`, the scan for messages waiting in incoming/ and due in
   deferred/; and :meth:`AsyncSpool.record_delivered`, the one call kept on the event loop
   on purpose.
 
 The queue reaches the disk only through this class: the relay's scheduling code holds no
-``asyncio.to_thread`` of its own, and which call blocks (every one of the store's) is
+thread hop of its own, and which call blocks (every one of the store's) is
 said in one place. The blocking store stays usable on its own, by operator commands,
 the metrics and tests (:attr:`AsyncSpool.store`).
 """
@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 from collections.abc import Container
 
+from relay.core import diskio
 from relay.core.message import Content
 from relay.spool import recovery
 from relay.spool.records import Entry, State
@@ -51,11 +52,11 @@ class AsyncSpool:
         """
         if isinstance(content, bytes):
             content = Content(data=content)
-        await asyncio.to_thread(self.store.add, entry, content, state)
+        await diskio.run(self.store.add, entry, content, state)
         try:
             await self._group_commit()
         except OSError:
-            await asyncio.to_thread(self.store.withdraw, entry.id, state)
+            await diskio.run(self.store.withdraw, entry.id, state)
             raise
         return Content.from_file(self.store.data_path(entry.id), content.size)
 
@@ -79,7 +80,7 @@ class AsyncSpool:
             if not batch:
                 continue
             try:
-                await asyncio.to_thread(self.store.sync_dirs)
+                await diskio.run(self.store.sync_dirs)
             except OSError as exc:
                 for w in batch:
                     if not w.done():
@@ -99,13 +100,13 @@ class AsyncSpool:
     # --- starting and stopping ----------------------------------------------------------
 
     async def recover(self) -> dict[str, int]:
-        return await asyncio.to_thread(recovery.recover, self.store)
+        return await diskio.run(recovery.recover, self.store)
 
     async def load_state(self, name: str) -> bytes | None:
-        return await asyncio.to_thread(self.store.load_state, name)
+        return await diskio.run(self.store.load_state, name)
 
     async def save_state(self, name: str, data: bytes) -> None:
-        await asyncio.to_thread(self.store.save_state, name, data)
+        await diskio.run(self.store.save_state, name, data)
 
     # --- finding work -------------------------------------------------------------------
 
@@ -114,7 +115,7 @@ class AsyncSpool:
         """Up to ``room`` incoming names; with ``due_limit``, up to that many due deferred
         names (earliest first) and when the next deferred one is due. Names in ``skip``
         (unreadable just now) are passed over. One trip to a worker thread for both."""
-        return await asyncio.to_thread(self._candidates, now, room, due_limit, skip)
+        return await diskio.run(self._candidates, now, room, due_limit, skip)
 
     def _candidates(self, now: float, room: int, due_limit: int,
                     skip: Container[str]) -> tuple[list[str], list[str], float]:
@@ -126,31 +127,31 @@ class AsyncSpool:
         return incoming, due, upcoming
 
     async def flush_deferred(self, now: float) -> int:
-        return await asyncio.to_thread(self.store.flush_deferred, now)
+        return await diskio.run(self.store.flush_deferred, now)
 
     async def read(self, state: State, name: str) -> Entry:
-        return await asyncio.to_thread(self.store.read, state, name)
+        return await diskio.run(self.store.read, state, name)
 
     async def content(self, mid: str) -> Content:
-        return await asyncio.to_thread(self.store.content, mid)
+        return await diskio.run(self.store.content, mid)
 
     async def holds(self, state: State, mid: str) -> bool:
-        return await asyncio.to_thread(self.store.holds, state, mid)
+        return await diskio.run(self.store.holds, state, mid)
 
     # --- state changes ------------------------------------------------------------------
 
     async def move(self, entry: Entry, src: State, dst: State, *,
                    rewrite: bool = True) -> None:
-        await asyncio.to_thread(self.store.move, entry, src, dst, rewrite=rewrite)
+        await diskio.run(self.store.move, entry, src, dst, rewrite=rewrite)
 
     async def set_due(self, mid: str, when: float) -> None:
-        await asyncio.to_thread(self.store.set_due, mid, when)
+        await diskio.run(self.store.set_due, mid, when)
 
     async def remove(self, mid: str, state: State, *, claimed: bool = False) -> None:
-        await asyncio.to_thread(self.store.remove, mid, state, claimed=claimed)
+        await diskio.run(self.store.remove, mid, state, claimed=claimed)
 
     async def set_aside(self, state: State, mid: str, why: str) -> None:
-        await asyncio.to_thread(self.store.set_aside, state, mid, why)
+        await diskio.run(self.store.set_aside, state, mid, why)
 
     def record_delivered(self, entry: Entry, *, complete: bool) -> None:
         """Spool.record_delivered, on the event loop itself: it must happen right after the

@@ -1,0 +1,328 @@
+"""``make bench``: the relay beside sending direct and beside the libraries' floor, one run.
+
+    .venv/bin/python bench/compare.py [--messages 600] [--concurrency 8] [--size 5000]
+                                      [--smoke] [--only direct,floor,queued,sync,...]
+
+The same clients send the same messages (one connection per message, no AUTH towards a
+relay, loopback) along each path, to the same fake Exchange Online (STARTTLS, then XOAUTH2
+with a JWT the fake Entra ID signed and the fake checks), and a message counts when the
+fake has it:
+
+- direct: each client does what a rewritten application would: connect, STARTTLS,
+  AUTH XOAUTH2 with a token, send;
+- floor: bench/bare_relay.py, the least relay aiosmtpd and aiosmtplib make (fsync before
+  250, three reused upstream sessions, nothing else);
+- queued / sync: the relay, ``python -m relay run``, with ``delivery.synchronous`` off and
+  on. Its CPU time per message is read from /proc, as the floor's is.
+
+Then the relay's memory: idle, with 1,000 idle client connections, and its peak during the
+runs above; bench/queue_memory.py and bench/memory.py add 100,000 queued messages and a
+30 MB message, and bench/drain.py the drain of a backlog at Exchange's limits. ``--smoke``
+runs everything tiny, to show that it runs (CI); its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import io
+import os
+import platform
+import resource
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.memory import fetch_token, status  # noqa: E402
+from tests.relayproc import MAILBOX, Harness  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of ``pid`` so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+@dataclass
+class Row:
+    path: str
+    messages: int
+    seconds: float          # first connection to the last message in the fake's hands
+    latencies: list[float]  # per message, as the client saw it (connect to QUIT)
+    cpu: float | None       # the relay process's CPU seconds for the run, if measured
+    system: float | None    # ... of which in the kernel (system calls: fsync, sockets, TLS)
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+    def p(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000
+
+
+def message(size: int, i: int) -> bytes:
+    line = b"x" * 76 + b"\r\n"
+    body = line * max(1, size // len(line))
+    return (f"From: {MAILBOX}\r\nTo: r{i}@example.com\r\nSubject: bench {i}\r\n"
+            f"Message-ID: <bench.{i}.{time.time_ns()}@app.test>\r\n\r\n").encode() + body
+
+
+class Direct:
+    """What an application rewritten for OAuth does, per message."""
+
+    def __init__(self, port: int, ca_file: Path, token: str) -> None:
+        self.port = port
+        self.tls = ssl.create_default_context(cafile=str(ca_file))
+        self.auth = base64.b64encode(f"user={MAILBOX}\x01auth=Bearer {token}\x01\x01".encode())
+
+    async def send(self, i: int, data: bytes) -> None:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=self.port, start_tls=True,
+                               tls_context=self.tls, local_hostname="app.test")
+        await smtp.connect()
+        await smtp.ehlo()
+        reply = await smtp.execute_command(b"AUTH", b"XOAUTH2", self.auth)
+        if reply.code != 235:
+            raise RuntimeError(f"direct login refused: {reply}")
+        await smtp.sendmail(MAILBOX, [f"r{i}@example.com"], data)
+        await smtp.quit()
+
+
+class Plain:
+    """A legacy application: plain SMTP from loopback, no AUTH."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    async def send(self, i: int, data: bytes) -> None:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=self.port, start_tls=False,
+                               local_hostname="app.test", timeout=60)
+        await smtp.connect()
+        await smtp.sendmail(MAILBOX, [f"r{i}@example.com"], data)
+        await smtp.quit()
+
+
+async def load(client: Direct | Plain, first: int, messages: int, concurrency: int,
+               size: int) -> list[float]:
+    latencies: list[float] = []
+    numbers = iter(range(first, first + messages))
+
+    async def worker() -> None:
+        for i in numbers:
+            data = message(size, i)
+            t0 = time.perf_counter()
+            await client.send(i, data)
+            latencies.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies
+
+
+class Bench:
+    def __init__(self, h: Harness, ns: argparse.Namespace) -> None:
+        self.h, self.ns = h, ns
+        self.sent = 0
+
+    def run(self, path: str, client: Direct | Plain, pid: int | None) -> Row:
+        ns = self.ns
+        # Warm-up: sessions opened, token fetched, code paths taken once.
+        self._send(client, max(ns.concurrency, ns.messages // 20))
+        cpu0 = cpu_seconds(pid) if pid else None
+        delivered0 = len(self.h.exchange.messages)
+        started = time.perf_counter()
+        latencies = self._send(client, ns.messages)
+        self._wait_delivered(delivered0 + ns.messages)
+        seconds = time.perf_counter() - started
+        if pid and cpu0 is not None:
+            cpu1 = cpu_seconds(pid)
+            user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+            return Row(path, ns.messages, seconds, latencies, user + system, system)
+        return Row(path, ns.messages, seconds, latencies, None, None)
+
+    def _send(self, client: Direct | Plain, n: int) -> list[float]:
+        first, self.sent = self.sent, self.sent + n
+        before = len(self.h.exchange.messages)
+        latencies = asyncio.run(load(client, first, n, self.ns.concurrency, self.ns.size))
+        self._wait_delivered(before + n)
+        return latencies
+
+    def _wait_delivered(self, count: int) -> None:
+        deadline = time.monotonic() + 300
+        while len(self.h.exchange.messages) < count:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"only {len(self.h.exchange.messages)} of {count} messages "
+                                 "reached the fake Exchange within 5 minutes")
+            time.sleep(0.002)
+
+
+def start_floor(h: Harness, directory: Path) -> tuple[subprocess.Popen[str], int]:
+    token_file = directory / "token"
+    token_file.write_text(fetch_token(h))
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "bare_relay.py"),
+         "--upstream-port", str(h.exchange.port), "--ca-file", str(h.fakes.pki.ca_file),
+         "--token-file", str(token_file), "--mailbox", MAILBOX],
+        stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline().rsplit(":", 1)[1])
+
+
+def idle_connections(port: int, pid: int, count: int) -> float:
+    """The relay's RSS (MiB) with ``count`` clients connected, greeted and silent."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count + 200)), hard))
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            socks.append(s)
+        for s in socks:
+            if not s.recv(512).startswith(b"220"):
+                raise SystemExit("a client was not greeted with 220")
+        time.sleep(0.5)
+        return status(pid, "VmRSS")
+    finally:
+        for s in socks:
+            s.close()
+
+
+@contextlib.contextmanager
+def profiled(target: str | None, pid: int) -> Any:
+    """py-spy's flame graph of ``pid`` while the block runs, written to ``target``."""
+    if not target:
+        yield
+        return
+    spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-o",
+                            target, "--pid", str(pid), "--rate", "250", "--gil",
+                            *ns_format(target)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    try:
+        yield
+    finally:
+        spy.send_signal(2)
+        spy.wait(60)
+
+
+def ns_format(target: str) -> list[str]:
+    return ["--format", "speedscope"] if target.endswith(".json") else \
+        ["--format", "raw"] if target.endswith(".txt") else []
+
+
+def main(ns: argparse.Namespace) -> None:
+    rows: list[Row] = []
+    memory: dict[str, float] = {}
+    tokens: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        directory = Path(tmp)
+        idle = ns.idle_connections
+        h = Harness(directory, {
+            "server": {"max_connections": max(100, idle + 50),
+                       "max_connections_per_client": max(100, idle + 50)},
+            "delivery": {"mailbox_limits": {"messages_per_minute": 10**6,
+                                            "recipients_per_day": 10**8}},
+            "http": {"enabled": False}})
+        try:
+            bench = Bench(h, ns)
+            token = fetch_token(h)
+            if "direct" in ns.only:
+                rows.append(bench.run("direct (TLS + XOAUTH2 per message)",
+                                      Direct(h.exchange.port, h.fakes.pki.ca_file, token), None))
+            if "floor" in ns.only:
+                floor, port = start_floor(h, directory)
+                try:
+                    rows.append(bench.run("floor (bare aiosmtpd -> aiosmtplib)", Plain(port),
+                                          floor.pid))
+                finally:
+                    floor.terminate()
+                    floor.wait(10)
+            if "queued" in ns.only or "memory" in ns.only:
+                relay = h.start()
+                time.sleep(1.0)
+                memory["idle"] = status(relay.pid, "VmRSS")
+                requests0 = h.fakes.entra.token_requests
+                if "queued" in ns.only:
+                    with profiled(ns.profile, relay.pid):
+                        rows.append(bench.run("relay, queued", Plain(relay.port), relay.pid))
+                    memory["after the run"] = status(relay.pid, "VmRSS")
+                if "memory" in ns.only:
+                    memory[f"{idle} idle connections"] = idle_connections(
+                        relay.port, relay.pid, idle)
+                memory["peak"] = status(relay.pid, "VmHWM")
+                tokens["queued"] = h.fakes.entra.token_requests - requests0
+                relay.terminate()
+                relay.wait()
+            if "sync" in ns.only:
+                h.config["delivery"]["synchronous"] = "30s"
+                h.write_config()
+                relay = h.start()
+                requests0 = h.fakes.entra.token_requests
+                rows.append(bench.run("relay, synchronous", Plain(relay.port), relay.pid))
+                tokens["sync"] = h.fakes.entra.token_requests - requests0
+                relay.terminate()
+                relay.wait()
+        finally:
+            with contextlib.redirect_stdout(io.StringIO()):     # the relay's log tail
+                h.close()
+    report(ns, rows, memory, tokens)
+
+
+def report(ns: argparse.Namespace, rows: list[Row], memory: dict[str, float],
+           tokens: dict[str, int]) -> None:
+    print(f"# {ns.messages} messages of ~{ns.size} bytes, {ns.concurrency} concurrent clients, "
+          f"one connection per message; Python {platform.python_version()}, "
+          f"{os.cpu_count()} CPUs")
+    direct = next((r for r in rows if r.path.startswith("direct")), None)
+    floor = next((r for r in rows if r.path.startswith("floor")), None)
+    print(f"{'path':38} {'msg/s':>7} {'x direct':>8} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'CPU ms/msg':>10} {'in kernel':>9} {'x floor':>7}")
+    for r in rows:
+        vs_direct = f"{r.rate / direct.rate:.2f}" if direct else "-"
+        cpu = r.cpu * 1000 / r.messages if r.cpu is not None else None
+        floor_cpu = floor.cpu * 1000 / floor.messages if floor and floor.cpu else None
+        vs_floor = f"{cpu / floor_cpu:.2f}" if cpu and floor_cpu else "-"
+        kernel = f"{r.system * 1000 / r.messages:.2f}" if r.system is not None else "-"
+        print(f"{r.path:38} {r.rate:7.0f} {vs_direct:>8} {r.p(0.5):7.1f} {r.p(0.99):7.1f} "
+              f"{f'{cpu:.2f}' if cpu is not None else '-':>10} {kernel:>9} {vs_floor:>7}")
+    sync = next((r for r in rows if r.path.endswith("synchronous")), None)
+    if sync and direct:
+        print(f"synchronous p50 over direct: {sync.p(0.5) - direct.p(0.5):+.1f} ms")
+    for phase, count in tokens.items():
+        print(f"token requests during the {phase} runs: {count}")
+    for what, mib in memory.items():
+        print(f"relay RSS, {what}: {mib:.0f} MiB")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=600)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--size", type=int, default=5000, help="approximate message bytes")
+    parser.add_argument("--idle-connections", type=int, default=1000)
+    parser.add_argument("--only", default="direct,floor,queued,sync,memory",
+                        help="comma-separated parts to run")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="record the relay's queued run with py-spy (.svg flame graph, "
+                             ".txt collapsed stacks)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes: shows that the benchmark runs (CI)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.messages, args.concurrency, args.idle_connections = 20, 4, 20
+    args.only = set(args.only.split(","))
+    main(args)
