@@ -46,7 +46,7 @@ import aiosmtplib
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.memory import fetch_token, status  # noqa: E402
+from bench.memory import fetch_token, start_bare, status  # noqa: E402
 from tests.relayproc import MAILBOX, Harness  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -170,18 +170,6 @@ class Bench:
             time.sleep(0.002)
 
 
-def start_floor(h: Harness, directory: Path) -> tuple[subprocess.Popen[str], int]:
-    token_file = directory / "token"
-    token_file.write_text(fetch_token(h))
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "bare_relay.py"),
-         "--upstream-port", str(h.exchange.port), "--ca-file", str(h.fakes.pki.ca_file),
-         "--token-file", str(token_file), "--mailbox", MAILBOX],
-        stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    return proc, int(proc.stdout.readline().rsplit(":", 1)[1])
-
-
 def idle_connections(port: int, pid: int, count: int) -> float:
     """The relay's RSS (MiB) with ``count`` clients connected, greeted and silent."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -244,7 +232,7 @@ def main(ns: argparse.Namespace) -> None:
                 rows.append(bench.run("direct (TLS + XOAUTH2 per message)",
                                       Direct(h.exchange.port, h.fakes.pki.ca_file, token), None))
             if "floor" in ns.only:
-                floor, port = start_floor(h, directory)
+                floor, port = start_bare(h, directory)
                 try:
                     rows.append(bench.run("floor (bare aiosmtpd -> aiosmtplib)", Plain(port),
                                           floor.pid))

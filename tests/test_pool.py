@@ -255,6 +255,43 @@ async def test_cap_is_per_mailbox(env: Env) -> None:
     assert pool.open_sessions(MAILBOX) == pool.open_sessions(OTHER) == 1
 
 
+async def test_the_fake_refuses_a_fourth_session_and_the_pool_never_asks_for_one(
+        env: Env) -> None:
+    """Exchange's limit, enforced by the fake: a fourth logged-in session of a mailbox
+    gets 432 4.3.2 at AUTH, and a slot freed by a closed session can be used again.
+    The pool at Exchange's cap sends a burst without one refusal."""
+    env.exchange.enforce_limits(sessions=3, per_minute=10_000)
+    token = await env.provider.get()
+    pools = [env.pool(max_sessions=1) for _ in range(4)]
+    results = await asyncio.gather(*(pool.send(message(), MAILBOX, token) for pool in pools))
+    assert sorted(r.reply.code for r in results) == [250, 250, 250, 432]
+    assert env.exchange.limit_refusals == 1
+    await pools[0].close()
+    await wait_until(lambda: env.exchange.open_sessions <= 2)
+    assert (await pools[3].send(message(), MAILBOX, token)).reply.code == 250
+
+    for pool in pools:
+        await pool.close()
+    await wait_until(lambda: env.exchange.open_sessions == 0)
+    refused = env.exchange.limit_refusals
+    capped = env.pool(max_sessions=3)
+    results = await asyncio.gather(*(capped.send(message(rcpt=f"r{i}@example.com"), MAILBOX,
+                                                 token) for i in range(30)))
+    assert all(r.reply.code == 250 for r in results)
+    assert env.exchange.limit_refusals == refused
+
+
+async def test_the_fake_refuses_messages_over_the_rate_with_432(env: Env) -> None:
+    env.exchange.enforce_limits(sessions=3, per_minute=2)
+    token = await env.provider.get()
+    pool = env.pool()
+    codes = [(await pool.send(message(rcpt=f"r{i}@example.com"), MAILBOX, token)).reply.code
+             for i in range(3)]
+    assert codes == [250, 250, 432] and env.exchange.limit_refusals == 1
+    # Per mailbox: another mailbox has its own minute.
+    assert (await pool.send(message(OTHER), OTHER, token)).reply.code == 250
+
+
 async def test_lowering_the_cap_closes_surplus_idle_sessions(env: Env) -> None:
     pool = env.pool(max_sessions=3)
     token = await env.provider.get()

@@ -107,6 +107,11 @@ class FakeExchange:
         self.max_concurrent_sessions = 0  # high-water mark of open connections
         self.auth_ok = 0
         self.auth_failed = 0
+        # Exchange's per-mailbox limits, when enforce_limits() is called; what they refused.
+        self.limits: tuple[int, int] | None = None     # (sessions, messages per minute)
+        self.limit_refusals = 0
+        self._logged_in: collections.Counter[str] = collections.Counter()
+        self._submitted: dict[str, collections.deque[float]] = {}
         self.tls_context = self._server_tls_context(pki)
 
     @staticmethod
@@ -169,6 +174,32 @@ class FakeExchange:
         pattern = address_or_pattern.lower()
         self._send_as[mailbox.lower()].append("*" + pattern if pattern.startswith("@")
                                               else pattern)
+
+    def enforce_limits(self, sessions: int = 3, per_minute: int = 30) -> None:
+        """Refuse what goes over a mailbox's limits, as Exchange Online does for SMTP AUTH:
+        a login beyond ``sessions`` open sessions of the mailbox, and a message beyond
+        ``per_minute`` in any 60 s, each with 432 4.3.2 (counted in ``limit_refusals``)."""
+        self.limits = (sessions, per_minute)
+
+    def _over_sessions(self, mailbox: str) -> bool:
+        if self.limits is None or self._logged_in[mailbox] < self.limits[0]:
+            self._logged_in[mailbox] += 1
+            return False
+        self.limit_refusals += 1
+        return True
+
+    def _over_rate(self, mailbox: str) -> bool:
+        if self.limits is None:
+            return False
+        now = time.monotonic()
+        sent = self._submitted.setdefault(mailbox, collections.deque())
+        while sent and sent[0] <= now - 60.0:
+            sent.popleft()
+        if len(sent) >= self.limits[1]:
+            self.limit_refusals += 1
+            return True
+        sent.append(now)
+        return False
 
     def fail_next(self, stage: str, code: int, text: str, count: int = 1,
                   recipient: str | None = None) -> None:
@@ -298,6 +329,8 @@ class _Handler:
         if fault is not None and fault.reply is not None:
             return fault.reply.as_smtp()
         mailbox = str(session.auth_data)
+        if self.fake._over_rate(mailbox.lower()):
+            return "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded"
         denied = self.fake._send_as_denied(mailbox, envelope.mail_from or "",
                                            bytes(envelope.original_content or b""))
         if denied is not None:
@@ -334,6 +367,7 @@ class _ExchangeSMTP(SMTP):
             lambda: SMTP.command_size_limit, {"AUTH": 16384, "MAIL": 1024, "RCPT": 1024})
         self.fake = fake
         self.data_fault: _Fault | None = None
+        self._counted_as: str | None = None   # the mailbox whose session count this holds
 
     # --- connection ----------------------------------------------------------------------
 
@@ -345,6 +379,9 @@ class _ExchangeSMTP(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self.fake._connections.discard(self)
+        if self._counted_as is not None:
+            self.fake._logged_in[self._counted_as] -= 1
+            self._counted_as = None
         super().connection_lost(error)
 
     def abort(self) -> list[asyncio.Task[None]]:
@@ -495,7 +532,10 @@ class _ExchangeSMTP(SMTP):
         if problem is not None:
             reply = f"535 5.7.3 Authentication unsuccessful [{self.hostname}: {problem}]"
             log.info("fake Exchange refused XOAUTH2 for %s: %s", mailbox, problem)
+        elif mailbox is not None and self.fake._over_sessions(mailbox.lower()):
+            reply = "432 4.3.2 Concurrent connections limit exceeded"
         else:
+            self._counted_as = mailbox.lower() if mailbox is not None else None
             assert self.session is not None
             self.session.authenticated = True
             # aiosmtpd declares auth_data as None-only; it holds what the login proved.
