@@ -253,3 +253,32 @@ def test_a_damaged_saved_state_pauses_nothing_for_ever() -> None:
                     "neg@contoso.com"):
         assert gov.ready_at(mailbox, 1, now) == now
     assert gov.ready_at("ok@contoso.com", 1, now) == now + 60
+
+
+def test_an_admission_counts_at_once_and_moves_to_when_exchange_counted_it() -> None:
+    g = Governor(Limits(messages_per_minute=2))
+    first = g.admit(MBX, 1, 0.0)
+    second = g.admit(MBX, 1, 0.0)
+    # Both count before either is sent: one pass of the queue cannot admit a third.
+    assert g.ready_at(MBX, 1, 0.0, sessions=False) == 60.0
+    g.settle(first, 5.0, sent=True)          # it waited for a session; Exchange took it at 5
+    g.settle(second, 1.0, sent=False)        # no token: it used none of the limits
+    assert g.snapshot(MBX, 6.0)["in_flight"] == 0
+    assert g.ready_at(MBX, 1, 6.0) == 6.0
+    g.admit(MBX, 1, 6.0)
+    # Exchange counts the first at 5, not at 0: the minute starts again from there.
+    assert g.ready_at(MBX, 1, 6.0, sessions=False) == 65.0
+
+
+def test_messages_waiting_for_the_window_each_get_their_own_place() -> None:
+    g = Governor(Limits(messages_per_minute=3))
+    for at in (0.0, 10.0, 20.0):
+        send(g, at)
+    places = [g.ready_at(MBX, 1, 30.0, sessions=False, ahead=n) for n in range(7)]
+    # As each send becomes a minute old, then a minute after the places they free.
+    assert places == [60.0, 70.0, 80.0, 120.0, 130.0, 140.0, 180.0]
+    h = Governor(Limits(messages_per_minute=3))
+    send(h, 0.0)
+    # Two places are free now; the third waiting one takes the first send's place.
+    assert [h.ready_at(MBX, 1, 5.0, sessions=False, ahead=n) for n in range(4)] == [
+        5.0, 5.0, 60.0, 65.0]

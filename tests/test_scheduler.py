@@ -51,17 +51,21 @@ async def test_paced_mail_waits_on_disk_until_the_clock_says(tmp_path: Path) -> 
     clock, deliverer = Clock(), ScriptedDeliverer()
     queue, spool = rig(tmp_path, deliverer, clock, mailbox_limits={"messages_per_minute": 2})
     try:
-        for _ in range(2):
-            arrive(spool, clock)
+        arrive(spool, clock)
         await run_pass(queue)
-        assert len(deliverer.calls) == 2            # the minute's two
-        for _ in range(2):
+        clock.now = T + 10
+        arrive(spool, clock)
+        await run_pass(queue)
+        assert len(deliverer.calls) == 2            # the minute's two, at T and T + 10
+        for _ in range(3):
             arrive(spool, clock)
         await run_pass(queue)
         assert len(deliverer.calls) == 2
         waiting = sorted(spool.read(State.DEFERRED, n).next_attempt
                          for n in spool.names(State.DEFERRED))
-        assert waiting == [T + 60, T + 90]          # spread out by the pace (60 s / 2)
+        # Each waits for its own place in the window: as each of the minute's sends
+        # becomes a minute old, and the third for the place the first of them takes.
+        assert waiting == [T + 60, T + 70, T + 120]
         assert all(spool.read(State.DEFERRED, n).attempts == 0
                    for n in spool.names(State.DEFERRED))
         clock.now = T + 59
@@ -70,9 +74,12 @@ async def test_paced_mail_waits_on_disk_until_the_clock_says(tmp_path: Path) -> 
         clock.now = T + 60
         await run_pass(queue)
         assert len(deliverer.calls) == 3
-        clock.now = T + 90
+        clock.now = T + 70
         await run_pass(queue)
         assert len(deliverer.calls) == 4
+        clock.now = T + 120
+        await run_pass(queue)
+        assert len(deliverer.calls) == 5
         assert sum(spool.count(s) for s in State) == 0
     finally:
         await queue.stop(1)

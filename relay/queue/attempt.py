@@ -31,7 +31,7 @@ from relay.core.message import Content, DeliveryResult, Outbound
 from relay.core.reply import Reply
 from relay.deliver.deliverer import Deliverer
 from relay.queue.bounce import Bouncer
-from relay.queue.governor import Governor
+from relay.queue.governor import Admission, Governor
 from relay.queue.pacing import mailbox_of
 from relay.queue.report import AttemptReport, Event, report
 from relay.queue.settle import RetryPolicy, backoff, settle
@@ -73,13 +73,26 @@ class Attempt:
     answer while it waits (relay.queue.waiters)."""
 
     def __init__(self, ctx: Context, entry: Entry, state: State,
-                 waiter: Waiter | None = None) -> None:
+                 waiter: Waiter | None = None, admission: Admission | None = None) -> None:
         self.ctx = ctx
         self.entry = entry          # the record as known now (saved or about to be)
         self.state = state
         self.waiter = waiter
+        # The governor's count of this attempt, given back or moved when it is over.
+        self.admission = admission
 
     async def run(self) -> Outcome:
+        try:
+            return await self._run()
+        finally:
+            self._settle_admission(sent=False)   # if the upstream was never asked
+
+    def _settle_admission(self, *, sent: bool) -> None:
+        admission, self.admission = self.admission, None
+        if admission is not None:
+            self.ctx.governor.settle(admission, self.ctx.clock(), sent=sent)
+
+    async def _run(self) -> Outcome:
         ctx, entry, state = self.ctx, self.entry, self.state
         with message_context(entry.id):
             try:
@@ -184,9 +197,6 @@ class Attempt:
         mailbox = mailbox_of(entry, ctx.config)
         msg = Outbound(**(entry.envelope() | {"rcpt_tos": pending, "mailbox": mailbox}),
                        content=content)
-        started = ctx.clock()
-        if mailbox is not None:
-            ctx.governor.started(mailbox, len(pending), started)
         timer = ctx.timer()
         recorded: list[bool] = []
 
@@ -199,15 +209,11 @@ class Attempt:
         except Exception:
             log.exception("delivery attempt crashed; deferring")
             result = DeliveryResult(Reply(451, "4.3.0 Internal error during delivery"))
-        finally:
-            if mailbox is not None:
-                ctx.governor.finished(mailbox, ctx.clock())
+        # Not offered (an Entra ID outage): it must not use up the mailbox's limits.
+        self._settle_admission(sent=result.offered)
         duration = ctx.timer() - timer
         if result.offered:
             ctx.hooks.attempt(result.reply, duration)
-        elif mailbox is not None:
-            # An Entra ID outage must not use up the mailbox's day at Exchange.
-            ctx.governor.forget(mailbox, len(pending), started)
         return await self._settle(pending, result, content, mailbox, duration,
                                   claimed=any(recorded))
 

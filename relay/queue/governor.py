@@ -27,6 +27,7 @@ flight and throttling steps describe live connections and are not kept.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 from collections import deque
@@ -40,6 +41,16 @@ UNKNOWN_QUOTA_PAUSE = 3600.0  # quota used up by someone the governor does not s
 _SWEEP_EVERY = 3600.0
 
 
+
+@dataclass(frozen=True)
+class Admission:
+    """A message :meth:`Governor.admit` let through: what to give back or move when its
+    attempt is over (:meth:`Governor.settle`)."""
+
+    mailbox: str
+    recipients: int
+    at: float
+
 @dataclass(frozen=True)
 class Limits:
     max_sessions: int = 3
@@ -50,7 +61,7 @@ class Limits:
 
 @dataclass
 class _Mailbox:
-    minute: deque[float]                     # start times of the latest sends
+    minute: deque[float]                     # the latest sends: admitted, then sent at
     day: deque[tuple[float, int]] = field(default_factory=deque)  # (latest time, recipients)
     day_total: int = 0
     in_flight: int = 0
@@ -153,13 +164,23 @@ class Governor:
             if box.in_flight == 0 and box.paused_until <= now and box.last_seen + DAY <= now:
                 del self._boxes[name]
 
-    def ready_at(self, mailbox: str, recipients: int, now: float) -> float:
-        """``now`` if a message with ``recipients`` may start now, else the earliest time."""
+    def ready_at(self, mailbox: str, recipients: int, now: float, *,
+                 sessions: bool = True, ahead: int = 0) -> float:
+        """``now`` if a message with ``recipients`` may start now, else the earliest time.
+        With ``sessions=False`` only the minute's and the day's windows count, not whether
+        a session slot is free (the session pool queues for one). ``ahead``: how many
+        messages of the mailbox already wait for the minute's window before this one, so
+        that each waits for its own place in it, not all for the first."""
         box = self._box(mailbox, now)
         limits = self.limits
         at = max(now, box.paused_until)
-        if len(box.minute) >= limits.messages_per_minute:
-            at = max(at, box.minute[-limits.messages_per_minute] + MINUTE)
+        # The minute's places: those free now, then one more as each send in the window
+        # becomes a minute old; the sends they admit free theirs a minute later again.
+        per_minute = limits.messages_per_minute
+        free = per_minute - len(box.minute)
+        place, laps = ahead % per_minute, ahead // per_minute
+        first = now if place < free else box.minute[place - free] + MINUTE
+        at = max(at, first + MINUTE * laps)
         excess = box.day_total + recipients - limits.recipients_per_day
         # A message over the daily limit on its own never fits; let Exchange answer it.
         if excess > 0 and recipients <= limits.recipients_per_day:
@@ -168,7 +189,7 @@ class Governor:
                 if excess <= 0:
                     at = max(at, latest + DAY)
                     break
-        if box.in_flight >= box.session_limit(limits):
+        if sessions and box.in_flight >= box.session_limit(limits):
             at = max(at, now + SLOT_RETRY)
         return at
 
@@ -205,6 +226,28 @@ class Governor:
     def finished(self, mailbox: str, now: float) -> None:
         box = self._box(mailbox, now)
         box.in_flight = max(0, box.in_flight - 1)
+
+    def admit(self, mailbox: str, recipients: int, now: float) -> Admission:
+        """Count a message the queue lets through now, before it is even taken from the
+        spool: the next message asked about in the same pass must see it, or one pass of
+        the dispatcher lets a whole backlog past the minute's limit."""
+        self.started(mailbox, recipients, now)
+        return Admission(mailbox, recipients, now)
+
+    def settle(self, admission: Admission, now: float, *, sent: bool) -> None:
+        """The admitted attempt is over. If it reached Exchange (``sent``), its place in
+        the minute's window moves to ``now``, when Exchange counted it: a message that
+        waited for a session must not let the next minute's start before Exchange's
+        does. If it did not (no token, no data), it used none of the limits."""
+        box = self._box(admission.mailbox, now)
+        box.in_flight = max(0, box.in_flight - 1)
+        if not sent:
+            self.forget(admission.mailbox, admission.recipients, admission.at)
+            return
+        with contextlib.suppress(ValueError):
+            box.minute.remove(admission.at)
+            bisect.insort(box.minute, max(now, admission.at))
+            self.changes += 1
 
     def throttled(self, mailbox: str, now: float) -> None:
         """Exchange refused a session (432 4.3.2): one session fewer for a cooldown."""

@@ -37,7 +37,7 @@ from relay.deliver.deliverer import Deliverer
 from relay.queue import attempt
 from relay.queue.attempt import Attempt, Context
 from relay.queue.bounce import Bouncer
-from relay.queue.governor import Governor
+from relay.queue.governor import Admission, Governor
 from relay.queue.pacing import GovernorFile, governor_limits, mailbox_of
 from relay.queue.waiters import Outcome, Waiter, wait_for_answer
 from relay.spool.facade import AsyncSpool
@@ -305,11 +305,17 @@ class Queue:
             return entry.next_attempt
         mailbox = mailbox_of(entry, self.config)
         if mailbox is not None:
-            ready = self.governor.ready_at(mailbox, len(entry.pending), now)
+            # A busy session slot is not a reason to go back to disk: the attempt waits
+            # for one in the session pool (relay.deliver.pool), first come first served,
+            # and the window bounds how many wait. The minute and the day are.
+            ready = self.governor.ready_at(mailbox, len(entry.pending), now, sessions=False)
             if ready > now:
-                # Paced: wait on disk, spread out so they do not all wake at once.
-                n = stagger[mailbox] = stagger.get(mailbox, 0) + 1
-                entry.next_attempt = ready + (n - 1) * self._spacing()
+                # Paced: wait on disk, each until its own place in the window is free
+                # (the n-th waiting one until the n-th send of the last minute leaves it).
+                ahead = stagger.get(mailbox, 0)
+                stagger[mailbox] = ahead + 1
+                entry.next_attempt = self.governor.ready_at(
+                    mailbox, len(entry.pending), now, sessions=False, ahead=ahead)
                 try:
                     if state is State.DEFERRED:
                         await self.spool.set_due(entry.id, entry.next_attempt)
@@ -326,12 +332,19 @@ class Queue:
 
     def _start(self, entry: Entry, state: State,
                waiter: Waiter | None = None) -> asyncio.Task[Outcome]:
-        task = self._active[entry.id] = asyncio.create_task(self._run(entry, state, waiter))
+        """Start the attempt of a message the governor said may go now; it is counted
+        against its mailbox's limits at once (before any await), not when it is sent."""
+        mailbox = mailbox_of(entry, self.config)
+        admission = None if mailbox is None else self.governor.admit(
+            mailbox, len(entry.pending), self._clock())
+        task = self._active[entry.id] = asyncio.create_task(
+            self._run(entry, state, waiter, admission))
         return task
 
-    async def _run(self, entry: Entry, state: State, waiter: Waiter | None) -> Outcome:
+    async def _run(self, entry: Entry, state: State, waiter: Waiter | None,
+                   admission: Admission | None) -> Outcome:
         try:
-            return await Attempt(self._context, entry, state, waiter).run()
+            return await Attempt(self._context, entry, state, waiter, admission).run()
         finally:
             if self._active.get(entry.id) is asyncio.current_task():
                 del self._active[entry.id]
@@ -353,6 +366,3 @@ class Queue:
 
     def _deferred_until(self, when: float) -> None:
         self._next_deferred_scan = min(self._next_deferred_scan, when)
-
-    def _spacing(self) -> float:
-        return 60.0 / max(1, self.config.delivery.mailbox_limits.messages_per_minute)
