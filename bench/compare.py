@@ -28,6 +28,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import os
 import platform
 import resource
@@ -46,7 +47,8 @@ import aiosmtplib
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.memory import fetch_token, start_bare, status  # noqa: E402
+from bench import drain  # noqa: E402
+from bench.memory import fetch_token, measure, start_bare, status  # noqa: E402
 from tests.relayproc import MAILBOX, Harness  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -220,7 +222,8 @@ def main(ns: argparse.Namespace) -> None:
         directory = Path(tmp)
         idle = ns.idle_connections
         h = Harness(directory, {
-            "server": {"max_connections": max(100, idle + 50),
+            "server": {"max_message_size": f"{ns.big_mb + 10}MiB",
+                       "max_connections": max(100, idle + 50),
                        "max_connections_per_client": max(100, idle + 50)},
             "delivery": {"mailbox_limits": {"messages_per_minute": 10**6,
                                             "recipients_per_day": 10**8}},
@@ -239,19 +242,23 @@ def main(ns: argparse.Namespace) -> None:
                 finally:
                     floor.terminate()
                     floor.wait(10)
-            if "queued" in ns.only or "memory" in ns.only:
+            if {"queued", "memory", "big"} & ns.only:
                 relay = h.start()
                 time.sleep(1.0)
                 memory["idle"] = status(relay.pid, "VmRSS")
                 requests0 = h.fakes.entra.token_requests
+                if "big" in ns.only:
+                    # First, so that the high-water mark is this message's alone.
+                    big = measure("relay", relay.pid, relay.port, h, 1, big_message(ns.big_mb))
+                    memory[f"peak while relaying one {ns.big_mb} MB message"] = big["peak"]
                 if "queued" in ns.only:
                     with profiled(ns.profile, relay.pid):
                         rows.append(bench.run("relay, queued", Plain(relay.port), relay.pid))
-                    memory["after the run"] = status(relay.pid, "VmRSS")
+                    memory["after the queued run"] = status(relay.pid, "VmRSS")
                 if "memory" in ns.only:
                     memory[f"{idle} idle connections"] = idle_connections(
                         relay.port, relay.pid, idle)
-                memory["peak"] = status(relay.pid, "VmHWM")
+                memory["peak of all the above"] = status(relay.pid, "VmHWM")
                 tokens["queued"] = h.fakes.entra.token_requests - requests0
                 relay.terminate()
                 relay.wait()
@@ -267,11 +274,32 @@ def main(ns: argparse.Namespace) -> None:
         finally:
             with contextlib.redirect_stdout(io.StringIO()):     # the relay's log tail
                 h.close()
-    report(ns, rows, memory, tokens)
+    if "queue" in ns.only:
+        memory.update(queued_memory(ns.queued))
+    drained = drain.run(argparse.Namespace(
+        mailboxes=ns.drain_mailboxes, per_minute=ns.drain_per_minute,
+        backlog=ns.drain_backlog)) if "drain" in ns.only else None
+    report(ns, rows, memory, tokens, drained)
+
+
+def big_message(mb: int) -> bytes:
+    line = b"x" * 998 + b"\r\n"
+    return (f"From: {MAILBOX}\r\nTo: a@example.com\r\nSubject: big\r\n\r\n".encode()
+            + line * (mb * 1024 * 1024 // len(line)))
+
+
+def queued_memory(count: int) -> dict[str, float]:
+    """bench/queue_memory.py's child: a relay started on ``count`` queued messages."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "queue_memory.py"),
+                          "--child", str(count), "--seconds", "10"],
+                         capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {f"with {count:,} queued (after filling the spool)": r["rss_before_mib"],
+            f"with {count:,} queued, peak while retrying them": r["peak_rss_mib"]}
 
 
 def report(ns: argparse.Namespace, rows: list[Row], memory: dict[str, float],
-           tokens: dict[str, int]) -> None:
+           tokens: dict[str, int], drained: dict[str, Any] | None) -> None:
     print(f"# {ns.messages} messages of ~{ns.size} bytes, {ns.concurrency} concurrent clients, "
           f"one connection per message; Python {platform.python_version()}, "
           f"{os.cpu_count()} CPUs")
@@ -294,6 +322,12 @@ def report(ns: argparse.Namespace, rows: list[Row], memory: dict[str, float],
         print(f"token requests during the {phase} runs: {count}")
     for what, mib in memory.items():
         print(f"relay RSS, {what}: {mib:.0f} MiB")
+    if drained is not None:
+        print(f"drain at Exchange's limits ({ns.drain_mailboxes} mailboxes x "
+              f"{ns.drain_backlog} at {ns.drain_per_minute}/min, 3 sessions): "
+              f"{drained['seconds']:.1f} s, least possible {drained['least']:.1f} s, "
+              f"{drained['seconds'] / drained['least']:.3f}x; 432s {drained['refusals']}, "
+              f"bounced {drained['bounced']}")
 
 
 if __name__ == "__main__":
@@ -302,8 +336,13 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--size", type=int, default=5000, help="approximate message bytes")
     parser.add_argument("--idle-connections", type=int, default=1000)
-    parser.add_argument("--only", default="direct,floor,queued,sync,memory",
+    parser.add_argument("--only", default="direct,floor,queued,sync,memory,big,queue,drain",
                         help="comma-separated parts to run")
+    parser.add_argument("--big-mb", type=int, default=30)
+    parser.add_argument("--queued", type=int, default=100_000)
+    parser.add_argument("--drain-mailboxes", type=int, default=4)
+    parser.add_argument("--drain-per-minute", type=int, default=100)
+    parser.add_argument("--drain-backlog", type=int, default=200)
     parser.add_argument("--profile", metavar="FILE",
                         help="record the relay's queued run with py-spy (.svg flame graph, "
                              ".txt collapsed stacks)")
@@ -312,5 +351,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.smoke:
         args.messages, args.concurrency, args.idle_connections = 20, 4, 20
+        args.big_mb, args.queued = 2, 200
+        args.drain_mailboxes, args.drain_per_minute, args.drain_backlog = 2, 5, 5
     args.only = set(args.only.split(","))
     main(args)
