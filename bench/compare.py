@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import drain  # noqa: E402
 from bench.memory import fetch_token, measure, start_bare, status  # noqa: E402
-from tests.relayproc import MAILBOX, Harness  # noqa: E402
+from tests.relayproc import MAILBOX, Harness, RelayProcess  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -288,14 +288,45 @@ def big_message(mb: int) -> bytes:
             + line * (mb * 1024 * 1024 // len(line)))
 
 
-def queued_memory(count: int) -> dict[str, float]:
-    """bench/queue_memory.py's child: a relay started on ``count`` queued messages."""
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "queue_memory.py"),
-                          "--child", str(count), "--seconds", "10"],
-                         capture_output=True, text=True, check=True)
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    return {f"with {count:,} queued (after filling the spool)": r["rss_before_mib"],
-            f"with {count:,} queued, peak while retrying them": r["peak_rss_mib"]}
+def queued_memory(count: int, seconds: float = 10.0) -> dict[str, float]:
+    """The relay process started on ``count`` due messages (filled in beforehand, by
+    another process) with the upstream unreachable: every attempt fails at once and the
+    message is deferred again, the queue manager's worst case. Its resident memory once it
+    takes mail, and the most it reaches while it retries."""
+    with tempfile.TemporaryDirectory(prefix="bench-queue-") as tmp:
+        spool = Path(tmp) / "spool"
+        subprocess.run([sys.executable, "-c", "import sys; sys.path[:0] = sys.argv[1:2]; "
+                        "from bench.queue_memory import fill; from relay.spool.store import "
+                        "Spool; from pathlib import Path; s = Spool(Path(sys.argv[2])); "
+                        "s.open(on_tmpfs='warn'); "
+                        "fill(s, int(sys.argv[3]))", str(ROOT), str(spool), str(count)],
+                       check=True)
+        config = Path(tmp) / "config.yaml"
+        config.write_text(json.dumps({
+            "server": {"listeners": [{"address": "127.0.0.1", "port": 0}]},
+            "profiles": {"system": {"mailbox": MAILBOX, "credential": "main",
+                                    "upstream": "down"}},
+            "routing": {"system_profile": "system"},
+            "spool": {"directory": str(spool), "on_tmpfs": "warn"},
+            "delivery": {"retry_initial": "1s", "retry_max": "1s",
+                         "mailbox_limits": {"max_sessions": 100,
+                                            "messages_per_minute": 1_000_000,
+                                            "recipients_per_day": 1_000_000_000}},
+            "upstreams": {"down": {"host": "127.0.0.1", "port": 9, "timeout": "2s"}},
+            "credentials": {"main": {"tenant_id": "t", "client_id": "c",
+                                     "authority": "https://127.0.0.1:9",
+                                     "client_secret": {"value": "x"}}},
+            "http": {"enabled": False}}))          # JSON is YAML
+        relay = RelayProcess(config).start(timeout=300)
+        try:
+            ready = status(relay.pid, "VmRSS")
+            time.sleep(seconds)
+            peak = status(relay.pid, "VmHWM")
+        finally:
+            relay.terminate()
+            relay.wait()
+    return {f"with {count:,} queued, once it takes mail": ready,
+            f"with {count:,} queued, peak while retrying them": peak}
 
 
 def report(ns: argparse.Namespace, rows: list[Row], memory: dict[str, float],
