@@ -10,7 +10,8 @@
 - relay.core.log: the log format, message ids in every line, secrets scrubbed;
 - relay.core.secrets and relay.core.passhash: secret values and local password hashes;
 - relay.core.net and relay.core.text: ``host:port`` (IPv6 in brackets) and bounded
-  one-line text, written once for every stage.
+  one-line text, written once for every stage;
+- relay.core.diskio: the thread the message path's disk work runs on.
 
 Nothing here imports another part of the relay, so every part may import it.
 """

@@ -3,6 +3,7 @@
 - :mod:`relay.receive.server`: :class:`Receiver`, the connection gate, submissions, drain;
 - :mod:`relay.receive.listeners`: binding the listeners, and changing them on reload;
 - :mod:`relay.receive.session`: :class:`RelaySMTP`, one connection;
+- :mod:`relay.receive.setuponce`: aiosmtpd's per-connection AUTH lookup, once per class;
 - :mod:`relay.receive.auth`: AUTH PLAIN and LOGIN against local accounts;
 - :mod:`relay.receive.passwords`: checking those passwords, cached;
 - :mod:`relay.receive.guard`: failed-AUTH penalties and lockouts, the refusal log;
