@@ -289,9 +289,9 @@ def one_round(ns: argparse.Namespace, h: Harness, bench: Bench, token: str, dire
     if "queued" in ns.only or (first and {"memory", "big"} & ns.only):
         h.config["delivery"].pop("synchronous", None)
         h.write_config()
+        requests0 = h.fakes.entra.token_requests
         relay = h.start()
         time.sleep(1.0)
-        requests0 = h.fakes.entra.token_requests
         if first:
             memory["idle"] = status(relay.pid, "VmRSS")
         if first and "big" in ns.only:
@@ -314,8 +314,8 @@ def one_round(ns: argparse.Namespace, h: Harness, bench: Bench, token: str, dire
     if "sync" in ns.only:
         h.config["delivery"]["synchronous"] = "30s"
         h.write_config()
-        relay = h.start()
         requests0 = h.fakes.entra.token_requests
+        relay = h.start()
         add(bench.run("relay, synchronous", Plain(relay.port), relay.pid))
         tokens["sync"] = tokens.get("sync", 0) + h.fakes.entra.token_requests - requests0
         relay.terminate()
@@ -390,7 +390,8 @@ def report(ns: argparse.Namespace, rows: list[Summary], memory: dict[str, float]
     if sync and direct:
         print(f"synchronous p50 over direct: {sync.p50 - direct.p50:+.1f} ms")
     for phase, count in tokens.items():
-        print(f"token requests during the {phase} runs: {count}")
+        print(f"token requests by the {phase} relay processes ({ns.rounds}, from start to "
+              f"stop): {count}")
     for what, mib in memory.items():
         print(f"relay RSS, {what}: {mib:.0f} MiB")
     if drained is not None:
