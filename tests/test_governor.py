@@ -282,3 +282,13 @@ def test_messages_waiting_for_the_window_each_get_their_own_place() -> None:
     # Two places are free now; the third waiting one takes the first send's place.
     assert [h.ready_at(MBX, 1, 5.0, sessions=False, ahead=n) for n in range(4)] == [
         5.0, 5.0, 60.0, 65.0]
+
+
+def test_a_lowered_session_limit_holds_even_where_the_pool_queues_for_slots() -> None:
+    g = Governor(Limits(messages_per_minute=1000))
+    for _ in range(3):
+        g.admit(MBX, 1, 0.0)
+    # At the configured limit the pool queues the next one: the governor lets it through.
+    assert g.ready_at(MBX, 1, 0.0, sessions=False) == 0.0
+    g.throttled(MBX, 0.0)                   # 432 4.3.2: one session fewer for a while
+    assert g.ready_at(MBX, 1, 0.0, sessions=False) == SLOT_RETRY

@@ -167,8 +167,9 @@ class Governor:
     def ready_at(self, mailbox: str, recipients: int, now: float, *,
                  sessions: bool = True, ahead: int = 0) -> float:
         """``now`` if a message with ``recipients`` may start now, else the earliest time.
-        With ``sessions=False`` only the minute's and the day's windows count, not whether
-        a session slot is free (the session pool queues for one). ``ahead``: how many
+        With ``sessions=False`` a busy session slot does not count (the session pool
+        queues for one), unless throttling has lowered the mailbox's sessions: the pool
+        knows only the configured number, so that one is kept here. ``ahead``: how many
         messages of the mailbox already wait for the minute's window before this one, so
         that each waits for its own place in it, not all for the first."""
         box = self._box(mailbox, now)
@@ -189,7 +190,7 @@ class Governor:
                 if excess <= 0:
                     at = max(at, latest + DAY)
                     break
-        if sessions and box.in_flight >= box.session_limit(limits):
+        if (sessions or box.lowered) and box.in_flight >= box.session_limit(limits):
             at = max(at, now + SLOT_RETRY)
         return at
 
