@@ -4,6 +4,7 @@ no test here waits for real time to pass."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from relay.core.message import new_message_id
@@ -12,7 +13,7 @@ from relay.queue.scheduler import Queue
 from relay.spool.records import Entry, State
 from relay.spool.store import Spool
 from tests.conftest import build_config, wait_until
-from tests.test_queue_durability import MESSAGE, ScriptedDeliverer
+from tests.test_queue_durability import MESSAGE, ScriptedDeliverer, outbound, scripted_queue
 
 T = 2_000_000_000.0        # far from the real time: only the injected clock can reach it
 
@@ -101,5 +102,23 @@ async def test_the_lifetime_runs_out_on_the_clock(tmp_path: Path) -> None:
         failed = spool.read(State.FAILED, f"{msg.id}.json")
         assert failed.attempts == 2
         assert failed.failed == {"a@example.com": Reply.parse("451 4.4.0 try later")}
+    finally:
+        await queue.stop(1)
+
+
+async def test_a_waiting_client_waits_even_when_every_session_is_busy(tmp_path: Path) -> None:
+    """Synchronous mode under load: with the mailbox's sessions all taken, a client that
+    asked to wait still gets its own message's answer (here the 5xx), not "queued"."""
+    deliverer = ScriptedDeliverer(Reply(550, "5.1.1 User unknown"), delay=0.3)
+    queue, spool = scripted_queue(tmp_path, deliverer,
+                                  mailbox_limits={"max_sessions": 1})
+    await queue.start()
+    try:
+        busy = asyncio.ensure_future(queue.submit(outbound(), wait=5))
+        await wait_until(lambda: queue.in_flight == 1)
+        reply = await asyncio.wait_for(queue.submit(outbound(), wait=5), 4)
+        assert reply.code == 550, reply
+        assert (await busy).code == 550
+        assert sum(spool.count(s) for s in State) == 0     # refused, so nothing queued
     finally:
         await queue.stop(1)

@@ -146,8 +146,10 @@ class Queue:
         mailbox = mailbox_of(entry, self.config)
         if mailbox is None:
             return True                   # unknown profile: the attempt will defer it
-        return self.governor.ready_at(mailbox, len(entry.pending),
-                                      self._clock()) <= self._clock()
+        # As for the dispatcher: a busy session slot is waited for in the pool, so a
+        # client that asked to wait does wait, under load too.
+        now = self._clock()
+        return self.governor.ready_at(mailbox, len(entry.pending), now, sessions=False) <= now
 
     # --- lifecycle ----------------------------------------------------------------------------
 
