@@ -292,3 +292,10 @@ def test_a_lowered_session_limit_holds_even_where_the_pool_queues_for_slots() ->
     assert g.ready_at(MBX, 1, 0.0, sessions=False) == 0.0
     g.throttled(MBX, 0.0)                   # 432 4.3.2: one session fewer for a while
     assert g.ready_at(MBX, 1, 0.0, sessions=False) == SLOT_RETRY
+
+
+def test_an_attempt_longer_than_a_minute_still_counts_from_when_exchange_took_it() -> None:
+    g = Governor(Limits(messages_per_minute=1))
+    slow = g.admit(MBX, 1, 0.0)
+    g.settle(slow, 90.0, sent=True)         # a large message: the upload took 90 s
+    assert g.ready_at(MBX, 1, 91.0, sessions=False) == 150.0

@@ -41,7 +41,6 @@ UNKNOWN_QUOTA_PAUSE = 3600.0  # quota used up by someone the governor does not s
 _SWEEP_EVERY = 3600.0
 
 
-
 @dataclass(frozen=True)
 class Admission:
     """A message :meth:`Governor.admit` let through: what to give back or move when its
@@ -50,6 +49,7 @@ class Admission:
     mailbox: str
     recipients: int
     at: float
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -246,9 +246,11 @@ class Governor:
             self.forget(admission.mailbox, admission.recipients, admission.at)
             return
         with contextlib.suppress(ValueError):
-            box.minute.remove(admission.at)
-            bisect.insort(box.minute, max(now, admission.at))
-            self.changes += 1
+            box.minute.remove(admission.at)     # gone if the attempt took over a minute
+        if len(box.minute) == box.minute.maxlen:
+            box.minute.popleft()                # the oldest counts the least
+        bisect.insort(box.minute, max(now, admission.at))
+        self.changes += 1
 
     def throttled(self, mailbox: str, now: float) -> None:
         """Exchange refused a session (432 4.3.2): one session fewer for a cooldown."""

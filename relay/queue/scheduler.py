@@ -309,7 +309,8 @@ class Queue:
         if mailbox is not None:
             # A busy session slot is not a reason to go back to disk: the attempt waits
             # for one in the session pool (relay.deliver.pool), first come first served,
-            # and the window bounds how many wait. The minute and the day are.
+            # and the window bounds how many wait. Only the minute's and the day's
+            # windows, and a pause, send it back.
             ready = self.governor.ready_at(mailbox, len(entry.pending), now, sessions=False)
             if ready > now:
                 # Paced: wait on disk, each until its own place in the window is free
