@@ -12,11 +12,13 @@ to any length without the relay growing with it. Due deferred messages come from
 buffer refilled by one scan of deferred/ per window of messages, not per finished
 attempt; new and due deferred mail take turns for free slots, so neither starves the
 other. The per-mailbox governor (relay.queue.governor) paces attempts to Exchange
-Online's limits: mail over a limit waits in deferred/, spread out, instead of being
-refused. Each attempt is relay.queue.attempt's; the spool is reached only through
-relay.spool.facade.AsyncSpool. Every time the queue decides on comes from one injected
-clock (``clock``, wall-clock seconds, as the spool's files keep them), so a test can drive
-the dispatcher pass by pass at any time it likes.
+Online's limits: a message is counted against its mailbox when it is let through, and
+mail over the minute's or the day's limit waits in deferred/, each message until its own
+place in the window frees, instead of being refused; mail waiting only for one of the
+mailbox's sessions waits in the session pool. Each attempt is relay.queue.attempt's; the
+spool is reached only through relay.spool.facade.AsyncSpool. Every time the queue decides
+on comes from one injected clock (``clock``, wall-clock seconds, as the spool's files keep
+them), so a test can drive the dispatcher pass by pass at any time it likes.
 """
 
 from __future__ import annotations
@@ -257,7 +259,7 @@ class Queue:
             self._next_deferred_scan = now if len(due) >= limit else min(
                 upcoming, now + _IDLE_POLL)
         next_due = min(next_due, self._next_deferred_scan)
-        stagger: dict[str, int] = {}
+        ahead: dict[str, int] = {}      # per mailbox: paced so far in this pass
         window = self.config.delivery.window
         # New and due deferred mail take turns, so that neither a flood of new mail nor a
         # backlog of retries starves the other. Taken one by one, so that a name that
@@ -271,7 +273,7 @@ class Queue:
             state, name = ((State.DEFERRED, self._due.popleft()) if retry
                            else (State.INCOMING, arrivals.popleft()))
             try:
-                due_at = await self._consider(state, name, now, stagger)
+                due_at = await self._consider(state, name, now, ahead)
             except Exception as exc:
                 # One message's trouble (a bug, a record the schema let through) stays that
                 # message's: the others due after it are still started.
@@ -281,7 +283,7 @@ class Queue:
         return next_due
 
     async def _consider(self, state: State, name: str, now: float,
-                        stagger: dict[str, int]) -> float:
+                        waiting: dict[str, int]) -> float:
         """Start an attempt for one candidate if it may go now; returns when it is due
         otherwise (``inf`` if there is nothing to wait for)."""
         mid = Spool.id_from_name(name)
@@ -315,8 +317,8 @@ class Queue:
             if ready > now:
                 # Paced: wait on disk, each until its own place in the window is free
                 # (the n-th waiting one until the n-th send of the last minute leaves it).
-                ahead = stagger.get(mailbox, 0)
-                stagger[mailbox] = ahead + 1
+                ahead = waiting.get(mailbox, 0)
+                waiting[mailbox] = ahead + 1
                 entry.next_attempt = self.governor.ready_at(
                     mailbox, len(entry.pending), now, sessions=False, ahead=ahead)
                 try:
