@@ -3,8 +3,10 @@ versions, so that an upgrade that changes it fails here, by name, and not in pro
 
 relay/receive/session.py subclasses aiosmtpd's SMTP protocol (it has no setting for an
 asynchronous AUTH check, per-line deadlines or a streamed DATA) and reads a few of its
-private attributes; relay/upstream.py streams DATA through aiosmtplib's protocol object.
-pyproject.toml bounds both versions to the ranges checked here.
+private attributes; relay/deliver/data.py streams DATA through aiosmtplib's protocol object.
+Two shortcuts past aiosmtpd's per-connection costs are checked against aiosmtpd's own
+results: relay/receive/setuponce.py (AUTH methods found once per class) and the plain-path
+reading in RelaySMTP._getaddr. pyproject.toml bounds both versions to the ranges checked here.
 """
 
 from __future__ import annotations

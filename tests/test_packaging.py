@@ -284,9 +284,9 @@ def test_dockerignore_sends_only_what_the_build_copies() -> None:
     for src in copied:
         assert (ROOT / src).exists(), src
         assert not dockerignore_excludes(src), f"{src} is copied but .dockerignore drops it"
-    assert not dockerignore_excludes("relay/cli.py")
+    assert not dockerignore_excludes("relay/cli/__init__.py")
     for private in (".venv/bin/python", ".git/config", ".sandbox/ca.pem", "tests/conftest.py",
-                    "relay/__pycache__/cli.cpython-311.pyc", "relay/receive/__pycache__/x.pyc",
+                    "relay/cli/__pycache__/run.cpython-311.pyc", "relay/receive/__pycache__/x.pyc",
                     "spool/data/x.eml", "client-secret"):
         assert dockerignore_excludes(private), private
 
