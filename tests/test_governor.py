@@ -12,8 +12,7 @@ MBX = "relay@contoso.com"
 def send(g: Governor, at: float, recipients: int = 1, mailbox: str = MBX) -> None:
     """One complete send: the caller asked first, as the queue manager does."""
     assert g.ready_at(mailbox, recipients, at) == at
-    g.started(mailbox, recipients, at)
-    g.finished(mailbox, at)
+    g.settle(g.admit(mailbox, recipients, at), at, sent=True)
 
 
 def test_an_unused_mailbox_may_send_now() -> None:
@@ -25,10 +24,9 @@ def test_an_unused_mailbox_may_send_now() -> None:
 
 def test_session_slots() -> None:
     g = Governor()
-    for _ in range(3):
-        g.started(MBX, 1, 0.0)
+    admitted = [g.admit(MBX, 1, 0.0) for _ in range(3)]
     assert g.ready_at(MBX, 1, 1.0) == 1.0 + SLOT_RETRY
-    g.finished(MBX, 2.0)
+    g.settle(admitted[0], 2.0, sent=True)
     assert g.ready_at(MBX, 1, 2.0) == 2.0
 
 
@@ -63,16 +61,16 @@ def test_a_message_over_the_daily_limit_is_left_to_exchange() -> None:
 
 def test_limits_combine_to_the_latest_blocker() -> None:
     g = Governor(Limits(max_sessions=1, messages_per_minute=2, recipients_per_day=100))
-    g.started(MBX, 90, 0.0)
-    g.started(MBX, 5, 1.0)
+    first, second = g.admit(MBX, 90, 0.0), g.admit(MBX, 5, 1.0)
     # Slot busy (1 s), minute full (until 60), day full for 10 recipients: until both
     # sends leave it, as they share a minute bucket, which leaves with its latest send.
     assert g.ready_at(MBX, 1, 2.0) == 60.0
     assert g.ready_at(MBX, 10, 2.0) == 1.0 + DAY
     assert g.ready_at(MBX, 1, 60.0) == 60.0 + SLOT_RETRY  # only the slot is left
-    g.finished(MBX, 60.0)
-    g.finished(MBX, 60.0)
-    assert g.ready_at(MBX, 1, 61.0) == 61.0
+    g.settle(first, 60.0, sent=True)          # both slots free; Exchange took both at 60,
+    g.settle(second, 60.0, sent=True)         # so the minute is full again until 120
+    assert g.ready_at(MBX, 1, 61.0) == 120.0
+    assert g.ready_at(MBX, 1, 120.0) == 120.0
 
 
 def test_throttle_lowers_concurrency_then_recovers_step_by_step() -> None:
@@ -80,7 +78,7 @@ def test_throttle_lowers_concurrency_then_recovers_step_by_step() -> None:
     g.throttled(MBX, 0.0)
     g.throttled(MBX, 10.0)
     assert g.snapshot(MBX, 10.0)["limit"] == 1
-    g.started(MBX, 1, 10.0)
+    g.admit(MBX, 1, 10.0)
     assert g.ready_at(MBX, 1, 20.0) == 20.0 + SLOT_RETRY
     assert g.snapshot(MBX, 609.0)["limit"] == 1
     assert g.snapshot(MBX, 610.0)["limit"] == 2
@@ -147,16 +145,18 @@ def test_mailboxes_are_independent() -> None:
 def test_snapshot_values() -> None:
     g = Governor()
     send(g, 0.0, 7)
-    g.started(MBX, 3, 30.0)
+    g.admit(MBX, 3, 30.0)
     g.throttled(MBX, 30.0)
     assert g.snapshot(MBX, 40.0) == {"in_flight": 1, "limit": 2, "sent_last_minute": 2,
                                      "recipients_last_24h": 10, "paused_until": None}
     assert g.snapshot(MBX, 61.0)["sent_last_minute"] == 1
 
 
-def test_finished_without_started_does_not_go_negative() -> None:
+def test_settling_twice_does_not_go_negative() -> None:
     g = Governor()
-    g.finished(MBX, 0.0)
+    admitted = g.admit(MBX, 1, 0.0)
+    g.settle(admitted, 0.0, sent=False)
+    g.settle(admitted, 0.0, sent=False)
     assert g.snapshot(MBX, 0.0)["in_flight"] == 0
 
 
@@ -164,8 +164,7 @@ def test_memory_stays_bounded() -> None:
     g = Governor()
     n = 100_000
     for i in range(n):           # one send a second, ignoring ready_at on purpose
-        g.started(MBX, 1, float(i))
-        g.finished(MBX, float(i))
+        g.settle(g.admit(MBX, 1, float(i)), float(i), sent=True)
     box = g._boxes[MBX]
     assert len(box.minute) <= 30
     assert len(box.day) <= DAY / 60 + 1
@@ -177,7 +176,7 @@ def test_memory_stays_bounded() -> None:
 def test_idle_mailboxes_are_forgotten() -> None:
     g = Governor()
     send(g, 0.0, mailbox="old@x")
-    g.started("busy@x", 1, 0.0)
+    g.admit("busy@x", 1, 0.0)
     g.quota_exceeded("busy@x", 0.0)
     send(g, 2 * DAY, mailbox="new@x")
     assert set(g._boxes) == {"busy@x", "new@x"}
@@ -203,7 +202,7 @@ def test_windows_and_pause_survive_export_and_restore() -> None:
     send(g, 3600.0, 3000)
     send(g, 3620.0, 10)
     g.quota_exceeded(MBX, 3630.0)
-    g.started("other@contoso.com", 1, 3630.0)       # in flight: not part of a restart
+    g.admit("other@contoso.com", 1, 3630.0)         # in flight: not part of a restart
     g.throttled("other@contoso.com", 3630.0)
     saved = json.loads(json.dumps(g.export(3630.0)))
 
@@ -231,9 +230,7 @@ def test_an_attempt_that_never_reached_exchange_is_forgotten() -> None:
     g = Governor(Limits(messages_per_minute=2, recipients_per_day=100))
     send(g, 0.0, 40)
     for at in (10.0, 11.0, 12.0):                 # three attempts that failed before Exchange
-        g.started(MBX, 50, at)
-        g.finished(MBX, at)
-        g.forget(MBX, 50, at)
+        g.settle(g.admit(MBX, 50, at), at, sent=False)
     snap = g.snapshot(MBX, 13.0)
     assert (snap["sent_last_minute"], snap["recipients_last_24h"]) == (1, 40)
     assert g.ready_at(MBX, 60, 13.0) == 13.0

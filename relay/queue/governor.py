@@ -1,7 +1,7 @@
 """Per-mailbox pacing within Exchange Online's submission limits.
 
 - :class:`Governor`: per mailbox, when a message with so many recipients may go
-  (:meth:`Governor.ready_at`), what was sent (``started``, ``finished``, ``forget``) and
+  (:meth:`Governor.ready_at`), what was let through and sent (``admit``, ``settle``) and
   what Exchange said (``throttled``, ``quota_exceeded``); ``export``/``restore`` for
   keeping its windows across restarts (relay.queue.pacing), ``snapshot`` for the probes;
 - :class:`Limits`: the limits it keeps to (``delivery.mailbox_limits``);
@@ -194,7 +194,10 @@ class Governor:
             at = max(at, now + SLOT_RETRY)
         return at
 
-    def started(self, mailbox: str, recipients: int, now: float) -> None:
+    def admit(self, mailbox: str, recipients: int, now: float) -> Admission:
+        """Count a message the queue lets through now, before it is even taken from the
+        spool: the next message asked about in the same pass must see it, or one pass of
+        the dispatcher lets a whole backlog past the minute's limit."""
         box = self._box(mailbox, now)
         self.changes += 1
         box.in_flight += 1
@@ -205,11 +208,28 @@ class Governor:
         else:
             box.day.append((now, recipients))
         box.day_total += recipients
+        return Admission(mailbox, recipients, now)
 
-    def forget(self, mailbox: str, recipients: int, at: float) -> None:
-        """Take back what :meth:`started` recorded at ``at``: the attempt never reached
-        Exchange (no token), so it used none of the mailbox's limits."""
-        box = self._box(mailbox, at)
+    def settle(self, admission: Admission, now: float, *, sent: bool) -> None:
+        """The admitted attempt is over. If it reached Exchange (``sent``), its place in
+        the minute's window moves to ``now``, when Exchange counted it: a message that
+        waited for a session must not let the next minute's start before Exchange's
+        does. If it did not (no token, no data), it used none of the limits."""
+        box = self._box(admission.mailbox, now)
+        box.in_flight = max(0, box.in_flight - 1)
+        if not sent:
+            self._forget(box, admission)
+            return
+        with contextlib.suppress(ValueError):
+            box.minute.remove(admission.at)     # gone if the attempt took over a minute
+        if len(box.minute) == box.minute.maxlen:
+            box.minute.popleft()                # the oldest counts the least
+        bisect.insort(box.minute, max(now, admission.at))
+        self.changes += 1
+
+    def _forget(self, box: _Mailbox, admission: Admission) -> None:
+        """Take back what :meth:`admit` recorded."""
+        at, recipients = admission.at, admission.recipients
         with contextlib.suppress(ValueError):
             box.minute.remove(at)
         for i in range(len(box.day) - 1, -1, -1):
@@ -223,34 +243,6 @@ class Governor:
                     box.day[i] = (latest, count - taken)
                 self.changes += 1
                 break
-
-    def finished(self, mailbox: str, now: float) -> None:
-        box = self._box(mailbox, now)
-        box.in_flight = max(0, box.in_flight - 1)
-
-    def admit(self, mailbox: str, recipients: int, now: float) -> Admission:
-        """Count a message the queue lets through now, before it is even taken from the
-        spool: the next message asked about in the same pass must see it, or one pass of
-        the dispatcher lets a whole backlog past the minute's limit."""
-        self.started(mailbox, recipients, now)
-        return Admission(mailbox, recipients, now)
-
-    def settle(self, admission: Admission, now: float, *, sent: bool) -> None:
-        """The admitted attempt is over. If it reached Exchange (``sent``), its place in
-        the minute's window moves to ``now``, when Exchange counted it: a message that
-        waited for a session must not let the next minute's start before Exchange's
-        does. If it did not (no token, no data), it used none of the limits."""
-        box = self._box(admission.mailbox, now)
-        box.in_flight = max(0, box.in_flight - 1)
-        if not sent:
-            self.forget(admission.mailbox, admission.recipients, admission.at)
-            return
-        with contextlib.suppress(ValueError):
-            box.minute.remove(admission.at)     # gone if the attempt took over a minute
-        if len(box.minute) == box.minute.maxlen:
-            box.minute.popleft()                # the oldest counts the least
-        bisect.insort(box.minute, max(now, admission.at))
-        self.changes += 1
 
     def throttled(self, mailbox: str, now: float) -> None:
         """Exchange refused a session (432 4.3.2): one session fewer for a cooldown."""
