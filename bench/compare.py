@@ -223,7 +223,7 @@ def profiled(target: str | None, pid: int) -> Any:
         return
     spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-o",
                             target, "--pid", str(pid), "--rate", "250", "--gil",
-                            *ns_format(target)],
+                            *_spy_format(target)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)
     try:
@@ -233,9 +233,11 @@ def profiled(target: str | None, pid: int) -> Any:
         spy.wait(60)
 
 
-def ns_format(target: str) -> list[str]:
-    return ["--format", "speedscope"] if target.endswith(".json") else \
-        ["--format", "raw"] if target.endswith(".txt") else []
+def _spy_format(target: str) -> list[str]:
+    """py-spy's output format from the file's name (a flame graph unless told otherwise)."""
+    formats = {".json": "speedscope", ".txt": "raw"}
+    suffix = Path(target).suffix
+    return ["--format", formats[suffix]] if suffix in formats else []
 
 
 def main(ns: argparse.Namespace) -> None:
