@@ -593,7 +593,7 @@ async def test_the_queue_leaves_a_message_alone_until_its_accept_is_done(
     loop = asyncio.get_running_loop()
     real_sync = Spool.sync_dirs
 
-    def sync_dirs(self: Spool) -> None:
+    def sync_dirs(self: Spool, states: object = ()) -> None:
         loop.call_soon_threadsafe(queue.wake)          # the dispatcher looks now...
         time.sleep(0.3)
         raise OSError(errno.EIO, "Input/output error")  # ...and the sync fails
@@ -709,3 +709,83 @@ async def test_a_partial_delivery_is_recorded_on_a_full_disk(
         monkeypatch.setattr(os, "write", real_write)
         await queue.stop(2)
     assert deliverer.calls[1:] in ([], [["bad@example.com"]])
+
+
+class ReadingDeliverer(ScriptedDeliverer):
+    """Reads every message's bytes, as the real delivery step does."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__(delay=delay)
+        self.data: dict[str, bytes] = {}
+
+    async def deliver(self, msg: Outbound, **kw: object) -> DeliveryResult:
+        self.data[msg.id] = await msg.content.read_all()
+        return await super().deliver(msg, **kw)
+
+
+def count_disk_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every look the queue takes at the spool for a message's record or bytes,
+    and every listing of incoming/, from now on."""
+    seen: list[str] = []
+    for name in ("read", "content", "read_data"):
+        real = getattr(Spool, name)
+
+        def spy(self: Spool, *args: Any, _real: Any = real, _name: str = name) -> Any:
+            seen.append(_name)
+            return _real(self, *args)
+        monkeypatch.setattr(Spool, name, spy)
+    real_names = Spool.names
+
+    def names(self: Spool, state: State) -> Any:
+        if state is State.INCOMING:
+            seen.append("scan of incoming/")
+        return real_names(self, state)
+    monkeypatch.setattr(Spool, "names", names)
+    real_bytes = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self.suffix == ".eml":
+            seen.append(f"read {self.name}")
+        return real_bytes(self)
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    return seen
+
+
+async def test_new_mail_goes_out_without_reading_back_what_was_just_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Handed over in memory: no scan of incoming/, no re-read of its record or bytes."""
+    deliverer = ReadingDeliverer()
+    queue, spool = scripted_queue(tmp_path, deliverer)
+    await queue.start()
+    try:
+        await asyncio.sleep(0.1)        # the first pass after start scans incoming/
+        seen = count_disk_reads(monkeypatch)
+        sent = [outbound() for _ in range(20)]
+        await asyncio.gather(*(queue.submit(m) for m in sent))
+        await wait_until(lambda: len(deliverer.data) == 20)
+        await wait_until(lambda: queue.in_flight == 0)
+        assert seen == []
+        assert all(deliverer.data[m.id] == MESSAGE for m in sent)
+        assert sum(spool.count(s) for s in State) == 0
+    finally:
+        await queue.stop(1)
+
+
+async def test_mail_beyond_the_hand_over_is_found_on_disk(tmp_path: Path) -> None:
+    """More new mail than the window holds in memory: the rest is found by a scan, at once
+    (not at the idle poll), and every message goes out once."""
+    deliverer = ReadingDeliverer(delay=0.05)
+    queue, spool = scripted_queue(tmp_path, deliverer, window=2)
+    await queue.start()
+    try:
+        sent = [outbound() for _ in range(12)]
+        started = time.monotonic()
+        await asyncio.gather(*(queue.submit(m) for m in sent))
+        await wait_until(lambda: len(deliverer.data) == 12)
+        assert time.monotonic() - started < 5       # far less than the 10 s idle poll
+        assert sorted(mid for mid, _ in deliverer.calls) == sorted(m.id for m in sent)
+        assert all(deliverer.data[m.id] == MESSAGE for m in sent)
+        await wait_until(lambda: queue.in_flight == 0)
+        assert sum(spool.count(s) for s in State) == 0
+    finally:
+        await queue.stop(1)

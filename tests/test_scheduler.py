@@ -34,11 +34,14 @@ def rig(tmp_path: Path, deliverer: ScriptedDeliverer, clock: Clock,
     return Queue(spool, deliverer, config, clock=clock), spool  # type: ignore[arg-type]
 
 
-def arrive(spool: Spool, clock: Clock) -> Entry:
+def arrive(queue: Queue, spool: Spool, clock: Clock) -> Entry:
+    """A message placed in incoming/ behind the queue's back (as recovery or an operator
+    command does), and the queue told to look."""
     entry = Entry(id=new_message_id(), profile="system", mail_from="app@contoso.com",
                   rcpt_tos=["a@example.com"], size=len(MESSAGE), received_at=clock(),
                   mailbox="relay@contoso.com")
     spool.add(entry, MESSAGE)
+    queue.wake()
     return entry
 
 
@@ -52,14 +55,14 @@ async def test_paced_mail_waits_on_disk_until_the_clock_says(tmp_path: Path) -> 
     clock, deliverer = Clock(), ScriptedDeliverer()
     queue, spool = rig(tmp_path, deliverer, clock, mailbox_limits={"messages_per_minute": 2})
     try:
-        arrive(spool, clock)
+        arrive(queue, spool, clock)
         await run_pass(queue)
         clock.now = T + 10
-        arrive(spool, clock)
+        arrive(queue, spool, clock)
         await run_pass(queue)
         assert len(deliverer.calls) == 2            # the minute's two, at T and T + 10
         for _ in range(3):
-            arrive(spool, clock)
+            arrive(queue, spool, clock)
         await run_pass(queue)
         assert len(deliverer.calls) == 2
         waiting = sorted(spool.read(State.DEFERRED, n).next_attempt
@@ -91,7 +94,7 @@ async def test_the_lifetime_runs_out_on_the_clock(tmp_path: Path) -> None:
     deliverer = ScriptedDeliverer(Reply(451, "4.4.0 try later"))
     queue, spool = rig(tmp_path, deliverer, clock, max_lifetime="1h", retry_initial="10m",
                        retry_max="10m", bounce="none")
-    msg = arrive(spool, clock)
+    msg = arrive(queue, spool, clock)
     try:
         await run_pass(queue)
         retry = spool.read(State.DEFERRED, f"{msg.id}.json")

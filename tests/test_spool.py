@@ -8,7 +8,7 @@ import contextlib
 import errno
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -75,19 +75,37 @@ async def test_accept_writes_data_and_metadata(spool: Spool) -> None:
 
 async def test_concurrent_accepts_share_directory_fsyncs(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = 0
+    calls: list[set[State]] = []
     real = spool.sync_dirs
 
-    def counting() -> None:
-        nonlocal calls
-        calls += 1
-        real()
+    def counting(states: Collection[State]) -> None:
+        calls.append(set(states))
+        real(states)
 
     monkeypatch.setattr(spool, "sync_dirs", counting)
     files = AsyncSpool(spool)
     await asyncio.gather(*(files.accept(entry(f"M{i:03d}"), b"x") for i in range(200)))
     assert spool.count(State.INCOMING) == 200
-    assert calls < 200                               # group commit: batches, not one each
+    assert len(calls) < 200                          # group commit: batches, not one each
+    # Only where the arrivals went (with data/): not every state's directory each time.
+    assert all(states == {State.INCOMING} for states in calls)
+    await files.close()
+
+
+async def test_a_sync_that_breaks_down_answers_every_waiting_accept(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only a disk error: whatever the sync raises, no arrival waits for ever, and
+    none stays in the spool (its client is told to send it again)."""
+    def broken(states: Collection[State]) -> None:
+        raise RuntimeError("not a disk error")
+
+    monkeypatch.setattr(spool, "sync_dirs", broken)
+    files = AsyncSpool(spool)
+    results = await asyncio.wait_for(asyncio.gather(
+        *(files.accept(entry(f"B{i:03d}"), b"x") for i in range(5)),
+        return_exceptions=True), 10)
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert spool.count(State.INCOMING) == 0
     await files.close()
 
 
@@ -555,3 +573,25 @@ def test_a_message_discarded_during_a_write_is_gone_and_its_descriptor_closed(
     assert [type(e) for e in errors] == [ValueError]
     assert writer._fd is None                   # closed by the write itself
     assert list((spool.root / "tmp").iterdir()) == []
+
+
+def test_a_small_message_keeps_its_bytes_for_its_first_attempt(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to KEEP_SMALL, what the writer wrote is kept with the content, so the delivery
+    that follows need not read it back; above, nothing is kept (memory stays bounded)."""
+    from relay.core import diskio
+    from relay.core.message import KEEP_SMALL
+
+    small, large = spool.writer("SMALL"), spool.writer("LARGE")
+    small.write(b"Subject: x\r\n\r\n")
+    small.write(b"body\r\n", finish=True)
+    large.write(b"x" * KEEP_SMALL)
+    large.write(b"y\r\n", finish=True)
+
+    async def no_disk(*_: object, **__: object) -> None:
+        raise AssertionError("read from disk")
+
+    monkeypatch.setattr(diskio, "run", no_disk)
+    assert asyncio.run(small.content().read_all()) == b"Subject: x\r\n\r\nbody\r\n"
+    with pytest.raises(AssertionError, match="read from disk"):
+        asyncio.run(large.content().read_all())

@@ -36,6 +36,9 @@ LINE_BREAK = re.compile(rb"\r\n|\n|\r(?!\n)")
 # Read and write size for message bytes on disk and on the wire: large enough that a 30 MB
 # message takes a hundred or so steps, small enough that many at once stay cheap.
 CHUNK = 256 * 1024
+# A message up to this size keeps a copy of its bytes in memory from its arrival to its
+# first delivery attempt (see Content): at most the queue's window of them at once.
+KEEP_SMALL = 64 * 1024
 
 
 def canonical(data: bytes) -> bytes:
@@ -53,16 +56,25 @@ class Content:
     """A message's bytes: in memory (short messages the relay makes itself) or in a file
     of the spool, read a chunk at a time so that a large message never sits in memory whole.
 
+    A spool file may come with a ``copy`` of its bytes, which the receiving side keeps when
+    the message is small (at most :data:`KEEP_SMALL`): the delivery that follows at once
+    then sends from memory instead of reading back what it has just written. The copy is
+    only ever the file's bytes; the file stays the truth, and a Content read back from
+    the spool later has none.
+
     The bytes are canonical (see the module docstring) and immutable once accepted.
     """
 
-    __slots__ = ("_data", "path", "size")
+    __slots__ = ("_copy", "_data", "path", "size")
 
     def __init__(self, *, data: bytes | None = None, path: Path | None = None,
-                 size: int = 0) -> None:
+                 size: int = 0, copy: bytes | None = None) -> None:
         if (data is None) == (path is None):
             raise ValueError("give exactly one of data and path")
+        if copy is not None and (path is None or len(copy) != size):
+            raise ValueError("a copy goes with a file, and has its size")
         self._data = data
+        self._copy = copy
         self.path = path
         self.size = len(data) if data is not None else size
 
@@ -71,8 +83,15 @@ class Content:
         return cls(data=canonical(data))
 
     @classmethod
-    def from_file(cls, path: Path, size: int) -> Content:
-        return cls(path=path, size=size)
+    def from_file(cls, path: Path, size: int, copy: bytes | None = None) -> Content:
+        return cls(path=path, size=size, copy=copy)
+
+    def moved(self, path: Path) -> Content:
+        """The same bytes, now in the file at ``path`` (placed there by the spool); what
+        was held in memory is kept as the file's copy if it is small."""
+        held = self._data if self._data is not None else self._copy
+        return Content(path=path, size=self.size,
+                       copy=held if held is not None and self.size <= KEEP_SMALL else None)
 
     @property
     def in_memory(self) -> bytes | None:
@@ -85,9 +104,10 @@ class Content:
 
     async def chunks(self, size: int = CHUNK) -> AsyncGenerator[bytes, None]:
         """The bytes, ``size`` at a time; file reads happen on a disk thread."""
-        if self._data is not None:
-            for start in range(0, len(self._data), size):
-                yield self._data[start:start + size]
+        held = self._data if self._data is not None else self._copy
+        if held is not None:
+            for start in range(0, len(held), size):
+                yield held[start:start + size]
             return
         assert self.path is not None
         if self.size <= size:
@@ -104,18 +124,20 @@ class Content:
 
     async def read_all(self) -> bytes:
         """Every byte, in memory: only for messages known to be small (and for tests)."""
-        if self._data is not None:
-            return self._data
+        held = self._data if self._data is not None else self._copy
+        if held is not None:
+            return held
         assert self.path is not None
         return await diskio.run(self.path.read_bytes)
 
     def prefix(self, limit: int) -> bytes:
         """The first ``limit`` bytes (for the header section: relay.accept.headers splits it).
 
-        Blocking when the bytes are in a file: call it from a worker thread.
+        Blocking when the bytes are only in a file: call it from a worker thread.
         """
-        if self._data is not None:
-            return self._data[:limit]
+        held = self._data if self._data is not None else self._copy
+        if held is not None:
+            return held[:limit]
         assert self.path is not None
         with open(self.path, "rb") as f:
             return f.read(limit)

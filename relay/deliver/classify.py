@@ -184,13 +184,21 @@ class _Fill(dict[str, str]):
         return {"address": "the sender address", "mailbox": "used"}.get(key, f"<{key}>")
 
 
-@functools.lru_cache(maxsize=512)
 def classify(reply: Reply) -> Verdict:
     """The queue's decision for ``reply``; replies of other classes than 2/4/5 are retried.
 
     Cached: every attempt asks several times (the pool, the deliverer, the settlement),
     and an upstream answers with few distinct replies; the table's regexes run once each.
     """
+    if reply.code // 100 == 2:
+        # Accepted is accepted, whatever the text says; and each 250 of Exchange's names
+        # its own message, so the cache below never holds them: no table run for them.
+        return _BY_CLASS[2]
+    return _classify(reply)
+
+
+@functools.lru_cache(maxsize=512)
+def _classify(reply: Reply) -> Verdict:
     line = f"{reply.code} {one_line(reply.text)}"
     for rule in TABLE:
         m = rule.pattern.search(line)

@@ -3,6 +3,8 @@ each recipient is delivered or reported on.
 
 - relay.queue.scheduler: :class:`Queue`, the dispatcher (window, buffer of due retries,
   turns between new mail and retries, pacing) and the entry point for new messages;
+- relay.queue.waiting: what waits for the dispatcher's next pass (new mail handed over
+  in memory, due retries) and when the disk is scanned;
 - relay.queue.attempt: one attempt's life cycle, from active/ to its next state;
 - relay.queue.settle: what an attempt decides per recipient, as a pure function;
 - relay.queue.waiters: the answer to a client that waits for the first attempt;

@@ -52,7 +52,8 @@ class Context:
     ``clock`` gives the times the spool keeps (received, due; wall-clock seconds, like the
     files' mtimes), ``timer`` measures durations for the log and the latency metric
     (monotonic: a clock step must not make an attempt take negative time).
-    ``deferred_until(t)`` tells the dispatcher a message is due in deferred/ at ``t``;
+    ``deferred_until(t)`` tells the dispatcher a message is due in deferred/ at ``t``,
+    ``rescan()`` that one waits in incoming/ for its next pass (not handed over in memory);
     ``stopping()`` whether the queue is shutting down.
     """
 
@@ -65,19 +66,23 @@ class Context:
     clock: Callable[[], float]
     timer: Callable[[], float]
     deferred_until: Callable[[float], None]
+    rescan: Callable[[], None]
     stopping: Callable[[], bool]
 
 
 class Attempt:
     """One attempt of ``entry``, now in ``state``; ``waiter`` is the synchronous client's
-    answer while it waits (relay.queue.waiters)."""
+    answer while it waits (relay.queue.waiters); ``content``, the message's bytes if the
+    queue has them already (a message just accepted), else they are found in the spool."""
 
     def __init__(self, ctx: Context, entry: Entry, state: State,
-                 waiter: Waiter | None = None, admission: Admission | None = None) -> None:
+                 waiter: Waiter | None = None, admission: Admission | None = None,
+                 content: Content | None = None) -> None:
         self.ctx = ctx
         self.entry = entry          # the record as known now (saved or about to be)
         self.state = state
         self.waiter = waiter
+        self.content = content
         # The governor's count of this attempt, given back or moved when it is over.
         self.admission = admission
 
@@ -96,7 +101,7 @@ class Attempt:
         ctx, entry, state = self.ctx, self.entry, self.state
         with message_context(entry.id):
             try:
-                await ctx.spool.move(entry, state, State.ACTIVE, rewrite=False)
+                self.content = await ctx.spool.take(entry, state, self.content)
             except FileNotFoundError:
                 log.info("no longer in %s (held or deleted by an operator)", state)
                 outcome = Outcome(OutcomeState.DEFERRED, Reply(250, "2.0.0 Ok: queued"))
@@ -110,11 +115,13 @@ class Attempt:
                     # Still where it was. Hold the slot a moment, so that a disk that
                     # keeps refusing is not asked again in a tight loop.
                     await asyncio.sleep(BACKOFF_MIN_KEEP)
+                    # Still due, but no longer among the names the dispatcher holds (the
+                    # last scan's, or the hand-over's): without a new scan it would wait
+                    # for the dispatcher's idle poll.
                     if state is State.DEFERRED:
-                        # Still due, but no longer among the names the last scan of
-                        # deferred/ found: without a new scan it would wait for the
-                        # dispatcher's idle poll.
                         ctx.deferred_until(ctx.clock())
+                    else:
+                        ctx.rescan()
                     outcome = Outcome(OutcomeState.DEFERRED,
                                       Reply(250, f"2.0.0 Ok: queued as {entry.id}"))
             else:
@@ -180,7 +187,8 @@ class Attempt:
     async def _attempt(self) -> Outcome:
         ctx, entry = self.ctx, self.entry
         try:
-            content = await ctx.spool.content(entry.id)
+            content = (self.content if self.content is not None
+                       else await ctx.spool.content(entry.id))
         except FileNotFoundError:
             # Nothing to send, ever: set aside for an operator instead of retrying forever.
             await ctx.spool.set_aside(State.ACTIVE, entry.id, "has no message data")

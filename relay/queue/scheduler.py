@@ -15,7 +15,10 @@ other. The per-mailbox governor (relay.queue.governor) paces attempts to Exchang
 Online's limits: a message is counted against its mailbox when it is let through, and
 mail over the minute's or the day's limit waits in deferred/, each message until its own
 place in the window frees, instead of being refused; mail waiting only for one of the
-mailbox's sessions waits in the session pool. Each attempt is relay.queue.attempt's; the
+mailbox's sessions waits in the session pool. A message just accepted is handed to the
+dispatcher in memory, with a copy of its bytes if it is small (relay.core.message.Content):
+its first attempt neither rescans incoming/ nor reads back what was just written; when
+the disk is scanned instead is relay.queue.waiting's. Each attempt is relay.queue.attempt's; the
 spool is reached only through relay.spool.facade.AsyncSpool. Every time the queue decides
 on comes from one injected clock (``clock``, wall-clock seconds, as the spool's files keep
 them), so a test can drive the dispatcher pass by pass at any time it likes.
@@ -24,7 +27,6 @@ them), so a test can drive the dispatcher pass by pass at any time it likes.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import math
@@ -42,17 +44,13 @@ from relay.queue.bounce import Bouncer
 from relay.queue.governor import Admission, Governor
 from relay.queue.pacing import GovernorFile, governor_limits, mailbox_of
 from relay.queue.waiters import Outcome, Waiter, wait_for_answer
+from relay.queue.waiting import IDLE_POLL, Waiting
 from relay.spool.facade import AsyncSpool
 from relay.spool.records import Entry, State
 from relay.spool.store import Spool
 
 log = logging.getLogger(__name__)
 
-# How long the dispatcher sleeps at most when nothing wakes it (new mail, a finished attempt).
-_IDLE_POLL = 10.0
-# A spool file that cannot be read is passed over this long; at most this many are.
-_UNREADABLE_PAUSE = 60.0
-_UNREADABLE_MAX = 10_000
 
 
 class Queue:
@@ -67,6 +65,7 @@ class Queue:
                  timer: Callable[[], float] = time.monotonic,
                  hooks: Hooks = NO_HOOKS) -> None:
         self.spool = AsyncSpool(spool)
+        self._waiting = Waiting(self.spool)
         self.deliverer = deliverer
         self.config = config
         self.governor = Governor(governor_limits(config))
@@ -76,20 +75,13 @@ class Queue:
         self._context = Context(
             spool=self.spool, deliverer=deliverer, governor=self.governor,
             bouncer=self._bouncer, config=config, hooks=hooks, clock=clock, timer=timer,
-            deferred_until=self._deferred_until, stopping=lambda: self._stopping)
+            deferred_until=self._waiting.deferred_until, rescan=self.wake,
+            stopping=lambda: self._stopping)
         self._active: dict[str, asyncio.Task[Outcome]] = {}
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._stopping = False
         self._flushing: asyncio.Future[None] | None = None
-        # When deferred/ must be scanned next: the earliest due time seen there (or set by
-        # a deferral since), at most _IDLE_POLL away. Finished attempts wake the dispatcher,
-        # but only incoming/ and the buffer of due names are looked at then, so a long
-        # deferred queue is not rescanned for every message.
-        self._next_deferred_scan = 0.0
-        self._due: collections.deque[str] = collections.deque()  # due deferred/ names
-        # Deferred names that could not be read, and until when they are passed over.
-        self._unreadable: dict[str, float] = {}
         self._retry_turn = False    # whether a due retry goes before new mail next
         # Messages being spooled (their accept has not returned): not to be taken yet,
         # since an accept that fails withdraws its files again.
@@ -103,7 +95,9 @@ class Queue:
         self.wake()
 
     def wake(self) -> None:
-        """Have the dispatcher look for work now (new mail, a slot freed)."""
+        """Have the dispatcher look for work now, on disk too: for messages placed in
+        incoming/ by someone else than :meth:`submit` (an operator command, a test)."""
+        self._waiting.rescan()
         self._wakeup.set()
 
     # --- accepting ----------------------------------------------------------------------------
@@ -114,30 +108,34 @@ class Queue:
         mailbox = msg.mailbox or (profile.mailbox if profile else None)
         entry = Entry(**(msg.envelope() | {"mailbox": mailbox}), size=msg.content.size,
                       received_at=self._clock())
-        await self._accept(entry, msg.content)
+        content = await self._accept(entry, msg.content)
         queued = Reply(250, f"2.0.0 Ok: queued as {msg.id}")
         if not wait or not self._claim(entry):
-            self.wake()
+            self._hand_over(entry, content)
             return queued
         # The client waits for the attempt's answer (relay.queue.waiters); when the wait
         # runs out first, the attempt goes on and the queue owns the message.
         waiter: Waiter = asyncio.get_running_loop().create_future()
-        task = self._start(entry, State.INCOMING, waiter)
+        task = self._start(entry, State.INCOMING, content, waiter)
         answered = await wait_for_answer(waiter, task, wait, msg.id)
         return queued if answered is None else answered
 
-    async def _accept(self, entry: Entry, content: Content | bytes) -> None:
+    async def _accept(self, entry: Entry, content: Content | bytes) -> Content:
         """Spool a new message, which the dispatcher leaves alone until it is accepted."""
         self._accepting.add(entry.id)
         try:
-            await self.spool.accept(entry, content)
+            return await self.spool.accept(entry, content)
         finally:
             self._accepting.discard(entry.id)
 
     async def _accept_report(self, entry: Entry, dsn: bytes) -> None:
         """Spool a delivery report (relay.queue.bounce), and have it picked up."""
-        await self._accept(entry, dsn)
-        self.wake()
+        self._hand_over(entry, await self._accept(entry, dsn))
+
+    def _hand_over(self, entry: Entry, content: Content) -> None:
+        """Give the dispatcher a message just accepted into incoming/, in memory."""
+        self._waiting.hand_over(entry, content, self.config.delivery.window)
+        self._wakeup.set()
 
     def _claim(self, entry: Entry) -> bool:
         """Reserve a window slot for ``entry`` if it may go now (no await: atomic on the loop)."""
@@ -191,8 +189,8 @@ class Queue:
         async def run() -> None:
             n = await self.spool.flush_deferred(self._clock())
             log.info("flush: %d deferred message(s) due now", n)
-            self._deferred_until(0.0)
-            self.wake()
+            self._waiting.deferred_until(0.0)
+            self.wake()                         # released by an operator, perhaps
 
         self._flushing = asyncio.ensure_future(run())
 
@@ -223,7 +221,7 @@ class Queue:
             except Exception:
                 log.exception("queue scan failed; retrying")
                 next_due = self._clock() + 5
-            timeout = min(_IDLE_POLL, max(0.05, next_due - self._clock()))
+            timeout = min(IDLE_POLL, max(0.05, next_due - self._clock()))
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
             # that arrives as the event fires, and stop() would then wait forever.
             with contextlib.suppress(TimeoutError):
@@ -239,26 +237,17 @@ class Queue:
         the dispatcher not started.
         """
         now = self._clock()
-        next_due = now + _IDLE_POLL
+        next_due = now + IDLE_POLL
         room = self.config.delivery.window - len(self._active)
         if room <= 0 or self._stopping:
             return next_due
         # Due deferred messages come from a buffer, refilled by one scan of deferred/ that
         # takes up to a window's worth: draining a backlog costs one scan per window of
-        # messages, not one per finished attempt. (Bounded: at most `window` names.)
-        limit = self.config.delivery.window
-        scan_deferred = not self._due and now >= self._next_deferred_scan
-        for name, until in list(self._unreadable.items()):
-            if until <= now:
-                del self._unreadable[name]
-        incoming, due, upcoming = await self.spool.candidates(
-            now, room, limit if scan_deferred else 0, frozenset(self._unreadable))
-        if scan_deferred:
-            self._due.extend(due)
-            # A full buffer means more may be due: scan again as soon as it is used up.
-            self._next_deferred_scan = now if len(due) >= limit else min(
-                upcoming, now + _IDLE_POLL)
-        next_due = min(next_due, self._next_deferred_scan)
+        # messages, not one per finished attempt. New mail comes from the hand-over, and
+        # from incoming/ when a scan is due (relay.queue.waiting).
+        waiting = self._waiting
+        arrivals = await waiting.gather(now, room, self.config.delivery.window)
+        next_due = min(next_due, waiting.next_scan)
         ahead: dict[str, int] = {}      # per mailbox: paced so far in this pass
         window = self.config.delivery.window
         # New and due deferred mail take turns, so that neither a flood of new mail nor a
@@ -266,14 +255,14 @@ class Queue:
         # starts nothing (held, paced, no longer due) leaves its slot to the next one.
         # The turn carries over from one pass to the next: with one free slot per pass, a
         # pass that always began with new mail would never get to a retry.
-        arrivals = collections.deque(incoming)
-        while (arrivals or self._due) and len(self._active) < window:
-            retry = bool(self._due) and (self._retry_turn or not arrivals)
+        while (arrivals or waiting.due) and len(self._active) < window:
+            retry = bool(waiting.due) and (self._retry_turn or not arrivals)
             self._retry_turn = not retry
-            state, name = ((State.DEFERRED, self._due.popleft()) if retry
+            state, name = ((State.DEFERRED, waiting.due.popleft()) if retry
                            else (State.INCOMING, arrivals.popleft()))
+            known = None if retry else waiting.known(name)
             try:
-                due_at = await self._consider(state, name, now, ahead)
+                due_at = await self._consider(state, name, now, ahead, known)
             except Exception as exc:
                 # One message's trouble (a bug, a record the schema let through) stays that
                 # message's: the others due after it are still started.
@@ -283,12 +272,16 @@ class Queue:
         return next_due
 
     async def _consider(self, state: State, name: str, now: float,
-                        waiting: dict[str, int]) -> float:
+                        waiting: dict[str, int],
+                        known: tuple[Entry, Content] | None = None) -> float:
         """Start an attempt for one candidate if it may go now; returns when it is due
-        otherwise (``inf`` if there is nothing to wait for)."""
+        otherwise (``inf`` if there is nothing to wait for). ``known``: the record and
+        bytes of a message just handed over, which need not be read from disk."""
         mid = Spool.id_from_name(name)
         if mid is None or mid in self._active or mid in self._accepting:
             return math.inf     # (an accepted message wakes the dispatcher again)
+        if known is not None:
+            return await self._go_or_wait(state, *known, now, waiting)
         try:
             entry = await self.spool.read(state, name)
         except FileNotFoundError:
@@ -305,8 +298,14 @@ class Queue:
             return self._pass_over(name, now, exc)
         if state is State.DEFERRED and entry.next_attempt > now:
             # Deferred again since the scan that listed it (its attempt was in flight then).
-            self._deferred_until(entry.next_attempt)
+            self._waiting.deferred_until(entry.next_attempt)
             return entry.next_attempt
+        return await self._go_or_wait(state, entry, None, now, waiting)
+
+    async def _go_or_wait(self, state: State, entry: Entry, content: Content | None,
+                          now: float, waiting: dict[str, int]) -> float:
+        """Start ``entry``'s attempt, or, when its mailbox's limits say so, move it to
+        deferred/ until its place in the window frees (see :meth:`_consider`)."""
         mailbox = mailbox_of(entry, self.config)
         if mailbox is not None:
             # A busy session slot is not a reason to go back to disk: the attempt waits
@@ -328,14 +327,14 @@ class Queue:
                         await self.spool.move(entry, state, State.DEFERRED, rewrite=False)
                 except FileNotFoundError:
                     return math.inf               # held or deleted by an operator
-                self._deferred_until(entry.next_attempt)
+                self._waiting.deferred_until(entry.next_attempt)
                 return entry.next_attempt
         if entry.id in self._active:
             return math.inf     # a synchronous submit claimed it while the file was read
-        self._start(entry, state)
+        self._start(entry, state, content)
         return math.inf
 
-    def _start(self, entry: Entry, state: State,
+    def _start(self, entry: Entry, state: State, content: Content | None = None,
                waiter: Waiter | None = None) -> asyncio.Task[Outcome]:
         """Start the attempt of a message the governor said may go now; it is counted
         against its mailbox's limits at once (before any await), not when it is sent."""
@@ -343,31 +342,21 @@ class Queue:
         admission = None if mailbox is None else self.governor.admit(
             mailbox, len(entry.pending), self._clock())
         task = self._active[entry.id] = asyncio.create_task(
-            self._run(entry, state, waiter, admission))
+            self._run(entry, state, content, waiter, admission))
         return task
 
-    async def _run(self, entry: Entry, state: State, waiter: Waiter | None,
-                   admission: Admission | None) -> Outcome:
+    async def _run(self, entry: Entry, state: State, content: Content | None,
+                   waiter: Waiter | None, admission: Admission | None) -> Outcome:
         try:
-            return await Attempt(self._context, entry, state, waiter, admission).run()
+            return await Attempt(self._context, entry, state, waiter, admission,
+                                 content).run()
         finally:
             if self._active.get(entry.id) is asyncio.current_task():
                 del self._active[entry.id]
-            self.wake()
+            self._wakeup.set()              # a slot is free
 
     def _pass_over(self, name: str, now: float, exc: Exception) -> float:
-        """A spool file that cannot be read (or set aside) just now, for permissions or a
-        disk error: passed over for a while, so that it neither keeps the messages due
-        after it waiting nor is asked again in a loop."""
-        log.error("spool: cannot read %s (%s); trying again in %.0f s", name,
-                  getattr(exc, "strerror", None) or exc, _UNREADABLE_PAUSE)
-        if len(self._unreadable) < _UNREADABLE_MAX:
-            self._unreadable[name] = now + _UNREADABLE_PAUSE
-        else:
-            # So many that they cannot all be remembered: scan less often instead.
-            self._next_deferred_scan = max(self._next_deferred_scan, now + _UNREADABLE_PAUSE)
+        """A file that cannot be read just now (relay.queue.waiting): when to look again."""
+        self._waiting.pass_over(name, now, exc)
         # (relay.queue.attempt's pause after a refusal, looked up now: tests shorten it.)
         return now + attempt.BACKOFF_MIN_KEEP
-
-    def _deferred_until(self, when: float) -> None:
-        self._next_deferred_scan = min(self._next_deferred_scan, when)

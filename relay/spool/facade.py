@@ -32,6 +32,7 @@ class AsyncSpool:
     def __init__(self, store: Spool) -> None:
         self.store = store
         self._commit_waiters: list[asyncio.Future[None]] = []
+        self._commit_states: set[State] = set()     # where the waiting arrivals went
         self._commit_wakeup: asyncio.Event | None = None
         self._committer: asyncio.Task[None] | None = None
 
@@ -54,14 +55,15 @@ class AsyncSpool:
             content = Content(data=content)
         await diskio.run(self.store.add, entry, content, state)
         try:
-            await self._group_commit()
-        except OSError:
+            await self._group_commit(state)
+        except Exception:
             await diskio.run(self.store.withdraw, entry.id, state)
             raise
-        return Content.from_file(self.store.data_path(entry.id), content.size)
+        return content.moved(self.store.data_path(entry.id))
 
-    async def _group_commit(self) -> None:
+    async def _group_commit(self, state: State) -> None:
         loop = asyncio.get_running_loop()
+        self._commit_states.add(state)
         if self._committer is None or self._committer.done():
             self._commit_wakeup = asyncio.Event()
             self._committer = loop.create_task(self._commit_loop())
@@ -77,11 +79,12 @@ class AsyncSpool:
             await self._commit_wakeup.wait()
             self._commit_wakeup.clear()
             batch, self._commit_waiters = self._commit_waiters, []
+            states, self._commit_states = self._commit_states, set()
             if not batch:
                 continue
             try:
-                await diskio.run(self.store.sync_dirs)
-            except OSError as exc:
+                await diskio.run(self.store.sync_dirs, states)
+            except Exception as exc:    # not only OSError: the waiters must never hang
                 for w in batch:
                     if not w.done():
                         w.set_exception(exc)
@@ -139,6 +142,13 @@ class AsyncSpool:
         return await diskio.run(self.store.holds, state, mid)
 
     # --- state changes ------------------------------------------------------------------
+
+    async def take(self, entry: Entry, src: State, content: Content | None = None
+                   ) -> Content | None:
+        """Move ``entry`` from ``src`` into active/ for its attempt, in one trip to the disk
+        thread with finding its bytes: returns ``content`` if given, else the stored bytes
+        (None if there are none). Raises as :meth:`move` does."""
+        return await diskio.run(self.store.take, entry, src, content)
 
     async def move(self, entry: Entry, src: State, dst: State, *,
                    rewrite: bool = True) -> None:

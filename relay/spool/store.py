@@ -23,7 +23,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Container, Iterator
+from collections.abc import Collection, Container, Iterator
 from pathlib import Path
 
 from relay.core.message import Content
@@ -181,9 +181,10 @@ class Spool:
             return
         disk.unlink_quietly(self.data_path(mid))
 
-    def sync_dirs(self) -> None:
-        """Make the names of every message added so far durable (see :meth:`add`)."""
-        for name in ("data", *State):
+    def sync_dirs(self, states: Collection[State] = tuple(State)) -> None:
+        """Make the names of every message added so far to ``states`` durable (see
+        :meth:`add`): data/ and those directories, the only ones an add changes."""
+        for name in ("data", *states):
             disk.fsync_dir(self.root / name)
 
     # --- state changes -----------------------------------------------------------------------
@@ -243,6 +244,18 @@ class Spool:
         disk.fsync_dir(new.parent)
         if old.parent != new.parent:
             disk.fsync_dir(old.parent)
+
+    def take(self, entry: Entry, src: State, content: Content | None = None
+             ) -> Content | None:
+        """:meth:`move` ``entry`` from ``src`` to active/ as it is, then its bytes:
+        ``content`` if the caller has them, else :meth:`content` (None if missing)."""
+        self.move(entry, src, State.ACTIVE, rewrite=False)
+        if content is not None:
+            return content
+        try:
+            return self.content(entry.id)
+        except FileNotFoundError:
+            return None
 
     def record_delivered(self, entry: Entry, *, complete: bool) -> None:
         """Write down, right after the upstream's 250, what it accepted: the one step between

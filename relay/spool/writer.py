@@ -6,7 +6,9 @@
   (relay.spool.facade.AsyncSpool.accept).
 
 A large message never sits in memory: the receiving side writes each chunk as it comes
-(relay.spool.store.Spool.writer makes the writer for a message id).
+(relay.spool.store.Spool.writer makes the writer for a message id). A small one (at most
+relay.core.message.KEEP_SMALL) keeps the bytes it wrote, usually one write of the whole
+message, so that its first delivery attempt need not read them back.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import threading
 from pathlib import Path
 
-from relay.core.message import Content
+from relay.core.message import KEEP_SMALL, Content
 from relay.spool import disk
 
 
@@ -39,6 +41,7 @@ class DataWriter:
         self._finished = False
         self._discarded = False
         self._lock = threading.Lock()
+        self._copy: list[bytes] | None = []    # None once the message is over KEEP_SMALL
 
     def write(self, data: bytes, *, finish: bool = False) -> None:
         """Append ``data``; with ``finish``, also fsync and close (the message is whole)."""
@@ -51,6 +54,11 @@ class DataWriter:
                                        | os.O_CLOEXEC, disk.FILE_MODE)
                 disk.write_all(self._fd, data)
                 self.size += len(data)
+                if self._copy is not None:
+                    if self.size <= KEEP_SMALL:
+                        self._copy.append(data)
+                    else:
+                        self._copy = None
                 if finish:
                     os.fsync(self._fd)
                     self._close()
@@ -84,4 +92,5 @@ class DataWriter:
     def content(self) -> Content:
         if not self._finished or self._discarded:
             raise ValueError("message data not finished")
-        return Content.from_file(self.path, self.size)
+        copy = None if self._copy is None else b"".join(self._copy)
+        return Content.from_file(self.path, self.size, copy)
