@@ -35,7 +35,7 @@ profiles:
 routing: {system_profile: system}
 credentials:
   main:
-    tenant_id: contoso
+    tenant_id: contoso.onmicrosoft.com
     client_id: app
     client_secret: {env: SECRET_THAT_IS_NOT_SET}
 """
