@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import tempfile
@@ -41,10 +42,29 @@ credentials:
 """
 
 
-def relay_cmd(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "SECRET_THAT_IS_NOT_SET"}
+def relay_cmd(*args: str, env: dict[str, str] | None = None,
+              **kw: object) -> subprocess.CompletedProcess[str]:
+    """The command as a user runs it, with ``env`` added to this one's environment
+    (without a proxy: the tests' services are on loopback)."""
+    env = {**{k: v for k, v in os.environ.items()
+              if k != "SECRET_THAT_IS_NOT_SET" and not k.lower().endswith("_proxy")},
+           **(env or {})}
     return subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True,
                           text=True, timeout=120, cwd=ROOT, env=env, **kw)  # type: ignore[call-overload]
+
+
+def unreachable_entra(tmp_path: Path) -> tuple[Path, str]:
+    """A config whose Entra ID refuses connections, and the one line that says so."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(SANDBOX_CONFIG).replace(
+        "{env: SECRET_THAT_IS_NOT_SET}", f"{{value: Xq8~x}}\n    authority: https://127.0.0.1:{port}"))
+    return config, (f"credential 'main': cannot reach Entra ID at 127.0.0.1:{port} ([Errno 111] "
+                    "Connection refused); check DNS and firewall; if outbound traffic must go "
+                    "through a proxy, set HTTPS_PROXY (and NO_PROXY for exceptions) in the "
+                    "relay's environment")
 
 
 @pytest.fixture
@@ -120,6 +140,25 @@ def test_send_test_in_sandbox(sandbox_config: Path, tmp_path: Path) -> None:
     assert re.search(r"^[0-9A-F]{12}: 250 ", res.stdout, re.M)
     [eml] = (tmp_path / "sb" / "mail").glob("*.eml")
     assert b"To: you@example.com" in eml.read_bytes()
+
+
+def test_token_says_once_why_there_is_no_token(tmp_path: Path) -> None:
+    """One line, not the provider's log line, urllib3's retry warning and the error."""
+    config, why = unreachable_entra(tmp_path)
+    res = relay_cmd("token", "--config", str(config))
+    assert (res.returncode, res.stdout) == (75, "")
+    assert res.stderr.splitlines() == [f"error: {why}"]
+
+
+def test_send_test_says_once_why_there_is_no_token(tmp_path: Path) -> None:
+    """The deliverer's line, which names the profile, and the reply the message got."""
+    config, why = unreachable_entra(tmp_path)
+    res = relay_cmd("send-test", "--config", str(config), "--to", "you@example.com")
+    assert res.returncode == 75
+    assert re.fullmatch(r"[0-9A-F]{12}: 451 4\.7\.0 Relay cannot obtain an OAuth token for "
+                        r"profile system \(see the relay's log\); try again later\n", res.stdout)
+    assert [line.split(" [-] ", 1)[1] for line in res.stderr.splitlines()] == [
+        f"no OAuth token for credential main (profile system): {why}"]
 
 
 def test_sandbox_run_delivers_and_stops_on_sigterm(sandbox_config: Path, tmp_path: Path) -> None:

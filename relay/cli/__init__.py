@@ -12,8 +12,8 @@ and rendering the result (text, or JSON with ``--json``): :mod:`~relay.cli.run`,
 they share (the exit codes, loading the config, ``--sandbox``) is in
 :mod:`~relay.cli.common`. Exit codes follow sysexits.h so scripts and systemd can tell
 failures apart: 0 ok, 1 a check failed (e.g. a warning turned error), 2 usage, 69 service
-unavailable (permanent upstream or Entra refusal), 75 temporary failure (try again), 78
-configuration error.
+unavailable (permanent upstream or Entra refusal), 71 the system refused a resource (a port
+in use), 75 temporary failure (try again), 78 configuration error.
 """
 
 from __future__ import annotations

@@ -11,7 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from relay.cli.common import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, with_sandbox
+from relay.cli.common import (
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    token_failures_told_elsewhere,
+    with_sandbox,
+)
 from relay.config import Config, ConfigError
 from relay.core.log import setup_logging
 from relay.ops.testmessage import send_test_message
@@ -19,6 +25,7 @@ from relay.ops.testmessage import send_test_message
 
 def command(args: argparse.Namespace) -> int:
     setup_logging("info")
+    token_failures_told_elsewhere()
     return asyncio.run(with_sandbox(args, lambda c: _send(args, c))())
 
 

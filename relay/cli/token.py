@@ -16,7 +16,15 @@ import asyncio
 import datetime as dt
 from typing import Any
 
-from relay.cli.common import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, err, print_json, with_sandbox
+from relay.cli.common import (
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    err,
+    print_json,
+    token_failures_told_elsewhere,
+    with_sandbox,
+)
 from relay.config import Config, ConfigError
 from relay.core.log import setup_logging
 from relay.oauth.token import SEND_AS_APP, Token
@@ -24,6 +32,7 @@ from relay.oauth.token import SEND_AS_APP, Token
 
 def command(args: argparse.Namespace) -> int:
     setup_logging("warning")
+    token_failures_told_elsewhere()
     return asyncio.run(with_sandbox(args, lambda c: show(args, c))())
 
 
