@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import pty
 import re
 import shutil
 import signal
@@ -101,6 +102,49 @@ def test_hash_password_rejects_short() -> None:
     res = relay_cmd("hash-password", "--stdin", input="short\n")
     assert res.returncode == 1
     assert "at least 8" in res.stderr
+
+
+@pytest.mark.parametrize("args", [(), ("--stdin",)])
+def test_hash_password_without_input_says_so(args: tuple[str, ...]) -> None:
+    res = relay_cmd("hash-password", *args, stdin=subprocess.DEVNULL)
+    assert (res.returncode, res.stdout) == (1, "")
+    where = "" if args else " (it is not a terminal)"
+    assert res.stderr == (f"error: no password on standard input{where}: pipe it in (printf "
+                          "'%s\\n' \"$PASSWORD\" | smtp-oauth-relay hash-password --stdin), or "
+                          "run the command in a terminal to be asked for it\n")
+
+
+def test_hash_password_ctrl_d_at_the_prompt() -> None:
+    """In a terminal: a new session without /dev/tty, so getpass asks on stderr and reads
+    the terminal that is standard input."""
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "relay", "hash-password"], cwd=ROOT,
+                                stdin=follower, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        assert proc.stderr is not None
+        prompt = ""
+        while not prompt.endswith("Password: "):
+            prompt += proc.stderr.read(1) or pytest.fail(f"no prompt: {prompt!r}")
+        os.write(leader, b"\x04")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert (proc.returncode, out, err) == (1, "", "\nerror: no password entered\n")
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (("token", "--profile", "nope"), "error: no profile named 'nope' (known: system)"),
+    (("token", "--credential", "nope"), "error: no credential named 'nope' (known: main)"),
+    (("send-test", "--profile", "nope", "--to", "you@example.com"),
+     "error: no profile named 'nope' (known: system)"),
+])
+def test_a_profile_the_config_does_not_have(tmp_path: Path, args: tuple[str, ...],
+                                            line: str) -> None:
+    config, _ = unreachable_entra(tmp_path)
+    res = relay_cmd(*args, "--config", str(config))
+    assert (res.returncode, res.stdout, res.stderr) == (2, "", line + "\n")
 
 
 def test_run_without_secret_fails_naming_the_setting(sandbox_config: Path) -> None:

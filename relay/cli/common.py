@@ -6,6 +6,8 @@
   that is not there), :data:`EX_OSERR` 71 (the system refused a resource: a port in use),
   :data:`EX_TEMPFAIL` 75 (try again), :data:`EX_CONFIG` 78;
 - :func:`load`: the configuration named by ``--config``;
+- :func:`chosen_profile`, :class:`UsageError`: the profile a command works on, or why the
+  command line names none the config has (exit 2, listing those it has);
 - :func:`with_sandbox`: run a command's body against the real services, or inside the
   local stand-ins with ``--sandbox``;
 - :func:`err`, :func:`print_json`: output on stderr, and ``--json`` output on stdout;
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay.config import Config, load_config
+from relay.config.errors import known
+from relay.core.errors import RelayError
 
 EX_OK, EX_FAIL, EX_USAGE, EX_UNAVAILABLE, EX_OSERR, EX_TEMPFAIL, EX_CONFIG = (
     0, 1, 2, 69, 71, 75, 78)
@@ -33,6 +37,24 @@ _T = TypeVar("_T")
 def load(args: argparse.Namespace, *, sandbox: bool = False) -> Config:
     """The config at ``args.config``; its secrets are read unless the sandbox replaces them."""
     return load_config(args.config, check_secrets=not sandbox)
+
+
+class UsageError(RelayError):
+    """The command line names what the configuration does not have (exit 2)."""
+
+
+def chosen_profile(config: Config, name: str | None) -> str:
+    """``--profile``, else routing.system_profile, else the only profile there is."""
+    if name is None:
+        name = config.routing.system_profile
+        if name is None and len(config.profiles) == 1:
+            name = next(iter(config.profiles))
+        if name is None:
+            raise UsageError("the config has no routing.system_profile: pass --profile NAME"
+                             + known(config.profiles))
+    if name not in config.profiles:
+        raise UsageError(f"no profile named {name!r}" + known(config.profiles))
+    return name
 
 
 def with_sandbox(args: argparse.Namespace, body: Callable[[Config], Coroutine[Any, Any, _T]],

@@ -16,10 +16,10 @@ of a file at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 from relay.config.credentials import SecretRef, secret_id_problem
+from relay.config.errors import known
 from relay.config.sections import Config
 from relay.core import secrets
 
@@ -27,11 +27,6 @@ from relay.core import secrets
 def cross_references(cfg: Config) -> list[tuple[str, str]]:
     """Problems pydantic cannot see: names that point at things that do not exist."""
     problems: list[tuple[str, str]] = []
-
-    def known(names: Iterable[str]) -> str:
-        listed = ", ".join(sorted(names))
-        return f" (known: {listed})" if listed else " (none defined)"
-
     for name, profile in cfg.profiles.items():
         if profile.credential not in cfg.credentials:
             problems.append((f"profiles.{name}.credential",
