@@ -355,7 +355,7 @@ def queued_memory(count: int, seconds: float = 10.0) -> dict[str, float]:
                                             "messages_per_minute": 1_000_000,
                                             "recipients_per_day": 1_000_000_000}},
             "upstreams": {"down": {"host": "127.0.0.1", "port": 9, "timeout": "2s"}},
-            "credentials": {"main": {"tenant_id": "t", "client_id": "c",
+            "credentials": {"main": {"tenant_id": "contoso.onmicrosoft.com", "client_id": "c",
                                      "authority": "https://127.0.0.1:9",
                                      "client_secret": {"value": "x"}}},
             "http": {"enabled": False}}))          # JSON is YAML

@@ -62,7 +62,7 @@ async def child(count: int, seconds: float) -> dict[str, float]:
                                             "recipients_per_day": 1_000_000_000}},
             # Entra and Exchange are both unreachable: attempts fail fast and defer.
             "upstreams": {"down": {"host": "127.0.0.1", "port": 9, "timeout": 2}},
-            "credentials": {"main": {"tenant_id": "t", "client_id": "c",
+            "credentials": {"main": {"tenant_id": "contoso.onmicrosoft.com", "client_id": "c",
                                      "authority": "https://127.0.0.1:9",
                                      "client_secret": {"value": "x"}}},
         }, check_secrets=False, check_files=False)

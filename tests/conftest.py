@@ -58,7 +58,7 @@ BASE_CONFIG: dict[str, Any] = {
     # Clients wait for the first attempt (so upstream verdicts reach them); retries are
     # fast so that tests of the queue do not wait minutes.
     "delivery": {"synchronous": 10, "retry_initial": "0.2s", "retry_max": "1s"},
-    "credentials": {"main": {"tenant_id": "contoso-tenant", "client_id": "relay-app",
+    "credentials": {"main": {"tenant_id": "contoso.onmicrosoft.com", "client_id": "relay-app",
                              "client_secret": {"value": "replaced-by-sandbox"}}},
     "http": {"port": 0},               # never the fixed default port in tests
 }

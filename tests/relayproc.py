@@ -35,7 +35,7 @@ from relay.sandbox.exchange import FakeExchange, ReceivedMessage
 from relay.sandbox.pki import LocalPKI, create_pki
 
 ROOT = Path(__file__).resolve().parent.parent
-TENANT = "contoso-tenant"
+TENANT = "contoso.onmicrosoft.com"
 CLIENT_ID = "relay-app"
 MAILBOX = "relay@contoso.com"
 LISTENING_RE = re.compile(r"listening on 127\.0\.0\.1:(\d+)")

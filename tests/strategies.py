@@ -31,7 +31,7 @@ SEND_AS = ["*@alerts.contoso.com", "noreply@contoso.com"]
 POLICIES = ("keep", "rewrite", "reject")
 
 _CONFIG = parse_config({
-    "credentials": {"main": {"tenant_id": "t", "client_id": "c",
+    "credentials": {"main": {"tenant_id": "contoso.onmicrosoft.com", "client_id": "c",
                              "client_secret": {"value": "x"}}},
     "profiles": {name: {"mailbox": MAILBOX, "credential": "main", "sender_policy": name,
                         "send_as": SEND_AS} for name in POLICIES},

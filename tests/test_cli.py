@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import pty
 import re
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,16 +37,35 @@ profiles:
 routing: {system_profile: system}
 credentials:
   main:
-    tenant_id: contoso
+    tenant_id: contoso.onmicrosoft.com
     client_id: app
     client_secret: {env: SECRET_THAT_IS_NOT_SET}
 """
 
 
-def relay_cmd(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "SECRET_THAT_IS_NOT_SET"}
+def relay_cmd(*args: str, env: dict[str, str] | None = None,
+              **kw: object) -> subprocess.CompletedProcess[str]:
+    """The command as a user runs it, with ``env`` added to this one's environment
+    (without a proxy: the tests' services are on loopback)."""
+    env = {**{k: v for k, v in os.environ.items()
+              if k != "SECRET_THAT_IS_NOT_SET" and not k.lower().endswith("_proxy")},
+           **(env or {})}
     return subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True,
                           text=True, timeout=120, cwd=ROOT, env=env, **kw)  # type: ignore[call-overload]
+
+
+def unreachable_entra(tmp_path: Path) -> tuple[Path, str]:
+    """A config whose Entra ID refuses connections, and the one line that says so."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(SANDBOX_CONFIG).replace(
+        "{env: SECRET_THAT_IS_NOT_SET}", f"{{value: Xq8~x}}\n    authority: https://127.0.0.1:{port}"))
+    return config, (f"credential 'main': cannot reach Entra ID at 127.0.0.1:{port} ([Errno 111] "
+                    "Connection refused); check DNS and firewall; if outbound traffic must go "
+                    "through a proxy, set HTTPS_PROXY (and NO_PROXY for exceptions) in the "
+                    "relay's environment")
 
 
 @pytest.fixture
@@ -81,6 +102,49 @@ def test_hash_password_rejects_short() -> None:
     res = relay_cmd("hash-password", "--stdin", input="short\n")
     assert res.returncode == 1
     assert "at least 8" in res.stderr
+
+
+@pytest.mark.parametrize("args", [(), ("--stdin",)])
+def test_hash_password_without_input_says_so(args: tuple[str, ...]) -> None:
+    res = relay_cmd("hash-password", *args, stdin=subprocess.DEVNULL)
+    assert (res.returncode, res.stdout) == (1, "")
+    where = "" if args else " (it is not a terminal)"
+    assert res.stderr == (f"error: no password on standard input{where}: pipe it in (printf "
+                          "'%s\\n' \"$PASSWORD\" | smtp-oauth-relay hash-password --stdin), or "
+                          "run the command in a terminal to be asked for it\n")
+
+
+def test_hash_password_ctrl_d_at_the_prompt() -> None:
+    """In a terminal: a new session without /dev/tty, so getpass asks on stderr and reads
+    the terminal that is standard input."""
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "relay", "hash-password"], cwd=ROOT,
+                                stdin=follower, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        assert proc.stderr is not None
+        prompt = ""
+        while not prompt.endswith("Password: "):
+            prompt += proc.stderr.read(1) or pytest.fail(f"no prompt: {prompt!r}")
+        os.write(leader, b"\x04")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert (proc.returncode, out, err) == (1, "", "\nerror: no password entered\n")
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (("token", "--profile", "nope"), "error: no profile named 'nope' (known: system)"),
+    (("token", "--credential", "nope"), "error: no credential named 'nope' (known: main)"),
+    (("send-test", "--profile", "nope", "--to", "you@example.com"),
+     "error: no profile named 'nope' (known: system)"),
+])
+def test_a_profile_the_config_does_not_have(tmp_path: Path, args: tuple[str, ...],
+                                            line: str) -> None:
+    config, _ = unreachable_entra(tmp_path)
+    res = relay_cmd(*args, "--config", str(config))
+    assert (res.returncode, res.stdout, res.stderr) == (2, "", line + "\n")
 
 
 def test_run_without_secret_fails_naming_the_setting(sandbox_config: Path) -> None:
@@ -120,6 +184,25 @@ def test_send_test_in_sandbox(sandbox_config: Path, tmp_path: Path) -> None:
     assert re.search(r"^[0-9A-F]{12}: 250 ", res.stdout, re.M)
     [eml] = (tmp_path / "sb" / "mail").glob("*.eml")
     assert b"To: you@example.com" in eml.read_bytes()
+
+
+def test_token_says_once_why_there_is_no_token(tmp_path: Path) -> None:
+    """One line, not the provider's log line, urllib3's retry warning and the error."""
+    config, why = unreachable_entra(tmp_path)
+    res = relay_cmd("token", "--config", str(config))
+    assert (res.returncode, res.stdout) == (75, "")
+    assert res.stderr.splitlines() == [f"error: {why}"]
+
+
+def test_send_test_says_once_why_there_is_no_token(tmp_path: Path) -> None:
+    """The deliverer's line, which names the profile, and the reply the message got."""
+    config, why = unreachable_entra(tmp_path)
+    res = relay_cmd("send-test", "--config", str(config), "--to", "you@example.com")
+    assert res.returncode == 75
+    assert re.fullmatch(r"[0-9A-F]{12}: 451 4\.7\.0 Relay cannot obtain an OAuth token for "
+                        r"profile system \(see the relay's log\); try again later\n", res.stdout)
+    assert [line.split(" [-] ", 1)[1] for line in res.stderr.splitlines()] == [
+        f"no OAuth token for credential main (profile system): {why}"]
 
 
 def test_sandbox_run_delivers_and_stops_on_sigterm(sandbox_config: Path, tmp_path: Path) -> None:

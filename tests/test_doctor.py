@@ -38,7 +38,7 @@ from relay.sandbox.service import Sandbox
 from tests.relayproc import merge
 
 ROOT = Path(__file__).resolve().parent.parent
-TENANT = "contoso-tenant"
+TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 CLIENT = "relay-app"
 SECRET = "Xq8~doctor.Secret-Value_0123456789"
 MAILBOX = "relay@contoso.com"
@@ -283,7 +283,7 @@ async def test_tls_handshake_failure(env: Env) -> None:
 @pytest.mark.parametrize(("credential", "code", "advice", "step"), [
     ({"client_secret": {"value": "the-secret-id-not-its-value"}}, "AADSTS7000215",
      "use the secret's *Value*", "step 2: Credential"),
-    ({"tenant_id": "no-such-tenant"}, "AADSTS90002", "the tenant was not found",
+    ({"tenant_id": "no-such-tenant.onmicrosoft.com"}, "AADSTS90002", "the tenant was not found",
      "step 1: App registration"),
     ({"client_id": "no-such-app"}, "AADSTS700016", "client) id was not found",
      "step 1: App registration"),
@@ -538,7 +538,7 @@ def test_subprocess_sandbox_run(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
         "profiles": {"system": {"mailbox": MAILBOX, "credential": "main"}},
-        "credentials": {"main": {"tenant_id": "contoso", "client_id": "app",
+        "credentials": {"main": {"tenant_id": "contoso.onmicrosoft.com", "client_id": "app",
                                  "client_secret": {"env": "SECRET_THAT_IS_NOT_SET"},
                                  "secret_expires": (dt.date.today() + dt.timedelta(days=5))
                                  .isoformat()}}}))

@@ -323,7 +323,7 @@ def test_certificate_credentials_expiry_from_pem_and_pfx(tmp_path: Path) -> None
     pfx.write_bytes(pkcs12.serialize_key_and_certificates(
         b"app", key, cert, None,  # type: ignore[arg-type]
         serialization.BestAvailableEncryption(b"pfx-pass-123")))
-    base = {"tenant_id": "t", "client_id": "c"}
+    base = {"tenant_id": "contoso.onmicrosoft.com", "client_id": "c"}
     config = build_config({"credentials": {
         "main": {**base, "client_secret": None, "certificate": {
             "private_key_file": str(pki.key_file),

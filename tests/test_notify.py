@@ -203,7 +203,7 @@ profiles:
 routing: {system_profile: system}
 delivery: {shutdown_timeout: 5s}
 credentials:
-  main: {tenant_id: contoso, client_id: app, client_secret: {value: sandbox}}
+  main: {tenant_id: contoso.onmicrosoft.com, client_id: app, client_secret: {value: sandbox}}
 """
 
 

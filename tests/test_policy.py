@@ -20,7 +20,8 @@ from relay.config import Profile, parse_config
 
 MAILBOX = "relay@contoso.com"
 _CONFIG = parse_config({
-    "credentials": {"main": {"tenant_id": "t", "client_id": "c", "client_secret": {"value": "x"}}},
+    "credentials": {"main": {"tenant_id": "contoso.com", "client_id": "c",
+                             "client_secret": {"value": "x"}}},
     "profiles": {
         name: {"mailbox": MAILBOX, "credential": "main", "sender_policy": name,
                "send_as": ["*@alerts.contoso.com", "noreply@contoso.com"]}

@@ -250,9 +250,12 @@ def test_a_port_in_use_is_a_clear_start_up_failure(make_harness: HarnessFactory)
         port = taken.getsockname()[1]
         h = make_harness({"server": {"listeners": [{"address": "127.0.0.1", "port": port}]}})
         proc = h.start(ready=False)
-        assert proc.wait(30) == 69                    # EX_UNAVAILABLE: systemd may retry
-    assert f"cannot listen on 127.0.0.1:{port}" in proc.log
-    assert "Traceback" not in proc.log
+        assert proc.wait(30) == 71                    # EX_OSERR: systemd may retry
+    errors = [line.split(" [-] ", 1)[1] for line in proc.lines if " ERROR " in line]
+    assert errors == [f"cannot start: cannot listen on 127.0.0.1:{port}: Address already in "
+                      f"use (another program has it, `ss -ltnp 'sport = :{port}'` shows which: "
+                      "stop it, or change server.listeners.0.port)"]
+    assert "Traceback" not in proc.log and "WARNING" not in proc.log
 
 
 # --- 2. upstream down, then a restart -----------------------------------------------------------

@@ -43,7 +43,7 @@ profiles:
 routing: {{system_profile: system}}
 credentials:
   main:
-    tenant_id: contoso
+    tenant_id: contoso.onmicrosoft.com
     client_id: app
     client_secret: {{value: not-used-by-queue-commands}}
 spool: {{directory: {spool}}}

@@ -17,7 +17,7 @@ def make_config(rules: list[dict[str, Any]], system: str | None = "system",
                 users: dict[str, str | None] | None = None) -> Config:
     users = {"alice": "personal", "bob": None} if users is None else users
     return parse_config({
-        "credentials": {"main": {"tenant_id": "t", "client_id": "c",
+        "credentials": {"main": {"tenant_id": "contoso.onmicrosoft.com", "client_id": "c",
                                  "client_secret": {"value": "x"}}},
         "profiles": {name: {"mailbox": f"{name}@contoso.com", "credential": "main"}
                      for name in ("system", "personal", "sales", "lab", "v6", "crm")},

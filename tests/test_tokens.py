@@ -120,6 +120,21 @@ async def test_token_fetched_and_claims_decoded(fake: FakeEntra, make: Any) -> N
     assert raw not in repr(token) and raw not in str(token)
 
 
+@pytest.mark.parametrize("source", ["file", "env"])
+async def test_a_secret_with_a_trailing_newline_gets_a_token(
+        make: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str) -> None:
+    """`echo "$secret" > file`, or a variable filled from such a file: the newline (and a
+    pasted blank) is not part of the secret Entra ID checks."""
+    if source == "file":
+        (tmp_path / "secret").write_text(f" {SECRET} \n")
+        ref: dict[str, Any] = {"file": tmp_path / "secret"}
+    else:
+        monkeypatch.setenv("RELAY_TEST_SECRET", f"{SECRET}\r\n")
+        ref = {"env": "RELAY_TEST_SECRET"}
+    token = await make(client_secret=ref).get()
+    assert token.tenant == TENANT
+
+
 async def test_50_concurrent_gets_share_one_fetch(fake: FakeEntra, make: Any) -> None:
     provider = make()
     got = await asyncio.gather(*(provider.get() for _ in range(50)))
@@ -271,7 +286,7 @@ async def test_refresh_failure_is_raised_not_hidden(fake: FakeEntra, make: Any) 
     ("expired-secret", {}, 7000222, "create a new client secret"),
     ("unknown-client", {"client_id": "00000000-0000-0000-0000-00000000dead"}, 700016,
      "check client_id, tenant_id and cloud"),
-    ("unknown-tenant", {"tenant_id": "no-such-tenant"}, 90002, "check tenant_id"),
+    ("unknown-tenant", {"tenant_id": "no-such-tenant.onmicrosoft.com"}, 90002, "check tenant_id"),
     ("no-default", {"scope": "https://outlook.office365.com/SMTP.Send"}, 1002012,
      "must end in /.default"),
     ("unknown-resource", {"scope": "https://mail.example.invalid/.default"}, 500011,
@@ -296,12 +311,12 @@ async def test_entra_errors_are_explained(fake: FakeEntra, make: Any, setup: str
 
 
 async def test_failed_build_is_retried(fake: FakeEntra, make: Any) -> None:
-    provider = make(tenant_id="later-tenant")
+    provider = make(tenant_id="later.onmicrosoft.com")
     with pytest.raises(TokenError, match="AADSTS90002"):
         await provider.get()
-    fake.add_app("later-tenant", CLIENT, secret=SECRET)
+    fake.add_app("later.onmicrosoft.com", CLIENT, secret=SECRET)
     token = await provider.get()
-    assert token.tenant == "later-tenant"
+    assert token.tenant == "later.onmicrosoft.com"
     assert fake.discovery_requests == 2
 
 

@@ -2,7 +2,7 @@
 
 - :func:`main`: the console script (``smtp-oauth-relay``, ``python -m relay``): parse the
   arguments, run the command, turn a :class:`relay.config.ConfigError` into its message
-  and exit status 78;
+  and exit status 78, a :class:`relay.cli.common.UsageError` into its line and 2;
 - :func:`build_parser`: every command's arguments.
 
 One module per command, each only parsing what it was given, calling into the package
@@ -12,8 +12,8 @@ and rendering the result (text, or JSON with ``--json``): :mod:`~relay.cli.run`,
 they share (the exit codes, loading the config, ``--sandbox``) is in
 :mod:`~relay.cli.common`. Exit codes follow sysexits.h so scripts and systemd can tell
 failures apart: 0 ok, 1 a check failed (e.g. a warning turned error), 2 usage, 69 service
-unavailable (permanent upstream or Entra refusal), 75 temporary failure (try again), 78
-configuration error.
+unavailable (permanent upstream or Entra refusal), 71 the system refused a resource (a port
+in use), 75 temporary failure (try again), 78 configuration error.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from relay import __version__
 from relay.cli import check, doctor, hashpassword, queue, run, sendtest, token
-from relay.cli.common import EX_CONFIG, err
+from relay.cli.common import EX_CONFIG, EX_USAGE, UsageError, err
 from relay.config import DEFAULT_CONFIG_PATH, ConfigError
 
 
@@ -56,12 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     command("check", check.command, "validate the configuration and exit")
     p = command("token", token.command, "acquire a token and show its audience, tenant, roles "
                                     "and expiry")
-    p.add_argument("--profile", help="profile whose credential to use (default: system)")
+    p.add_argument("--profile", help="profile whose credential to use (default: the system "
+                                     "profile, or the only one)")
     p.add_argument("--credential", help="credential name (instead of --profile)")
     p.add_argument("--json", action="store_true", help="print JSON")
     sandbox_flag(p)
     p = command("send-test", sendtest.command, "send one test message through a profile")
-    p.add_argument("--profile", help="profile to send through (default: system profile)")
+    p.add_argument("--profile", help="profile to send through (default: the system profile, "
+                                     "or the only one)")
     p.add_argument("--to", required=True, metavar="ADDRESS", help="recipient")
     p.add_argument("--from", dest="sender", metavar="ADDRESS",
                    help="sender (default: the profile's mailbox)")
@@ -100,5 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         err(f"configuration error:\n{exc.render()}")
         return EX_CONFIG
+    except UsageError as exc:
+        err(f"error: {exc}")
+        return EX_USAGE
     except KeyboardInterrupt:
         return 130

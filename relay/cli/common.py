@@ -3,25 +3,33 @@
 - the exit codes, after sysexits.h so that scripts and systemd can tell failures apart:
   :data:`EX_OK` 0, :data:`EX_FAIL` 1 (a check failed), :data:`EX_USAGE` 2,
   :data:`EX_UNAVAILABLE` 69 (a permanent refusal by Entra ID or Exchange, or a resource
-  that is not there), :data:`EX_TEMPFAIL` 75 (try again), :data:`EX_CONFIG` 78;
+  that is not there), :data:`EX_OSERR` 71 (the system refused a resource: a port in use),
+  :data:`EX_TEMPFAIL` 75 (try again), :data:`EX_CONFIG` 78;
 - :func:`load`: the configuration named by ``--config``;
+- :func:`chosen_profile`, :class:`UsageError`: the profile a command works on, or why the
+  command line names none the config has (exit 2, listing those it has);
 - :func:`with_sandbox`: run a command's body against the real services, or inside the
   local stand-ins with ``--sandbox``;
-- :func:`err`, :func:`print_json`: output on stderr, and ``--json`` output on stdout.
+- :func:`err`, :func:`print_json`: output on stderr, and ``--json`` output on stdout;
+- :func:`token_failures_told_elsewhere`: one line per problem when a token cannot be had.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 from relay.config import Config, load_config
+from relay.config.errors import known
+from relay.core.errors import RelayError
 
-EX_OK, EX_FAIL, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 0, 1, 2, 69, 75, 78
+EX_OK, EX_FAIL, EX_USAGE, EX_UNAVAILABLE, EX_OSERR, EX_TEMPFAIL, EX_CONFIG = (
+    0, 1, 2, 69, 71, 75, 78)
 
 _T = TypeVar("_T")
 
@@ -29,6 +37,24 @@ _T = TypeVar("_T")
 def load(args: argparse.Namespace, *, sandbox: bool = False) -> Config:
     """The config at ``args.config``; its secrets are read unless the sandbox replaces them."""
     return load_config(args.config, check_secrets=not sandbox)
+
+
+class UsageError(RelayError):
+    """The command line names what the configuration does not have (exit 2)."""
+
+
+def chosen_profile(config: Config, name: str | None) -> str:
+    """``--profile``, else routing.system_profile, else the only profile there is."""
+    if name is None:
+        name = config.routing.system_profile
+        if name is None and len(config.profiles) == 1:
+            name = next(iter(config.profiles))
+        if name is None:
+            raise UsageError("the config has no routing.system_profile: pass --profile NAME"
+                             + known(config.profiles))
+    if name not in config.profiles:
+        raise UsageError(f"no profile named {name!r}" + known(config.profiles))
+    return name
 
 
 def with_sandbox(args: argparse.Namespace, body: Callable[[Config], Coroutine[Any, Any, _T]],
@@ -53,3 +79,14 @@ def err(text: str) -> None:
 
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2))
+
+
+def token_failures_told_elsewhere() -> None:
+    """Leave out the token provider's own line about a failed fetch.
+
+    In the relay's log that line says when a fetch failed; a command that fetched once
+    has the failure said already, by itself (``token``: ``error: ...``) or by the
+    deliverer's line naming the profile (``send-test``), and would show it twice.
+    """
+    logging.getLogger("relay.oauth.provider").addFilter(
+        lambda record: record.levelno < logging.ERROR)

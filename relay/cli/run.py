@@ -3,9 +3,11 @@
 :func:`command` loads the config, sets up logging and hands over to
 :meth:`relay.app.Relay.serve`, which owns start-up, reloads (SIGHUP) and shutdown; with
 ``--sandbox`` the relay runs against local stand-ins for Entra ID and Exchange Online and
-prints their banner once it takes mail. A relay that cannot start exits 78 when the
-operator must change a setting (the spool), 69 when a resource is not available (a port
-taken), so that systemd does not restart it in vain (``RestartPreventExitStatus=78``).
+prints their banner once it takes mail. A relay that cannot start says why in one line and
+exits 78 when the operator must change a setting (the spool), so that systemd does not
+restart it in vain (``RestartPreventExitStatus=78``), and 71 (EX_OSERR) when the system
+refuses it a resource (a port another program holds), which a restart may find free. 69
+stays what it means for every command: Entra ID or Exchange said no.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from relay.cli.common import EX_CONFIG, EX_FAIL, EX_OK, EX_UNAVAILABLE, load
+from relay.cli.common import EX_CONFIG, EX_FAIL, EX_OK, EX_OSERR, load
 from relay.config import Config, load_config
 from relay.core.log import setup_logging
 
@@ -56,5 +58,7 @@ def command(args: argparse.Namespace) -> int:
         log.error("cannot start: %s", exc)
         return EX_CONFIG
     except OSError as exc:
-        log.error("cannot start: %s", exc)
-        return EX_UNAVAILABLE if exc.errno else EX_FAIL
+        # strerror is the whole sentence (relay.receive.server adds the listener and the
+        # fix); str() would lead with "[Errno 98]".
+        log.error("cannot start: %s", exc.strerror or exc)
+        return EX_OSERR if exc.errno else EX_FAIL

@@ -16,14 +16,26 @@ import asyncio
 import datetime as dt
 from typing import Any
 
-from relay.cli.common import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, err, print_json, with_sandbox
-from relay.config import Config, ConfigError
+from relay.cli.common import (
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    UsageError,
+    chosen_profile,
+    err,
+    print_json,
+    token_failures_told_elsewhere,
+    with_sandbox,
+)
+from relay.config import Config
+from relay.config.errors import known
 from relay.core.log import setup_logging
 from relay.oauth.token import SEND_AS_APP, Token
 
 
 def command(args: argparse.Namespace) -> int:
     setup_logging("warning")
+    token_failures_told_elsewhere()
     return asyncio.run(with_sandbox(args, lambda c: show(args, c))())
 
 
@@ -32,16 +44,10 @@ def credential_name(config: Config, args: argparse.Namespace) -> str:
     the only profile there is."""
     if args.credential:
         if args.credential not in config.credentials:
-            raise ConfigError(str(args.config), [(
-                "credentials", f"no credential named {args.credential!r}")])
+            raise UsageError(f"no credential named {args.credential!r}"
+                             + known(config.credentials))
         return str(args.credential)
-    profile = args.profile or config.routing.system_profile
-    if profile is None and len(config.profiles) == 1:
-        profile = next(iter(config.profiles))
-    if profile not in config.profiles:
-        raise ConfigError(str(args.config), [(
-            "profiles", f"no profile named {profile!r}; pass --profile NAME")])
-    return config.profiles[profile].credential
+    return config.profiles[chosen_profile(config, args.profile)].credential
 
 
 async def show(args: argparse.Namespace, config: Config) -> int:

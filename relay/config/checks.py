@@ -5,6 +5,8 @@
 - :func:`contradictions`: settings that are valid one by one but contradict each other;
 - :func:`named_files`, :func:`secret_refs`: every file and secret the config names, with
   its key path, so that a missing one is found at load and not at the first message;
+- :func:`secret_problems`: every secret read, and what is wrong with it (its source cannot
+  be read, or a client secret is a Secret ID);
 - :func:`advisories`: what is allowed but probably a mistake (``smtp-oauth-relay check``
   prints these as warnings).
 
@@ -14,21 +16,17 @@ of a file at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
-from relay.config.credentials import SecretRef
+from relay.config.credentials import SecretRef, secret_id_problem
+from relay.config.errors import known
 from relay.config.sections import Config
+from relay.core import secrets
 
 
 def cross_references(cfg: Config) -> list[tuple[str, str]]:
     """Problems pydantic cannot see: names that point at things that do not exist."""
     problems: list[tuple[str, str]] = []
-
-    def known(names: Iterable[str]) -> str:
-        listed = ", ".join(sorted(names))
-        return f" (known: {listed})" if listed else " (none defined)"
-
     for name, profile in cfg.profiles.items():
         if profile.credential not in cfg.credentials:
             problems.append((f"profiles.{name}.credential",
@@ -110,6 +108,22 @@ def secret_refs(cfg: Config) -> list[tuple[str, SecretRef]]:
             out.append((f"credentials.{name}.certificate.passphrase",
                         cred.certificate.passphrase))
     return out
+
+
+def secret_problems(cfg: Config) -> list[tuple[str, str]]:
+    """Read every secret now: a source that cannot be read, or a client secret that is
+    surely not one, is found at load rather than by Entra ID at the first message."""
+    problems: list[tuple[str, str]] = []
+    for path, ref in secret_refs(cfg):
+        try:
+            secret = ref.resolve()
+        except secrets.SecretSourceError as exc:
+            problems.append((path, str(exc)))
+            continue
+        if path.endswith(".client_secret") and (
+                why := secret_id_problem(secret, ref.describe())):
+            problems.append((path, why))
+    return problems
 
 
 def advisories(cfg: Config) -> list[str]:

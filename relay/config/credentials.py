@@ -5,7 +5,13 @@
 - :class:`SecretRef`: where a secret is read from (``{env: ...}``, ``{file: ...}``,
   ``{credential: ...}`` or ``{value: ...}``), never a plain string in the YAML;
 - :class:`CertificateCredential`, :class:`Credential`: an Entra ID app registration for
-  the client-credentials flow (``credentials.<name>``).
+  the client-credentials flow (``credentials.<name>``);
+- :func:`is_guid`, :func:`secret_id_problem`: what Entra ID's identifiers look like, so that
+  a tenant or a secret copied from the wrong field is refused before Entra ID is asked.
+
+A value that cannot be right (a login URL as tenant, a GUID missing a digit, a secret's
+Secret ID instead of its Value) is caught at load with the fix, rather than turning into
+an AADSTS error at the first message, or an hour of retries.
 """
 
 from __future__ import annotations
@@ -14,9 +20,9 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from relay.config.values import Duration, HttpsUrl, Section
 from relay.core import secrets as secrets
@@ -42,6 +48,72 @@ CLOUDS: dict[str, Cloud] = {
                    "https://partner.outlook.cn/.default", "smtp.partner.outlook.cn"),
 }
 CloudName = Literal["global", "gcc-high", "china"]
+
+
+# --- identifiers -----------------------------------------------------------------------
+
+_GUID_RE = re.compile(r"[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# Labels of letters, digits and hyphens; the last (the top-level domain) begins with a letter.
+_DOMAIN_RE = re.compile(rf"(?=.{{1,253}}$)(?:{_LABEL}\.)+(?=[A-Za-z]){_LABEL}")
+_OVERVIEW = "from the app registration's Overview page in Entra ID"
+
+
+def is_guid(value: str) -> bool:
+    """Exactly 8-4-4-4-12 hex digits, as Entra ID shows its ids."""
+    return _GUID_RE.fullmatch(value) is not None
+
+
+def _check_tenant(value: str) -> str:
+    """A tenant id (GUID) or one of the tenant's domain names (contoso.onmicrosoft.com)."""
+    if is_guid(value):
+        return value
+    if "/" in value or _login_host(value):
+        parts = [p for p in value.split("/") if is_guid(p)
+                 or (_DOMAIN_RE.fullmatch(p) and not _login_host(p))]
+        here = f" (here: {parts[0]})" if parts else ""
+        raise ValueError(f"{value!r} is the login URL: use only the tenant id or "
+                         f"domain{here}")
+    if _DOMAIN_RE.fullmatch(value):
+        return value
+    if re.fullmatch(r"[0-9A-Fa-f-]+", value) and ("-" in value or len(value) >= 16):
+        shape = (f"it has {len(value)} characters, a GUID has 36" if len(value) != 36
+                 else "its dashes are not where a GUID has them")
+        raise ValueError(f"{value!r} is not a GUID: {shape} (8-4-4-4-12 hex digits); "
+                         f"copy the Directory (tenant) ID again {_OVERVIEW}")
+    if value.lower() in ("common", "organizations", "consumers"):
+        raise ValueError(f"{value!r} is not a tenant: the client-credentials flow needs your "
+                         f"own, its domain or the Directory (tenant) ID {_OVERVIEW}")
+    if "@" in value:
+        domain = value.rpartition("@")[2]
+        raise ValueError(f"{value!r} is an e-mail address: use its domain ({domain}) or "
+                         "the tenant id")
+    raise ValueError(f"{value!r} is neither a tenant id (a GUID, 8-4-4-4-12 hex digits) nor "
+                     f"a domain name (contoso.onmicrosoft.com): use the Directory (tenant) ID "
+                     f"{_OVERVIEW}")
+
+
+def _login_host(value: str) -> bool:
+    """login.microsoftonline.com and its sovereign clouds' hosts (.us, .cn)."""
+    return "microsoftonline." in value.lower()
+
+
+TenantId = Annotated[str, AfterValidator(_check_tenant)]
+
+
+def secret_id_problem(secret: Secret, source: str) -> str | None:
+    """Why ``secret`` is surely not a client secret, or None.
+
+    Entra ID shows two columns for a client secret: Value (about 40 characters, with
+    ``~``) and Secret ID (a GUID). The GUID is the one that stays visible, so it is the
+    one copied by mistake, and Entra ID answers it with AADSTS7000215 at every message.
+    """
+    if not is_guid(secret.reveal()):
+        return None
+    return (f"{source} holds a GUID, which is a secret's Secret ID: use the Value column "
+            "instead (Entra ID > App registrations > Certificates & secrets); Entra ID "
+            "shows the value only right after the secret is created, so create a new "
+            "secret if it is hidden")
 
 
 # --- credentials -----------------------------------------------------------------------
@@ -118,7 +190,7 @@ class CertificateCredential(Section):
 class Credential(Section):
     """An Entra ID app registration used with the client-credentials flow."""
 
-    tenant_id: str = Field(min_length=1)
+    tenant_id: TenantId
     client_id: str = Field(min_length=1)
     cloud: CloudName = "global"
     authority: HttpsUrl | None = None

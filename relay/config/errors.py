@@ -3,7 +3,9 @@
 - :class:`ConfigError`: the configuration cannot be used; it carries every problem found
   as (key path, message) pairs and renders them one a line, ``source: path: message``
   (``profiles.sales.credential: unknown credential 'main2' (known: main)``);
-- :func:`key_path`: a key path as ``server.listeners.0.port``.
+- :func:`key_path`: a key path as ``server.listeners.0.port``;
+- :func:`known`: `` (known: main, sales)``, the names there are, for a message about a name
+  that is not one of them (in the config, or on the command line).
 
 Every problem is reported at once, not only the first, so that one edit fixes them all.
 """
@@ -41,3 +43,9 @@ def _key(part: str) -> str:
     if part and part.isprintable() and not any(c in part for c in " \"'"):
         return part
     return json.dumps(part)
+
+
+def known(names: Iterable[str]) -> str:
+    """`` (known: a, b)``, or `` (none defined)``."""
+    listed = ", ".join(sorted(names))
+    return f" (known: {listed})" if listed else " (none defined)"

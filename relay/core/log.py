@@ -20,6 +20,10 @@ message_id: contextvars.ContextVar[str] = contextvars.ContextVar("message_id", d
 
 # Loggers that see protocol lines or HTTP bodies; they never go below WARNING.
 _NOISY = ("mail.log", "aiosmtpd", "aiosmtplib", "msal", "urllib3", "requests", "asyncio")
+# urllib3 warns "Retrying (Retry(total=0, ...)) after connection broken by ..." before the
+# request to Entra ID fails for good, and the failure is then logged once, explained
+# (relay.oauth.advice); its pool's other warnings are as little use to an operator.
+_CHATTY = ("urllib3.connectionpool",)
 
 # Insertion-ordered and capped: tokens are registered as they are issued, for years.
 _redactions: dict[str, None] = {}
@@ -105,3 +109,5 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     for name in _NOISY:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(max(logging.ERROR, root.level))

@@ -2,8 +2,10 @@
 
 Secrets (client secrets, certificate passphrases) are never taken only from the YAML: a
 config names a *source* (environment variable, file, systemd credential) and the value is
-read when the config is loaded. The value is wrapped in :class:`Secret` so that it cannot
-leak through ``repr``, f-strings, logging or exception messages by accident.
+read when the config is loaded, without the blanks and line breaks around it that files
+and shells add (no Entra ID secret or passphrase is meant to begin or end with one). The
+value is wrapped in :class:`Secret` so that it cannot leak through ``repr``, f-strings,
+logging or exception messages by accident.
 """
 
 from __future__ import annotations
@@ -51,14 +53,20 @@ class SecretSourceError(RelayError):
 
 
 def read_env(name: str) -> str:
+    """An environment variable's value without surrounding blanks and line breaks
+    (``RELAY_CLIENT_SECRET="$(cat file)"`` and EnvironmentFile= lines keep them)."""
     value = os.environ.get(name)
-    if value is None or value == "":
+    if value is None:
         raise SecretSourceError(f"environment variable {name} is not set")
+    value = value.strip()
+    if not value:
+        raise SecretSourceError(f"environment variable {name} is set but empty")
     return value
 
 
 def read_file(path: str | os.PathLike[str]) -> str:
-    """Read a secret file; only the first line counts (editors add a trailing newline)."""
+    """Read a secret file: its first line, without surrounding blanks and line breaks
+    (``echo secret > file`` and editors add a newline, a paste may add a blank)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -68,7 +76,8 @@ def read_file(path: str | os.PathLike[str]) -> str:
         raise SecretSourceError(f"file {p} is not readable by this user") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SecretSourceError(f"file {p} cannot be read: {exc.__class__.__name__}") from None
-    value = text.strip("\r\n")
+    lines = text.strip().splitlines()
+    value = lines[0].strip() if lines else ""
     if not value:
         raise SecretSourceError(f"file {p} is empty")
     return value

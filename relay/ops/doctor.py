@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.config import Config, ConfigError, Credential, Profile, Upstream, load_config
+from relay.config.errors import known
 from relay.core.message import Content, Outbound, new_message_id
 from relay.core.net import host_port
 from relay.deliver.failures import AuthenticationRejected, UpstreamUnavailable
@@ -87,11 +88,10 @@ async def diagnose(config_path: Path, *, profile: str | None = None,
 
 
 def _select(config: Config, profile: str | None, source: str) -> list[str]:
-    known = ", ".join(config.profiles) or "none"
     if profile is not None:
         if profile not in config.profiles:
-            raise ConfigError(source, [("profiles", f"no profile named {profile!r} "
-                                                    f"(known: {known})")])
+            raise ConfigError(source, [("profiles", f"no profile named {profile!r}"
+                                                    + known(config.profiles))])
         return [profile]
     if not config.profiles:
         raise ConfigError(source, [("profiles", "no profiles are defined: nothing to check")])

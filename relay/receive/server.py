@@ -190,10 +190,10 @@ class Receiver:
         current = {b.identity: b for b in self._bound}
         leaving = [b for b in self._bound if b.identity not in wanted]
         try:
-            for listener, identity in zip(listeners, wanted, strict=True):
+            for i, (listener, identity) in enumerate(zip(listeners, wanted, strict=True)):
                 old = current.get(identity)
                 if old is None:
-                    sock = self._bind(listener, leaving)
+                    sock = self._bind(listener, leaving, f"server.listeners.{i}")
                     b = await self._serve(listener, identity, sock, settings, switch)
                     change.opened.append(b)
                 elif (old.listener.tls == "implicit") != (listener.tls == "implicit"):
@@ -216,9 +216,10 @@ class Receiver:
         return change
 
     @staticmethod
-    def _bind(listener: Listener, leaving: list[Bound]) -> socket.socket:
-        """:func:`_listen`, with an error that names the listener and, when the port is
-        held by a listener this reload removes, says why that cannot work."""
+    def _bind(listener: Listener, leaving: list[Bound], key: str) -> socket.socket:
+        """:func:`_listen`, with an error that names the listener (``key``, its place in
+        the config) and what to do: when the port is held by a listener this reload
+        removes, why that cannot work; else which setting to change."""
         try:
             return listen(listener)
         except OSError as exc:
@@ -231,6 +232,14 @@ class Receiver:
                     hint = (f" (held by listener {held}, which "
                             "this configuration removes: new listeners are bound before "
                             "old ones close, so this change needs a restart)")
+                else:
+                    hint = (f" (another program has it, `ss -ltnp 'sport = :{listener.port}'` "
+                            f"shows which: stop it, or change {key}.port)")
+            elif exc.errno == errno.EADDRNOTAVAIL:
+                hint = f" (no interface of this machine has it: change {key}.address)"
+            elif exc.errno == errno.EACCES and listener.port < 1024:
+                hint = (" (ports below 1024 need CAP_NET_BIND_SERVICE, see the systemd "
+                        f"unit; or change {key}.port)")
             raise OSError(exc.errno, f"cannot listen on {describe(listener)}: "
                                      f"{exc.strerror or exc}{hint}") from exc
 
