@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import venv
+import zipfile
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,6 +32,8 @@ import pytest
 import yaml
 
 from relay import __version__
+from relay.cli.exampleconfig import SHIPPED
+from relay.cli.exampleconfig import read as read_shipped
 from relay.config import DEFAULT_CONFIG_PATH, Config, Delivery, parse_config
 from relay.ops import healthcheck as healthcheck
 
@@ -179,6 +182,55 @@ def test_sysusers_and_tmpfiles_in_a_scratch_root(tmp_path: Path) -> None:
     st = (confdir / "config.yaml").stat()
     assert (st.st_mode & 0o777, st.st_gid) == (0o640, gid)
     assert (confdir / "client-secret").stat().st_mode & 0o777 == 0o600
+
+
+# --- the files a wheel carries, and the README's one install sequence ----------------------
+
+def test_shipped_files_are_the_top_level_files() -> None:
+    """One copy of each: the source tree's files are links to what the package ships."""
+    top = {"config": ROOT / "config.example.yaml", "systemd-unit": UNIT,
+           "sysusers": SYSUSERS, "tmpfiles": TMPFILES}
+    assert set(top) == set(SHIPPED)
+    for name, path in top.items():
+        assert path.is_symlink(), path
+        assert path.resolve() == ROOT / "relay" / "data" / SHIPPED[name].resource
+        assert read_shipped(name) == path.read_bytes(), name
+
+
+def test_wheel_carries_the_shipped_files(tmp_path: Path) -> None:
+    """What `pip install` of a wheel gets, without the source tree beside it."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", str(ROOT),
+                    "-w", str(tmp_path)], check=True, timeout=600, cwd=tmp_path,
+                   capture_output=True)
+    [wheel] = tmp_path.glob("smtp_oauth_relay-*.whl")
+    with zipfile.ZipFile(wheel) as whl:
+        for name, shipped in SHIPPED.items():
+            assert whl.read(f"relay/data/{shipped.resource}") == read_shipped(name), name
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_example_config_prints_each_file_byte_for_byte(name: str) -> None:
+    res = subprocess.run([sys.executable, "-m", "relay", "example-config", name],
+                         capture_output=True, timeout=60, cwd=ROOT)
+    assert (res.returncode, res.stderr) == (0, b"")
+    assert res.stdout == read_shipped(name)
+
+
+def test_example_config_list_names_where_each_goes() -> None:
+    res = subprocess.run([sys.executable, "-m", "relay", "example-config", "--list"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 0
+    assert res.stdout.splitlines()[1] == (
+        "systemd-unit  /etc/systemd/system/smtp-oauth-relay.service: the service "
+        "(Type=notify, watchdog, reload, sandboxing)")
+
+
+def test_kubernetes_image_is_a_placeholder_the_readme_says_to_replace() -> None:
+    image = relay_container()["image"]
+    assert image.startswith("registry.example.com/")
+    text = (ROOT / "deploy" / "README.md").read_text()
+    assert f"**No image is published**, so `{image}` in" in text
+    assert f"kustomize edit set image {image.rpartition(':')[0]}=" in text
 
 
 # --- Dockerfile ---------------------------------------------------------------------------
