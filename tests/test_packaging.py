@@ -618,12 +618,18 @@ def test_wheel_installs_and_runs_in_a_clean_venv(tmp_path: Path) -> None:
     where = subprocess.run([str(py), "-c", "import relay; print(relay.__file__)"], env=clean,
                            capture_output=True, text=True, cwd=ROOT, check=True)
     assert where.stdout.startswith(str(env_dir))
-    example = ROOT / "config.example.yaml"
-    res = run("check", "--config", str(example), RELAY_CLIENT_SECRET="not-a-real-secret")
+    # The documented config comes with the wheel; its secret is the file beside it.
+    res = run("example-config")
+    assert res.returncode == 0, res.stderr
+    example = tmp_path / "etc" / "config.yaml"
+    example.parent.mkdir()
+    example.write_text(res.stdout)
+    res = run("check", "--config", str(example))  # no client-secret file yet
+    assert res.returncode == 78
+    assert "systemd credential 'client-secret'" in res.stderr
+    (example.parent / "client-secret").write_text("not-a-real-secret\n")
+    res = run("check", "--config", str(example))
     assert res.returncode == 0, res.stderr
     assert "OK" in res.stdout
     assert "not-a-real-secret" not in res.stdout + res.stderr
-    res = run("check", "--config", str(example))  # the secret's variable is not set
-    assert res.returncode == 78
-    assert "RELAY_CLIENT_SECRET" in res.stderr
     assert json.loads(final_stage()["ENTRYPOINT"][0]) == [exe.name]

@@ -34,7 +34,7 @@ from relay.cli import (
     sendtest,
     token,
 )
-from relay.cli.common import EX_CONFIG, err
+from relay.cli.common import EX_CONFIG, credentials_beside, err
 from relay.config import DEFAULT_CONFIG_PATH, ConfigError
 
 
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if isinstance(getattr(args, "config", None), Path):
+        credentials_beside(args.config)
     try:
         return int(args.func(args))
     except ConfigError as exc:

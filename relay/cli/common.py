@@ -5,6 +5,8 @@
   :data:`EX_UNAVAILABLE` 69 (a permanent refusal by Entra ID or Exchange, or a resource
   that is not there), :data:`EX_TEMPFAIL` 75 (try again), :data:`EX_CONFIG` 78;
 - :func:`load`: the configuration named by ``--config``;
+- :func:`credentials_beside`: outside systemd, ``{credential: NAME}`` is the file NAME
+  beside the config, the file the shipped unit hands over with ``LoadCredential=``;
 - :func:`with_sandbox`: run a command's body against the real services, or inside the
   local stand-ins with ``--sandbox``;
 - :func:`err`, :func:`print_json`: output on stderr, and ``--json`` output on stdout.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -29,6 +32,18 @@ _T = TypeVar("_T")
 def load(args: argparse.Namespace, *, sandbox: bool = False) -> Config:
     """The config at ``args.config``; its secrets are read unless the sandbox replaces them."""
     return load_config(args.config, check_secrets=not sandbox)
+
+
+def credentials_beside(config: Path) -> None:
+    """Read systemd credentials from the config's directory when systemd has not set one.
+
+    The shipped unit hands ``/etc/smtp-oauth-relay/client-secret`` to the service as the
+    credential ``client-secret`` (``LoadCredential=``), and the config names it
+    ``{credential: client-secret}``. Run by hand (``check``, ``doctor``, ``token``), the
+    commands then read the very file the service gets, instead of failing for want of
+    $CREDENTIALS_DIRECTORY. Under systemd the variable is set and wins.
+    """
+    os.environ.setdefault("CREDENTIALS_DIRECTORY", str(config.absolute().parent))
 
 
 def with_sandbox(args: argparse.Namespace, body: Callable[[Config], Coroutine[Any, Any, _T]],
