@@ -35,7 +35,10 @@ from relay import __version__
 from relay.cli.exampleconfig import SHIPPED
 from relay.cli.exampleconfig import read as read_shipped
 from relay.config import DEFAULT_CONFIG_PATH, Config, Delivery, parse_config
+from relay.core.secrets import Secret
 from relay.ops import healthcheck as healthcheck
+from relay.ops import install
+from relay.ops.install import Answers
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "smtp-oauth-relay.service"
@@ -43,6 +46,7 @@ SYSUSERS = ROOT / "systemd" / "sysusers.d" / "smtp-oauth-relay.conf"
 TMPFILES = ROOT / "systemd" / "tmpfiles.d" / "smtp-oauth-relay.conf"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+README = ROOT / "README.md"
 K8S = ROOT / "deploy" / "kubernetes"
 BINARY = "/usr/local/bin/smtp-oauth-relay"
 
@@ -223,6 +227,54 @@ def test_example_config_list_names_where_each_goes() -> None:
     assert res.stdout.splitlines()[1] == (
         "systemd-unit  /etc/systemd/system/smtp-oauth-relay.service: the service "
         "(Type=notify, watchdog, reload, sandboxing)")
+
+
+def readme_install_commands() -> list[str]:
+    """The shell lines of the README's "Installing for real" sequence, comments dropped."""
+    section = README.read_text().split("## Installing for real", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    lines = [line.partition("#")[0].strip() for line in block.splitlines()]
+    return [line for line in lines if line]
+
+
+def test_readme_install_sequence_agrees_with_the_unit() -> None:
+    """Followed literally, the README's steps put every file where the unit looks."""
+    commands = readme_install_commands()
+    assert "RELAY_CLIENT_SECRET" not in "\n".join(commands)
+    installed = {}
+    for line in commands:
+        if line.startswith("smtp-oauth-relay example-config "):
+            name, _, target = line.split(maxsplit=2)[2].partition(" > ")
+            installed[name] = target
+    assert installed == {n: s.installed_as for n, s in SHIPPED.items() if n != "config"}
+    [link] = [c for c in commands if c.startswith("ln -sf ")]
+    assert link.split()[-1] == BINARY
+    # The user and directory come before init, which needs the service's group.
+    order = [next(i for i, c in enumerate(commands) if c.startswith(p))
+             for p in ("systemd-sysusers", "systemd-tmpfiles --create", "smtp-oauth-relay init",
+                       "systemctl enable --now smtp-oauth-relay")]
+    assert order == sorted(order)
+
+    # init writes the secret where LoadCredential= takes it from, under the name the
+    # config refers to, and the config where ExecStart= reads it.
+    [credential] = unit_settings()["LoadCredential"]
+    name, _, source = credential.partition(":")
+    files = install.plan(DEFAULT_CONFIG_PATH, Answers("t", "c", "relay@contoso.com",
+                                                      secret=Secret("s")))
+    assert [f.path for f in files] == [DEFAULT_CONFIG_PATH, Path(source)]
+    assert name == install.SECRET_CREDENTIAL == Path(source).name
+    assert yaml.safe_load(files[0].content)["credentials"]["main"]["client_secret"] == {
+        "credential": name}
+    example = yaml.safe_load(read_shipped("config"))
+    assert example["credentials"]["main"]["client_secret"] == {"credential": name}
+    # ...with the owner and mode that tmpfiles.d gives them at every boot.
+    rules = {line.split()[1]: line.split() for line in TMPFILES.read_text().splitlines()
+             if line.startswith("z ")}
+    user = unit_settings()["User"][0]
+    for f in files:
+        _, _, mode, owner, group, _ = rules[str(f.path)]
+        assert (int(mode, 8), owner, group) == (f.mode, "root", user if f.group else "root")
+    assert unit_settings()["Group"][0] == install.SERVICE_GROUP
 
 
 def test_kubernetes_image_is_a_placeholder_the_readme_says_to_replace() -> None:

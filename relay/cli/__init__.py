@@ -9,7 +9,7 @@ One module per command, each only parsing what it was given, calling into the pa
 and rendering the result (text, or JSON with ``--json``): :mod:`~relay.cli.run`,
 :mod:`~relay.cli.check`, :mod:`~relay.cli.token`, :mod:`~relay.cli.sendtest`,
 :mod:`~relay.cli.doctor`, :mod:`~relay.cli.queue`, :mod:`~relay.cli.hashpassword`,
-:mod:`~relay.cli.exampleconfig`; what
+:mod:`~relay.cli.exampleconfig`, :mod:`~relay.cli.init`; what
 they share (the exit codes, loading the config, ``--sandbox``) is in
 :mod:`~relay.cli.common`. Exit codes follow sysexits.h so scripts and systemd can tell
 failures apart: 0 ok, 1 a check failed (e.g. a warning turned error), 2 usage, 69 service
@@ -29,6 +29,7 @@ from relay.cli import (
     doctor,
     exampleconfig,
     hashpassword,
+    init,
     queue,
     run,
     sendtest,
@@ -100,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("hash-password", hashpassword.command,
                 "print a password hash for users.<name>.password_hash")
     p.add_argument("--stdin", action="store_true", help="read the password from standard input")
+    p = command("init", init.command, "set the relay up: ask for the Entra ID app, the "
+                "mailbox and who may send, write the config and the client secret, run "
+                "check and doctor, and print what is left to do")
+    init.arguments(p)
+    sandbox_flag(p)
     p = sub.add_parser("example-config", help="print the documented config or a systemd file "
                                               "the package ships",
                        description="print a file the package ships, byte for byte: the "

@@ -3,7 +3,8 @@
 - the exit codes, after sysexits.h so that scripts and systemd can tell failures apart:
   :data:`EX_OK` 0, :data:`EX_FAIL` 1 (a check failed), :data:`EX_USAGE` 2,
   :data:`EX_UNAVAILABLE` 69 (a permanent refusal by Entra ID or Exchange, or a resource
-  that is not there), :data:`EX_TEMPFAIL` 75 (try again), :data:`EX_CONFIG` 78;
+  that is not there), :data:`EX_TEMPFAIL` 75 (try again), :data:`EX_CONFIG` 78; and for
+  ``init``, :data:`EX_NOUSER` 67, :data:`EX_CANTCREAT` 73, :data:`EX_NOPERM` 77;
 - :func:`load`: the configuration named by ``--config``;
 - :func:`credentials_beside`: outside systemd, ``{credential: NAME}`` is the file NAME
   beside the config, the file the shipped unit hands over with ``LoadCredential=``;
@@ -25,6 +26,8 @@ from typing import Any, TypeVar
 from relay.config import Config, load_config
 
 EX_OK, EX_FAIL, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 0, 1, 2, 69, 75, 78
+# init: no such group, a file it would write exists (or cannot be made), not allowed to.
+EX_NOUSER, EX_CANTCREAT, EX_NOPERM = 67, 73, 77
 
 _T = TypeVar("_T")
 

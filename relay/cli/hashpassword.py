@@ -13,6 +13,8 @@ import sys
 
 from relay.cli.common import EX_FAIL, EX_OK, err
 
+MIN_LENGTH = 8
+
 
 def command(args: argparse.Namespace) -> int:
     from relay.core.passhash import hash_password
@@ -24,8 +26,8 @@ def command(args: argparse.Namespace) -> int:
         if getpass.getpass("Again: ") != password:
             err("error: the passwords do not match")
             return EX_FAIL
-    if len(password) < 8:
-        err("error: use a password of at least 8 characters")
+    if len(password) < MIN_LENGTH:
+        err(f"error: use a password of at least {MIN_LENGTH} characters")
         return EX_FAIL
     print(hash_password(password))
     return EX_OK

@@ -8,5 +8,6 @@ and metrics (:mod:`~relay.ops.metrics` counts events, :mod:`~relay.ops.gauges` r
 (:mod:`~relay.ops.notify`). For the command line: the setup checklist
 (:mod:`~relay.ops.doctor`, :mod:`~relay.ops.doctoradvice`, :mod:`~relay.ops.doctorreport`),
 the container's probe (:mod:`~relay.ops.healthcheck`), the queue commands
-(:mod:`~relay.ops.queueadmin`) and the test message (:mod:`~relay.ops.testmessage`).
+(:mod:`~relay.ops.queueadmin`), the test message (:mod:`~relay.ops.testmessage`) and
+what ``init`` writes (:mod:`~relay.ops.install`).
 """
