@@ -9,7 +9,8 @@
 # Config: mount it at /etc/smtp-oauth-relay/config.yaml. Inside a container a listener must
 # bind 0.0.0.0 to be reachable through -p; keep server.relay_networks to the networks that
 # may send without AUTH. Secrets: {env: RELAY_CLIENT_SECRET}, or a Docker/Kubernetes secret
-# file with {file: /run/secrets/client-secret}.
+# file with {file: /run/secrets/client-secret}. A template config, every key documented:
+#   docker run --rm smtp-oauth-relay example-config > config.yaml
 # Stopping: the relay drains for up to delivery.shutdown_timeout (30s) after SIGTERM, and
 # Docker kills it after 10s unless told otherwise: give `docker stop -t` / `--stop-timeout`
 # (Compose: stop_grace_period) a value above shutdown_timeout.
@@ -41,7 +42,6 @@ RUN groupadd --system --gid 10025 smtp-oauth-relay \
  && install -d -o 10025 -g 10025 -m 0700 /var/lib/smtp-oauth-relay \
  && install -d -m 0755 /etc/smtp-oauth-relay
 COPY --from=build /opt/smtp-oauth-relay /opt/smtp-oauth-relay
-COPY config.example.yaml /usr/share/doc/smtp-oauth-relay/config.example.yaml
 # PYTHONFAULTHANDLER: a fatal signal leaves a traceback in the log, not just an exit code.
 # PYTHONSAFEPATH: `python -m ...` (the health check) must not import from the working
 # directory, which is the spool volume.

@@ -38,8 +38,9 @@ def run_check(tmp_path: Path, text: str, env: dict[str, str] | None = None,
                           timeout=60, cwd=ROOT)
 
 
-def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RELAY_CLIENT_SECRET", "x" * 20)
+def test_example_config_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "client-secret").write_text("x" * 20)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     cfg = load_config(ROOT / "config.example.yaml")
     assert cfg.routing.system_profile == "system"
     assert [(lst.address, lst.port) for lst in cfg.server.listeners] == [("127.0.0.1", 2525)]
@@ -309,3 +310,20 @@ def test_certificate_thumbprint_is_a_sha1_digest(thumbprint: str, ok: bool) -> N
         parse_config(data, check_secrets=False, check_files=False)
     assert "credentials.main.certificate" in info.value.render()
     assert "SHA-1" in info.value.render()
+
+
+def test_systemd_credential_by_hand_is_the_file_beside_the_config(tmp_path: Path) -> None:
+    """What the unit hands over with LoadCredential=, `check` reads when run by hand."""
+    text = GOOD.replace("{env: TEST_RELAY_SECRET}", "{credential: client-secret}")
+    res = run_check(tmp_path, text)
+    assert res.returncode == 78
+    assert (f"credentials.main.client_secret: systemd credential 'client-secret': file "
+            f"{tmp_path / 'client-secret'} does not exist") in res.stderr.splitlines()[-1]
+    (tmp_path / "client-secret").write_text("s3cr3t-value\n")
+    res = run_check(tmp_path, text)
+    assert res.returncode == 0, res.stderr
+    assert "s3cr3t" not in res.stdout + res.stderr
+    # Under systemd, its directory wins.
+    res = run_check(tmp_path, text, {"CREDENTIALS_DIRECTORY": str(tmp_path / "run")})
+    assert res.returncode == 78
+    assert f"file {tmp_path / 'run' / 'client-secret'} does not exist" in res.stderr

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import venv
+import zipfile
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,8 +32,13 @@ import pytest
 import yaml
 
 from relay import __version__
+from relay.cli.exampleconfig import SHIPPED
+from relay.cli.exampleconfig import read as read_shipped
 from relay.config import DEFAULT_CONFIG_PATH, Config, Delivery, parse_config
+from relay.core.secrets import Secret
 from relay.ops import healthcheck as healthcheck
+from relay.ops import install
+from relay.ops.install import Answers
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "smtp-oauth-relay.service"
@@ -40,6 +46,7 @@ SYSUSERS = ROOT / "systemd" / "sysusers.d" / "smtp-oauth-relay.conf"
 TMPFILES = ROOT / "systemd" / "tmpfiles.d" / "smtp-oauth-relay.conf"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+README = ROOT / "README.md"
 K8S = ROOT / "deploy" / "kubernetes"
 BINARY = "/usr/local/bin/smtp-oauth-relay"
 
@@ -179,6 +186,104 @@ def test_sysusers_and_tmpfiles_in_a_scratch_root(tmp_path: Path) -> None:
     st = (confdir / "config.yaml").stat()
     assert (st.st_mode & 0o777, st.st_gid) == (0o640, gid)
     assert (confdir / "client-secret").stat().st_mode & 0o777 == 0o600
+
+
+# --- the files a wheel carries, and the README's one install sequence ----------------------
+
+def test_shipped_files_are_the_top_level_files() -> None:
+    """One copy of each: the source tree's files are links to what the package ships."""
+    top = {"config": ROOT / "config.example.yaml", "systemd-unit": UNIT,
+           "sysusers": SYSUSERS, "tmpfiles": TMPFILES}
+    assert set(top) == set(SHIPPED)
+    for name, path in top.items():
+        assert path.is_symlink(), path
+        assert path.resolve() == ROOT / "relay" / "data" / SHIPPED[name].resource
+        assert read_shipped(name) == path.read_bytes(), name
+
+
+def test_wheel_carries_the_shipped_files(tmp_path: Path) -> None:
+    """What `pip install` of a wheel gets, without the source tree beside it."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", str(ROOT),
+                    "-w", str(tmp_path)], check=True, timeout=600, cwd=tmp_path,
+                   capture_output=True)
+    [wheel] = tmp_path.glob("smtp_oauth_relay-*.whl")
+    with zipfile.ZipFile(wheel) as whl:
+        for name, shipped in SHIPPED.items():
+            assert whl.read(f"relay/data/{shipped.resource}") == read_shipped(name), name
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_example_config_prints_each_file_byte_for_byte(name: str) -> None:
+    res = subprocess.run([sys.executable, "-m", "relay", "example-config", name],
+                         capture_output=True, timeout=60, cwd=ROOT)
+    assert (res.returncode, res.stderr) == (0, b"")
+    assert res.stdout == read_shipped(name)
+
+
+def test_example_config_list_names_where_each_goes() -> None:
+    res = subprocess.run([sys.executable, "-m", "relay", "example-config", "--list"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 0
+    assert res.stdout.splitlines()[1] == (
+        "systemd-unit  /etc/systemd/system/smtp-oauth-relay.service: the service "
+        "(Type=notify, watchdog, reload, sandboxing)")
+
+
+def readme_install_commands() -> list[str]:
+    """The shell lines of the README's "Installing for real" sequence, comments dropped."""
+    section = README.read_text().split("## Installing for real", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    lines = [line.partition("#")[0].strip() for line in block.splitlines()]
+    return [line for line in lines if line]
+
+
+def test_readme_install_sequence_agrees_with_the_unit() -> None:
+    """Followed literally, the README's steps put every file where the unit looks."""
+    commands = readme_install_commands()
+    assert "RELAY_CLIENT_SECRET" not in "\n".join(commands)
+    installed = {}
+    for line in commands:
+        if line.startswith("smtp-oauth-relay example-config "):
+            name, _, target = line.split(maxsplit=2)[2].partition(" > ")
+            installed[name] = target
+    assert installed == {n: s.installed_as for n, s in SHIPPED.items() if n != "config"}
+    [link] = [c for c in commands if c.startswith("ln -sf ")]
+    assert link.split()[-1] == BINARY
+    # The user and directory come before init, which needs the service's group.
+    order = [next(i for i, c in enumerate(commands) if c.startswith(p))
+             for p in ("systemd-sysusers", "systemd-tmpfiles --create", "smtp-oauth-relay init",
+                       "systemctl enable --now smtp-oauth-relay")]
+    assert order == sorted(order)
+
+    # init writes the secret where LoadCredential= takes it from, under the name the
+    # config refers to, and the config where ExecStart= reads it.
+    [credential] = unit_settings()["LoadCredential"]
+    name, _, source = credential.partition(":")
+    files = install.plan(DEFAULT_CONFIG_PATH,
+                         Answers("contoso.onmicrosoft.com", "c", "relay@contoso.com",
+                                 secret=Secret("s")))
+    assert [f.path for f in files] == [DEFAULT_CONFIG_PATH, Path(source)]
+    assert name == install.SECRET_CREDENTIAL == Path(source).name
+    assert yaml.safe_load(files[0].content)["credentials"]["main"]["client_secret"] == {
+        "credential": name}
+    example = yaml.safe_load(read_shipped("config"))
+    assert example["credentials"]["main"]["client_secret"] == {"credential": name}
+    # ...with the owner and mode that tmpfiles.d gives them at every boot.
+    rules = {line.split()[1]: line.split() for line in TMPFILES.read_text().splitlines()
+             if line.startswith("z ")}
+    user = unit_settings()["User"][0]
+    for f in files:
+        _, _, mode, owner, group, _ = rules[str(f.path)]
+        assert (int(mode, 8), owner, group) == (f.mode, "root", user if f.group else "root")
+    assert unit_settings()["Group"][0] == install.SERVICE_GROUP
+
+
+def test_kubernetes_image_is_a_placeholder_the_readme_says_to_replace() -> None:
+    image = relay_container()["image"]
+    assert image.startswith("registry.example.com/")
+    text = (ROOT / "deploy" / "README.md").read_text()
+    assert f"**No image is published**, so `{image}` in" in text
+    assert f"kustomize edit set image {image.rpartition(':')[0]}=" in text
 
 
 # --- Dockerfile ---------------------------------------------------------------------------
@@ -566,13 +671,19 @@ def test_wheel_installs_and_runs_in_a_clean_venv(tmp_path: Path) -> None:
     where = subprocess.run([str(py), "-c", "import relay; print(relay.__file__)"], env=clean,
                            capture_output=True, text=True, cwd=ROOT, check=True)
     assert where.stdout.startswith(str(env_dir))
-    example = ROOT / "config.example.yaml"
-    res = run("check", "--config", str(example), RELAY_CLIENT_SECRET="not-a-real-secret",
+    # The documented config comes with the wheel; its secret is the file beside it.
+    res = run("example-config")
+    assert res.returncode == 0, res.stderr
+    example = tmp_path / "etc" / "config.yaml"
+    example.parent.mkdir()
+    example.write_text(res.stdout)
+    res = run("check", "--config", str(example),  # no client-secret file yet
               STATE_DIRECTORY=str(tmp_path / "state"))  # a spool this user may write
+    assert res.returncode == 78
+    assert "systemd credential 'client-secret'" in res.stderr
+    (example.parent / "client-secret").write_text("not-a-real-secret\n")
+    res = run("check", "--config", str(example), STATE_DIRECTORY=str(tmp_path / "state"))
     assert res.returncode == 0, res.stderr
     assert "OK" in res.stdout
     assert "not-a-real-secret" not in res.stdout + res.stderr
-    res = run("check", "--config", str(example))  # the secret's variable is not set
-    assert res.returncode == 78
-    assert "RELAY_CLIENT_SECRET" in res.stderr
     assert json.loads(final_stage()["ENTRYPOINT"][0]) == [exe.name]

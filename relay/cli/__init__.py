@@ -8,7 +8,8 @@
 One module per command, each only parsing what it was given, calling into the package
 and rendering the result (text, or JSON with ``--json``): :mod:`~relay.cli.run`,
 :mod:`~relay.cli.check`, :mod:`~relay.cli.token`, :mod:`~relay.cli.sendtest`,
-:mod:`~relay.cli.doctor`, :mod:`~relay.cli.queue`, :mod:`~relay.cli.hashpassword`; what
+:mod:`~relay.cli.doctor`, :mod:`~relay.cli.queue`, :mod:`~relay.cli.hashpassword`,
+:mod:`~relay.cli.exampleconfig`, :mod:`~relay.cli.init`; what
 they share (the exit codes, loading the config, ``--sandbox``) is in
 :mod:`~relay.cli.common`. Exit codes follow sysexits.h so scripts and systemd can tell
 failures apart: 0 ok, 1 a check failed (e.g. a warning turned error), 2 usage, 69 service
@@ -23,8 +24,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from relay import __version__
-from relay.cli import check, doctor, hashpassword, queue, run, sendtest, token
-from relay.cli.common import EX_CONFIG, EX_USAGE, UsageError, err
+from relay.cli import (
+    check,
+    doctor,
+    exampleconfig,
+    hashpassword,
+    init,
+    queue,
+    run,
+    sendtest,
+    token,
+)
+from relay.cli.common import EX_CONFIG, EX_USAGE, UsageError, credentials_beside, err
 from relay.config import DEFAULT_CONFIG_PATH, ConfigError
 
 
@@ -92,11 +103,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("hash-password", hashpassword.command,
                 "print a password hash for users.<name>.password_hash")
     p.add_argument("--stdin", action="store_true", help="read the password from standard input")
+    p = command("init", init.command, "set the relay up: ask for the Entra ID app, the "
+                "mailbox and who may send, write the config and the client secret, run "
+                "check and doctor, and print what is left to do")
+    init.arguments(p)
+    sandbox_flag(p)
+    p = sub.add_parser("example-config", help="print the documented config or a systemd file "
+                                              "the package ships",
+                       description="print a file the package ships, byte for byte: the "
+                                   "documented config (default) or a systemd file")
+    p.add_argument("name", nargs="?", default="config", choices=list(exampleconfig.SHIPPED),
+                   help="which file (default: config)")
+    p.add_argument("--list", action="store_true",
+                   help="list the files and where each is installed")
+    p.set_defaults(func=exampleconfig.command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if isinstance(getattr(args, "config", None), Path):
+        credentials_beside(args.config)
     try:
         return int(args.func(args))
     except ConfigError as exc:

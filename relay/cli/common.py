@@ -4,8 +4,11 @@
   :data:`EX_OK` 0, :data:`EX_FAIL` 1 (a check failed), :data:`EX_USAGE` 2,
   :data:`EX_UNAVAILABLE` 69 (a permanent refusal by Entra ID or Exchange, or a resource
   that is not there), :data:`EX_OSERR` 71 (the system refused a resource: a port in use),
-  :data:`EX_TEMPFAIL` 75 (try again), :data:`EX_CONFIG` 78;
+  :data:`EX_TEMPFAIL` 75 (try again), :data:`EX_CONFIG` 78; and for ``init``,
+  :data:`EX_NOUSER` 67, :data:`EX_CANTCREAT` 73, :data:`EX_NOPERM` 77;
 - :func:`load`: the configuration named by ``--config``;
+- :func:`credentials_beside`: outside systemd, ``{credential: NAME}`` is the file NAME
+  beside the config, the file the shipped unit hands over with ``LoadCredential=``;
 - :func:`chosen_profile`, :class:`UsageError`: the profile a command works on, or why the
   command line names none the config has (exit 2, listing those it has);
 - :func:`with_sandbox`: run a command's body against the real services, or inside the
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -30,6 +34,8 @@ from relay.core.errors import RelayError
 
 EX_OK, EX_FAIL, EX_USAGE, EX_UNAVAILABLE, EX_OSERR, EX_TEMPFAIL, EX_CONFIG = (
     0, 1, 2, 69, 71, 75, 78)
+# init: no such group, a file it would write exists (or cannot be made), not allowed to.
+EX_NOUSER, EX_CANTCREAT, EX_NOPERM = 67, 73, 77
 
 _T = TypeVar("_T")
 
@@ -55,6 +61,18 @@ def chosen_profile(config: Config, name: str | None) -> str:
     if name not in config.profiles:
         raise UsageError(f"no profile named {name!r}" + known(config.profiles))
     return name
+
+
+def credentials_beside(config: Path) -> None:
+    """Read systemd credentials from the config's directory when systemd has not set one.
+
+    The shipped unit hands ``/etc/smtp-oauth-relay/client-secret`` to the service as the
+    credential ``client-secret`` (``LoadCredential=``), and the config names it
+    ``{credential: client-secret}``. Run by hand (``check``, ``doctor``, ``token``), the
+    commands then read the very file the service gets, instead of failing for want of
+    $CREDENTIALS_DIRECTORY. Under systemd the variable is set and wins.
+    """
+    os.environ.setdefault("CREDENTIALS_DIRECTORY", str(config.absolute().parent))
 
 
 def with_sandbox(args: argparse.Namespace, body: Callable[[Config], Coroutine[Any, Any, _T]],

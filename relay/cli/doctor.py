@@ -1,7 +1,7 @@
 """``smtp-oauth-relay doctor [--profile P] [--send-to ADDR] [--json]``: the setup checklist.
 
 - :func:`command`: run :func:`relay.ops.doctor.diagnose` and print its reports; exit 1 if
-  any step failed (warnings alone exit 0);
+  any step failed (warnings alone exit 0); :func:`checklist`: the same run, for ``init``;
 - :func:`render_text`, :func:`render_json`: the reports as the checklist a person reads
   (``[FAIL] login ...`` with the fix below it) or as JSON.
 
@@ -25,16 +25,23 @@ _LABEL = {Status.OK: "[ OK ]", Status.INFO: "[INFO]", Status.WARN: "[WARN]",
 
 
 def command(args: argparse.Namespace) -> int:
+    reports = checklist(args.config, profile=args.profile, send_to=args.send_to,
+                        timeout=args.timeout,
+                        sandbox_dir=Path(args.sandbox_dir) if args.sandbox else None)
+    print(render_json(reports) if args.json else render_text(reports))
+    return EX_FAIL if failed(reports) else EX_OK
+
+
+def checklist(config: Path, *, profile: str | None = None, send_to: str | None = None,
+              timeout: float = 10.0, sandbox_dir: Path | None = None) -> list[ProfileReport]:
+    """Run the checks without a log line in between (``init`` runs them too)."""
     from relay.ops.doctor import diagnose
 
     setup_logging("critical")
     for handler in logging.getLogger().handlers:  # the checklist says it all: no log lines
         handler.setLevel(logging.CRITICAL)        # (setup_logging keeps libraries at WARNING)
-    reports = asyncio.run(diagnose(
-        args.config, profile=args.profile, send_to=args.send_to, step_timeout=args.timeout,
-        sandbox_dir=Path(args.sandbox_dir) if args.sandbox else None))
-    print(render_json(reports) if args.json else render_text(reports))
-    return EX_FAIL if failed(reports) else EX_OK
+    return asyncio.run(diagnose(config, profile=profile, send_to=send_to,
+                                step_timeout=timeout, sandbox_dir=sandbox_dir))
 
 
 def render_json(reports: list[ProfileReport]) -> str:

@@ -17,6 +17,7 @@ import sys
 
 from relay.cli.common import EX_FAIL, EX_OK, err
 
+MIN_LENGTH = 8
 _PIPE_HINT = ("pipe it in (printf '%s\\n' \"$PASSWORD\" | smtp-oauth-relay hash-password "
               "--stdin), or run the command in a terminal to be asked for it")
 
@@ -40,8 +41,8 @@ def command(args: argparse.Namespace) -> int:
         if again != password:
             err("error: the passwords do not match")
             return EX_FAIL
-    if len(password) < 8:
-        err("error: use a password of at least 8 characters")
+    if len(password) < MIN_LENGTH:
+        err(f"error: use a password of at least {MIN_LENGTH} characters")
         return EX_FAIL
     print(hash_password(password))
     return EX_OK

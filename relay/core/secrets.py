@@ -91,4 +91,7 @@ def read_credential(name: str) -> str:
             f"systemd credential {name!r} requested but CREDENTIALS_DIRECTORY is not set "
             "(add LoadCredential= to the unit, or use {env: ...} / {file: ...})"
         )
-    return read_file(Path(directory) / name)
+    try:
+        return read_file(Path(directory) / name)
+    except SecretSourceError as exc:
+        raise SecretSourceError(f"systemd credential {name!r}: {exc}") from None

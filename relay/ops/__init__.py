@@ -9,5 +9,6 @@ and metrics (:mod:`~relay.ops.metrics` counts events, :mod:`~relay.ops.gauges` r
 (:mod:`~relay.ops.doctor`, :mod:`~relay.ops.doctoradvice`, :mod:`~relay.ops.doctorreport`),
 the container's probe (:mod:`~relay.ops.healthcheck`), the queue commands
 (:mod:`~relay.ops.queueadmin`), whether the spool can be written (:mod:`~relay.ops.spoolaccess`,
-for ``check``) and the test message (:mod:`~relay.ops.testmessage`).
+for ``check``), the test message (:mod:`~relay.ops.testmessage`) and what ``init``
+writes (:mod:`~relay.ops.install`).
 """

@@ -146,6 +146,7 @@ class Doctor:
                 steps.append(skip("claims", "no token"))
             else:
                 steps.append(self._token_ok(token))
+                report.app_object_id = str(token.claims.get("oid") or "") or None
                 steps.append(judge_claims(self.config, profile, upstream, token))
 
             login = await self._login(session, profile, token, steps)

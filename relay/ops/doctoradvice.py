@@ -7,6 +7,8 @@
   Exchange Online would not take (audience, tenant, delegated, no SMTP.SendAsApp);
 - :func:`login_fix`: a refused XOAUTH2 login (SMTP AUTH disabled, no service principal or
   mailbox permission in Exchange);
+- :func:`mailbox_grant_commands`, :func:`smtp_auth_command`: steps 4 and 5 as the
+  PowerShell to run, with the ids filled in (``init`` prints them too);
 - :func:`explain`, :func:`plain`: the classifier's explanation of a reply, and the
   relay's own 451 text without its codes.
 
@@ -215,8 +217,7 @@ def login_fix(config: Config, reply: Reply, profile: Profile, token: Token) -> s
     mailbox = profile.mailbox
     if verdict == classify(Reply(535, "5.7.139")):
         return (f"{verdict.explanation}.\nExchange Online PowerShell ({setup_step(5)}):\n"
-                f"  Set-CASMailbox -Identity {mailbox} -SmtpClientAuthenticationDisabled "
-                "$false\n"
+                f"  {smtp_auth_command(mailbox)}\n"
                 "  Get-TransportConfig | Format-List SmtpClientAuthenticationDisabled\n"
                 "  Set-TransportConfig -SmtpClientAuthenticationDisabled $false   # the "
                 "tenant-wide default\n"
@@ -224,19 +225,32 @@ def login_fix(config: Config, reply: Reply, profile: Profile, token: Token) -> s
                 "security defaults) switch SMTP AUTH off for the whole tenant.")
     if verdict == classify(Reply(535, "5.7.3")):
         client_id = config.credentials[profile.credential].client_id
-        oid = str(token.claims.get("oid") or "<object id of the app's Enterprise "
-                                             "application>")
+        oid = str(token.claims.get("oid") or OBJECT_ID_UNKNOWN)
+        lines = "".join(f"  {c}\n" for c in mailbox_grant_commands(client_id, oid, mailbox))
         text = (f"{verdict.explanation}.\nExchange Online PowerShell ({setup_step(4)}; "
-                "the token's oid is the Enterprise application's object id):\n"
-                f"  New-ServicePrincipal -AppId {client_id} -ObjectId {oid}\n"
-                f"  Add-MailboxPermission -Identity {mailbox} -User {oid} "
-                "-AccessRights FullAccess\n"
+                f"the token's oid is the Enterprise application's object id):\n{lines}"
                 "New permissions can take a while to apply in Exchange Online.")
         if SEND_AS_APP not in token.roles:
             text += (f"\nThe token also has no {SEND_AS_APP} role: grant it "
                      f"({setup_step(3)}) unless RBAC for Applications is used.")
         return text
     return explain(reply) or verdict.explanation
+
+
+def mailbox_grant_commands(client_id: str, object_id: str, mailbox: str) -> list[str]:
+    """Step 4 in Exchange Online PowerShell: the app's service principal, and its right to
+    the mailbox. ``object_id`` is the Enterprise application's, not the app registration's."""
+    return [f"New-ServicePrincipal -AppId {client_id} -ObjectId {object_id}",
+            f"Add-MailboxPermission -Identity {mailbox} -User {object_id} "
+            "-AccessRights FullAccess"]
+
+
+def smtp_auth_command(mailbox: str) -> str:
+    """Step 5: SMTP AUTH on for the mailbox (the mailbox's setting wins over the tenant's)."""
+    return f"Set-CASMailbox -Identity {mailbox} -SmtpClientAuthenticationDisabled $false"
+
+
+OBJECT_ID_UNKNOWN = "<object id of the app's Enterprise application>"
 
 
 # --- helpers ---------------------------------------------------------------------------------

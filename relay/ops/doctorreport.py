@@ -57,6 +57,9 @@ class ProfileReport:
     credential: str | None = None
     upstream: str | None = None
     steps: list[Step] = field(default_factory=list)
+    # The token's oid: the Enterprise application's object id, which Exchange's
+    # New-ServicePrincipal and Add-MailboxPermission need (not in the JSON: no step's).
+    app_object_id: str | None = None
 
     @property
     def status(self) -> Status:
