@@ -216,5 +216,6 @@ def test_run_refuses_a_spool_on_tmpfs_without_a_traceback(tmp_path: Path) -> Non
         assert res.returncode == 78, res.stderr
         assert "tmpfs" in res.stderr and "spool.on_tmpfs: warn" in res.stderr
         assert "Traceback" not in res.stderr
+        assert list(spool.iterdir()) == []          # not one directory left behind
     finally:
         shutil.rmtree(spool, ignore_errors=True)

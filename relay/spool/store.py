@@ -51,18 +51,12 @@ class Spool:
     # --- set-up ---------------------------------------------------------------------------
 
     def open(self, *, on_tmpfs: str = "refuse") -> None:
-        """Create the directories and check the spool can keep its promise."""
-        try:
-            self.root.mkdir(parents=True, exist_ok=True, mode=disk.DIR_MODE)
-            for path in (self.root, *(self.root / name for name in DIRS)):
-                path.mkdir(exist_ok=True, mode=disk.DIR_MODE)
-                disk.tighten(path)
-            probe = self.root / "tmp" / f".probe-{os.getpid()}"
-            disk.write_synced(probe, b"ok")
-            probe.unlink(missing_ok=True)   # a relay starting meanwhile clears tmp/
-        except OSError as exc:
-            raise SpoolError(f"spool directory {self.root} is not usable: "
-                             f"{exc.strerror or exc}") from None
+        """Create the directories and check the spool can keep its promise.
+
+        A refusal leaves the filesystem as it found it: the filesystem is judged before
+        anything is created (where the spool would be), and directories made before a
+        later step failed are removed again; directories that were there stay.
+        """
         fstype = disk.filesystem_type(self.root)
         if fstype in ("tmpfs", "ramfs"):
             text = (f"spool directory {self.root} is on {fstype}: queued mail would be lost "
@@ -70,6 +64,29 @@ class Spool:
             if on_tmpfs == "refuse":
                 raise SpoolError(text + "; set spool.on_tmpfs: warn to accept the risk")
             log.warning("%s", text)
+        created: list[Path] = []
+        try:
+            parents = [p for p in self.root.parents if not p.exists()]
+            for path in (*reversed(parents), self.root, *(self.root / n for n in DIRS)):
+                if path.is_dir():
+                    continue
+                try:
+                    # Parents as `mkdir -p` makes them; the spool's own for the relay only.
+                    path.mkdir(mode=0o777 if path in parents else disk.DIR_MODE)
+                except FileExistsError:
+                    continue                # made meanwhile, by someone else
+                created.append(path)
+            for path in (self.root, *(self.root / name for name in DIRS)):
+                disk.tighten(path)
+            probe = self.root / "tmp" / f".probe-{os.getpid()}"
+            disk.write_synced(probe, b"ok")
+            probe.unlink(missing_ok=True)   # a relay starting meanwhile clears tmp/
+        except OSError as exc:
+            for path in reversed(created):
+                with contextlib.suppress(OSError):
+                    path.rmdir()            # only if still empty: never another's files
+            raise SpoolError(f"spool directory {self.root} is not usable: "
+                             f"{exc.strerror or exc}") from None
 
     def claim(self) -> None:
         """Become the one relay that delivers from this spool, until :meth:`unclaim`
