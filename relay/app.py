@@ -197,8 +197,10 @@ class Relay:
             loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
                 "SIGHUP ignored: this instance cannot reload its configuration"))
         watchdog: asyncio.Task[None] | None = None
+        started = False
         try:
             await self.start()
+            started = True
             notify.ready(self._status())
             watchdog = notify.start_watchdog(lambda: not self.queue.failed)
             if on_ready is not None:
@@ -208,8 +210,11 @@ class Relay:
         finally:
             # The drain may take shutdown_timeout: ask systemd for that much (and a margin
             # for closing up) so that a short TimeoutStopSec= does not kill it half-way.
-            notify.stopping("draining: no new mail accepted",
-                            timeout=self.config.delivery.shutdown_timeout + 15)
+            # A relay that never started has nothing to drain: it only tidies up, and
+            # its exit status and log line tell systemd and the operator why.
+            if started:
+                notify.stopping("draining: no new mail accepted",
+                                timeout=self.config.delivery.shutdown_timeout + 15)
             # Keep handling signals until the drain is over: a default SIGHUP or SIGUSR1
             # handler would kill the process half-way through it.
             for sig in (signal.SIGHUP, signal.SIGUSR1):
