@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "command works on, 75 a message changed while the command ran (try again)")
     p.add_argument("action", choices=["list", "show", "retry", "hold", "release", "delete",
                                       "flush"])
-    p.add_argument("ids", nargs="*", metavar="ID", help="message id(s)")
+    p.add_argument("ids", nargs="*", metavar="ID", help="message id(s), in any case")
     p.add_argument("--json", action="store_true",
                    help='print JSON; for changes: {"action", "done": [ids], '
                         '"skipped": [{"id", "reason", "temporary"}]}')

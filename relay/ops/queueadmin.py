@@ -4,8 +4,9 @@
   spool's owner when run as root) and closed again afterwards; :class:`NoSpool` when the
   directory is not there, :class:`SpoolUnavailable` when it cannot be used;
 - :func:`act`: one action (``show``, ``retry``, ``hold``, ``release``, ``delete``, see
-  :data:`PER_MESSAGE`) on each of several messages, an :class:`Outcome` per message as
-  soon as it is known.
+  :data:`PER_MESSAGE`) on each of several messages, given by id in any case
+  (:func:`relay.spool.ctl.resolve`), an :class:`Outcome` per message as soon as it is
+  known.
 
 Run as root (sudo), the commands act as the spool's owner, as ``runuser -u`` would: files
 root wrote into the spool would be out of the relay's reach (the unit's UMask=0077). A
@@ -88,7 +89,8 @@ def open_spool(config: Config) -> Iterator[Spool]:
 def act(spool: Spool, action: str, ids: Iterable[str]) -> Iterator[Outcome]:
     """Apply ``action`` (a key of :data:`PER_MESSAGE`) to each message of ``ids``."""
     apply = PER_MESSAGE[action]
-    for mid in ids:
+    for given in ids:
+        mid = ctl.resolve(spool, given)
         try:
             if apply is None:
                 outcome = Outcome(mid, True, info=ctl.show(spool, mid))
