@@ -93,8 +93,10 @@ class Relay:
             if self.http is not None:
                 await self.http.start()
             await self.queue.start()
-            self.tokens.start()
+            # Listeners before tokens: a port that cannot be bound ends the start before
+            # any request to Entra ID is in flight (one the relay would only abandon).
             await self.receiver.start()
+            self.tokens.start()
         except BaseException:
             if self.http is not None:
                 await self.http.stop()      # a no-op if it never started
