@@ -430,3 +430,23 @@ def test_root_acts_as_the_spool_owner(capsys: pytest.CaptureFixture[str]) -> Non
         assert meta.stat().st_uid == nobody
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_sandbox_queue_needs_no_config(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`make run`'s queue, looked at from another terminal: --sandbox is the spool in the
+    sandbox directory, whatever --config says (the default /etc file need not exist)."""
+    def queue(*args: str) -> tuple[int, str, str]:
+        code = cli.main(["queue", *args, "--sandbox", "--sandbox-dir", str(tmp_path / "sb"),
+                         "--config", str(tmp_path / "no-such-config.yaml")])
+        return (code, *capsys.readouterr())
+
+    assert queue("list") == (
+        78, "", f"error: no spool at {tmp_path / 'sb' / 'spool'} (--sandbox-dir; "
+                "`make run` or `run --sandbox` makes it)\n")
+    q = Queue(tmp_path / "sb", capsys)
+    q.add("SB1", State.DEFERRED, received_at=NOON)
+    code, out, err = queue("list")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1] == f"SB1                90 2025-06-01 12:00:00 deferred {MAILBOX}"
+    assert queue("hold", "sb1") == (0, "SB1: on hold\n", "")

@@ -10,12 +10,14 @@ stderr, one line per message, as they happen.
 
 Exit status: 0 done, 1 a message is not in the queue or not in a state the command works
 on (the operator must look), 75 a message changed while the command ran (run it again),
-2 no ids given, 78 no spool where the config says, 69 the spool cannot be used.
+2 no ids given, 78 no spool where the config (or, with ``--sandbox``, the sandbox
+directory) says, 69 the spool cannot be used.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from relay.cli.common import (
@@ -35,9 +37,18 @@ from relay.spool.store import Spool
 
 
 def command(args: argparse.Namespace) -> int:
-    config = load_config(args.config, check_secrets=False)
+    if args.sandbox:
+        # The sandbox's spool is always in its directory: no config is read, so that
+        # `make run`'s queue can be looked at without naming `make run`'s config.
+        from relay.sandbox.service import spool_directory
+
+        directory = spool_directory(Path(args.sandbox_dir))
+        source = "--sandbox-dir; `make run` or `run --sandbox` makes it"
+    else:
+        directory = load_config(args.config, check_secrets=False).spool.directory
+        source = "spool.directory"
     try:
-        with queueadmin.open_spool(config) as spool:
+        with queueadmin.open_spool(directory, source) as spool:
             if args.action == "list":
                 return _list(spool, args)
             if args.action == "flush":

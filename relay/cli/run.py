@@ -6,17 +6,20 @@
 prints their banner once it takes mail. A relay that cannot start exits 78 when the
 operator must change a setting (the spool), 69 when a resource is not available (a port
 taken), so that systemd does not restart it in vain (``RestartPreventExitStatus=78``).
+In sandbox mode ``--smtp-port`` and ``--http-port`` replace the config's ports, and a
+port that is taken says how to choose others.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import sys
 from pathlib import Path
 
-from relay.cli.common import EX_CONFIG, EX_FAIL, EX_OK, EX_UNAVAILABLE, load
+from relay.cli.common import EX_CONFIG, EX_FAIL, EX_OK, EX_UNAVAILABLE, EX_USAGE, err, load
 from relay.config import Config, load_config
 from relay.core.log import setup_logging
 
@@ -33,7 +36,8 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
 
     from relay.sandbox.service import Sandbox
 
-    async with Sandbox(Path(args.sandbox_dir)) as sandbox:
+    async with Sandbox(Path(args.sandbox_dir), smtp_port=args.smtp_port,
+                       http_port=args.http_port) as sandbox:
         relay = Relay(sandbox.apply(config))
 
         await relay.serve(
@@ -46,6 +50,10 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
 def command(args: argparse.Namespace) -> int:
     from relay.spool.locks import SpoolError
 
+    if not args.sandbox and (args.smtp_port is not None or args.http_port is not None):
+        err("error: --smtp-port and --http-port are for --sandbox: a relay for real listens "
+            "where its config says")
+        return EX_USAGE
     config = load(args, sandbox=args.sandbox)
     setup_logging(config.logging.level, config.logging.format)
     try:
@@ -56,5 +64,15 @@ def command(args: argparse.Namespace) -> int:
         log.error("cannot start: %s", exc)
         return EX_CONFIG
     except OSError as exc:
-        log.error("cannot start: %s", exc)
+        text = exc.strerror if exc.strerror and exc.filename is None else str(exc)
+        if args.sandbox and exc.errno == errno.EADDRINUSE:
+            text += _SANDBOX_PORTS
+        log.error("cannot start: %s", text)
         return EX_UNAVAILABLE if exc.errno else EX_FAIL
+
+
+# A developer's machine often has the sandbox's ports taken (Mailpit's web page is on
+# 8025, say): how `make run` is given others.
+_SANDBOX_PORTS = ("; in sandbox mode choose free ports with --smtp-port and --http-port "
+                  "(make run SMTP_PORT=2526 HTTP_PORT=8026), or another config "
+                  "(make run CONFIG=my-config.yaml)")

@@ -1,8 +1,9 @@
 """The queue commands as an operator runs them, over :mod:`relay.spool.ctl`.
 
-- :func:`open_spool`: the spool the config names, opened for operator commands (as the
-  spool's owner when run as root) and closed again afterwards; :class:`NoSpool` when the
-  directory is not there, :class:`SpoolUnavailable` when it cannot be used;
+- :func:`open_spool`: a spool directory (the config's, or the sandbox's), opened for
+  operator commands (as the spool's owner when run as root) and closed again afterwards;
+  :class:`NoSpool` when the directory is not there, :class:`SpoolUnavailable` when it
+  cannot be used;
 - :func:`act`: one action (``show``, ``retry``, ``hold``, ``release``, ``delete``, see
   :data:`PER_MESSAGE`) on each of several messages, given by id in any case
   (:func:`relay.spool.ctl.resolve`), an :class:`Outcome` per message as soon as it is
@@ -22,9 +23,9 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from relay.config import Config
 from relay.core.errors import RelayError
 from relay.spool import ctl
 from relay.spool.locks import SpoolError
@@ -65,11 +66,12 @@ class Outcome:
 
 
 @contextlib.contextmanager
-def open_spool(config: Config) -> Iterator[Spool]:
-    """The config's spool, open for operator commands until the block ends."""
-    spool = Spool(config.spool.directory)
+def open_spool(directory: Path, source: str = "spool.directory") -> Iterator[Spool]:
+    """The spool at ``directory``, open for operator commands until the block ends;
+    ``source`` says where the directory was named, for the error if there is none."""
+    spool = Spool(directory)
     if not spool.root.is_dir():
-        raise NoSpool(f"no spool at {spool.root} (spool.directory)")
+        raise NoSpool(f"no spool at {spool.root} ({source})")
     owner, group = spool.root.stat().st_uid, spool.root.stat().st_gid
     acting_as = ""
     if os.geteuid() == 0 and owner != 0:

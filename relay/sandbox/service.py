@@ -23,11 +23,22 @@ from relay.sandbox.pki import create_pki
 SANDBOX_UPSTREAM = "sandbox"
 
 
+def spool_directory(directory: Path) -> Path:
+    """The relay's spool in sandbox mode, in the sandbox directory ``directory``: where
+    ``queue --sandbox`` finds it without reading any configuration."""
+    return directory.resolve() / "spool"
+
+
 class Sandbox:
     """Starts the stand-ins and rewrites a config to use them."""
 
-    def __init__(self, directory: Path, *, token_lifetime: float = 3600) -> None:
+    def __init__(self, directory: Path, *, token_lifetime: float = 3600,
+                 smtp_port: int | None = None, http_port: int | None = None) -> None:
         self.directory = directory.resolve()
+        # Ports chosen on the command line (`make run SMTP_PORT=...`) over the config's:
+        # the first listener's and the HTTP endpoint's.
+        self.smtp_port = smtp_port
+        self.http_port = http_port
         self.maildir = self.directory / "mail"
         self._pki = create_pki(self.directory / "pki")
         self.entra = FakeEntra(self._pki, token_lifetime=token_lifetime)
@@ -56,7 +67,8 @@ class Sandbox:
         await self.stop()
 
     def apply(self, config: Config) -> Config:
-        """Point every credential and profile of ``config`` at the stand-ins."""
+        """Point every credential and profile of ``config`` at the stand-ins, and its
+        ports at those chosen on the command line."""
         credentials: dict[str, Credential] = {}
         for name, cred in config.credentials.items():
             secret = secrets.token_urlsafe(24)
@@ -73,8 +85,16 @@ class Sandbox:
             for pattern in profile.send_as:
                 self.exchange.allow_send_as(profile.mailbox, pattern)
             profiles[name] = profile.model_copy(update={"upstream": SANDBOX_UPSTREAM})
-        spool = config.spool.model_copy(update={"directory": self.directory / "spool"})
+        spool = config.spool.model_copy(update={"directory": spool_directory(self.directory)})
+        server, http = config.server, config.http
+        if self.smtp_port is not None:
+            first = server.listeners[0].model_copy(update={"port": self.smtp_port})
+            server = server.model_copy(update={"listeners": [first, *server.listeners[1:]]})
+        if self.http_port is not None:
+            http = http.model_copy(update={"port": self.http_port})
         return config.model_copy(update={
+            "server": server,
+            "http": http,
             "spool": spool,
             "credentials": credentials,
             "upstreams": {SANDBOX_UPSTREAM: upstream},
@@ -89,7 +109,7 @@ class Sandbox:
             f"Exchange Online is simulated at {self.exchange.host}:{self.exchange.port} "
             "(STARTTLS + XOAUTH2 enforced)",
             f"Delivered messages are kept in {self.maildir}",
-            f"The relay's queue (spool) is {self.directory / 'spool'}",
+            f"The relay's queue (spool) is {spool_directory(self.directory)}",
             f"Send mail to the relay at {where}",
         ]
         width = max(len(line) for line in lines) + 4
