@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from relay.accept.route import Router
-from relay.config import Config, ConfigError
+from relay.config import Config, ConfigError, changed_keys
 from relay.core import diskio
+from relay.core.log import reconfigure
 from relay.core.message import Outbound
 from relay.core.net import host_port
 from relay.core.reply import Reply
@@ -39,8 +40,12 @@ log = logging.getLogger(__name__)
 class Relay:
     """All stages of one relay process, built from one :class:`Config`."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *,
+                 on_reload: Callable[[Config], None] | None = None) -> None:
         self.config = config
+        # Told of each configuration a reload takes, before any stage switches to it (the
+        # sandbox's stand-ins follow the relay's credentials and permissions this way).
+        self._on_reload = on_reload
         self.metrics = RelayMetrics()
         self.tokens = Tokens(config, hooks=self.metrics)
         self.deliverer = Deliverer(config, self.tokens, hooks=self.metrics)
@@ -163,24 +168,39 @@ class Relay:
                           "unexpected error")
             return f"unexpected error: {exc!r}"
         # From here on nothing can fail: every stage switches.
+        changed = changed_keys(self.config, config)
+        config = self._running_until_restart(config)
+        if self._on_reload is not None:
+            self._on_reload(config)
         self.deliverer.apply(config, pools)
         await self.receiver.commit(change)
-        if config.spool != self.config.spool:
-            log.warning("spool settings take effect after a restart")
-        old_http, new_http = self.config.http, config.http
-        if (old_http.enabled, old_http.address, old_http.port) != (
-                new_http.enabled, new_http.address, new_http.port):
-            log.warning("http enabled/address/port take effect after a restart")
+        if config.logging != self.config.logging:
+            reconfigure(config.logging.level, config.logging.format)
         self.metrics.configure(config)
         self.queue.update(config)
         self.tokens.update(config)
         self.verifier.update({n: u.password_hash for n, u in config.users.items()})
         self.config = config
+        applied = [key for key in changed if not _needs_restart(key)]
+        waiting = [key for key in changed if _needs_restart(key)]
+        if applied:
+            log.info("reload applied: %s", ", ".join(applied))
+        if waiting:
+            log.warning("reload not applied until the relay restarts: %s", ", ".join(waiting))
+        if not changed:
+            log.info("reload: no setting changed")
         for line in change.summary():
             log.info("%s", line)
         log.info("configuration reloaded; SMTP listeners: %s", ", ".join(
             host_port(h, p) for h, p in self.listening))
         return None
+
+    def _running_until_restart(self, config: Config) -> Config:
+        """``config`` with the running values of what only a restart changes, so that
+        ``self.config`` says what runs, and the next reload names them again."""
+        http = config.http.model_copy(update={
+            key: getattr(self.config.http, key) for key in ("enabled", "address", "port")})
+        return config.model_copy(update={"spool": self.config.spool, "http": http})
 
     async def serve(self, reload: Callable[[], Config] | None = None,
                     on_ready: Callable[[], None] | None = None) -> None:
@@ -268,6 +288,15 @@ class Relay:
         """One line for ``systemctl status``."""
         where = ", ".join(host_port(h, p) for h, p in self.listening) or "no listener"
         return f"accepting mail on {where}"
+
+
+# What a reload cannot switch while the relay runs: the spool (its directory is locked
+# and its disk threads started) and where the HTTP endpoint listens.
+_RESTART_ONLY = ("spool", "http.enabled", "http.address", "http.port")
+
+
+def _needs_restart(key: str) -> bool:
+    return any(key == name or key.startswith(f"{name}.") for name in _RESTART_ONLY)
 
 
 def config_loader(path: Path) -> Callable[[], Config]:

@@ -231,6 +231,10 @@ def test_sandbox_ports_from_the_command_line(sandbox_config: Path, tmp_path: Pat
             if "configuration reloaded" in line:
                 break
         assert f"configuration reloaded; SMTP listeners: 127.0.0.1:{smtp_port}" in seen
+        # The same file again: nothing changed, so the sandbox's credential is the same
+        # one, with its token (it used to get a new secret, and fetch anew, each time).
+        assert "reload: no setting changed" in seen
+        assert "credential main changed" not in seen
 
 
 def test_sandbox_ports_are_for_the_sandbox_only(sandbox_config: Path) -> None:

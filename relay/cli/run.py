@@ -38,10 +38,10 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
 
     async with Sandbox(Path(args.sandbox_dir), smtp_port=args.smtp_port,
                        http_port=args.http_port) as sandbox:
-        relay = Relay(sandbox.apply(config))
+        relay = Relay(sandbox.apply(config), on_reload=sandbox.adopt)
 
         await relay.serve(
-            reload=lambda: sandbox.apply(load_config(args.config, check_secrets=False)),
+            reload=lambda: sandbox.rewrite(load_config(args.config, check_secrets=False)),
             on_ready=lambda: print(sandbox.banner(relay.listening), file=sys.stderr,
                                    flush=True))
     return EX_OK

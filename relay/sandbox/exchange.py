@@ -173,8 +173,10 @@ class FakeExchange:
         """Let ``mailbox`` send as an address or a glob such as ``*@contoso.com`` (or
         ``@contoso.com``), as after ``Add-RecipientPermission``."""
         pattern = address_or_pattern.lower()
-        self._send_as[mailbox.lower()].append("*" + pattern if pattern.startswith("@")
-                                              else pattern)
+        pattern = "*" + pattern if pattern.startswith("@") else pattern
+        granted = self._send_as[mailbox.lower()]
+        if pattern not in granted:              # granted again by a reload: nothing new
+            granted.append(pattern)
 
     def enforce_limits(self, sessions: int = 3, per_minute: int = 30) -> None:
         """Refuse what goes over a mailbox's limits, as Exchange Online does for SMTP AUTH:

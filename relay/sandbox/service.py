@@ -39,6 +39,7 @@ class Sandbox:
         # the first listener's and the HTTP endpoint's.
         self.smtp_port = smtp_port
         self.http_port = http_port
+        self._secrets: dict[tuple[str, str], str] = {}      # per (tenant, client id)
         self.maildir = self.directory / "mail"
         self._pki = create_pki(self.directory / "pki")
         self.entra = FakeEntra(self._pki, token_lifetime=token_lifetime)
@@ -68,11 +69,19 @@ class Sandbox:
 
     def apply(self, config: Config) -> Config:
         """Point every credential and profile of ``config`` at the stand-ins, and its
-        ports at those chosen on the command line."""
+        ports at those chosen on the command line; the stand-ins take it at once."""
+        sandboxed = self.rewrite(config)
+        self.adopt(sandboxed)
+        return sandboxed
+
+    def rewrite(self, config: Config) -> Config:
+        """:meth:`apply` without telling the stand-ins: for a reload, which may yet be
+        refused. Each app keeps its secret for as long as the sandbox runs, so a
+        credential that did not change is the same credential (and keeps its token)."""
         credentials: dict[str, Credential] = {}
         for name, cred in config.credentials.items():
-            secret = secrets.token_urlsafe(24)
-            self.entra.add_app(cred.tenant_id, cred.client_id, secret=secret)
+            app = (cred.tenant_id.lower(), cred.client_id.lower())
+            secret = self._secrets.setdefault(app, secrets.token_urlsafe(24))
             credentials[name] = Credential(
                 tenant_id=cred.tenant_id, client_id=cred.client_id, cloud=cred.cloud,
                 authority=self.entra.url, scope=cred.scopes[0],
@@ -80,11 +89,8 @@ class Sandbox:
                 refresh_before=cred.refresh_before, secret_expires=cred.secret_expires)
         upstream = Upstream(host=self.exchange.host, port=self.exchange.port, tls="starttls",
                             ca_file=self._pki.ca_file, timeout=30)
-        profiles = {}
-        for name, profile in config.profiles.items():
-            for pattern in profile.send_as:
-                self.exchange.allow_send_as(profile.mailbox, pattern)
-            profiles[name] = profile.model_copy(update={"upstream": SANDBOX_UPSTREAM})
+        profiles = {name: profile.model_copy(update={"upstream": SANDBOX_UPSTREAM})
+                    for name, profile in config.profiles.items()}
         spool = config.spool.model_copy(update={"directory": spool_directory(self.directory)})
         server, http = config.server, config.http
         if self.smtp_port is not None:
@@ -100,6 +106,18 @@ class Sandbox:
             "upstreams": {SANDBOX_UPSTREAM: upstream},
             "profiles": profiles,
         })
+
+    def adopt(self, config: Config) -> None:
+        """Have the stand-ins know what a :meth:`rewrite` config uses: its apps with their
+        secrets at Entra ID, its profiles' Send As permissions at Exchange (as an
+        administrator would grant them)."""
+        for cred in config.credentials.values():
+            assert cred.client_secret is not None and cred.client_secret.value is not None
+            self.entra.add_app(cred.tenant_id, cred.client_id,
+                               secret=cred.client_secret.value)
+        for profile in config.profiles.values():
+            for pattern in profile.send_as:
+                self.exchange.allow_send_as(profile.mailbox, pattern)
 
     def banner(self, listening: list[tuple[str, int]]) -> str:
         where = ", ".join(host_port(h, p) for h, p in listening)
