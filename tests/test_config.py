@@ -177,3 +177,28 @@ def test_certificate_thumbprint_is_a_sha1_digest(thumbprint: str, ok: bool) -> N
         parse_config(data, check_secrets=False, check_files=False)
     assert "credentials.main.certificate" in info.value.render()
     assert "SHA-1" in info.value.render()
+
+
+def test_changed_keys_name_what_differs_never_a_value() -> None:
+    """A reload's log: nested keys dotted, named entries added or removed, a list or a
+    secret as one key."""
+    from relay.config import changed_keys
+
+    base = {"profiles": {"a": {"mailbox": "a@contoso.com", "credential": "c"},
+                         "b": {"mailbox": "b@contoso.com", "credential": "c"}},
+            "routing": {"system_profile": "a"},
+            "credentials": {"c": {"tenant_id": "t", "client_id": "i",
+                                  "client_secret": {"value": "old-secret-value"}}}}
+    old = parse_config(base, check_secrets=False)
+    changed = {**base, "server": {"listeners": [{"port": 2526}],
+                                  "auth_throttle": {"lockout": "1h"}},
+               "profiles": {"a": {"mailbox": "a@contoso.com", "credential": "c",
+                                  "send_as": ["x@contoso.com"]},
+                            "new": {"mailbox": "n@contoso.com", "credential": "c"}},
+               "credentials": {"c": {"tenant_id": "t", "client_id": "i",
+                                     "client_secret": {"value": "new-secret-value"}}}}
+    keys = changed_keys(old, parse_config(changed, check_secrets=False))
+    assert keys == ["server.listeners", "server.auth_throttle.lockout", "profiles.a.send_as",
+                    "profiles.new (added)", "profiles.b (removed)",
+                    "credentials.c.client_secret"]
+    assert changed_keys(old, old) == []
