@@ -65,18 +65,15 @@ class Spool:
                 raise SpoolError(text + "; set spool.on_tmpfs: warn to accept the risk")
             log.warning("%s", text)
         created: list[Path] = []
+        own = [self.root, *(self.root / name for name in DIRS)]
         try:
             parents = [p for p in self.root.parents if not p.exists()]
-            for path in (*reversed(parents), self.root, *(self.root / n for n in DIRS)):
-                if path.is_dir():
-                    continue
-                try:
+            for path in (*reversed(parents), *own):
+                with contextlib.suppress(FileExistsError):      # there already
                     # Parents as `mkdir -p` makes them; the spool's own for the relay only.
                     path.mkdir(mode=0o777 if path in parents else disk.DIR_MODE)
-                except FileExistsError:
-                    continue                # made meanwhile, by someone else
-                created.append(path)
-            for path in (self.root, *(self.root / name for name in DIRS)):
+                    created.append(path)
+            for path in own:
                 disk.tighten(path)
             probe = self.root / "tmp" / f".probe-{os.getpid()}"
             disk.write_synced(probe, b"ok")
