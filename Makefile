@@ -5,6 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config.example.yaml
 STAMP  := $(VENV)/.installed
+PORTS   = $(if $(SMTP_PORT), --smtp-port $(SMTP_PORT))$(if $(HTTP_PORT), --http-port $(HTTP_PORT))
 
 .PHONY: run test fuzz lint bench soak clean
 
@@ -16,8 +17,9 @@ $(STAMP): pyproject.toml
 
 # Starts the relay on 127.0.0.1:2525 in sandbox mode: local stand-ins for Entra ID and
 # Exchange Online, every delivered message kept as a file. No Microsoft account needed.
+# Ports taken by something else: make run SMTP_PORT=2526 HTTP_PORT=8026 (0: any free one).
 run: $(STAMP)
-	$(BIN)/smtp-oauth-relay run --sandbox --config $(CONFIG)
+	$(BIN)/smtp-oauth-relay run --sandbox --config $(CONFIG)$(PORTS)
 
 test: $(STAMP)
 	$(BIN)/ruff check relay tests bench

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from relay.accept.route import Router
-from relay.config import Config, ConfigError
+from relay.config import Config, ConfigError, changed_keys
 from relay.core import diskio
+from relay.core.log import reconfigure
 from relay.core.message import Outbound
 from relay.core.net import host_port
 from relay.core.reply import Reply
@@ -39,8 +40,12 @@ log = logging.getLogger(__name__)
 class Relay:
     """All stages of one relay process, built from one :class:`Config`."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *,
+                 on_reload: Callable[[Config], None] | None = None) -> None:
         self.config = config
+        # Told of each configuration a reload takes, before any stage switches to it (the
+        # sandbox's stand-ins follow the relay's credentials and permissions this way).
+        self._on_reload = on_reload
         self.metrics = RelayMetrics()
         self.tokens = Tokens(config, hooks=self.metrics)
         self.deliverer = Deliverer(config, self.tokens, hooks=self.metrics)
@@ -93,8 +98,10 @@ class Relay:
             if self.http is not None:
                 await self.http.start()
             await self.queue.start()
-            self.tokens.start()
+            # Listeners before tokens: a port that cannot be bound ends the start before
+            # any request to Entra ID is in flight (one the relay would only abandon).
             await self.receiver.start()
+            self.tokens.start()
         except BaseException:
             if self.http is not None:
                 await self.http.stop()      # a no-op if it never started
@@ -161,24 +168,39 @@ class Relay:
                           "unexpected error")
             return f"unexpected error: {exc!r}"
         # From here on nothing can fail: every stage switches.
+        changed = changed_keys(self.config, config)
+        config = self._running_until_restart(config)
+        if self._on_reload is not None:
+            self._on_reload(config)
         self.deliverer.apply(config, pools)
         await self.receiver.commit(change)
-        if config.spool != self.config.spool:
-            log.warning("spool settings take effect after a restart")
-        old_http, new_http = self.config.http, config.http
-        if (old_http.enabled, old_http.address, old_http.port) != (
-                new_http.enabled, new_http.address, new_http.port):
-            log.warning("http enabled/address/port take effect after a restart")
+        if config.logging != self.config.logging:
+            reconfigure(config.logging.level, config.logging.format)
         self.metrics.configure(config)
         self.queue.update(config)
         self.tokens.update(config)
         self.verifier.update({n: u.password_hash for n, u in config.users.items()})
         self.config = config
+        applied = [key for key in changed if not _needs_restart(key)]
+        waiting = [key for key in changed if _needs_restart(key)]
+        if applied:
+            log.info("reload applied: %s", ", ".join(applied))
+        if waiting:
+            log.warning("reload not applied until the relay restarts: %s", ", ".join(waiting))
+        if not changed:
+            log.info("reload: no setting changed")
         for line in change.summary():
             log.info("%s", line)
         log.info("configuration reloaded; SMTP listeners: %s", ", ".join(
             host_port(h, p) for h, p in self.listening))
         return None
+
+    def _running_until_restart(self, config: Config) -> Config:
+        """``config`` with the running values of what only a restart changes, so that
+        ``self.config`` says what runs, and the next reload names them again."""
+        http = config.http.model_copy(update={
+            key: getattr(self.config.http, key) for key in ("enabled", "address", "port")})
+        return config.model_copy(update={"spool": self.config.spool, "http": http})
 
     async def serve(self, reload: Callable[[], Config] | None = None,
                     on_ready: Callable[[], None] | None = None) -> None:
@@ -197,8 +219,10 @@ class Relay:
             loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
                 "SIGHUP ignored: this instance cannot reload its configuration"))
         watchdog: asyncio.Task[None] | None = None
+        started = False
         try:
             await self.start()
+            started = True
             notify.ready(self._status())
             watchdog = notify.start_watchdog(lambda: not self.queue.failed)
             if on_ready is not None:
@@ -208,8 +232,11 @@ class Relay:
         finally:
             # The drain may take shutdown_timeout: ask systemd for that much (and a margin
             # for closing up) so that a short TimeoutStopSec= does not kill it half-way.
-            notify.stopping("draining: no new mail accepted",
-                            timeout=self.config.delivery.shutdown_timeout + 15)
+            # A relay that never started has nothing to drain: it only tidies up, and
+            # its exit status and log line tell systemd and the operator why.
+            if started:
+                notify.stopping("draining: no new mail accepted",
+                                timeout=self.config.delivery.shutdown_timeout + 15)
             # Keep handling signals until the drain is over: a default SIGHUP or SIGUSR1
             # handler would kill the process half-way through it.
             for sig in (signal.SIGHUP, signal.SIGUSR1):
@@ -261,6 +288,15 @@ class Relay:
         """One line for ``systemctl status``."""
         where = ", ".join(host_port(h, p) for h, p in self.listening) or "no listener"
         return f"accepting mail on {where}"
+
+
+# What a reload cannot switch while the relay runs: the spool (its directory is locked
+# and its disk threads started) and where the HTTP endpoint listens.
+_RESTART_ONLY = ("spool", "http.enabled", "http.address", "http.port")
+
+
+def _needs_restart(key: str) -> bool:
+    return any(key == name or key.startswith(f"{name}.") for name in _RESTART_ONLY)
 
 
 def config_loader(path: Path) -> Callable[[], Config]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import pty
 import re
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -181,9 +183,33 @@ def test_send_test_in_sandbox(sandbox_config: Path, tmp_path: Path) -> None:
     res = relay_cmd("send-test", "--config", str(sandbox_config), "--sandbox",
                     "--sandbox-dir", str(tmp_path / "sb"), "--to", "you@example.com")
     assert res.returncode == 0, res.stderr
-    assert re.search(r"^[0-9A-F]{12}: 250 ", res.stdout, re.M)
+    sent = re.search(r"^([0-9A-F]{12}): 250 ", res.stdout, re.M)
+    assert sent, res.stdout
     [eml] = (tmp_path / "sb" / "mail").glob("*.eml")
     assert b"To: you@example.com" in eml.read_bytes()
+    assert eml.name.endswith(f"-{sent.group(1)}.eml")       # the id send-test printed
+
+
+def _sandbox_run(config: Path, sandbox_dir: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "relay", "run", "--sandbox", "--config", str(config),
+         "--sandbox-dir", str(sandbox_dir), *extra],
+        stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+@contextlib.contextmanager
+def running_sandbox(config: Path, sandbox_dir: Path, *extra: str,
+                    ) -> Iterator[subprocess.Popen[str]]:
+    """`run --sandbox` as `make run` starts it; SIGTERM at the end must stop it with 0."""
+    proc = _sandbox_run(config, sandbox_dir, *extra)
+    try:
+        yield proc
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_token_says_once_why_there_is_no_token(tmp_path: Path) -> None:
@@ -207,11 +233,7 @@ def test_send_test_says_once_why_there_is_no_token(tmp_path: Path) -> None:
 
 def test_sandbox_run_delivers_and_stops_on_sigterm(sandbox_config: Path, tmp_path: Path) -> None:
     """What `make run` does: start in sandbox mode, take a message, keep it as a file."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay", "run", "--sandbox", "--config", str(sandbox_config),
-         "--sandbox-dir", str(tmp_path / "sb")],
-        stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
+    with running_sandbox(sandbox_config, tmp_path / "sb") as proc:
         assert proc.stderr is not None
         banner = ""
         port = None
@@ -224,20 +246,97 @@ def test_sandbox_run_delivers_and_stops_on_sigterm(sandbox_config: Path, tmp_pat
         assert "SANDBOX MODE" in banner
         assert str(tmp_path / "sb" / "mail") in banner
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-            client.sendmail("app@contoso.com", ["someone@example.com"],
-                            b"Subject: hello\r\n\r\nfrom a legacy app\r\n")
+            client.ehlo()
+            client.mail("app@contoso.com")
+            client.rcpt("someone@example.com")
+            code, reply = client.data(b"Subject: hello\r\n\r\nfrom a legacy app\r\n")
+        assert code == 250, reply
+        queue_id = reply.decode().rsplit(" ", 1)[1]     # "2.0.0 Ok: queued as ID"
         maildir = tmp_path / "sb" / "mail"
         deadline = time.monotonic() + 20
         while not list(maildir.glob("*.eml")) and time.monotonic() < deadline:
             time.sleep(0.05)
         [eml] = maildir.glob("*.eml")
         assert eml.read_bytes().endswith(b"from a legacy app\r\n")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert re.fullmatch(rf"\d{{8}}T\d{{6}}\.\d{{6}}Z-{queue_id}\.eml", eml.name), eml.name
+
+
+@pytest.mark.parametrize("which", ["smtp", "http"])
+def test_a_taken_port_in_sandbox_mode_says_how_to_pick_another(
+        which: str, tmp_path: Path) -> None:
+    """`make run` while Mailpit holds 8025 (or something else 2525): one line naming the
+    port, and how to choose others; exit 71 (EX_OSERR), no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "config.yaml"
+        text = textwrap.dedent(SANDBOX_CONFIG)
+        config.write_text(text.replace("{address: 127.0.0.1, port: 0}",
+                                       f"{{address: 127.0.0.1, port: {port}}}")
+                          if which == "smtp" else text.replace("http: {port: 0}",
+                                                               f"http: {{port: {port}}}"))
+        proc = _sandbox_run(config, tmp_path / "sb")
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 71, stderr
+    what = (f"cannot listen on 127.0.0.1:{port}: Address already in use (another program "
+            f"has it, `ss -ltnp 'sport = :{port}'` shows which: stop it, or change "
+            "server.listeners.0.port)" if which == "smtp" else
+            f"cannot listen on 127.0.0.1:{port} for the HTTP endpoint (http.address, "
+            "http.port; or http.enabled: false): Address already in use")
+    [line] = [x for x in stderr.splitlines() if "cannot start" in x]
+    assert line.endswith(
+        f"cannot start: {what}; in sandbox mode choose free ports "
+        "with --smtp-port and --http-port (make run SMTP_PORT=2526 HTTP_PORT=8026), or "
+        "another config (make run CONFIG=my-config.yaml)"), line
+    assert "Traceback" not in stderr and "[Errno" not in stderr
+
+
+def test_sandbox_ports_from_the_command_line(sandbox_config: Path, tmp_path: Path) -> None:
+    """--smtp-port and --http-port (what `make run SMTP_PORT=... HTTP_PORT=...` passes)
+    replace the config's ports in sandbox mode, also across a reload."""
+    with socket.socket() as s1, socket.socket() as s2:
+        s1.bind(("127.0.0.1", 0))
+        s2.bind(("127.0.0.1", 0))
+        smtp_port, http_port = s1.getsockname()[1], s2.getsockname()[1]
+    with running_sandbox(sandbox_config, tmp_path / "sb",
+                         "--smtp-port", str(smtp_port), "--http-port", str(http_port)) as proc:
+        assert proc.stderr is not None
+        seen = ""
+        for line in proc.stderr:
+            seen += line
+            if "Send mail to the relay at" in line:
+                break
+        assert f"Send mail to the relay at 127.0.0.1:{smtp_port} " in seen, seen
+        assert f"http endpoint on http://127.0.0.1:{http_port} " in seen, seen
+        proc.send_signal(signal.SIGHUP)
+        for line in proc.stderr:
+            seen += line
+            if "configuration reloaded" in line:
+                break
+        assert f"configuration reloaded; SMTP listeners: 127.0.0.1:{smtp_port}" in seen
+        # The same file again: nothing changed, so the sandbox's credential is the same
+        # one, with its token (it used to get a new secret, and fetch anew, each time).
+        assert "reload: no setting changed" in seen
+        assert "credential main changed" not in seen
+
+
+def test_sandbox_ports_are_for_the_sandbox_only(sandbox_config: Path) -> None:
+    res = relay_cmd("run", "--config", str(sandbox_config), "--smtp-port", "2526")
+    assert res.returncode == 2
+    assert res.stderr == ("error: --smtp-port and --http-port are for --sandbox: a relay "
+                          "for real listens where its config says\n")
+
+
+def test_make_run_passes_the_ports_and_the_config() -> None:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    res = subprocess.run(["make", "-n", "-s", "-o", ".venv/.installed", "run",
+                          "SMTP_PORT=2526", "HTTP_PORT=8026", "CONFIG=my.yaml"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith(
+        "smtp-oauth-relay run --sandbox --config my.yaml --smtp-port 2526 --http-port 8026")
 
 
 @pytest.mark.client
@@ -299,5 +398,6 @@ def test_run_refuses_a_spool_on_tmpfs_without_a_traceback(tmp_path: Path) -> Non
         assert res.returncode == 78, res.stderr
         assert "tmpfs" in res.stderr and "spool.on_tmpfs: warn" in res.stderr
         assert "Traceback" not in res.stderr
+        assert list(spool.iterdir()) == []          # not one directory left behind
     finally:
         shutil.rmtree(spool, ignore_errors=True)

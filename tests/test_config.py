@@ -327,3 +327,28 @@ def test_systemd_credential_by_hand_is_the_file_beside_the_config(tmp_path: Path
     res = run_check(tmp_path, text, {"CREDENTIALS_DIRECTORY": str(tmp_path / "run")})
     assert res.returncode == 78
     assert f"file {tmp_path / 'run' / 'client-secret'} does not exist" in res.stderr
+
+
+def test_changed_keys_name_what_differs_never_a_value() -> None:
+    """A reload's log: nested keys dotted, named entries added or removed, a list or a
+    secret as one key."""
+    from relay.config import changed_keys
+
+    base = {"profiles": {"a": {"mailbox": "a@contoso.com", "credential": "c"},
+                         "b": {"mailbox": "b@contoso.com", "credential": "c"}},
+            "routing": {"system_profile": "a"},
+            "credentials": {"c": {"tenant_id": "contoso.com", "client_id": "i",
+                                  "client_secret": {"value": "old-secret-value"}}}}
+    old = parse_config(base, check_secrets=False)
+    changed = {**base, "server": {"listeners": [{"port": 2526}],
+                                  "auth_throttle": {"lockout": "1h"}},
+               "profiles": {"a": {"mailbox": "a@contoso.com", "credential": "c",
+                                  "send_as": ["x@contoso.com"]},
+                            "new": {"mailbox": "n@contoso.com", "credential": "c"}},
+               "credentials": {"c": {"tenant_id": "contoso.com", "client_id": "i",
+                                     "client_secret": {"value": "new-secret-value"}}}}
+    keys = changed_keys(old, parse_config(changed, check_secrets=False))
+    assert keys == ["server.listeners", "server.auth_throttle.lockout", "profiles.a.send_as",
+                    "profiles.new (added)", "profiles.b (removed)",
+                    "credentials.c.client_secret"]
+    assert changed_keys(old, old) == []

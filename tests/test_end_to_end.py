@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import smtplib
 
 import aiosmtplib
@@ -232,6 +233,13 @@ async def test_partial_recipient_rejection_bounces_only_the_rejected(
     assert b"5.1.10" in dsn.data
     [failed] = relay.spool.names(State.FAILED)
     assert relay.spool.read(State.FAILED, failed).delivered == ["a@example.com"]
+    # Each kept in the sandbox's mail under its own queue id: the report's too, from the
+    # trace field the relay gives the reports it makes.
+    queue_id = re.findall(r"\b[0-9A-F]{12}\b", response.message)[0]     # "delivered as ID"
+    assert original.path is not None and original.path.name.endswith(f"-{queue_id}.eml")
+    assert dsn.data.startswith(b"Received: by relay.test (smtp-oauth-relay) id ")
+    assert dsn.path is not None and re.search(r"-[0-9A-F]{12}\.eml$", dsn.path.name)
+    assert dsn.path.name.split("-")[1] != f"{queue_id}.eml"
 
 
 async def test_upstream_down_keeps_the_message(

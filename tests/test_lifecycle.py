@@ -19,7 +19,7 @@ import aiosmtplib
 import pytest
 
 from relay.app import Relay
-from relay.config import Config, Listener
+from relay.config import Config, Listener, SecretRef
 from relay.receive import server as receive_server
 from relay.sandbox.pki import create_pki
 from relay.sandbox.service import Sandbox
@@ -325,3 +325,103 @@ async def test_stop_waits_for_a_reload_in_progress(
     assert relay.listening == [] and not accepts("127.0.0.1", added)
     assert await relay.reload(lambda: grown) is False     # none after shutdown
     assert bound_ports == [added]
+
+
+# --- what a reload says ------------------------------------------------------------------------
+
+def reload_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "relay.app" and r.getMessage().startswith("reload")]
+
+
+async def test_a_reload_says_what_changed_what_it_applied_and_what_waits_for_a_restart(
+        sandbox: Sandbox, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """One line for what took effect, one for what needs a restart, by key; the logging
+    settings are among what takes effect at once."""
+    caplog.set_level(logging.INFO)
+    relay = Relay(sandbox.apply(build_config()))
+    await relay.start()
+    root = logging.getLogger()
+    level = root.level
+    try:
+        running = relay.config
+        changed = build_config({
+            "server": {"max_recipients": 1},
+            "profiles": {"sales": {"mailbox": "sales@contoso.com", "credential": "main"}},
+            "logging": {"level": "debug"},
+            "spool": {"io_threads": 2},
+            "http": {"port": 1, "cache_ttl": "1s"},
+        })
+        users = {n: u for n, u in changed.users.items() if n != "bob"}
+        new = sandbox.apply(changed.model_copy(update={"users": users}))
+        assert await relay.reload(lambda: new) is True
+        assert reload_lines(caplog) == [
+            "reload applied: server.max_recipients, users.bob (removed), profiles.sales "
+            "(added), logging.level, http.cache_ttl",
+            "reload not applied until the relay restarts: spool.io_threads, http.port",
+        ]
+        assert root.level == logging.DEBUG                     # logging.level taken
+        assert relay.config.server.max_recipients == 1
+        # What waits for a restart stays as it runs, and is named again at the next reload.
+        assert relay.config.spool == running.spool and relay.config.http.port == 0
+        caplog.clear()
+        assert await relay.reload(lambda: new) is True
+        assert reload_lines(caplog) == [
+            "reload not applied until the relay restarts: spool.io_threads, http.port"]
+        caplog.clear()
+        assert await relay.reload(lambda: relay.config) is True
+        assert reload_lines(caplog) == ["reload: no setting changed"]
+    finally:
+        root.setLevel(level)
+        await relay.stop()
+
+
+async def test_a_changed_secret_is_named_never_shown(
+        sandbox: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    relay = Relay(sandbox.apply(build_config()))
+    await relay.start()
+    try:
+        cred = relay.config.credentials["main"]
+        secret = SecretRef(value="an-entirely-new-secret-value")
+        new = relay.config.model_copy(update={"credentials": {
+            "main": cred.model_copy(update={"client_secret": secret})}})
+        assert await relay.reload(lambda: new) is True
+        assert reload_lines(caplog) == [
+            "reload applied: credentials.main.client_secret"]
+        assert "an-entirely-new-secret-value" not in caplog.text
+    finally:
+        await relay.stop()
+
+
+async def test_a_refused_reload_in_sandbox_mode_leaves_the_stand_ins_as_they_were(
+        tmp_path: Path) -> None:
+    """`run --sandbox` reloads through Sandbox.rewrite: the same credential keeps its
+    secret (no new token), and a refused reload grants nothing and renews nothing, so
+    the running relay goes on getting tokens and sending as before."""
+    base = build_config({"profiles": {"system": {"sender_policy": "keep"}}})
+    async with Sandbox(tmp_path / "sandbox") as sandbox:
+        relay = Relay(sandbox.apply(base), on_reload=sandbox.adopt)
+        await relay.start()
+        try:
+            main = relay.tokens.provider("main")
+            await main.get()
+            requests = sandbox.entra.token_requests
+            assert await relay.reload(lambda: sandbox.rewrite(base)) is True
+            assert relay.tokens.provider("main") is main            # credential unchanged
+            assert sandbox.entra.token_requests == requests
+
+            granted = build_config({"profiles": {"system": {
+                "sender_policy": "keep", "send_as": ["*@contoso.com"]}}})
+            with port_taken() as port:
+                refused = with_listeners(granted, {"port": 0}, {"port": port})
+                assert await relay.reload(lambda: sandbox.rewrite(refused)) is False
+            await main.refresh()                   # Entra still knows the running secret
+            with pytest.raises(aiosmtplib.SMTPDataError) as denied:
+                await send(relay, "app@contoso.com", ["a@example.com"])
+            assert denied.value.code == 554                    # no Send As granted yet
+
+            assert await relay.reload(lambda: sandbox.rewrite(granted)) is True
+            assert (await send(relay, "app@contoso.com", ["a@example.com"])).code == 250
+        finally:
+            await relay.stop()

@@ -293,3 +293,21 @@ def test_a_refused_reload_tells_systemd_why(systemd: NotifySocket, tmp_path: Pat
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_failed_start_does_not_say_draining(systemd: NotifySocket, tmp_path: Path) -> None:
+    """The SMTP port is taken: the relay exits 71 without ever telling systemd it is
+    ready or draining (no STOPPING=1: it never ran)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "config.yaml"
+        config.write_text(RELAY_CONFIG.replace("port: 0}]", f"port: {port}}}]"))
+        res = subprocess.run(
+            [sys.executable, "-m", "relay", "run", "--sandbox", "--config", str(config),
+             "--sandbox-dir", str(tmp_path / "sb")],
+            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 71, res.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in res.stderr
+    assert systemd.drain() == []

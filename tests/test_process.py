@@ -586,8 +586,9 @@ def test_queue_commands_on_a_running_relay(make_harness: HarnessFactory) -> None
     res = h.queue("list")
     assert res.returncode == 0, res.stderr
     for mid in ids.values():
-        assert re.search(rf"^{mid}\s+deferred\s", res.stdout, re.M), res.stdout
-    assert "-- 4 message(s)" in res.stdout
+        assert re.search(rf"^{mid}\s+\d+ \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d deferred ",
+                         res.stdout, re.M), res.stdout
+    assert re.search(r"^-- \d+ KiB in 4 messages\.$", res.stdout, re.M), res.stdout
 
     res = h.queue("show", a, "--json")
     assert res.returncode == 0, res.stderr

@@ -63,7 +63,7 @@ class Queue:
     def add(self, mid: str, state: State, **kw: Any) -> Entry:
         e = Entry(id=mid, profile="system", mail_from=MAILBOX,
                   rcpt_tos=kw.pop("rcpt_tos", ["a@example.com"]), size=len(DATA),
-                  received_at=time.time() - 60, **kw)
+                  received_at=kw.pop("received_at", time.time() - 60), **kw)
         self.spool.add(e, DATA, state)
         return e
 
@@ -112,9 +112,134 @@ def test_list_and_show_json(q: Queue) -> None:
     assert info["headers"].endswith("Subject: queued for the operator")
     assert "the body" not in info["headers"]
 
-    code, out, _ = q.run("list")
-    assert code == 0 and "-- 4 message(s)" in out
-    assert any(line.startswith("DEF1  deferred") for line in out.splitlines()), out
+
+
+# 2025-06-01 12:00:00 UTC: arrival times the expected output can spell out.
+NOON = 1748779200.0
+
+
+def _three(q: Queue) -> None:
+    """Three messages, written to the spool in another order than they arrived."""
+    q.add("C3", State.FAILED, received_at=NOON + 70, attempts=5,
+          rcpt_tos=["a@example.com", "c@example.com"], delivered=["c@example.com"],
+          failed={"a@example.com": Reply(550, "5.1.1 unknown")})
+    q.add("B2", State.INCOMING, received_at=NOON + 5)
+    q.add("A1", State.DEFERRED, received_at=NOON, attempts=2, next_attempt=NOON + 3600,
+          rcpt_tos=["a@example.com", "b@example.com", "d@example.com"],
+          delivered=["b@example.com"], last_reply=Reply(451, "4.4.1 try later"),
+          client="192.0.2.7", user="alice")
+
+
+def test_json_output_is_what_scripts_have_always_read(q: Queue) -> None:
+    _three(q)
+    assert sorted(q.json("list"), key=lambda r: r["id"]) == [
+        {"id": "A1", "state": "deferred", "profile": "system", "from": MAILBOX,
+         "recipients": ["a@example.com", "b@example.com", "d@example.com"], "size": 90,
+         "received": "2025-06-01T12:00:00+00:00", "attempts": 2,
+         "next_attempt": "2025-06-01T13:00:00+00:00", "last_reply": "451 4.4.1 try later"},
+        {"id": "B2", "state": "incoming", "profile": "system", "from": MAILBOX,
+         "recipients": ["a@example.com"], "size": 90, "received": "2025-06-01T12:00:05+00:00",
+         "attempts": 0, "next_attempt": None, "last_reply": None},
+        {"id": "C3", "state": "failed", "profile": "system", "from": MAILBOX,
+         "recipients": ["a@example.com", "c@example.com"], "size": 90,
+         "received": "2025-06-01T12:01:10+00:00", "attempts": 5, "next_attempt": None,
+         "last_reply": None},
+    ]
+    assert q.json("show", "A1") == {
+        "id": "A1", "state": "deferred", "profile": "system", "from": MAILBOX,
+        "recipients": ["a@example.com", "b@example.com", "d@example.com"], "size": 90,
+        "received": "2025-06-01T12:00:00+00:00", "attempts": 2,
+        "next_attempt": "2025-06-01T13:00:00+00:00", "last_reply": "451 4.4.1 try later",
+        "delivered": ["b@example.com"], "failed": {}, "client": "192.0.2.7", "user": "alice",
+        "headers": "From: relay@contoso.com\r\nTo: a@example.com\r\n"
+                   "Subject: queued for the operator"}
+    assert q.json("hold", "B2") == {"action": "hold", "done": ["B2"], "skipped": []}
+
+
+def test_list_reads_like_mailq(q: Queue) -> None:
+    """A header, a message per block in arrival order, the reason in parentheses above the
+    recipients it applies to (delivered ones left out), a total; as postqueue -p."""
+    _three(q)
+    code, out, err = q.run("list")
+    assert (code, err) == (0, "")
+    pad = " " * 51
+    assert out.splitlines() == [
+        "-Queue ID-   --Size-- ---Arrival (UTC)--- -State-- -Sender/Recipient-------",
+        f"A1                 90 2025-06-01 12:00:00 deferred {MAILBOX}",
+        "(451 4.4.1 try later)",
+        f"{pad}a@example.com",
+        f"{pad}d@example.com",
+        "",
+        f"B2                 90 2025-06-01 12:00:05 incoming {MAILBOX}",
+        f"{pad}a@example.com",
+        "",
+        f"C3                 90 2025-06-01 12:01:10 failed   {MAILBOX}",
+        "(550 5.1.1 unknown)",
+        f"{pad}a@example.com",
+        "",
+        "-- 1 KiB in 3 messages.",
+    ]
+
+
+def test_an_empty_queue_says_so(q: Queue) -> None:
+    assert q.run("list") == (0, "The queue is empty.\n", "")
+
+
+def test_show_reads_as_text(q: Queue) -> None:
+    _three(q)
+    code, out, err = q.run("show", "A1", "C3")
+    assert (code, err) == (0, "")
+    assert out.split("\n") == [
+        "id:            A1",
+        "state:         deferred",
+        "profile:       system",
+        f"from:          {MAILBOX}",
+        "size:          90 bytes",
+        "received:      2025-06-01 12:00:00 UTC",
+        "attempts:      2",
+        "next attempt:  2025-06-01 13:00:00 UTC",
+        "last reply:    451 4.4.1 try later",
+        "client:        192.0.2.7",
+        "user:          alice",
+        "recipients:    a@example.com",
+        "               b@example.com (delivered)",
+        "               d@example.com",
+        "headers:",
+        f"    From: {MAILBOX}",
+        "    To: a@example.com",
+        "    Subject: queued for the operator",
+        "",
+        "id:            C3",
+        "state:         failed",
+        "profile:       system",
+        f"from:          {MAILBOX}",
+        "size:          90 bytes",
+        "received:      2025-06-01 12:01:10 UTC",
+        "attempts:      5",
+        "last reply:    -",
+        "client:        -",
+        "user:          -",
+        "recipients:    a@example.com (failed: 550 5.1.1 unknown)",
+        "               c@example.com (delivered)",
+        "headers:",
+        f"    From: {MAILBOX}",
+        "    To: a@example.com",
+        "    Subject: queued for the operator",
+        "",
+    ]
+
+
+def test_ids_are_not_case_sensitive(q: Queue) -> None:
+    """Typed from a log line or a bounce, in whatever case: the message is found, and
+    named as the queue has it."""
+    q.add("4F2A9C01B3D7", State.DEFERRED)
+    q.add("MixedCase1", State.HOLD)
+    assert q.run("hold", "4f2a9c01b3d7") == (0, "4F2A9C01B3D7: on hold\n", "")
+    assert q.json("release", "4f2A9c01b3d7")["done"] == ["4F2A9C01B3D7"]
+    assert q.json("show", "mixedcase1")["id"] == "MixedCase1"
+    assert q.run("delete", "MIXEDCASE1") == (0, "MixedCase1: deleted\n", "")
+    assert q.run("hold", "4f2a9c01b3d8") == (
+        1, "", "error: no message 4f2a9c01b3d8 in the queue\n")
 
 
 def test_hold_and_release(q: Queue) -> None:
@@ -305,3 +430,23 @@ def test_root_acts_as_the_spool_owner(capsys: pytest.CaptureFixture[str]) -> Non
         assert meta.stat().st_uid == nobody
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_sandbox_queue_needs_no_config(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`make run`'s queue, looked at from another terminal: --sandbox is the spool in the
+    sandbox directory, whatever --config says (the default /etc file need not exist)."""
+    def queue(*args: str) -> tuple[int, str, str]:
+        code = cli.main(["queue", *args, "--sandbox", "--sandbox-dir", str(tmp_path / "sb"),
+                         "--config", str(tmp_path / "no-such-config.yaml")])
+        return (code, *capsys.readouterr())
+
+    assert queue("list") == (
+        78, "", f"error: no spool at {tmp_path / 'sb' / 'spool'} (--sandbox-dir; "
+                "`make run` or `run --sandbox` makes it)\n")
+    q = Queue(tmp_path / "sb", capsys)
+    q.add("SB1", State.DEFERRED, received_at=NOON)
+    code, out, err = queue("list")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1] == f"SB1                90 2025-06-01 12:00:00 deferred {MAILBOX}"
+    assert queue("hold", "sb1") == (0, "SB1: on hold\n", "")

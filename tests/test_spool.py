@@ -268,6 +268,38 @@ def test_tmpfs_is_refused_or_warned(caplog: pytest.LogCaptureFixture) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.skipif(filesystem_type(Path("/dev/shm")) != "tmpfs", reason="no tmpfs at /dev/shm")
+def test_a_refused_spool_leaves_no_directory_it_created() -> None:
+    """Refused on tmpfs: nothing created (not the spool, nor the parents it would have
+    made); a directory that was there already stays, with only what it held."""
+    base = Path("/dev/shm") / f"relay-spool-refused-{os.getpid()}"
+    try:
+        with pytest.raises(SpoolError, match="tmpfs"):
+            Spool(base / "state" / "spool").open()
+        assert not base.exists()
+        (base / "spool" / "hold").mkdir(parents=True)        # the operator's own
+        with pytest.raises(SpoolError, match="tmpfs"):
+            Spool(base / "spool").open()
+        assert sorted(p.name for p in (base / "spool").iterdir()) == ["hold"]
+    finally:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_unusable_spool_leaves_no_directory_it_created(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write probe fails (a full disk): the directories made for it go again."""
+    def full(path: Path, data: bytes, **kw: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(disk, "write_synced", full)
+    (tmp_path / "spool").mkdir()
+    with pytest.raises(SpoolError, match="No space left on device"):
+        Spool(tmp_path / "spool").open()
+    assert list((tmp_path / "spool").iterdir()) == []
+
+
 # --- the state-change protocol: interleavings with another process, and crashes ----------------
 #
 # Each change the spool makes to a name in it (rename, replace, unlink, utime) is a step.

@@ -146,6 +146,31 @@ async def test_messages_in_maildir_sort_by_arrival(
     assert not list(exchange.maildir.glob(".*.tmp"))
 
 
+async def test_maildir_files_carry_the_relays_queue_id_across_restarts(
+        pki: LocalPKI, tmp_path: Path) -> None:
+    """The file name is the arrival time and the queue id of the relay's topmost Received
+    field (`noqueue` without one); a second fake on the same directory (a restarted
+    `make run`) adds files after the first one's, never over them."""
+    received = (b"Received: from app.test ([127.0.0.1]) by relay.test (smtp-oauth-relay)\r\n"
+                b"\twith ESMTP id 4F2A9C01B3D7 for <alice@example.com>;\r\n"
+                b"\tSun, 01 Jun 2025 12:00:00 +0000\r\n"
+                b"Received: from elsewhere by other.test (smtp-oauth-relay) with ESMTP\r\n"
+                b"\tid 000000000001; Sun, 01 Jun 2025 11:59:00 +0000\r\n")
+    names: list[str] = []
+    for data in (received + BODY, BODY, received + BODY):
+        async with FakeExchange(pki, validate, maildir=tmp_path / "mail") as fake:
+            client = client_for(fake.host, fake.port, pki.ca_file)
+            assert (await client.send(message(data=data), MAILBOX, token())).reply.ok
+            [got] = fake.messages
+            assert got.path is not None and got.path.read_bytes() == data
+            names.append(got.path.name)
+            sidecar = json.loads(got.path.with_suffix(".json").read_text())
+            assert sidecar["queue_id"] == ("4F2A9C01B3D7" if data != BODY else None)
+    assert [n.split("-", 1)[1] for n in names] == [
+        "4F2A9C01B3D7.eml", "noqueue.eml", "4F2A9C01B3D7.eml"]
+    assert sorted(p.name for p in (tmp_path / "mail").glob("*.eml")) == names
+
+
 async def test_only_advertised_mail_options_are_passed(
         exchange: FakeExchange, client: UpstreamClient) -> None:
     msg = message(options=["BODY=8BITMIME", "SMTPUTF8", "SIZE=1", "RET=HDRS"],

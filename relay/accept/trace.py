@@ -2,7 +2,8 @@
 
 - :func:`received_header`: the ``Received:`` field, CRLF-terminated and folded at 78
   columns, with everything the client chose cleaned so it cannot end the field, open or
-  close a comment, or fake the ``;`` before the date.
+  close a comment, or fake the ``;`` before the date;
+- :func:`local_received`: the same field for a message the relay makes itself.
 """
 
 from __future__ import annotations
@@ -52,19 +53,38 @@ def received_header(*, client_helo: str, client_ip: str, hostname: str, protocol
     recipient would reveal Bcc recipients to all of them.
     """
     helo = truncate(_HELO_UNSAFE.sub("?", client_helo), _MAX_HELO) or "unknown"
-    host = truncate(_HELO_UNSAFE.sub("?", hostname), _MAX_HELO) or "localhost"
     proto = _TOKEN_UNSAFE.sub("", protocol) or "SMTP"
-    mid = _TOKEN_UNSAFE.sub("", message_id) or "unknown"
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    date = email.utils.format_datetime(when)
-    tokens = [f"from {helo}", f"({_ip_literal(client_ip)})", f"by {host}",
-              "(smtp-oauth-relay)", f"with {proto}", f"id {mid}"]
+    tokens = [f"from {helo}", f"({_ip_literal(client_ip)})", *_by(hostname),
+              f"with {proto}", _id(message_id)]
     if recipient is not None:
         rcpt = truncate(_PATH_UNSAFE.sub("", recipient), _MAX_PATH)
         tokens.append(f"for <{rcpt}>;")
     else:
         tokens[-1] += ";"
-    tokens.append(date)
-    text = _fold_tokens("Received:", tokens)
-    return text.encode("ascii", "replace")
+    return _field([*tokens, _date(when)])
+
+
+def local_received(*, hostname: str, message_id: str, when: dt.datetime) -> bytes:
+    """The trace field of a message the relay makes itself (a delivery report, a test
+    message), as Postfix writes one for its own: ``Received: by HOST (smtp-oauth-relay)
+    id ID; DATE``, with no ``from``, so that it too carries its queue id."""
+    return _field([*_by(hostname), _id(message_id) + ";", _date(when)])
+
+
+def _by(hostname: str) -> list[str]:
+    host = truncate(_HELO_UNSAFE.sub("?", hostname), _MAX_HELO) or "localhost"
+    return [f"by {host}", "(smtp-oauth-relay)"]
+
+
+def _id(message_id: str) -> str:
+    return f"id {_TOKEN_UNSAFE.sub('', message_id) or 'unknown'}"
+
+
+def _date(when: dt.datetime) -> str:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return email.utils.format_datetime(when)
+
+
+def _field(tokens: list[str]) -> bytes:
+    return _fold_tokens("Received:", tokens).encode("ascii", "replace")

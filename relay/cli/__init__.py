@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run", run.command, "run the relay (SIGTERM stops, SIGHUP reloads the config)")
     sandbox_flag(p)
+    for what, where in (("smtp", "the first listener's port (server.listeners)"),
+                        ("http", "the HTTP endpoint's port (http.port)")):
+        p.add_argument(f"--{what}-port", type=_port, metavar="PORT",
+                       help=f"sandbox mode: use PORT for {where} instead of the config's")
     command("check", check.command, "validate the configuration and exit")
     p = command("token", token.command, "acquire a token and show its audience, tenant, roles "
                                     "and expiry")
@@ -96,10 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
                 "command works on, 75 a message changed while the command ran (try again)")
     p.add_argument("action", choices=["list", "show", "retry", "hold", "release", "delete",
                                       "flush"])
-    p.add_argument("ids", nargs="*", metavar="ID", help="message id(s)")
+    p.add_argument("ids", nargs="*", metavar="ID", help="message id(s), in any case")
     p.add_argument("--json", action="store_true",
                    help='print JSON; for changes: {"action", "done": [ids], '
                         '"skipped": [{"id", "reason", "temporary"}]}')
+    p.add_argument("--sandbox", action="store_true",
+                   help="the queue of the relay in sandbox mode (`make run`), in "
+                        "--sandbox-dir; no config is read")
+    p.add_argument("--sandbox-dir", default=".sandbox", metavar="DIR",
+                   help="the sandbox directory (default .sandbox)")
     p = command("hash-password", hashpassword.command,
                 "print a password hash for users.<name>.password_hash")
     p.add_argument("--stdin", action="store_true", help="read the password from standard input")
@@ -118,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list the files and where each is installed")
     p.set_defaults(func=exampleconfig.command)
     return parser
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535)")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,17 +8,20 @@ exits 78 when the operator must change a setting (the spool), so that systemd do
 restart it in vain (``RestartPreventExitStatus=78``), and 71 (EX_OSERR) when the system
 refuses it a resource (a port another program holds), which a restart may find free. 69
 stays what it means for every command: Entra ID or Exchange said no.
+In sandbox mode ``--smtp-port`` and ``--http-port`` replace the config's ports, and a
+port that is taken says how to choose others.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import sys
 from pathlib import Path
 
-from relay.cli.common import EX_CONFIG, EX_FAIL, EX_OK, EX_OSERR, load
+from relay.cli.common import EX_CONFIG, EX_FAIL, EX_OK, EX_OSERR, EX_USAGE, err, load
 from relay.config import Config, load_config
 from relay.core.log import setup_logging
 
@@ -35,11 +38,12 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
 
     from relay.sandbox.service import Sandbox
 
-    async with Sandbox(Path(args.sandbox_dir)) as sandbox:
-        relay = Relay(sandbox.apply(config))
+    async with Sandbox(Path(args.sandbox_dir), smtp_port=args.smtp_port,
+                       http_port=args.http_port) as sandbox:
+        relay = Relay(sandbox.apply(config), on_reload=sandbox.adopt)
 
         await relay.serve(
-            reload=lambda: sandbox.apply(load_config(args.config, check_secrets=False)),
+            reload=lambda: sandbox.rewrite(load_config(args.config, check_secrets=False)),
             on_ready=lambda: print(sandbox.banner(relay.listening), file=sys.stderr,
                                    flush=True))
     return EX_OK
@@ -48,6 +52,10 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
 def command(args: argparse.Namespace) -> int:
     from relay.spool.locks import SpoolError
 
+    if not args.sandbox and (args.smtp_port is not None or args.http_port is not None):
+        err("error: --smtp-port and --http-port are for --sandbox: a relay for real listens "
+            "where its config says")
+        return EX_USAGE
     config = load(args, sandbox=args.sandbox)
     setup_logging(config.logging.level, config.logging.format)
     try:
@@ -60,5 +68,15 @@ def command(args: argparse.Namespace) -> int:
     except OSError as exc:
         # strerror is the whole sentence (relay.receive.server adds the listener and the
         # fix); str() would lead with "[Errno 98]".
-        log.error("cannot start: %s", exc.strerror or exc)
+        text = exc.strerror if exc.strerror and exc.filename is None else str(exc)
+        if args.sandbox and exc.errno == errno.EADDRINUSE:
+            text += _SANDBOX_PORTS
+        log.error("cannot start: %s", text)
         return EX_OSERR if exc.errno else EX_FAIL
+
+
+# A developer's machine often has the sandbox's ports taken (Mailpit's web page is on
+# 8025, say): how `make run` is given others.
+_SANDBOX_PORTS = ("; in sandbox mode choose free ports with --smtp-port and --http-port "
+                  "(make run SMTP_PORT=2526 HTTP_PORT=8026), or another config "
+                  "(make run CONFIG=my-config.yaml)")

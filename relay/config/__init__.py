@@ -4,7 +4,8 @@
   :class:`Config`, or a :class:`ConfigError` that names every wrong key and why
   (``profiles.sales.credential: unknown credential 'main2' (known: main)``);
 - :class:`Config` and its sections (:class:`Server`, :class:`Profile`,
-  :class:`Credential`, ...), :data:`CLOUDS`, :data:`DEFAULT_CONFIG_PATH`.
+  :class:`Credential`, ...), :data:`CLOUDS`, :data:`DEFAULT_CONFIG_PATH`;
+- :func:`changed_keys`: what differs between two configurations, by key (a reload's log).
 
 Every stage, the ops side and the command line read their settings from one
 :class:`Config`, so this package's face is those names, re-exported here: ``from
@@ -13,7 +14,8 @@ relay.config import Config, ConfigError, load_config``. Inside, one module per c
 :mod:`~relay.config.credentials` (clouds, secrets, app credentials),
 :mod:`~relay.config.sections` (the sections and :class:`Config`),
 :mod:`~relay.config.checks` (what spans sections), :mod:`~relay.config.errors` (problems
-with their key paths) and :mod:`~relay.config.loading` (YAML in, :class:`Config` out).
+with their key paths), :mod:`~relay.config.loading` (YAML in, :class:`Config` out) and
+:mod:`~relay.config.diff` (what differs between two, by key: :func:`changed_keys`).
 """
 
 from relay.config.credentials import (
@@ -24,6 +26,7 @@ from relay.config.credentials import (
     Credential,
     SecretRef,
 )
+from relay.config.diff import changed_keys
 from relay.config.errors import ConfigError
 from relay.config.loading import DEFAULT_CONFIG_PATH, load_config, parse_config
 from relay.config.sections import (
@@ -68,6 +71,7 @@ __all__ = [
     "SpoolSettings",
     "Upstream",
     "User",
+    "changed_keys",
     "load_config",
     "parse_config",
 ]

@@ -103,9 +103,18 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ContextFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    logging.getLogger().handlers[:] = [handler]
+    reconfigure(level, fmt)
+
+
+def reconfigure(level: str, fmt: str) -> None:
+    """Change the level and the format of the logging :func:`setup_logging` set up, in
+    place: a reload takes ``logging:`` at once, and the handlers (and whatever else was
+    added to the root logger, such as a test's) stay."""
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    for handler in root.handlers:
+        if any(isinstance(f, _ContextFilter) for f in handler.filters):
+            handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.setLevel(level.upper())
     for name in _NOISY:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

@@ -35,6 +35,7 @@ import contextlib
 import email.utils
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -196,9 +197,11 @@ class HttpEndpoint:
                 reuse_address=True)
         except OSError as exc:
             where = host_port(settings.address, settings.port)
+            # asyncio's own text repeats the address: the system's words say it all.
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
             raise OSError(exc.errno, f"cannot listen on {where} for the HTTP "
                                      f"endpoint (http.address, http.port; or http.enabled: "
-                                     f"false): {exc.strerror or exc}") from exc
+                                     f"false): {why}") from exc
         sockname = self._server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
         log.info("http endpoint on http://%s (/healthz, /readyz, /metrics)",

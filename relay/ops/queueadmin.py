@@ -1,11 +1,13 @@
 """The queue commands as an operator runs them, over :mod:`relay.spool.ctl`.
 
-- :func:`open_spool`: the spool the config names, opened for operator commands (as the
-  spool's owner when run as root) and closed again afterwards; :class:`NoSpool` when the
-  directory is not there, :class:`SpoolUnavailable` when it cannot be used;
+- :func:`open_spool`: a spool directory (the config's, or the sandbox's), opened for
+  operator commands (as the spool's owner when run as root) and closed again afterwards;
+  :class:`NoSpool` when the directory is not there, :class:`SpoolUnavailable` when it
+  cannot be used;
 - :func:`act`: one action (``show``, ``retry``, ``hold``, ``release``, ``delete``, see
-  :data:`PER_MESSAGE`) on each of several messages, an :class:`Outcome` per message as
-  soon as it is known.
+  :data:`PER_MESSAGE`) on each of several messages, given by id in any case
+  (:func:`relay.spool.ctl.resolve`), an :class:`Outcome` per message as soon as it is
+  known.
 
 Run as root (sudo), the commands act as the spool's owner, as ``runuser -u`` would: files
 root wrote into the spool would be out of the relay's reach (the unit's UMask=0077). A
@@ -21,9 +23,9 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from relay.config import Config
 from relay.core.errors import RelayError
 from relay.spool import ctl
 from relay.spool.locks import SpoolError
@@ -64,11 +66,12 @@ class Outcome:
 
 
 @contextlib.contextmanager
-def open_spool(config: Config) -> Iterator[Spool]:
-    """The config's spool, open for operator commands until the block ends."""
-    spool = Spool(config.spool.directory)
+def open_spool(directory: Path, source: str = "spool.directory") -> Iterator[Spool]:
+    """The spool at ``directory``, open for operator commands until the block ends;
+    ``source`` says where the directory was named, for the error if there is none."""
+    spool = Spool(directory)
     if not spool.root.is_dir():
-        raise NoSpool(f"no spool at {spool.root} (spool.directory)")
+        raise NoSpool(f"no spool at {spool.root} ({source})")
     owner, group = spool.root.stat().st_uid, spool.root.stat().st_gid
     acting_as = ""
     if os.geteuid() == 0 and owner != 0:
@@ -88,7 +91,8 @@ def open_spool(config: Config) -> Iterator[Spool]:
 def act(spool: Spool, action: str, ids: Iterable[str]) -> Iterator[Outcome]:
     """Apply ``action`` (a key of :data:`PER_MESSAGE`) to each message of ``ids``."""
     apply = PER_MESSAGE[action]
-    for mid in ids:
+    for given in ids:
+        mid = ctl.resolve(spool, given)
         try:
             if apply is None:
                 outcome = Outcome(mid, True, info=ctl.show(spool, mid))

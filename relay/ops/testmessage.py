@@ -10,9 +10,11 @@ Exchange and the recipient's filters expect of a well-formed message (Date, Mess
 
 from __future__ import annotations
 
+import datetime as dt
 import email.utils
 from email.message import EmailMessage
 
+from relay.accept.trace import local_received
 from relay.config import Config
 from relay.core.message import Content, DeliveryResult, Outbound, new_message_id
 
@@ -40,8 +42,12 @@ async def send_test_message(config: Config, profile: str, to: str, *, sender: st
     from relay.oauth.registry import Tokens
 
     mail_from = sender or config.profiles[profile].mailbox
-    text = build_test_message(mail_from, to, subject, config.server.hostname)
-    msg = Outbound(id=new_message_id(), profile=profile, mail_from=mail_from,
+    mid = new_message_id()
+    # A trace field with the id this command prints, as every message the relay sends has.
+    text = (local_received(hostname=config.server.hostname, message_id=mid,
+                           when=dt.datetime.now(dt.UTC))
+            + build_test_message(mail_from, to, subject, config.server.hostname))
+    msg = Outbound(id=mid, profile=profile, mail_from=mail_from,
                    rcpt_tos=[to], content=Content.from_bytes(text))
     tokens = Tokens(config)
     try:

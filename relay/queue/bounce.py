@@ -15,10 +15,12 @@ so a crash in between repeats a report at worst and never loses one.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
 
 from relay.accept.headers import RawMessage
+from relay.accept.trace import local_received
 from relay.config import Config
 from relay.core.message import Content, new_message_id
 from relay.core.reply import Reply
@@ -79,6 +81,7 @@ class Bouncer:
             log.error("no bounce: profile %s is no longer configured", entry.profile)
             return
         upstream = self.config.upstream_for(profile)
+        bounce_id = new_message_id()
         # Built in a worker thread: the header section alone may be 256 KiB of work for
         # the email package, and the event loop serves every client meanwhile.
         dsn = await asyncio.to_thread(
@@ -88,7 +91,11 @@ class Bouncer:
             failed=failed,
             remote_mta=upstream.host, original_envelope_id="", queue_id=entry.id,
             reason=reason, now=self._clock())
-        bounce = Entry(id=new_message_id(), profile=entry.profile, mail_from=profile.mailbox,
+        # Its own trace field, as Postfix gives its bounces: the report's queue id travels
+        # with it, for whoever looks for it at Exchange or in the sandbox's mail.
+        dsn = local_received(hostname=self.config.server.hostname, message_id=bounce_id,
+                             when=dt.datetime.fromtimestamp(self._clock(), dt.UTC)) + dsn
+        bounce = Entry(id=bounce_id, profile=entry.profile, mail_from=profile.mailbox,
                        rcpt_tos=[to], size=len(dsn), received_at=self._clock())
         await self._accept(bounce, dsn)
         log.info("bounce %s queued to %s for %d recipient(s)", bounce.id, to, len(failed),

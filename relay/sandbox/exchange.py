@@ -22,6 +22,7 @@ import fnmatch
 import json
 import logging
 import os
+import re
 import ssl
 import time
 from base64 import b64decode
@@ -172,8 +173,10 @@ class FakeExchange:
         """Let ``mailbox`` send as an address or a glob such as ``*@contoso.com`` (or
         ``@contoso.com``), as after ``Add-RecipientPermission``."""
         pattern = address_or_pattern.lower()
-        self._send_as[mailbox.lower()].append("*" + pattern if pattern.startswith("@")
-                                              else pattern)
+        pattern = "*" + pattern if pattern.startswith("@") else pattern
+        granted = self._send_as[mailbox.lower()]
+        if pattern not in granted:              # granted again by a reload: nothing new
+            granted.append(pattern)
 
     def enforce_limits(self, sessions: int = 3, per_minute: int = 30) -> None:
         """Refuse what goes over a mailbox's limits, as Exchange Online does for SMTP AUTH:
@@ -287,13 +290,20 @@ class FakeExchange:
         data = bytes(envelope.original_content or b"")
         path = None
         if self.maildir is not None:
+            # Named by arrival time and the relay's queue id, so that a file is found from
+            # the relay's log and the names sort by arrival across any number of runs.
+            queue_id = relay_queue_id(data)
             stamp = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-            path = self.maildir / f"{stamp}-{self._seq:06d}.eml"
+            path = self.maildir / f"{stamp}-{queue_id or 'noqueue'}.eml"
+            n = 1
+            while path.exists():        # the same microsecond: not over another message
+                n += 1
+                path = self.maildir / f"{stamp}-{queue_id or 'noqueue'}-{n}.eml"
             sidecar = {
                 "mailbox": mailbox, "mail_from": envelope.mail_from,
                 "rcpt_tos": list(envelope.rcpt_tos), "mail_options": envelope.mail_options,
                 "received_at": dt.datetime.fromtimestamp(now, dt.UTC).isoformat(),
-                "size": len(data), "eml": path.name,
+                "size": len(data), "eml": path.name, "queue_id": queue_id,
             }
             await asyncio.to_thread(_write_pair, path, data,
                                     json.dumps(sidecar, indent=2).encode())
@@ -301,6 +311,21 @@ class FakeExchange:
                                  data, list(envelope.mail_options), now, path)
         self.messages.append(record)
         return record
+
+
+# The trace field relay.accept.trace writes: "... by HOST (smtp-oauth-relay) [with PROTO]
+# id QUEUEID ...", possibly folded.
+_RELAY_TRACE = re.compile(rb"\(smtp-oauth-relay\)(?:\s+with\s+\S+)?\s+id\s+([0-9A-Za-z_-]{1,64})")
+
+
+def relay_queue_id(data: bytes) -> str | None:
+    """The queue id in the message's topmost Received field, if the relay wrote that one
+    (the last hop before Exchange); None otherwise."""
+    head = data.split(b"\r\n\r\n", 1)[0]
+    fields = re.split(rb"\r\n(?![ \t])", head)
+    top = next((f for f in fields if f[:9].lower() == b"received:"), None)
+    match = _RELAY_TRACE.search(top) if top is not None else None
+    return match.group(1).decode() if match else None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -23,11 +23,23 @@ from relay.sandbox.pki import create_pki
 SANDBOX_UPSTREAM = "sandbox"
 
 
+def spool_directory(directory: Path) -> Path:
+    """The relay's spool in sandbox mode, in the sandbox directory ``directory``: where
+    ``queue --sandbox`` finds it without reading any configuration."""
+    return directory.resolve() / "spool"
+
+
 class Sandbox:
     """Starts the stand-ins and rewrites a config to use them."""
 
-    def __init__(self, directory: Path, *, token_lifetime: float = 3600) -> None:
+    def __init__(self, directory: Path, *, token_lifetime: float = 3600,
+                 smtp_port: int | None = None, http_port: int | None = None) -> None:
         self.directory = directory.resolve()
+        # Ports chosen on the command line (`make run SMTP_PORT=...`) over the config's:
+        # the first listener's and the HTTP endpoint's.
+        self.smtp_port = smtp_port
+        self.http_port = http_port
+        self._secrets: dict[tuple[str, str], str] = {}      # per (tenant, client id)
         self.maildir = self.directory / "mail"
         self._pki = create_pki(self.directory / "pki")
         self.entra = FakeEntra(self._pki, token_lifetime=token_lifetime)
@@ -56,11 +68,20 @@ class Sandbox:
         await self.stop()
 
     def apply(self, config: Config) -> Config:
-        """Point every credential and profile of ``config`` at the stand-ins."""
+        """Point every credential and profile of ``config`` at the stand-ins, and its
+        ports at those chosen on the command line; the stand-ins take it at once."""
+        sandboxed = self.rewrite(config)
+        self.adopt(sandboxed)
+        return sandboxed
+
+    def rewrite(self, config: Config) -> Config:
+        """:meth:`apply` without telling the stand-ins: for a reload, which may yet be
+        refused. Each app keeps its secret for as long as the sandbox runs, so a
+        credential that did not change is the same credential (and keeps its token)."""
         credentials: dict[str, Credential] = {}
         for name, cred in config.credentials.items():
-            secret = secrets.token_urlsafe(24)
-            self.entra.add_app(cred.tenant_id, cred.client_id, secret=secret)
+            app = (cred.tenant_id.lower(), cred.client_id.lower())
+            secret = self._secrets.setdefault(app, secrets.token_urlsafe(24))
             credentials[name] = Credential(
                 tenant_id=cred.tenant_id, client_id=cred.client_id, cloud=cred.cloud,
                 authority=self.entra.url, scope=cred.scopes[0],
@@ -68,18 +89,35 @@ class Sandbox:
                 refresh_before=cred.refresh_before, secret_expires=cred.secret_expires)
         upstream = Upstream(host=self.exchange.host, port=self.exchange.port, tls="starttls",
                             ca_file=self._pki.ca_file, timeout=30)
-        profiles = {}
-        for name, profile in config.profiles.items():
-            for pattern in profile.send_as:
-                self.exchange.allow_send_as(profile.mailbox, pattern)
-            profiles[name] = profile.model_copy(update={"upstream": SANDBOX_UPSTREAM})
-        spool = config.spool.model_copy(update={"directory": self.directory / "spool"})
+        profiles = {name: profile.model_copy(update={"upstream": SANDBOX_UPSTREAM})
+                    for name, profile in config.profiles.items()}
+        spool = config.spool.model_copy(update={"directory": spool_directory(self.directory)})
+        server, http = config.server, config.http
+        if self.smtp_port is not None:
+            first = server.listeners[0].model_copy(update={"port": self.smtp_port})
+            server = server.model_copy(update={"listeners": [first, *server.listeners[1:]]})
+        if self.http_port is not None:
+            http = http.model_copy(update={"port": self.http_port})
         return config.model_copy(update={
+            "server": server,
+            "http": http,
             "spool": spool,
             "credentials": credentials,
             "upstreams": {SANDBOX_UPSTREAM: upstream},
             "profiles": profiles,
         })
+
+    def adopt(self, config: Config) -> None:
+        """Have the stand-ins know what a :meth:`rewrite` config uses: its apps with their
+        secrets at Entra ID, its profiles' Send As permissions at Exchange (as an
+        administrator would grant them)."""
+        for cred in config.credentials.values():
+            assert cred.client_secret is not None and cred.client_secret.value is not None
+            self.entra.add_app(cred.tenant_id, cred.client_id,
+                               secret=cred.client_secret.value)
+        for profile in config.profiles.values():
+            for pattern in profile.send_as:
+                self.exchange.allow_send_as(profile.mailbox, pattern)
 
     def banner(self, listening: list[tuple[str, int]]) -> str:
         where = ", ".join(host_port(h, p) for h, p in listening)
@@ -89,7 +127,7 @@ class Sandbox:
             f"Exchange Online is simulated at {self.exchange.host}:{self.exchange.port} "
             "(STARTTLS + XOAUTH2 enforced)",
             f"Delivered messages are kept in {self.maildir}",
-            f"The relay's queue (spool) is {self.directory / 'spool'}",
+            f"The relay's queue (spool) is {spool_directory(self.directory)}",
             f"Send mail to the relay at {where}",
         ]
         width = max(len(line) for line in lines) + 4

@@ -1,7 +1,8 @@
 """Operator commands on the spool: ``smtp-oauth-relay queue list|show|retry|hold|release|
 delete|flush``, like Postfix's mailq and postsuper.
 
-- :func:`iter_entries`, :func:`summary`, :func:`show`: what is queued, one message closely;
+- :func:`iter_entries`, :func:`summary`, :func:`detail`, :func:`show`: what is queued,
+  one message closely; :func:`resolve`: a message id as given, in any case, to the queue's;
 - :func:`retry`, :func:`hold`, :func:`release`, :func:`delete`, :func:`flush`: the changes;
 - :class:`QueueCommandError`: a command that cannot be carried out, and whether running it
   again may work.
@@ -78,15 +79,20 @@ def summary(state: State, entry: Entry) -> dict[str, Any]:
     }
 
 
+def detail(state: State, entry: Entry) -> dict[str, Any]:
+    """:func:`summary` with what became of each recipient and where the message came from."""
+    return summary(state, entry) | {"delivered": entry.delivered,
+                                    "failed": {r: str(x) for r, x in entry.failed.items()},
+                                    "client": entry.client, "user": entry.user}
+
+
 def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
 
 
 def show(spool: Spool, mid: str) -> dict[str, Any]:
     state, entry = _locate(spool, mid)
-    out = summary(state, entry) | {"delivered": entry.delivered,
-                                    "failed": {r: str(x) for r, x in entry.failed.items()},
-                                    "client": entry.client, "user": entry.user}
+    out = detail(state, entry)
     try:
         out["headers"] = _headers(spool.content(mid).prefix(_HEAD_LIMIT))
     except FileNotFoundError:
@@ -98,6 +104,24 @@ def _headers(data: bytes) -> str:
     """The header section, as relay.accept.headers reads it (the one rule for where it ends)."""
     section = RawMessage(data).header_section().decode("utf-8", "replace")
     return section.removesuffix("\n").removesuffix("\r")
+
+
+def resolve(spool: Spool, mid: str) -> str:
+    """The id as the queue has it, for an id given in any case (copied from a log line or
+    a bounce, typed by hand); ``mid`` itself when no message has it in any case.
+
+    The relay's own ids are upper case, so that is tried first; the scan is for ids of
+    other versions, and runs only when neither form is queued.
+    """
+    for candidate in (mid, mid.upper()):
+        if spool.locate(candidate) is not None:
+            return candidate
+    wanted = f"{mid}.json".casefold()
+    for state in State:
+        for name in spool.names(state):
+            if name.casefold() == wanted:
+                return name.removesuffix(".json")
+    return mid
 
 
 def _locate(spool: Spool, mid: str) -> tuple[State, Entry]:

@@ -148,7 +148,16 @@ class AsyncSpool:
         """Move ``entry`` from ``src`` into active/ for its attempt, in one trip to the disk
         thread with finding its bytes: returns ``content`` if given, else the stored bytes
         (None if there are none). Raises as :meth:`move` does."""
-        return await diskio.run(self.store.take, entry, src, content)
+        return await diskio.run(self._take, entry, src, content)
+
+    def _take(self, entry: Entry, src: State, content: Content | None) -> Content | None:
+        self.store.move(entry, src, State.ACTIVE, rewrite=False)
+        if content is not None:
+            return content
+        try:
+            return self.store.content(entry.id)
+        except FileNotFoundError:
+            return None
 
     async def move(self, entry: Entry, src: State, dst: State, *,
                    rewrite: bool = True) -> None:

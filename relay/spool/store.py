@@ -51,18 +51,12 @@ class Spool:
     # --- set-up ---------------------------------------------------------------------------
 
     def open(self, *, on_tmpfs: str = "refuse") -> None:
-        """Create the directories and check the spool can keep its promise."""
-        try:
-            self.root.mkdir(parents=True, exist_ok=True, mode=disk.DIR_MODE)
-            for path in (self.root, *(self.root / name for name in DIRS)):
-                path.mkdir(exist_ok=True, mode=disk.DIR_MODE)
-                disk.tighten(path)
-            probe = self.root / "tmp" / f".probe-{os.getpid()}"
-            disk.write_synced(probe, b"ok")
-            probe.unlink(missing_ok=True)   # a relay starting meanwhile clears tmp/
-        except OSError as exc:
-            raise SpoolError(f"spool directory {self.root} is not usable: "
-                             f"{exc.strerror or exc}") from None
+        """Create the directories and check the spool can keep its promise.
+
+        A refusal leaves the filesystem as it found it: the filesystem is judged before
+        anything is created (where the spool would be), and directories made before a
+        later step failed are removed again; directories that were there stay.
+        """
         fstype = disk.filesystem_type(self.root)
         if fstype in ("tmpfs", "ramfs"):
             text = (f"spool directory {self.root} is on {fstype}: queued mail would be lost "
@@ -70,6 +64,26 @@ class Spool:
             if on_tmpfs == "refuse":
                 raise SpoolError(text + "; set spool.on_tmpfs: warn to accept the risk")
             log.warning("%s", text)
+        created: list[Path] = []
+        own = [self.root, *(self.root / name for name in DIRS)]
+        try:
+            parents = [p for p in self.root.parents if not p.exists()]
+            for path in (*reversed(parents), *own):
+                with contextlib.suppress(FileExistsError):      # there already
+                    # Parents as `mkdir -p` makes them; the spool's own for the relay only.
+                    path.mkdir(mode=0o777 if path in parents else disk.DIR_MODE)
+                    created.append(path)
+            for path in own:
+                disk.tighten(path)
+            probe = self.root / "tmp" / f".probe-{os.getpid()}"
+            disk.write_synced(probe, b"ok")
+            probe.unlink(missing_ok=True)   # a relay starting meanwhile clears tmp/
+        except OSError as exc:
+            for path in reversed(created):
+                with contextlib.suppress(OSError):
+                    path.rmdir()            # only if still empty: never another's files
+            raise SpoolError(f"spool directory {self.root} is not usable: "
+                             f"{exc.strerror or exc}") from None
 
     def claim(self) -> None:
         """Become the one relay that delivers from this spool, until :meth:`unclaim`
@@ -244,18 +258,6 @@ class Spool:
         disk.fsync_dir(new.parent)
         if old.parent != new.parent:
             disk.fsync_dir(old.parent)
-
-    def take(self, entry: Entry, src: State, content: Content | None = None
-             ) -> Content | None:
-        """:meth:`move` ``entry`` from ``src`` to active/ as it is, then its bytes:
-        ``content`` if the caller has them, else :meth:`content` (None if missing)."""
-        self.move(entry, src, State.ACTIVE, rewrite=False)
-        if content is not None:
-            return content
-        try:
-            return self.content(entry.id)
-        except FileNotFoundError:
-            return None
 
     def record_delivered(self, entry: Entry, *, complete: bool) -> None:
         """Write down, right after the upstream's 250, what it accepted: the one step between
