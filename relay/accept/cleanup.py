@@ -18,8 +18,9 @@ from relay.core.reply import Reply
 
 def prepare_headers(profile_name: str, profile: Profile, mail_from: str, section: bytes,
                     max_addresses: int) -> PolicyResult:
-    """Everything done to a header section before it is kept; CPU-bound, so it runs in a
-    worker thread. Raises :class:`PolicyRejected` with the reply for the client.
+    """Everything done to a header section before it is kept; CPU-bound, so a large section
+    is worked in a worker thread (relay.receive.incoming). Raises :class:`PolicyRejected`
+    with the reply for the client.
 
     First what makes the section safe to parse (the size and count of sender fields),
     then 8-bit bytes that are not UTF-8 made UTF-8 (:meth:`RawMessage.recode_8bit`), then

@@ -1,7 +1,8 @@
 """One message as it streams in: the header work, the Received field, the spool file.
 
 - :class:`Incoming`: the :class:`relay.receive.data.Sink` of one DATA: at the end of the
-  header section it runs :func:`relay.accept.cleanup.prepare_headers` in a worker thread,
+  header section it runs :func:`relay.accept.cleanup.prepare_headers` (in a worker thread
+  when the section is large),
   puts the trace field (Received) before the result, and writes it with the body to the
   spool's :class:`relay.spool.store.DataWriter` as the rest arrives.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 from typing import TYPE_CHECKING
 
@@ -30,6 +32,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Header sections up to this size are worked on the event loop itself (see Incoming.headers).
+INLINE_HEADERS = 16 * 1024
+
 
 def _protocol(session: RelaySession) -> str:
     """The ``with`` keyword of the Received field (RFC 3848)."""
@@ -42,7 +47,8 @@ def _protocol(session: RelaySession) -> str:
 class Incoming:
     """One message as it streams in (the :class:`relay.receive.data.Sink`).
 
-    At the end of the header section the header work runs in a worker thread; the result,
+    At the end of the header section the header work runs (in a worker thread if the
+    section is large); the result,
     with the Received field before it, is written with the first part of the body. A
     refusal or a disk error is only noted here (the client is still sending): the rest is
     drained, the file discarded, and the reply given after the end of the data. Every
@@ -75,16 +81,21 @@ class Incoming:
         server.pause_idle_timer()
         try:
             with message_context(self.id):
-                self.policy = await asyncio.to_thread(
+                work = functools.partial(
                     prepare_headers, profile, config.profiles[profile], envelope.mail_from,
                     section, config.server.max_header_addresses)
+                # A usual header section takes less time on the loop than the trip to a
+                # worker thread and back (whose thread also needs the interpreter lock);
+                # a large one (up to max_header_size) must not hold the loop up.
+                self.policy = policy = (work() if len(section) <= INLINE_HEADERS
+                                        else await asyncio.to_thread(work))
                 rcpts = envelope.rcpt_tos
                 header = received_header(
                     client_helo=session.host_name or "", client_ip=session.client_ip,
                     hostname=config.server.hostname, protocol=_protocol(session),
                     message_id=self.id, recipient=rcpts[0] if len(rcpts) == 1 else None,
                     when=dt.datetime.now(dt.UTC))
-            self._pending = [header, self.policy.data]
+            self._pending = [header, policy.data]
         except PolicyRejected as exc:
             self.refusal = exc.reply
         except Exception:
