@@ -124,7 +124,10 @@ def listen(listener: Listener) -> socket.socket:
     """
     ip = ipaddress.ip_address(listener.address)
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets
+    # that say they are TCP, and accepted sockets inherit this. With Nagle on, the lines of
+    # a multi-line reply after the first wait for the client's delayed ACK: 40 ms per EHLO.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
