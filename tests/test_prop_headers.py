@@ -146,3 +146,44 @@ def test_sender_policy_holds_for_what_goes_upstream(message: bytes, policy: str,
         # reject passes a message on unchanged: a From only the relay reads is no harm
         # there, as long as nothing else the email package reads is forbidden.
         assert seen.senders.get("From"), "no From address upstream"
+
+
+_atoms = st.text(alphabet="aZ9.-_=?!#'`{}~+/", min_size=1, max_size=6)
+
+
+@st.composite
+def plain_looking(draw: st.DrawFn) -> str:
+    """Address field values near the plain forms: words, dots, angle brackets, atext
+    specials and pieces of encoded words, the way applications and attackers write them."""
+    local = draw(_atoms)
+    domain = draw(st.sampled_from(["contoso.com", "b", "a-b.example", "x..y", "-a.b", "c."]))
+    addr = f"{local}@{domain}"
+    name = draw(st.lists(_atoms, max_size=3))
+    form = draw(st.sampled_from(["bare", "angle", "named", "broken"]))
+    if form == "bare":
+        return addr
+    if form == "angle":
+        return f"<{addr}>"
+    if form == "named":
+        return " ".join(name) + f" <{addr}>"
+    return draw(st.sampled_from([f"{addr}>", f"<{addr}", f"{' '.join(name)} {addr}",
+                                 f"=?utf-8?q?{local}?= <{addr}>", f"{addr}, {addr}"]))
+
+
+@given(plain_looking())
+@example("relay@contoso.com")
+@example("CRM System <crm@contoso.com>")
+@example("=?utf-8?q?Hi?= <a@b.com>")
+def test_plain_address_values_are_read_as_the_email_package_reads_them(value: str) -> None:
+    """The shortcut for plain From values (relay.accept.headers.plain_address) gives what
+    the email package, Exchange's stand-in here, gives, or stands aside."""
+    from email.policy import default
+
+    from relay.accept.names import plain_address
+
+    plain = plain_address(value)
+    if plain is None:
+        return
+    header = default.header_factory("From", value)
+    assert not header.defects, (value, header.defects)
+    assert list(header.addresses) == [plain]   # type: ignore[attr-defined]

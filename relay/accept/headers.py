@@ -25,7 +25,7 @@ from email.policy import SMTP, SMTPUTF8, EmailPolicy
 from email.policy import default as _default_policy
 from typing import Any
 
-from relay.accept.names import salvage
+from relay.accept.names import plain_address, salvage
 from relay.core.errors import RelayError
 from relay.core.text import one_line, truncate
 
@@ -250,6 +250,9 @@ class RawMessage:
             if f.key != key:
                 continue
             value = self._value(f)
+            if f.parsed is None and (plain := plain_address(value)) is not None:
+                out.append(plain)
+                continue
             try:
                 header = self._parsed(f)
                 problem = self._address_problem(f.name, header)
