@@ -24,7 +24,8 @@ from relay.receive import replies as replies_module
 
 # Attributes an aiosmtpd SMTP instance has once constructed, which the session reads.
 SMTP_ATTRIBUTES = ("_tls_protocol", "_original_transport",
-                   "_handler_coroutine", "_timeout_handle", "_auth_require_tls",
+                   "_handler_coroutine", "_timeout_handle", "_timeout_duration",
+                   "_auth_require_tls",
                    "command_size_limits", "session", "envelope", "transport",
                    "require_starttls", "tls_context", "loop", "hostname")
 # Methods of aiosmtpd's SMTP the session overrides or calls, with the parameters it uses.

@@ -531,6 +531,23 @@ async def test_idle_timeout_closes_with_421(start: Start) -> None:
     assert h.receiver.sessions == 0
 
 
+async def test_activity_moves_the_idle_timeout_and_silence_still_ends_it(
+        start: Start) -> None:
+    """The idle timer is moved forward lazily (relay.receive.idletimer): commands every
+    0.1 s for three idle periods keep the session, the silence after them ends it."""
+    h = await start({"server": {"idle_timeout": "0.3s"}})
+    c = await connect(h)
+    await c.ehlo()
+    for _ in range(9):
+        await asyncio.sleep(0.1)
+        assert (await c.cmd("NOOP"))[0] == 250
+    silent = time.monotonic()
+    code, text = await c.reply()
+    assert code == 421 and text.startswith("4.4.2")
+    assert 0.25 <= time.monotonic() - silent < 2
+    assert await c.closed()
+
+
 async def test_slow_submission_does_not_count_as_idle(start: Start) -> None:
     h = await start({"server": {"idle_timeout": "0.3s"}})
     h.submit.delay = 0.6

@@ -40,6 +40,7 @@ from relay.receive.auth import AuthSMTP
 from relay.receive.clocks import Clocks
 from relay.receive.data import DataReader, Limits, MemoryBudget
 from relay.receive.guard import AuthGuard
+from relay.receive.idletimer import LazyIdleTimer
 from relay.receive.passwords import PasswordVerifier
 from relay.receive.setuponce import install as _setup_once
 
@@ -130,7 +131,7 @@ class RelayEnvelope(Envelope):
         self.profile: str | None = None
 
 
-class RelaySMTP(AuthSMTP):
+class RelaySMTP(LazyIdleTimer, AuthSMTP):
     """The SMTP protocol for one connection; see the module docstring."""
 
     session: RelaySession | None
