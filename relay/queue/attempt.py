@@ -269,6 +269,9 @@ class Attempt:
         r = AttemptReport(entry, mailbox, tuple(tried), frozenset(result.accepted),
                           s.pending, result, duration, s.expired)
         if s.done and not entry.failed:
+            # Delivered: a waiting client is told before the clean-up (the 250 is recorded
+            # already), so that it does not wait for the spool's unlinks and fsync.
+            answer(waiter, entry.id, Outcome(OutcomeState.DELIVERED, result.reply))
             await ctx.spool.remove(entry.id, State.ACTIVE, claimed=claimed)
             report(r, Event.DELIVERED, ctx.hooks)
             return Outcome(OutcomeState.DELIVERED, result.reply)
