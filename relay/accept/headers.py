@@ -325,11 +325,11 @@ class RawMessage:
 
     # --- editing ---------------------------------------------------------------------
 
-    def remove(self, name: str) -> int:
-        """Remove every field called ``name``; returns how many there were."""
-        key = name.lower()
+    def remove(self, *names: str) -> int:
+        """Remove every field called one of ``names``; returns how many there were."""
+        keys = {name.lower() for name in names}
         before = len(self._fields)
-        self._fields = [f for f in self._fields if f.key != key]
+        self._fields = [f for f in self._fields if f.key not in keys]
         removed = before - len(self._fields)
         self.changed = self.changed or bool(removed)
         return removed
