@@ -521,6 +521,20 @@ async def test_long_lines_get_an_error_and_the_session_goes_on(
     assert errors_logged(caplog) == []
 
 
+@pytest.mark.parametrize("length", [1001, 1300, 5000, 200_000])
+async def test_an_overlong_last_line_is_answered_at_once(start: Start, length: int) -> None:
+    # The data's end follows the over-long line straight away: its CR and LF may come in
+    # different pieces of the drop, and the end must still be seen (else the client
+    # waits for its reply until a timeout).
+    h = await start({"server": {"max_line_length": 1000}})
+    c = await connect(h)
+    await c.ehlo()
+    code, text = await c.send(SYSTEM, ["a@example.com"], MESSAGE + b"y" * length + b"\r\n")
+    assert (code, text) == (500, "5.5.2 Line too long (limit 1000 octets)")
+    assert await c.cmd("NOOP") == (250, "2.0.0 OK")
+    assert h.submit.messages == []
+
+
 async def test_idle_timeout_closes_with_421(start: Start) -> None:
     h = await start({"server": {"idle_timeout": "0.3s"}})
     c = await connect(h)
