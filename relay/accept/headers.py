@@ -20,6 +20,7 @@ import enum
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from email.header import Header
 from email.headerregistry import Address, BaseHeader
 from email.policy import SMTP, SMTPUTF8, EmailPolicy
 from email.policy import default as _default_policy
@@ -357,7 +358,12 @@ class RawMessage:
         if not _FIELD_NAME.match(name):
             raise ValueError(f"invalid header field name {name!r}")
         if isinstance(value, str):
-            value = " ".join(_LINE_BREAKS.split(value))
+            value = one_line(_CONTROL.sub(" ", value))
+            if not value.isascii() or "=?" in value:
+                # The email package reads encoded words in such text, which may hide a
+                # line break: written as encoded words whole, it reads back as it is.
+                text = Header(value, "utf-8", header_name=name)
+                return f"{name}: {text.encode(linesep=self.eol.decode())}".encode() + self.eol
         header = SMTP.header_factory(name, value)
         utf8 = _needs_utf8(header)
         policy = _POLICIES[(self.eol, utf8)]
@@ -388,7 +394,6 @@ class RawMessage:
         parts.append(self._separator)
         parts.append(self._body)
         return b"".join(parts)
-
 
 
 def _short(text: str, limit: int = 120) -> str:
