@@ -301,6 +301,13 @@ async def test_every_line_spells_the_user_one_way(
             assert record["client"] == "127.0.0.1" and "user" in record, record
     assert [r["event"] for r in records if "AUTH" in r["msg"]] == [
         "auth_failed", "auth_failed", "auth_failed", "auth_closed", "auth_ok"]
+    # The message lines' senders, as their text names them: sent as the mailbox, from
+    # the application's envelope sender and From.
+    assert [(r["sender"], r["original_sender"], r["original_from"]) for r in records
+            if r.get("event") == "received"] == [
+        ("relay@contoso.com", "app@contoso.com", "app@contoso.com")] * 2
+    assert all(" from=<relay@contoso.com> original_sender=<app@contoso.com> "
+               "original_from=<app@contoso.com> " in t for t in received)
 
 
 async def test_the_log_names_the_reply_the_client_got(

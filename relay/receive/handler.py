@@ -239,6 +239,10 @@ class RelayHandler:
         profile_name = envelope.profile
         rcpts = list(envelope.rcpt_tos)
         content = incoming.writer.content()
+        # What the sender policy replaced, kept with the message and named in its line:
+        # which application sent it, when it is sent as the mailbox.
+        original_sender = (envelope.mail_from if policy.mail_from != envelope.mail_from
+                           else None)
         outbound = Outbound(
             id=mid, profile=profile_name, mail_from=policy.mail_from, rcpt_tos=rcpts,
             content=content,
@@ -246,21 +250,22 @@ class RelayHandler:
                                            received.eight_bit),
             client=session.client_ip, user=session.user,
             mailbox=config.profiles[profile_name].mailbox,
-            return_path=envelope.mail_from if policy.mail_from != envelope.mail_from
-            else None,
+            return_path=original_sender, original_from=policy.original_from,
             synchronous=server.listener.synchronous)
         started = time.monotonic()
         reply = _with_id(await self._submit(server, outbound), mid)
         duration = time.monotonic() - started
-        log.info("message: client=%s user=%s profile=%s from=<%s>%s rcpts=%d size=%d "
+        log.info("message: client=%s user=%s profile=%s from=<%s>%s%s rcpts=%d size=%d "
                  "reply=%s (%.2f s)", session.client_ip, loggable_user(session.user),
                  profile_name, policy.mail_from,
+                 f" original_sender={path(original_sender)}" if original_sender else "",
                  f" original_from=<{policy.original_from}>" if policy.original_from else "",
                  len(rcpts), content.size, reply, duration,
                  extra={"event": "received", "client": session.client_ip,
                         "user": json_user(session.user), "profile": profile_name,
                         "mailbox": outbound.mailbox, "sender": policy.mail_from,
-                        "original_sender": policy.original_from, "rcpts": len(rcpts),
+                        "original_sender": original_sender,
+                        "original_from": policy.original_from, "rcpts": len(rcpts),
                         "size": content.size, "reply": str(reply),
                         "duration": round(duration, 3)})
         return reply.as_smtp()

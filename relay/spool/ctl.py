@@ -76,6 +76,8 @@ def summary(state: State, entry: Entry) -> dict[str, Any]:
         "received": _iso(entry.received_at), "attempts": entry.attempts,
         "next_attempt": _iso(entry.next_attempt) if state is State.DEFERRED else None,
         "last_reply": None if entry.last_reply is None else str(entry.last_reply),
+        # Who sent it, when the sender policy sent it as the mailbox (null otherwise).
+        "original_sender": entry.return_path, "original_from": entry.original_from,
     }
 
 
