@@ -2,8 +2,9 @@
 and how an accepted message is handed on.
 
 The envelope is the truth: recipients come from RCPT TO only (Bcc-only recipients are
-delivered), the message bytes are kept as received apart from the line model
-(relay.receive.data), the sender policy's rewrite and one prepended ``Received:`` field.
+delivered, and ``Bcc`` fields removed), the message bytes are kept as received apart from
+the line model (relay.receive.data), the header work of relay.accept and one prepended
+``Received:`` field.
 The message streams to the spool as it arrives; only its header section is held, and the
 work on it (limits, charset, sender policy) runs in a worker thread, so that one
 pathological message cannot hold up the other clients. Every failure of the relay's own
