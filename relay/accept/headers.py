@@ -364,6 +364,8 @@ class RawMessage:
                 # line break: written as encoded words whole, it reads back as it is.
                 text = Header(value, "utf-8", header_name=name)
                 return f"{name}: {text.encode(linesep=self.eol.decode())}".encode() + self.eol
+            if len(name) + len(value) < 77:             # nothing to fold or encode
+                return f"{name}: {value}".encode("ascii") + self.eol
         header = SMTP.header_factory(name, value)
         utf8 = _needs_utf8(header)
         policy = _POLICIES[(self.eol, utf8)]
