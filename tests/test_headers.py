@@ -207,7 +207,7 @@ def test_set_cannot_inject_fields() -> None:
 @pytest.mark.parametrize("text", [
     "=?utf-8?q?hi=0D=0ABcc=3A_victim=40example.com?=",      # an encoded word hiding CRLF
     "hi =?utf-8?b?DQpCY2M6IHZpY3RpbUBleGFtcGxlLmNvbQ==?= there",
-    "Zoë \x00\x1b[31m =?x?", "x" * 300 + " =?utf-8?q?=0A?="])
+    "Zoë \x00\x1b[31m =?x?", "x" * 300 + " =?utf-8?q?=0A?=", "root (Cron Daemon) " * 12])
 def test_set_text_reads_back_as_the_text_it_was(text: str) -> None:
     msg = RawMessage(b"From: a@b.c\r\n\r\nx")
     msg.set("X-Note", text)

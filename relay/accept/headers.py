@@ -20,13 +20,13 @@ import enum
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from email.header import Header
 from email.headerregistry import Address, BaseHeader
 from email.policy import SMTP, SMTPUTF8, EmailPolicy
 from email.policy import default as _default_policy
 from typing import Any
 
 from relay.accept.names import plain_address, salvage
+from relay.accept.trace import text_field
 from relay.core.errors import RelayError
 from relay.core.text import one_line, truncate
 
@@ -358,14 +358,7 @@ class RawMessage:
         if not _FIELD_NAME.match(name):
             raise ValueError(f"invalid header field name {name!r}")
         if isinstance(value, str):
-            value = one_line(_CONTROL.sub(" ", value))
-            if not value.isascii() or "=?" in value:
-                # The email package reads encoded words in such text, which may hide a
-                # line break: written as encoded words whole, it reads back as it is.
-                text = Header(value, "utf-8", header_name=name)
-                return f"{name}: {text.encode(linesep=self.eol.decode())}".encode() + self.eol
-            if len(name) + len(value) < 77:             # nothing to fold or encode
-                return f"{name}: {value}".encode("ascii") + self.eol
+            return text_field(name, value, self.eol)    # read back as exactly that text
         header = SMTP.header_factory(name, value)
         utf8 = _needs_utf8(header)
         policy = _POLICIES[(self.eol, utf8)]
@@ -396,6 +389,7 @@ class RawMessage:
         parts.append(self._separator)
         parts.append(self._body)
         return b"".join(parts)
+
 
 
 def _short(text: str, limit: int = 120) -> str:
