@@ -142,7 +142,7 @@ async def test_guessing_over_many_connections_is_locked_out(
     assert relay.verifier.checks == 5
     assert len(lines(caplog, "AUTH PLAIN failed: client=127.0.0.1")) == 5
     assert lines(caplog, "AUTH lockout") == [
-        "AUTH lockout of client: client=127.0.0.1 failures=5 lockout=600s",
+        "AUTH lockout of client: client=127.0.0.1 user='alice' failures=5 lockout=600s",
         "AUTH lockout of user: client=127.0.0.1 user='alice' failures=5 lockout=600s"]
 
     # The right password is refused during the lockout, unchecked, for any user name.
@@ -247,7 +247,8 @@ async def test_user_lockout_spares_the_address_that_uses_the_account(
     assert (await c.cmd(f"AUTH PLAIN {plain('bob', WRONG)}"))[0] == 535
     assert (await c.cmd(f"AUTH PLAIN {plain('bob', WRONG)}"))[0] == 535
     assert await c.cmd(f"AUTH PLAIN {plain('bob', WRONG)}") == CLOSING
-    assert "AUTH lockout of client: client=127.0.0.2 failures=3 lockout=600s" in caplog.text
+    assert ("AUTH lockout of client: client=127.0.0.2 user='bob' failures=3 "
+            "lockout=600s") in caplog.text
     assert await login(relay, "alice", PASSWORDS["alice"], app) == LOCKED_OUT
 
 

@@ -96,6 +96,33 @@ async def test_bcc_only_recipients_are_delivered(relay: Relay, sandbox: Sandbox)
     assert b"hidden1" not in got.data                        # no Bcc list leaks in headers
 
 
+@pytest.mark.parametrize("policy", ["rewrite", "keep"])
+async def test_a_bcc_field_is_removed_and_every_envelope_recipient_still_gets_the_message(
+        start_relay: RelayFactory, sandbox: Sandbox, policy: str) -> None:
+    # What `mail -b` and many scripts write: the copies in secret named in the header.
+    relay = await start_relay({"profiles": {"system": {"sender_policy": policy,
+                                                       "send_as": ["*@contoso.com"]}}})
+    data = (b"From: Billing <billing@contoso.com>\r\n"
+            b"To: customer@example.com\r\n"
+            b"Bcc: auditor@example.org,\r\n\tarchive@example.net\r\n"
+            b"Subject: Invoice\r\n"
+            b"resent-bcc: second-look@example.org\r\n"
+            b"\r\n"
+            b"Bcc: a body line, which stays\r\n")
+    rcpts = ["customer@example.com", "auditor@example.org", "archive@example.net",
+             "second-look@example.org"]
+    reply = await send(relay, "billing@contoso.com", rcpts, data)
+    assert reply.code == 250
+    [got] = sandbox.exchange.messages
+    assert got.rcpt_tos == rcpts
+    head, body = got.data.split(b"\r\n\r\n", 1)
+    assert b"auditor" not in head and b"archive" not in head and b"second-look" not in head
+    assert [line for line in head.split(b"\r\n") if line.lower().startswith(
+        (b"bcc", b"resent-bcc"))] == []
+    assert b"Subject: Invoice\r\n" in got.data
+    assert body == b"Bcc: a body line, which stays\r\n"
+
+
 async def test_utf8_8bit_message_arrives_byte_identical(
         start_relay: RelayFactory, sandbox: Sandbox) -> None:
     relay = await start_relay({"profiles": {"system": {"sender_policy": "keep",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import json
 import re
 import shutil
 import smtplib
@@ -120,3 +121,11 @@ def test_filter_finds_every_misbehaving_client_in_the_real_log(
         assert began - 5 <= when <= time.time() + 5
     # Lines that must not count: a successful login and the delivered message.
     assert "AUTH PLAIN ok: client=127.0.0.1" in proc.log
+    if fmt == "json":
+        # Beside the text fail2ban reads, each AUTH line has the client and the user name
+        # tried as fields of their own, for log shippers.
+        auth = [r for r in map(json.loads, proc.lines) if "AUTH" in r["msg"]]
+        assert {(r["event"], r["client"], r["user"]) for r in auth} >= {
+            ("auth_ok", "127.0.0.1", "app"), ("auth_failed", "127.0.0.1", "app"),
+            ("auth_lockout", "127.0.0.1", "app")}
+        assert all(r["client"] in expected and "user" in r for r in auth), auth

@@ -204,6 +204,20 @@ def test_set_cannot_inject_fields() -> None:
         msg.set("X-A:B", "x")
 
 
+@pytest.mark.parametrize("text", [
+    "=?utf-8?q?hi=0D=0ABcc=3A_victim=40example.com?=",      # an encoded word hiding CRLF
+    "hi =?utf-8?b?DQpCY2M6IHZpY3RpbUBleGFtcGxlLmNvbQ==?= there",
+    "Zoë \x00\x1b[31m =?x?", "x" * 300 + " =?utf-8?q?=0A?=", "root (Cron Daemon) " * 12])
+def test_set_text_reads_back_as_the_text_it_was(text: str) -> None:
+    msg = RawMessage(b"From: a@b.c\r\n\r\nx")
+    msg.set("X-Note", text)
+    out = msg.to_bytes()
+    parsed = email.message_from_bytes(out, policy=email.policy.default)
+    assert parsed.keys() == ["From", "X-Note"] and b"\nBcc" not in out
+    assert parsed["X-Note"] == " ".join(re.sub(r"[\x00-\x1f]", " ", text).split())
+    assert all(len(line) <= 78 for line in out.split(b"\r\n"))
+
+
 def test_set_after_unterminated_last_field_adds_line_end() -> None:
     msg = RawMessage(b"From: a@b.c\nSubject: x")
     msg.set("Reply-To", "r@b.c")

@@ -227,3 +227,103 @@ async def test_no_secret_reaches_the_log(fmt: str, sandbox: Sandbox,
     assert all(r["reply"].startswith(("250", "554")) for r in received)
     attempts: dict[str, Any] = {r["msgid"]: r for r in stages if r["event"] == "delivered"}
     assert all(r["pending"] == 0 and r["delivered"] >= 1 for r in attempts.values())
+
+
+# --- the same spelling everywhere --------------------------------------------------------
+
+USER_IN_TEXT = re.compile(r" user=(-|'[^']*')(?: |$)")
+
+
+async def commands(relay: Relay, *lines: bytes) -> list[tuple[int, str]]:
+    """Each line as a command on one connection, in turn; the replies."""
+    host, port = address(relay)
+    replies = []
+    async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False,
+                               timeout=30) as client:
+        await client.ehlo()
+        for line in lines:
+            response = await client.execute_command(line)
+            replies.append((response.code, response.message))
+    return replies
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_every_line_spells_the_user_one_way(
+        fmt: str, start_relay: Callable[..., Any],
+        capture_logs: Callable[[str], io.StringIO]) -> None:
+    buffer = capture_logs(fmt)
+    relay = await start_relay({"server": {"max_auth_failures": 3}})
+    # A wrong password, a login answer too long to read a name from, then a third failure
+    # that closes the connection; then mail without a login and with one.
+    assert await commands(relay, f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'x')}".encode(),
+                          b"AUTH LOGIN", b"A" * 3000,
+                          f"AUTH PLAIN {b64(chr(0) + 'bob' + chr(0) + 'y')}".encode()) == [
+        (535, "5.7.8 Authentication credentials invalid"), (334, b64("Username:")),
+        (500, "5.5.6 Authentication exchange line is too long"),
+        (421, "4.7.0 Too many authentication failures")]
+    assert await session(relay, None, ["a@example.com"]) == "250"
+    assert await session(relay, ("PLAIN", "bob", PASSWORDS["bob"]), ["b@example.com"]) == "250"
+    host, port = address(relay)
+    async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False,
+                               timeout=30) as client:
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await client.sendmail("app@contoso.com", ["c@example.com"],
+                                  b"Subject: a NUL\r\n\r\n\0\r\n")
+    assert refused.value.code == 554
+
+    lines = buffer.getvalue().splitlines()
+    if fmt == "text":
+        texts = [line.split("] ", 1)[1] for line in lines if TEXT_LINE.match(line)]
+    else:
+        records = [json.loads(line) for line in lines]
+        texts = [r["msg"] for r in records]
+    with_user = [t for t in texts if " user=" in t]
+    assert [t for t in with_user if not USER_IN_TEXT.search(t)] == []
+    assert [t for t in with_user if "AUTH" in t] == [
+        "AUTH PLAIN failed: client=127.0.0.1 user='alice'",
+        "AUTH LOGIN failed: client=127.0.0.1 user=- reason=answer line too long",
+        "AUTH PLAIN failed: client=127.0.0.1 user='bob'",
+        "too many AUTH failures, closing: client=127.0.0.1 user='bob' failures=3",
+        "AUTH PLAIN ok: client=127.0.0.1 user='bob'"]
+    received = [t for t in with_user if t.startswith("message: ")]
+    assert [m.group(1) for t in received if (m := USER_IN_TEXT.search(t))] == ["-", "'bob'"]
+    assert [t.split(" sender=")[0] for t in with_user if t.startswith("message refused")] == [
+        "message refused: client=127.0.0.1 user=-"]
+    if fmt == "text":
+        return
+    # JSON: the same user in its "user" field (null for "-"), and every AUTH line, failed
+    # or not, names the client and the user.
+    for record in records:
+        m = USER_IN_TEXT.search(record["msg"])
+        if m is not None:
+            assert record["user"] == (None if m.group(1) == "-" else m.group(1)[1:-1]), record
+        if "AUTH" in record["msg"]:
+            assert record["client"] == "127.0.0.1" and "user" in record, record
+    assert [r["event"] for r in records if "AUTH" in r["msg"]] == [
+        "auth_failed", "auth_failed", "auth_failed", "auth_closed", "auth_ok"]
+    # The message lines' senders, as their text names them: sent as the mailbox, from
+    # the application's envelope sender and From.
+    assert [(r["sender"], r["original_sender"], r["original_from"]) for r in records
+            if r.get("event") == "received"] == [
+        ("relay@contoso.com", "app@contoso.com", "app@contoso.com")] * 2
+    assert all(" from=<relay@contoso.com> original_sender=<app@contoso.com> "
+               "original_from=<app@contoso.com> " in t for t in received)
+
+
+async def test_the_log_names_the_reply_the_client_got(
+        sandbox: Sandbox, start_relay: Callable[..., Any],
+        capture_logs: Callable[[str], io.StringIO]) -> None:
+    # The client waits for the first attempt (delivery.synchronous), and the upstream's
+    # refusal, which has no enhanced status code, reaches it with one.
+    buffer = capture_logs("text")
+    relay = await start_relay()
+    sandbox.exchange.fail_next("data", 500, "Line too long (see RFC5321 4.5.3.1.6)")
+    got = await session(relay, None, ["a@example.com"])
+    m = re.fullmatch(r"500 5\.5\.2 Line too long \(see RFC5321 4\.5\.3\.1\.6\) "
+                     r"\(id ([0-9A-F]{12})\)", got)
+    assert m, got
+    logged = [line.split("] ", 1)[1] for line in buffer.getvalue().splitlines()
+              if f"[{m.group(1)}] message: " in line]
+    assert len(logged) == 1
+    assert logged[0].startswith("message: client=127.0.0.1 user=- profile=system ")
+    assert f" reply={got} (" in logged[0]

@@ -50,11 +50,14 @@ def run(policy: str, mail_from: str, data: bytes) -> PolicyResult:
     return apply_sender_policy(policy, PROFILES[policy], mail_from, data)
 
 
+TRACE = ("X-Original-Sender", "X-Original-From")
+
+
 def without(data: bytes, *names: str) -> bytes:
-    """The message with the named fields taken out, so the rest can be compared byte-wise."""
+    """The message with the named fields and the rewrite's trace fields (tested on their
+    own) taken out, so the rest can be compared byte-wise."""
     msg = RawMessage(data)
-    for name in names:
-        msg.remove(name)
+    msg.remove(*names, *TRACE)
     return msg.to_bytes()
 
 
@@ -135,10 +138,11 @@ def test_rewrite_leaves_permitted_senders_alone(mail_from: str, from_field: byte
 
 def test_rewrite_envelope_only() -> None:
     data = message(b"From: Relay <relay@contoso.com>")
-    for sender in ("bounce-123@app.example.com", ""):
+    for sender, trace in (("bounce-123@app.example.com", b"bounce-123@app.example.com"),
+                          ("", b"<>")):
         result = run("rewrite", sender, data)
         assert result.mail_from == MAILBOX
-        assert result.data is data
+        assert result.data == b"X-Original-Sender: " + trace + b"\r\n" + data
         assert result.rewritten and result.original_from is None
 
 
@@ -193,22 +197,64 @@ def test_rewrite_keeps_existing_reply_to() -> None:
     assert without(result.data, "From") == without(data, "From")
 
 
-@pytest.mark.parametrize("from_field", [
-    None, b"From: x@", b"From: root (Cron Daemon)", b"From: undisclosed:;", b"From:",
-    b"From: \"unterminated <a@example.com>", b"From: \xff\xfe\x00garbage"])
-def test_rewrite_missing_or_unparsable_from(from_field: bytes | None) -> None:
+@pytest.mark.parametrize(("from_field", "original"), [
+    (None, None), (b"From: x@", "x@"), (b"From: root (Cron Daemon)", "root (Cron Daemon)"),
+    (b"From: undisclosed:;", "undisclosed:;"), (b"From:", None),
+    (b"From: \"unterminated <a@example.com>", '"unterminated <a@example.com>'),
+    (b"From: \xff\xfe\x00garbage", "\xff\xfe garbage")])
+def test_rewrite_missing_or_unparsable_from(from_field: bytes | None,
+                                            original: str | None) -> None:
     data = message(from_field)
     result = run("rewrite", "app@example.com", data)
-    assert result.rewritten and result.original_from is None
+    # What the From said is kept as text when it names no address that can be read.
+    assert result.rewritten and result.original_from == original
+    traced = email.message_from_bytes(result.data, policy=email.policy.default)
+    assert traced["X-Original-From"] == original
     assert header(result.data, "From") == [("", MAILBOX)]
     assert b"\r\nReply-To:" not in result.data and not result.data.startswith(b"Reply-To")
     assert without(result.data, "From") == without(data, "From")
 
 
-def test_rewrite_adds_from_first_when_missing() -> None:
+def test_rewrite_adds_from_when_missing() -> None:
     result = run("rewrite", "app@example.com", message(None))
     assert RawMessage(result.data).names()[-1] == "From"   # appended after the others
     assert b"\r\nFrom: relay@contoso.com\r\n\r\n" in result.data
+
+
+def test_rewrite_names_what_it_replaced_in_trace_fields_at_the_top() -> None:
+    data = message(b"From: Billing <billing@contoso.com>, Ann <ann@example.com>")
+    result = run("rewrite", "cron@host.local", data)
+    assert result.data.startswith(b"X-Original-Sender: cron@host.local\r\n"
+                                  b"X-Original-From: billing@contoso.com, ann@example.com\r\n"
+                                  b"From: Billing <relay@contoso.com>\r\n")
+    assert [a for _, a in header(result.data, "Reply-To")] == [
+        "billing@contoso.com", "ann@example.com"]
+
+
+def test_rewrite_replaces_trace_fields_the_client_wrote() -> None:
+    forged = b"X-Original-Sender: ceo@contoso.com\r\nX-Original-From: ceo@contoso.com\r\n"
+    data = message(b"From: app@example.com", extra=forged)
+    result = run("rewrite", "app@example.com", data)
+    fields = RawMessage(result.data)
+    assert fields.raw_fields("X-Original-Sender") == [b"X-Original-Sender: app@example.com\r\n"]
+    assert fields.raw_fields("X-Original-From") == [b"X-Original-From: app@example.com\r\n"]
+    # ... but only when the relay has something to say: a permitted sender keeps them.
+    kept = message(b"From: relay@contoso.com", extra=forged)
+    assert run("rewrite", MAILBOX, kept).data is kept
+
+
+def test_rewrite_trace_fields_cannot_be_made_to_break_a_line() -> None:
+    # An envelope sender may be an encoded word that decodes to CRLF and a field: it
+    # goes into its trace field as the text it is.
+    sender = "=?utf-8?q?x=0D=0ABcc=3A_victim=40evil.example?=@app.example.com"
+    data = message(b"From: =?utf-8?q?y=0D=0ABcc=3A_victim=40evil.example?=")
+    result = run("rewrite", sender, data)
+    parsed = email.message_from_bytes(result.data, policy=email.policy.default)
+    assert parsed["X-Original-Sender"] == sender
+    assert "Bcc" not in parsed and b"\nBcc" not in result.data
+    long = "x" * 3000 + "@app.example.com"
+    result = run("rewrite", "app@example.com", message(f"From: {long}".encode()))
+    assert result.original_from is not None and len(result.original_from) == 512
 
 
 @pytest.mark.parametrize(("sender_field", "kept"), [
@@ -331,7 +377,9 @@ def test_no_unhandled_exception_on_random_headers() -> None:
             except PolicyRejected as exc:
                 assert policy == "reject" and exc.reply.code == 550
                 continue
-            assert result.data.endswith(b"\r\n\r\nbody")
+            # (A random value's bare LF makes it the message's line end, which the
+            # fields the policy adds follow; the relay itself only sees CRLF.)
+            assert result.data.endswith(b"\n\r\nbody")
             if policy == "rewrite":
                 got = email.message_from_bytes(result.data, policy=email.policy.default)
                 assert [a.addr_spec for a in got["From"].addresses] == [MAILBOX]

@@ -30,7 +30,8 @@ VALID: dict[str, Any] = json.loads(Entry(
     id="4F2A9C01B3D7", profile="system", mail_from="app@contoso.com",
     rcpt_tos=["a@example.com", "b@example.com"], size=1234, received_at=1_700_000_000.5,
     mail_options=["BODY=8BITMIME"], client="127.0.0.1", user="alice",
-    return_path="bounce@app.example.com", mailbox="relay@contoso.com", attempts=2,
+    return_path="bounce@app.example.com", original_from="billing@contoso.com",
+    mailbox="relay@contoso.com", attempts=2,
     next_attempt=1_700_000_100.0, last_reply=Reply(451, "4.3.2 busy"), delivered=["a@example.com"],
     failed={"c@example.com": Reply(550, "5.1.1 unknown")}).to_json())
 NAME = f"{VALID['id']}.json"
@@ -81,7 +82,8 @@ def check(raw: bytes, name: str | None) -> None:
     assert all(isinstance(t, float) and math.isfinite(t)
                for t in (entry.received_at, entry.next_attempt))
     for address in (entry.mail_from, *entry.rcpt_tos, *entry.delivered, *entry.failed,
-                    entry.return_path or "", entry.mailbox or "", entry.profile):
+                    entry.return_path or "", entry.mailbox or "", entry.profile,
+                    entry.original_from or ""):
         address.encode("utf-8")         # it goes out in MAIL FROM, RCPT TO and the log
     replies = [*entry.failed.values(), *([entry.last_reply] if entry.last_reply else [])]
     assert all(isinstance(r, Reply) and isinstance(r.code, int) for r in replies)

@@ -151,6 +151,7 @@ def test_json_output_is_what_scripts_have_always_read(q: Queue) -> None:
         "received": "2025-06-01T12:00:00+00:00", "attempts": 2,
         "next_attempt": "2025-06-01T13:00:00+00:00", "last_reply": "451 4.4.1 try later",
         "delivered": ["b@example.com"], "failed": {}, "client": "192.0.2.7", "user": "alice",
+        "original_sender": None, "original_from": None,
         "headers": "From: relay@contoso.com\r\nTo: a@example.com\r\n"
                    "Subject: queued for the operator"}
     assert q.json("hold", "B2") == {"action": "hold", "done": ["B2"], "skipped": []}
@@ -227,6 +228,27 @@ def test_show_reads_as_text(q: Queue) -> None:
         "    Subject: queued for the operator",
         "",
     ]
+
+
+def test_show_names_the_sender_a_message_had_before_it_was_sent_as_the_mailbox(
+        q: Queue) -> None:
+    q.add("R1", State.DEFERRED, return_path="backup@db1.local",
+          original_from="root (Cron Daemon)")
+    q.add("N1", State.DEFERRED, return_path="<>")
+    info = q.json("show", "R1")
+    assert (info["from"], info["original_sender"], info["original_from"]) == (
+        MAILBOX, "backup@db1.local", "root (Cron Daemon)")
+    code, out, _ = q.run("show", "R1", "N1")
+    assert code == 0
+    r1, n1 = out.split("\n\n")
+    # The column widens for the longer names, for this message only.
+    assert r1.splitlines()[3:7] == [
+        f"from:             {MAILBOX}",
+        "original sender:  backup@db1.local",
+        "original from:    root (Cron Daemon)",
+        "size:             90 bytes"]
+    assert n1.splitlines()[3:6] == [
+        f"from:             {MAILBOX}", "original sender:  <>", "size:             90 bytes"]
 
 
 def test_ids_are_not_case_sensitive(q: Queue) -> None:

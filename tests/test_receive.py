@@ -417,7 +417,7 @@ async def test_overlong_auth_answer_is_refused_and_counted(
     assert await c.cmd(answer) == TOO_LONG_AUTH
     assert await c.cmd("NOOP") == (250, "2.0.0 OK")           # still in step
     failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
-    assert failures == [f"AUTH {mechanism} failed: client=127.0.0.1 user='' "
+    assert failures == [f"AUTH {mechanism} failed: client=127.0.0.1 user=- "
                         "reason=answer line too long"]
     assert errors_logged(caplog) == []
     assert (await c.cmd(f"AUTH PLAIN {plain('alice', PASSWORDS['alice'])}"))[0] == 235
@@ -519,6 +519,20 @@ async def test_long_lines_get_an_error_and_the_session_goes_on(
     assert (await c.send(SYSTEM, ["a@example.com"], ok_body))[0] == 250
     assert body_after_received(data_of(h.submit.messages[0])) == ok_body
     assert errors_logged(caplog) == []
+
+
+@pytest.mark.parametrize("length", [1001, 1300, 5000, 200_000])
+async def test_an_overlong_last_line_is_answered_at_once(start: Start, length: int) -> None:
+    # The data's end follows the over-long line straight away: its CR and LF may come in
+    # different pieces of the drop, and the end must still be seen (else the client
+    # waits for its reply until a timeout).
+    h = await start({"server": {"max_line_length": 1000}})
+    c = await connect(h)
+    await c.ehlo()
+    code, text = await c.send(SYSTEM, ["a@example.com"], MESSAGE + b"y" * length + b"\r\n")
+    assert (code, text) == (500, "5.5.2 Line too long (limit 1000 octets)")
+    assert await c.cmd("NOOP") == (250, "2.0.0 OK")
+    assert h.submit.messages == []
 
 
 async def test_idle_timeout_closes_with_421(start: Start) -> None:

@@ -54,7 +54,24 @@ def test_the_record_format_is_the_same_for_every_version() -> None:
     assert (e.mail_options, e.return_path, e.failed, e.last_reply) == (
         ["BODY=8BITMIME"], "bounce@app.example.com",
         {"c@example.com": Reply(550, "5.1.1 unknown")}, Reply(451, "4.3.2 busy"))
+    assert e.original_from is None
     assert e.to_json() == RECORD
+
+
+# The keys added since come after the others, and only when they hold something: a
+# record without them is the one above, byte for byte, and older versions, which ignore
+# keys they do not know, read this one too.
+LATER_RECORD = RECORD[:-1] + b',"original_from":"billing@contoso.com, ann@example.com"}'
+
+
+def test_keys_added_since_come_last_and_only_when_set() -> None:
+    e = Entry.from_json(LATER_RECORD, "4F2A9C01B3D7.json")
+    assert e.original_from == "billing@contoso.com, ann@example.com"
+    assert e.to_json() == LATER_RECORD
+    e.original_from = None
+    assert e.to_json() == RECORD
+    with pytest.raises(ValueError, match="is not usable"):
+        Entry.from_json(LATER_RECORD.replace(b"ann@", b"ann\\r\\n@"))
 
 
 @pytest.mark.parametrize("field", [b'"last_reply":451', b'"last_reply":["451 busy"]',

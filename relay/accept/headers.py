@@ -26,6 +26,7 @@ from email.policy import default as _default_policy
 from typing import Any
 
 from relay.accept.names import plain_address, salvage
+from relay.accept.trace import text_field
 from relay.core.errors import RelayError
 from relay.core.text import one_line, truncate
 
@@ -325,11 +326,11 @@ class RawMessage:
 
     # --- editing ---------------------------------------------------------------------
 
-    def remove(self, name: str) -> int:
-        """Remove every field called ``name``; returns how many there were."""
-        key = name.lower()
+    def remove(self, *names: str) -> int:
+        """Remove every field called one of ``names``; returns how many there were."""
+        keys = {name.lower() for name in names}
         before = len(self._fields)
-        self._fields = [f for f in self._fields if f.key != key]
+        self._fields = [f for f in self._fields if f.key not in keys]
         removed = before - len(self._fields)
         self.changed = self.changed or bool(removed)
         return removed
@@ -357,7 +358,7 @@ class RawMessage:
         if not _FIELD_NAME.match(name):
             raise ValueError(f"invalid header field name {name!r}")
         if isinstance(value, str):
-            value = " ".join(_LINE_BREAKS.split(value))
+            return text_field(name, value, self.eol)    # read back as exactly that text
         header = SMTP.header_factory(name, value)
         utf8 = _needs_utf8(header)
         policy = _POLICIES[(self.eol, utf8)]

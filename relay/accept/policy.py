@@ -7,7 +7,9 @@ devices often cannot change their From, so each profile picks one of:
 - ``keep``: pass everything through and let Exchange decide (the mailbox has the rights);
 - ``rewrite``: send as the mailbox, keep the app's display name, and put the app's address
   in ``Reply-To`` so replies still reach it; a ``Sender``, ``Resent-From`` or
-  ``Resent-Sender`` naming an address that is not permitted is removed;
+  ``Resent-Sender`` naming an address that is not permitted is removed; what was replaced
+  is named in the trace fields ``X-Original-Sender`` (the envelope sender) and
+  ``X-Original-From`` (the From), so a recipient can tell which application sent it;
 - ``reject``: refuse with a 550 that says exactly which setting to change, when the
   envelope sender or any address in ``From``, ``Sender``, ``Resent-From`` or
   ``Resent-Sender`` is not permitted, or when such a field can only be read by guessing
@@ -42,12 +44,18 @@ class PolicyRejected(ReplyError):
     """The profile's policy refuses this sender; ``reply`` is the 550 to give the client."""
 
 
+# The longest original From kept (log, spool, X-Original-From): a few addresses; the
+# spool refuses a record with a longer value.
+MAX_ORIGINAL_FROM = 512
+
+
 @dataclass(frozen=True)
 class PolicyResult:
     """What goes upstream.
 
     ``rewritten`` is true when the envelope sender or any header was changed;
-    ``original_from`` holds the From header's address(es) when that header was replaced.
+    ``original_from`` holds the From header's address(es) when that header was replaced
+    (its text, made safe, when it named no address that could be read).
     """
 
     mail_from: str
@@ -156,6 +164,7 @@ def _rewrite(profile: Profile, sender: str, data: bytes) -> PolicyResult:
 
     original_from: str | None = None
     if not from_ok:
+        original_from = _original_from(msg, originals)
         name = next((a.display_name for a in originals if a.display_name), "")
         msg.set("From", _mailbox_address(mailbox, clean_display_name(name)))
         replies = [a for a in originals if a.username and a.domain
@@ -163,8 +172,6 @@ def _rewrite(profile: Profile, sender: str, data: bytes) -> PolicyResult:
         if replies and "Reply-To" not in msg:
             msg.set("Reply-To", [Address(username=a.username, domain=a.domain)
                                  for a in replies])
-        if originals:
-            original_from = ", ".join(a.addr_spec for a in originals)
     elif salvaged or any(raw[4:5] != b":" for raw in msg.raw_fields("From")):
         # Permitted, but only readable by the lenient fallback, or written "From :" (the
         # obsolete syntax, which the email package takes for an mbox "From " line and
@@ -188,6 +195,16 @@ def _rewrite(profile: Profile, sender: str, data: bytes) -> PolicyResult:
     if from_ok and len(originals) > 1 and "Sender" not in msg:
         # RFC 5322 requires a Sender when From lists several mailboxes.
         msg.set("Sender", _mailbox_address(mailbox, ""))
+    # Trace fields, at the top like Received: who the message was from before the
+    # rewrite. Only text the relay has checked goes in (an envelope sender has no control
+    # characters and at most 254 octets; the original From is addresses, or text made
+    # safe), and a field of the client's by the same name goes: it would not be believed.
+    original_sender = None if upstream_sender == sender else sender or "<>"
+    for name, value in (("X-Original-From", original_from),
+                        ("X-Original-Sender", original_sender)):
+        if value is not None:
+            msg.remove(name)
+            msg.prepend(msg.render(name, value))
 
     changed = msg.changed or upstream_sender != sender
     if changed:
@@ -195,6 +212,18 @@ def _rewrite(profile: Profile, sender: str, data: bytes) -> PolicyResult:
                   upstream_sender, "rewritten" if msg.changed else "kept")
     return PolicyResult(upstream_sender, msg.to_bytes() if msg.changed else data,
                         rewritten=changed, original_from=original_from)
+
+
+def _original_from(msg: RawMessage, originals: list[Address]) -> str | None:
+    """What the From said, for the log, the spool and X-Original-From: its addresses, or,
+    if none could be read (``From: root (Cron Daemon)``), its text made safe; bounded."""
+    if originals:
+        text = ", ".join(a.addr_spec for a in originals)
+    else:
+        raws = (raw.split(b":", 1)[1] for raw in msg.raw_fields("From"))
+        text = clean_display_name(" ".join(
+            raw.decode("utf-8", "surrogateescape") for raw in raws))
+    return truncate(text, MAX_ORIGINAL_FROM) or None
 
 
 def _permitted(profile: Profile, msg: RawMessage, name: str) -> ParsedAddresses | None:

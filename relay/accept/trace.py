@@ -1,9 +1,12 @@
-"""The trace field the relay adds to every message it accepts (RFC 5321 4.4).
+"""The trace fields the relay adds: ``Received`` to every message it accepts (RFC 5321
+4.4), and the text of the sender policy's (relay.accept.policy).
 
 - :func:`received_header`: the ``Received:`` field, CRLF-terminated and folded at 78
   columns, with everything the client chose cleaned so it cannot end the field, open or
   close a comment, or fake the ``;`` before the date;
-- :func:`local_received`: the same field for a message the relay makes itself.
+- :func:`local_received`: the same field for a message the relay makes itself;
+- :func:`text_field`: a field of plain text (``X-Original-Sender: <text>``) that every
+  reader reads back as exactly that text, whatever the text holds.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import email.utils
 import ipaddress
 import re
 from collections.abc import Iterable
+from email.header import Header
 
-from relay.core.text import truncate
+from relay.core.text import one_line, truncate
 
 _HELO_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\;<>\"]")
 _TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _PATH_UNSAFE = re.compile(r"[^\x21-\x7e]|[<>()\\;]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _MAX_HELO = 100
 _MAX_PATH = 256
 
@@ -88,3 +93,21 @@ def _date(when: dt.datetime) -> str:
 
 def _field(tokens: list[str]) -> bytes:
     return _fold_tokens("Received:", tokens).encode("ascii", "replace")
+
+
+def text_field(name: str, text: str, eol: bytes = b"\r\n") -> bytes:
+    """``name: text`` as one field, folded at 78 columns, lines ending in ``eol``.
+
+    Control characters become spaces, so the text cannot end the field. Text with an
+    encoded word (``=?utf-8?q?...?=``, which a reader decodes, to a line break too) or
+    with characters beyond ASCII is written as encoded words whole: a reader decodes them
+    once, and gets the text back as it was, never a field of its own.
+    """
+    text = one_line(_CONTROL.sub(" ", text))
+    if not text.isascii() or "=?" in text:
+        words = Header(text, "utf-8", header_name=name).encode(linesep="\r\n")
+        field = f"{name}: {words}\r\n"
+    else:
+        # Folded before a space, which unfolding keeps: the text reads back unchanged.
+        field = _fold_tokens(f"{name}:", text.split(" ")).replace("\r\n\t", "\r\n ")
+    return field.encode("ascii").replace(b"\r\n", eol)

@@ -109,9 +109,13 @@ def _show_block(info: dict[str, Any]) -> str:
     """One message for `queue show`: a field a line, the recipients with what became of
     each, then the header section indented under ``headers:``."""
     fields = [("id", info["id"]), ("state", info["state"]), ("profile", info["profile"]),
-              ("from", info["from"] or "<>"), ("size", f"{info['size']} bytes"),
-              ("received", f"{_when(info['received'])} UTC"),
-              ("attempts", str(info["attempts"]))]
+              ("from", info["from"] or "<>")]
+    # What the sender policy replaced: which application sent a message sent as the mailbox.
+    fields += [(f"original {what}", info[f"original_{what}"]) for what in ("sender", "from")
+               if info[f"original_{what}"] is not None]
+    fields += [("size", f"{info['size']} bytes"),
+               ("received", f"{_when(info['received'])} UTC"),
+               ("attempts", str(info["attempts"]))]
     if info["next_attempt"]:
         fields.append(("next attempt", f"{_when(info['next_attempt'])} UTC"))
     fields += [("last reply", info["last_reply"] or "-"), ("client", info["client"] or "-"),
@@ -122,7 +126,8 @@ def _show_block(info: dict[str, Any]) -> str:
         elif rcpt in info["delivered"]:
             rcpt += " (delivered)"
         fields.append(("" if n else "recipients", rcpt))
-    lines = [f"{name + ':' if name else '':<14} {value}" for name, value in fields]
+    width = max(14, *(len(name) + 2 for name, _ in fields))
+    lines = [f"{name + ':' if name else '':<{width}} {value}" for name, value in fields]
     lines.append("headers:")
     lines += ["    " + line for line in info["headers"].splitlines()]
     return "\n".join(lines)

@@ -171,6 +171,9 @@ class Envelope:
     # The envelope sender as the client gave it ("<>" for the null sender), when the
     # sender policy changed ``mail_from``: delivery reports go here, not to the mailbox.
     return_path: str | None = None
+    # The From header's address(es) as the client wrote them, when the sender policy
+    # replaced the From (relay.accept.policy): with return_path, which application sent it.
+    original_from: str | None = None
 
     def envelope(self) -> dict[str, Any]:
         """The envelope's fields by name (lists copied), to build another record of the

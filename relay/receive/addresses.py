@@ -4,7 +4,8 @@
   text (IPv4-mapped IPv6 unwrapped), whether it is this machine, whether it is in a list;
 - :func:`address_problem`, :func:`sender_problem`: why an envelope recipient or sender
   cannot be used (the reply that says so), or None;
-- :func:`loggable_user`, :func:`json_user`: a user name a client sent, safe for the log;
+- :func:`loggable_user`, :func:`json_user`: a user name (or none) as every log line spells
+  it, in text and in JSON;
 - :data:`NULL_SENDER`: the null reverse-path, as carried in ``envelope.mail_from``.
 
 Pure functions: everything a client sent is checked here before it reaches a log line, a
@@ -125,13 +126,25 @@ def path(address: str) -> str:
     return NULL_SENDER if address == NULL_SENDER else f"<{address}>"
 
 
-def json_user(user: bytes) -> str:
-    """A user name as a JSON log field: without the quotes of :func:`loggable_user`."""
-    return user[:_MAX_LOGGED_USER].decode("utf-8", errors="backslashreplace")
+def json_user(user: str | bytes | None) -> str | None:
+    """A user name as a JSON log field: the name of :func:`loggable_user` without its
+    quotes, or null where that says ``-``."""
+    if not user:
+        return None
+    if isinstance(user, bytes):
+        user = user.decode("utf-8", errors="backslashreplace")
+    return user[:_MAX_LOGGED_USER]
 
 
-def loggable_user(user: str | bytes) -> str:
-    """A user name as it may appear in a log line: escaped, and cut if very long."""
+def loggable_user(user: str | bytes | None) -> str:
+    """A user name as it appears in every text log line, ``user=`` this.
+
+    Quoted and escaped, since a client chose it (a failed login's name may hold anything,
+    ``client=`` included), and cut if very long; ``-`` when there is none: the client did
+    not log in, or gave no name. One spelling, so that one pattern finds them all.
+    """
+    if not user:
+        return "-"
     if isinstance(user, bytes):
         user = user.decode("utf-8", errors="backslashreplace")
     text = repr(user[:_MAX_LOGGED_USER])

@@ -176,7 +176,7 @@ class AuthSMTP(SMTP):
         self._logged_in(user)
         self._guard.succeeded(self.client_ip, user)
         log.info("AUTH %s ok: client=%s user=%s", mechanism, self.client_ip,
-                 loggable_user(user))
+                 loggable_user(user), extra=self._fields("auth_ok", login, mechanism))
         return AuthResult(success=True, auth_data=user)
 
     async def _failed(self, mechanism: str, login: bytes, *, reply: Reply | None = None,
@@ -192,36 +192,46 @@ class AuthSMTP(SMTP):
         # One line per failure with the client address, for fail2ban and the like.
         log.warning("AUTH %s failed: client=%s user=%s%s", mechanism, self.client_ip,
                     loggable_user(login), f" reason={reason}" if reason else "",
-                    extra={"event": "auth_failed", "client": self.client_ip,
-                           "user": json_user(login), "failures": failure.failures})
+                    extra=self._fields("auth_failed", login, mechanism,
+                                       failures=failure.failures, reason=reason))
         for lock in failure.lockouts:
             self._log_lockout(lock, login)
         # Off the event loop's critical path: only this session waits.
         await asyncio.sleep(failure.delay)
         if self._auth_failures >= self._max_auth_failures:
-            log.warning("too many AUTH failures, closing: client=%s failures=%d",
-                        self.client_ip, self._auth_failures)
+            log.warning("too many AUTH failures, closing: client=%s user=%s failures=%d",
+                        self.client_ip, loggable_user(login), self._auth_failures,
+                        extra=self._fields("auth_closed", login, mechanism,
+                                           failures=self._auth_failures))
             await self._push_reply(replies.TOO_MANY_AUTH_FAILURES)
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False,
                           message=reply.as_smtp() if reply is not None else None)
 
+    def _fields(self, event: str, login: bytes, mechanism: str | None = None,
+                **more: object) -> dict[str, object]:
+        """The JSON fields of an AUTH line: every one names the client and the user name
+        tried (null if none was), as its text does (``client=``, ``user=``)."""
+        fields: dict[str, object] = {"event": event, "client": self.client_ip,
+                                     "user": json_user(login)}
+        if mechanism is not None:
+            fields["mechanism"] = mechanism
+        return fields | more
+
     def _log_lockout(self, lock: Lockout, login: bytes) -> None:
         """The one line a lockout gets (attempts refused during it are logged at DEBUG)."""
         duration = self._guard.settings.lockout
+        fields = self._fields("auth_lockout", login, scope=lock.scope, key=lock.key,
+                              failures=lock.failures, lockout=duration)
         if lock.scope == "client":
             where = f" network={lock.key}" if lock.key != self.client_ip else ""
-            log.warning("AUTH lockout of client: client=%s%s failures=%d lockout=%gs",
-                        self.client_ip, where, lock.failures, duration,
-                        extra={"event": "auth_lockout", "scope": "client",
-                               "client": self.client_ip, "key": lock.key,
-                               "failures": lock.failures, "lockout": duration})
+            log.warning("AUTH lockout of client: client=%s%s user=%s failures=%d lockout=%gs",
+                        self.client_ip, where, loggable_user(login), lock.failures,
+                        duration, extra=fields)
         else:
             log.warning("AUTH lockout of user: client=%s user=%s failures=%d lockout=%gs",
                         self.client_ip, loggable_user(login), lock.failures, duration,
-                        extra={"event": "auth_lockout", "scope": "user",
-                               "client": self.client_ip, "user": json_user(login),
-                               "failures": lock.failures, "lockout": duration})
+                        extra=fields)
 
     async def _locked_out(self, mechanism: str, login: bytes, lock: Lockout) -> AuthResult:
         """Refuse an attempt during a lockout, without looking at its password.
@@ -231,7 +241,8 @@ class AuthSMTP(SMTP):
         """
         self._auth_failures += 1
         log.debug("AUTH %s refused during lockout: client=%s user=%s scope=%s",
-                  mechanism, self.client_ip, loggable_user(login), lock.scope)
+                  mechanism, self.client_ip, loggable_user(login), lock.scope,
+                  extra=self._fields("auth_locked_out", login, mechanism, scope=lock.scope))
         await asyncio.sleep(self._guard.settings.delay)
         if self._auth_failures >= self._max_auth_failures:
             await self._push_reply(replies.TOO_MANY_AUTH_FAILURES)

@@ -184,7 +184,8 @@ class DataReader:
                 line = await reader.read(exc.consumed)
                 result.size += len(line)
                 self._refuse(replies.line_too_long(limits.max_line_length))
-                in_line, after_crlf = True, False
+                # A piece may stop between the line's CR and its LF.
+                in_line, after_crlf = True, line.endswith(b"\r")
                 continue
             except asyncio.IncompleteReadError as exc:
                 # The client closed the connection in the middle of DATA.
@@ -192,7 +193,8 @@ class DataReader:
             if in_line:
                 # The rest of an over-long line.
                 result.size += len(line)
-                in_line, after_crlf = False, line.endswith(b"\r\n")
+                in_line = False
+                after_crlf = line.endswith(b"\r\n") or (line == b"\n" and after_crlf)
                 continue
             if after_crlf and line == b".\r\n":
                 break

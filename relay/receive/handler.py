@@ -2,8 +2,9 @@
 and how an accepted message is handed on.
 
 The envelope is the truth: recipients come from RCPT TO only (Bcc-only recipients are
-delivered), the message bytes are kept as received apart from the line model
-(relay.receive.data), the sender policy's rewrite and one prepended ``Received:`` field.
+delivered, and ``Bcc`` fields removed), the message bytes are kept as received apart from
+the line model (relay.receive.data), the header work of relay.accept and one prepended
+``Received:`` field.
 The message streams to the spool as it arrives; only its header section is held, and the
 work on it (limits, charset, sender policy) runs in a worker thread, so that one
 pathological message cannot hold up the other clients. Every failure of the relay's own
@@ -29,7 +30,14 @@ from relay.core.log import message_context
 from relay.core.message import Outbound, new_message_id
 from relay.core.reply import Reply
 from relay.receive import replies
-from relay.receive.addresses import address_problem, in_networks, path, sender_problem
+from relay.receive.addresses import (
+    address_problem,
+    in_networks,
+    json_user,
+    loggable_user,
+    path,
+    sender_problem,
+)
 from relay.receive.data import Received
 from relay.receive.incoming import Incoming
 from relay.receive.session import RelayEnvelope, RelaySession, RelaySMTP
@@ -76,13 +84,14 @@ def _upstream_options(options: list[str], size: int, eight_bit: bool) -> list[st
     return out
 
 
-def _with_id(reply: Reply, mid: str) -> str:
-    """The reply for the client, naming the message id unless it already does."""
-    if mid in reply.text:
-        return reply.as_smtp()
-    if reply.ok:
-        return Reply(reply.code, f"{reply.text.rstrip()}: queued as {mid}").as_smtp()
-    return Reply(reply.code, f"{reply.text.rstrip()} (id {mid})").as_smtp()
+def _with_id(reply: Reply, mid: str) -> Reply:
+    """The reply for the client, naming the message id unless it already does, exactly
+    as it will be sent (:func:`replies.as_sent`): what the log says the client got."""
+    if mid not in reply.text:
+        text = reply.text.rstrip()
+        reply = Reply(reply.code, f"{text}: queued as {mid}" if reply.ok
+                      else f"{text} (id {mid})")
+    return replies.as_sent(reply)
 
 
 def _log_orphan(task: asyncio.Task[Reply]) -> None:
@@ -135,16 +144,19 @@ class RelayHandler:
                     user=session.user, sender=address, client_ip=ip)
             except Unroutable as exc:
                 log.warning("unroutable: client=%s user=%s sender=%s reply=%s",
-                            ip, session.user, path(address), exc.reply,
-                            extra={"event": "refused", "client": ip, "user": session.user,
+                            ip, loggable_user(session.user), path(address), exc.reply,
+                            extra={"event": "refused", "client": ip,
+                                   "user": json_user(session.user),
                                    "sender": address, "reply": str(exc.reply)})
                 return exc.reply.as_smtp()
             try:
                 check_envelope_sender(profile_name, config.profiles[profile_name], address)
             except PolicyRejected as exc:
                 log.warning("sender refused: client=%s user=%s profile=%s sender=%s reply=%s",
-                            ip, session.user, profile_name, path(address), exc.reply,
-                            extra={"event": "refused", "client": ip, "user": session.user,
+                            ip, loggable_user(session.user), profile_name, path(address),
+                            exc.reply,
+                            extra={"event": "refused", "client": ip,
+                                   "user": json_user(session.user),
                                    "profile": profile_name, "sender": address,
                                    "reply": str(exc.reply)})
                 return exc.reply.as_smtp()
@@ -207,11 +219,12 @@ class RelayHandler:
         refusal = received.refusal or incoming.refusal
         if refusal is not None:
             incoming.discard()
+            refusal = replies.as_sent(refusal)
             log.warning("message refused: client=%s user=%s sender=%s size=%d reply=%s",
-                        session.client_ip, session.user, path(envelope.mail_from or ""),
-                        received.size, refusal,
+                        session.client_ip, loggable_user(session.user),
+                        path(envelope.mail_from or ""), received.size, refusal,
                         extra={"event": "refused", "client": session.client_ip,
-                               "user": session.user, "profile": envelope.profile,
+                               "user": json_user(session.user), "profile": envelope.profile,
                                "sender": envelope.mail_from, "size": received.size,
                                "reply": str(refusal)})
             return refusal.as_smtp()
@@ -219,14 +232,18 @@ class RelayHandler:
             exc = incoming.failure
             log.error("cannot spool the message: %s", exc.strerror or exc)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                return _with_id(replies.STORAGE_FULL, mid)
-            return _with_id(replies.CANNOT_STORE, mid)
+                return _with_id(replies.STORAGE_FULL, mid).as_smtp()
+            return _with_id(replies.CANNOT_STORE, mid).as_smtp()
         policy = incoming.policy
         assert policy is not None and envelope.profile is not None
         config = server.settings.config
         profile_name = envelope.profile
         rcpts = list(envelope.rcpt_tos)
         content = incoming.writer.content()
+        # What the sender policy replaced, kept with the message and named in its line:
+        # which application sent it, when it is sent as the mailbox.
+        original_sender = (envelope.mail_from if policy.mail_from != envelope.mail_from
+                           else None)
         outbound = Outbound(
             id=mid, profile=profile_name, mail_from=policy.mail_from, rcpt_tos=rcpts,
             content=content,
@@ -234,24 +251,25 @@ class RelayHandler:
                                            received.eight_bit),
             client=session.client_ip, user=session.user,
             mailbox=config.profiles[profile_name].mailbox,
-            return_path=envelope.mail_from if policy.mail_from != envelope.mail_from
-            else None,
+            return_path=original_sender, original_from=policy.original_from,
             synchronous=server.listener.synchronous)
         started = time.monotonic()
-        reply = await self._submit(server, outbound)
+        reply = _with_id(await self._submit(server, outbound), mid)
         duration = time.monotonic() - started
-        log.info("message: client=%s user=%s profile=%s from=<%s>%s rcpts=%d size=%d "
-                 "reply=%s (%.2f s)", session.client_ip, session.user or "-",
+        log.info("message: client=%s user=%s profile=%s from=<%s>%s%s rcpts=%d size=%d "
+                 "reply=%s (%.2f s)", session.client_ip, loggable_user(session.user),
                  profile_name, policy.mail_from,
+                 f" original_sender={path(original_sender)}" if original_sender else "",
                  f" original_from=<{policy.original_from}>" if policy.original_from else "",
                  len(rcpts), content.size, reply, duration,
                  extra={"event": "received", "client": session.client_ip,
-                        "user": session.user, "profile": profile_name,
+                        "user": json_user(session.user), "profile": profile_name,
                         "mailbox": outbound.mailbox, "sender": policy.mail_from,
-                        "original_sender": policy.original_from, "rcpts": len(rcpts),
+                        "original_sender": original_sender,
+                        "original_from": policy.original_from, "rcpts": len(rcpts),
                         "size": content.size, "reply": str(reply),
                         "duration": round(duration, 3)})
-        return _with_id(reply, mid)
+        return reply.as_smtp()
 
     async def _submit(self, server: RelaySMTP, outbound: Outbound) -> Reply:
         task = self._spawn(outbound)

@@ -5,7 +5,8 @@
 - :func:`internal_error`: the 451 that names the incident id of a logged traceback;
 - :func:`fit_reply`: a reply about to go out through aiosmtpd, made fit to send: aiosmtpd's
   own texts get an enhanced status code (RFC 3463) where they lack one, and nothing the
-  client sent (NUL, a bare CR, an undecodable byte), quoted back by aiosmtpd, goes out.
+  client sent (NUL, a bare CR, an undecodable byte), quoted back by aiosmtpd, goes out;
+  :func:`as_sent`: a reply as that makes it, for the log line that names it.
 
 Named here once, so that the same refusal reads the same wherever it is given, and tests
 and operators can find every reply the relay gives in one place.
@@ -121,3 +122,11 @@ def fit_reply(status: str) -> str:
     """A reply string (one line, or several joined by CRLF) as it may be sent."""
     status = ENHANCED_REPLIES.get(status, status)
     return "\r\n".join(_fit_line(line) for line in status.split("\r\n"))
+
+
+def as_sent(reply: Reply) -> Reply:
+    """``reply`` exactly as :func:`fit_reply` will send it: the one a log line must name,
+    not the one before (an upstream's ``500 Line too long`` reaches the client as
+    ``500 5.5.2 Line too long``)."""
+    lines = fit_reply(reply.as_smtp()).split("\r\n")
+    return Reply(reply.code, "\n".join(line[4:] for line in lines))

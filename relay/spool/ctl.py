@@ -80,10 +80,14 @@ def summary(state: State, entry: Entry) -> dict[str, Any]:
 
 
 def detail(state: State, entry: Entry) -> dict[str, Any]:
-    """:func:`summary` with what became of each recipient and where the message came from."""
+    """:func:`summary` with what became of each recipient and where the message came from:
+    the client, the user, and the envelope sender and From the sender policy replaced when
+    it sent the message as the mailbox (null when it replaced nothing)."""
     return summary(state, entry) | {"delivered": entry.delivered,
                                     "failed": {r: str(x) for r, x in entry.failed.items()},
-                                    "client": entry.client, "user": entry.user}
+                                    "client": entry.client, "user": entry.user,
+                                    "original_sender": entry.return_path,
+                                    "original_from": entry.original_from}
 
 
 def _iso(ts: float) -> str:

@@ -9,10 +9,12 @@
 
 The file is one flat JSON object. Its keys and their order are those of every version
 so far (:data:`KEYS`), so files written by this version and by older ones read the same
-in both; keys a newer version adds are ignored. Replies are written in their one-line form
-(``"550 5.1.1 User unknown"``), which an operator reads with ``cat`` and ``jq``, and read
-back as values. A file another version wrote, a disk
-error or an operator's editor damaged is refused as a whole (ValueError, with the reason),
+in both; keys a newer version adds are ignored. Keys added since (:data:`LATER_KEYS`) are
+written after those, and only when they hold something, so that a record without them
+is written as every version writes it, and read by every version. Replies are written in
+their one-line form (``"550 5.1.1 User unknown"``), which an operator reads with ``cat``
+and ``jq``, and read back as values. A file another version wrote, a disk error or an
+operator's editor damaged is refused as a whole (ValueError, with the reason),
 so the queue sets it aside in corrupt/ instead of tripping over it on every scan.
 """
 
@@ -55,6 +57,8 @@ class State(enum.StrEnum):
 KEYS = ("id", "profile", "mail_from", "rcpt_tos", "size", "received_at", "mail_options",
         "client", "user", "return_path", "mailbox", "attempts", "next_attempt",
         "last_reply", "delivered", "failed")
+# Keys of later versions, written after KEYS when not null; older versions ignore them.
+LATER_KEYS = ("original_from",)
 # A message id as the relay makes them (relay.core.message.new_message_id), with room for
 # ids of other versions; nothing that could name another directory.
 _ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
@@ -77,7 +81,9 @@ class Entry(Envelope):
         record = asdict(self)
         record["last_reply"] = None if self.last_reply is None else str(self.last_reply)
         record["failed"] = {rcpt: str(reply) for rcpt, reply in self.failed.items()}
-        return json.dumps({key: record[key] for key in KEYS}, separators=(",", ":")).encode()
+        out = {key: record[key] for key in KEYS}
+        out.update((key, record[key]) for key in LATER_KEYS if record[key] is not None)
+        return json.dumps(out, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes, name: str | None = None) -> Entry:
@@ -104,7 +110,7 @@ class Entry(Envelope):
         if not self.profile:
             return "no profile"
         for address in (self.mail_from, *self.rcpt_tos, *self.delivered, *self.failed,
-                        self.return_path or "", self.mailbox or ""):
+                        self.return_path or "", self.mailbox or "", self.original_from or ""):
             if _CONTROL.search(address) or len(address) > 1000:
                 return f"address {address[:80]!r} is not usable"
         if min(self.size, self.attempts) < 0:
