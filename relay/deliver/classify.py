@@ -10,7 +10,7 @@ The SMTP class of a reply is not enough to act on. Exchange answers a missing pe
 and a bad login with 5xx, yet neither is the message's fault: bouncing them would throw
 away mail that goes through once the operator fixes the setup. A used-up daily quota is
 5xx too but frees itself within 24 hours. So the decision is a table of the replies
-Exchange Online is known to give (see /work/shared/microsoft-facts.md), first match wins,
+Exchange Online is known to give (Microsoft's SMTP AUTH and NDR documentation), first match wins,
 and only replies the table does not know fall back to their SMTP class.
 
 Patterns run over ``f"{code} {text}"`` and mostly look for the enhanced status code
