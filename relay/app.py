@@ -200,7 +200,10 @@ class Relay:
         ``self.config`` says what runs, and the next reload names them again."""
         http = config.http.model_copy(update={
             key: getattr(self.config.http, key) for key in ("enabled", "address", "port")})
-        return config.model_copy(update={"spool": self.config.spool, "http": http})
+        server = config.server.model_copy(
+            update={"event_loop": self.config.server.event_loop})
+        return config.model_copy(update={"spool": self.config.spool, "http": http,
+                                         "server": server})
 
     async def serve(self, reload: Callable[[], Config] | None = None,
                     on_ready: Callable[[], None] | None = None) -> None:
@@ -291,8 +294,23 @@ class Relay:
 
 
 # What a reload cannot switch while the relay runs: the spool (its directory is locked
-# and its disk threads started) and where the HTTP endpoint listens.
-_RESTART_ONLY = ("spool", "http.enabled", "http.address", "http.port")
+# and its disk threads started), where the HTTP endpoint listens, and the event loop.
+_RESTART_ONLY = ("spool", "http.enabled", "http.address", "http.port", "server.event_loop")
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``server.event_loop`` asks for: uvloop's (``auto`` when it is
+    installed), or None for asyncio's own. ImportError if ``uvloop`` is asked for and
+    missing."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return None
+    return uvloop.new_event_loop
 
 
 def _needs_restart(key: str) -> bool:

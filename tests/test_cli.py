@@ -401,3 +401,30 @@ def test_run_refuses_a_spool_on_tmpfs_without_a_traceback(tmp_path: Path) -> Non
         assert list(spool.iterdir()) == []          # not one directory left behind
     finally:
         shutil.rmtree(spool, ignore_errors=True)
+
+
+def test_the_event_loop_is_uvloop_where_installed_and_asyncio_when_asked() -> None:
+    """server.event_loop: auto takes uvloop when it is there (it comes with the package on
+    Linux), and asyncio's own loop when asked or when uvloop is missing."""
+    import uvloop
+
+    from relay.app import loop_factory
+
+    assert loop_factory("auto") is uvloop.new_event_loop
+    assert loop_factory("uvloop") is uvloop.new_event_loop
+    assert loop_factory("asyncio") is None
+
+
+def test_uvloop_asked_for_and_missing_is_a_config_error(
+        sandbox_config: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from relay import cli
+    from relay.app import loop_factory
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)        # as if not installed
+    assert loop_factory("auto") is None
+    sandbox_config.write_text(sandbox_config.read_text().replace(
+        "server:\n", "server:\n  event_loop: uvloop\n"))
+    assert cli.main(["run", "--sandbox", "--config", str(sandbox_config)]) == 78
+    assert ("cannot start: server.event_loop: uvloop is not installed (pip install uvloop, "
+            "or event_loop: auto to use asyncio's own loop without it)") in capsys.readouterr().err

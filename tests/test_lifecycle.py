@@ -346,7 +346,7 @@ async def test_a_reload_says_what_changed_what_it_applied_and_what_waits_for_a_r
     try:
         running = relay.config
         changed = build_config({
-            "server": {"max_recipients": 1},
+            "server": {"max_recipients": 1, "event_loop": "asyncio"},
             "profiles": {"sales": {"mailbox": "sales@contoso.com", "credential": "main"}},
             "logging": {"level": "debug"},
             "spool": {"io_threads": 2},
@@ -358,16 +358,19 @@ async def test_a_reload_says_what_changed_what_it_applied_and_what_waits_for_a_r
         assert reload_lines(caplog) == [
             "reload applied: server.max_recipients, users.bob (removed), profiles.sales "
             "(added), logging.level, http.cache_ttl",
-            "reload not applied until the relay restarts: spool.io_threads, http.port",
+            "reload not applied until the relay restarts: server.event_loop, "
+            "spool.io_threads, http.port",
         ]
         assert root.level == logging.DEBUG                     # logging.level taken
         assert relay.config.server.max_recipients == 1
         # What waits for a restart stays as it runs, and is named again at the next reload.
         assert relay.config.spool == running.spool and relay.config.http.port == 0
+        assert relay.config.server.event_loop == "auto"
         caplog.clear()
         assert await relay.reload(lambda: new) is True
         assert reload_lines(caplog) == [
-            "reload not applied until the relay restarts: spool.io_threads, http.port"]
+            "reload not applied until the relay restarts: server.event_loop, "
+            "spool.io_threads, http.port"]
         caplog.clear()
         assert await relay.reload(lambda: relay.config) is True
         assert reload_lines(caplog) == ["reload: no setting changed"]

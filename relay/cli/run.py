@@ -50,6 +50,7 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
 
 
 def command(args: argparse.Namespace) -> int:
+    from relay.app import loop_factory
     from relay.spool.locks import SpoolError
 
     if not args.sandbox and (args.smtp_port is not None or args.http_port is not None):
@@ -59,7 +60,15 @@ def command(args: argparse.Namespace) -> int:
     config = load(args, sandbox=args.sandbox)
     setup_logging(config.logging.level, config.logging.format)
     try:
-        return asyncio.run(_run(args, config))
+        factory = loop_factory(config.server.event_loop)
+    except ImportError:
+        log.error("cannot start: server.event_loop: uvloop is not installed (pip install "
+                  "uvloop, or event_loop: auto to use asyncio's own loop without it)")
+        return EX_CONFIG
+    log.info("event loop: %s", "uvloop" if factory is not None else "asyncio")
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(_run(args, config))
     except SpoolError as exc:
         # On tmpfs (refused), not writable, ...: the operator must change the directory
         # or spool.*; restarting will not help (systemd: RestartPreventExitStatus=78).
