@@ -11,6 +11,8 @@ but not the receiving side, and no stage imports the app, the ops side or the co
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,3 +134,13 @@ def test_no_module_outgrows_one_job() -> None:
             if not module.startswith(LONG_ALLOWED)
             and (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
+
+
+def test_a_relay_without_certificates_never_loads_cryptography() -> None:
+    """cryptography is several MiB resident (a sixth of the relay at start): only a
+    certificate credential or a TLS listener needs it, and they import it when used."""
+    code = ("import sys, relay.cli, relay.app, relay.cli.run; "
+            "print(sorted(m for m in sys.modules if m.startswith('cryptography')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"

@@ -18,16 +18,18 @@ redaction (relay.core.log) before anything can fail with it in hand.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.serialization import pkcs12
+from typing import TYPE_CHECKING, Any
 
 from relay.config import CertificateCredential, SecretRef
 from relay.core.errors import RelayError
 from relay.core.log import redact
 from relay.core.secrets import SecretSourceError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# cryptography (several MiB resident) is imported by the functions that need it: a relay
+# with a client secret and no certificate never loads it.
 
 
 class CertificateError(RelayError):
@@ -37,6 +39,8 @@ class CertificateError(RelayError):
 def load_pfx(path: Path, what: str, passphrase: SecretRef | None) -> tuple[Any, Any]:
     """The private key and certificate in the PFX at ``path`` (``what``: its setting);
     either may be None when the file lacks it."""
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
     data = _read(path, what)
     secret = _passphrase(passphrase, what, path)
     try:
@@ -50,6 +54,8 @@ def load_pfx(path: Path, what: str, passphrase: SecretRef | None) -> tuple[Any, 
 def load_certificate(path: Path, what: str, *, pfx: bool = False,
                      passphrase: SecretRef | None = None) -> x509.Certificate:
     """The certificate in the PFX (``pfx``) or the first one of the PEM file at ``path``."""
+    from cryptography import x509
+
     if pfx:
         _, leaf = load_pfx(path, what, passphrase)
         if leaf is None:
@@ -75,6 +81,8 @@ def app_certificate(cert: CertificateCredential, where: str) -> x509.Certificate
 def msal_credential(cert: CertificateCredential, where: str) -> dict[str, str]:
     """msal's ``client_credential`` for ``cert``: the private key (PEM, unencrypted, only in
     memory) with its public certificate or thumbprint."""
+    from cryptography.hazmat.primitives import serialization
+
     if cert.pfx_file is not None:
         key, leaf = load_pfx(cert.pfx_file, f"{where}.pfx_file", cert.passphrase)
         if key is None or leaf is None:
@@ -127,11 +135,15 @@ def _passphrase(ref: SecretRef | None, what: str, path: Path) -> bytes | None:
 
 
 def _spki(public_key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return public_key.public_bytes(serialization.Encoding.DER,
                                    serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _pem_key(key: Any) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(serialization.Encoding.PEM,
                              serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption()).decode()

@@ -16,12 +16,12 @@ import datetime as dt
 import logging
 import ssl
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING
 
 from relay.config import ConfigError, ServerTLS
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,11 @@ def _no_passphrase() -> bytes:
 
 def _check_pair(tls: ServerTLS) -> list[x509.Certificate]:
     """Load both files and check that the key belongs to the first certificate."""
+    # Imported here: a relay without TLS listeners never loads cryptography (several MiB).
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
     cert_key, key_key = "server.tls.certificate_file", "server.tls.key_file"
     try:
         chain = x509.load_pem_x509_certificates(_read(tls.certificate_file, cert_key))
