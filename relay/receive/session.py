@@ -30,6 +30,7 @@ from typing import Any, AnyStr, Protocol
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from relay.accept.names import PLAIN_DOMAIN, PLAIN_LOCAL
 from relay.accept.route import Router
 from relay.config import Config, Listener
 from relay.core.net import host_port
@@ -54,9 +55,8 @@ _setup_once()
 
 # <local@domain> with a dot-atom local part and a domain of plain labels (RFC 5321 4.1.2),
 # then the parameters: anything else (quoting, literals, comments, UTF-8) goes the long way.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_PLAIN_PATH = re.compile(rf"<(?P<address>{_ATEXT}(?:\.{_ATEXT})*"
-                         r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*(?P<rest>.*)", re.DOTALL)
+_PLAIN_PATH = re.compile(rf"<(?P<address>{PLAIN_LOCAL}@{PLAIN_DOMAIN})>[ \t]*(?P<rest>.*)",
+                         re.DOTALL)
 
 
 class _UnknownCommandFilter(logging.Filter):
