@@ -25,7 +25,7 @@ from relay.spool.facade import AsyncSpool
 from relay.spool.records import Entry
 from relay.spool.store import Spool
 
-log = logging.getLogger("relay.queue.scheduler")
+log = logging.getLogger(__name__)
 
 # How long the dispatcher sleeps at most when nothing wakes it (new mail, a finished attempt).
 IDLE_POLL = 10.0
@@ -68,7 +68,8 @@ class Waiting:
 
     def known(self, name: str) -> tuple[Entry, Content] | None:
         """The record and bytes of ``name`` if it was handed over (taken out of memory)."""
-        return self.fresh.pop(name[:-5], None)
+        mid = Spool.id_from_name(name)
+        return None if mid is None else self.fresh.pop(mid, None)
 
     async def gather(self, now: float, room: int, limit: int) -> collections.deque[str]:
         """New mail for one pass, in arrival order: the hand-over first, then what a scan
