@@ -45,6 +45,23 @@ SUBJECT_RE = re.compile(rb"^Subject: ([^\r\n]*)", re.MULTILINE | re.IGNORECASE)
 T = TypeVar("T")
 
 
+
+@contextlib.contextmanager
+def sandbox_process(config: Path, sandbox_dir: Path, *extra: str,
+                    **popen: Any) -> Iterator[subprocess.Popen[str]]:
+    """``run --sandbox`` as ``make run`` starts it; killed at the end if it still runs
+    (a test that stops it itself checks how it stopped)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "run", "--sandbox", "--config", str(config),
+         "--sandbox-dir", str(sandbox_dir), *extra], text=True, cwd=ROOT, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def wait_for(predicate: Callable[[], T], timeout: float, what: str,
              interval: float = 0.05) -> T:
     """Poll until ``predicate()`` is truthy and return it; fail naming ``what`` otherwise."""

@@ -27,6 +27,7 @@ from relay.app import Relay
 from relay.receive.passwords import PasswordVerifier
 from relay.sandbox.service import Sandbox
 from tests.conftest import PASSWORDS, address
+from tests.relayproc import sandbox_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -190,26 +191,14 @@ def test_send_test_in_sandbox(sandbox_config: Path, tmp_path: Path) -> None:
     assert eml.name.endswith(f"-{sent.group(1)}.eml")       # the id send-test printed
 
 
-def _sandbox_run(config: Path, sandbox_dir: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "relay", "run", "--sandbox", "--config", str(config),
-         "--sandbox-dir", str(sandbox_dir), *extra],
-        stderr=subprocess.PIPE, text=True, cwd=ROOT)
-
-
 @contextlib.contextmanager
 def running_sandbox(config: Path, sandbox_dir: Path, *extra: str,
                     ) -> Iterator[subprocess.Popen[str]]:
     """`run --sandbox` as `make run` starts it; SIGTERM at the end must stop it with 0."""
-    proc = _sandbox_run(config, sandbox_dir, *extra)
-    try:
+    with sandbox_process(config, sandbox_dir, *extra, stderr=subprocess.PIPE) as proc:
         yield proc
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_token_says_once_why_there_is_no_token(tmp_path: Path) -> None:
@@ -276,8 +265,8 @@ def test_a_taken_port_in_sandbox_mode_says_how_to_pick_another(
                                        f"{{address: 127.0.0.1, port: {port}}}")
                           if which == "smtp" else text.replace("http: {port: 0}",
                                                                f"http: {{port: {port}}}"))
-        proc = _sandbox_run(config, tmp_path / "sb")
-        _, stderr = proc.communicate(timeout=60)
+        with sandbox_process(config, tmp_path / "sb", stderr=subprocess.PIPE) as proc:
+            _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 71, stderr
     what = (f"cannot listen on 127.0.0.1:{port}: Address already in use (another program "
             f"has it, `ss -ltnp 'sport = :{port}'` shows which: stop it, or change "

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from relay.ops import notify as notify
+from tests.relayproc import sandbox_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -231,11 +232,8 @@ def test_relay_process_speaks_sd_notify(systemd: NotifySocket, tmp_path: Path) -
     config.write_text(RELAY_CONFIG)
     env = {**os.environ, "WATCHDOG_USEC": "400000"}
     env.pop("WATCHDOG_PID", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay", "run", "--sandbox", "--config", str(config),
-         "--sandbox-dir", str(tmp_path / "sb")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
-    try:
+    with sandbox_process(config, tmp_path / "sb", stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env=env) as proc:
         _wait_for(systemd, "READY", proc)
         pings = 0
         while pings < 2:
@@ -250,10 +248,6 @@ def test_relay_process_speaks_sd_notify(systemd: NotifySocket, tmp_path: Path) -
         stopping, _ = _wait_for(systemd, "STOPPING", proc)
         assert stopping["STOPPING"] == "1"
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_a_refused_reload_tells_systemd_why(systemd: NotifySocket, tmp_path: Path) -> None:
@@ -261,11 +255,8 @@ def test_a_refused_reload_tells_systemd_why(systemd: NotifySocket, tmp_path: Pat
     STATUS saying the reload was refused and why; after a good one, the usual STATUS."""
     config = tmp_path / "config.yaml"
     config.write_text(RELAY_CONFIG)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay", "run", "--sandbox", "--config", str(config),
-         "--sandbox-dir", str(tmp_path / "sb")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
-    try:
+    with sandbox_process(config, tmp_path / "sb", stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL) as proc:
         ready, _ = _wait_for(systemd, "READY", proc)
         assert ready["STATUS"].startswith("accepting mail on 127.0.0.1:")
         with socket.socket() as taken:
@@ -289,10 +280,6 @@ def test_a_refused_reload_tells_systemd_why(systemd: NotifySocket, tmp_path: Pat
         assert taken_now["STATUS"].endswith(f", 127.0.0.1:{port}")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_a_failed_start_does_not_say_draining(systemd: NotifySocket, tmp_path: Path) -> None:
