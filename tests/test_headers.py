@@ -332,3 +332,31 @@ def test_received_lines_are_short_for_normal_input() -> None:
                   recipient="someone.with.a.long.name@subdomain.example.com")
     assert all(len(line) <= 78 for line in field.split(b"\r\n"))
     assert field.endswith(b"+0000\r\n")
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("relay@contoso.com", ("", "relay", "contoso.com")),
+    ("<relay@contoso.com>", ("", "relay", "contoso.com")),
+    ("CRM System <crm@contoso.com>", ("CRM System", "crm", "contoso.com")),
+    ("a.b+tag@mail.contoso.com", ("", "a.b+tag", "mail.contoso.com")),
+])
+def test_plain_address_values_take_the_shortcut(value: str,
+                                                expected: tuple[str, str, str]) -> None:
+    """What applications write is read without the email package (the property test in
+    test_prop_headers checks that it reads the same); anything else is left to it."""
+    from relay.accept.names import plain_address
+
+    plain = plain_address(value)
+    assert plain is not None
+    assert (plain.display_name, plain.username, plain.domain) == expected
+
+
+@pytest.mark.parametrize("value", [
+    '"CRM" <crm@contoso.com>', "crm@contoso.com (CRM)", "=?utf-8?q?CRM?= <crm@contoso.com>",
+    "a@contoso.com, b@contoso.com", "<crm@contoso.com", "Dr. Who <who@contoso.com>",
+    "a..b@contoso.com", "crm@contoso..com",
+])
+def test_other_address_values_go_to_the_email_package(value: str) -> None:
+    from relay.accept.names import plain_address
+
+    assert plain_address(value) is None
