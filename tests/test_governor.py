@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.queue.governor import DAY, SLOT_RETRY, UNKNOWN_QUOTA_PAUSE, Governor, Limits
 
@@ -296,3 +300,33 @@ def test_an_attempt_longer_than_a_minute_still_counts_from_when_exchange_took_it
     slow = g.admit(MBX, 1, 0.0)
     g.settle(slow, 90.0, sent=True)         # a large message: the upload took 90 s
     assert g.ready_at(MBX, 1, 91.0, sessions=False) == 150.0
+
+
+@given(st.lists(st.tuples(st.floats(0, 50), st.floats(0, 20)), min_size=1, max_size=40))
+def test_the_minute_window_stays_what_a_sorted_list_would_be(
+        attempts: list[tuple[float, float]]) -> None:
+    """Attempts admitted in time order and ending in any order, at times that may be
+    earlier than later admissions (a wall clock set back): the window, kept from its
+    newest end, holds exactly the send times a sorted list of them would."""
+    g = Governor(Limits(max_sessions=100, messages_per_minute=1000))
+    expected: list[float] = []
+    admitted = [(g.admit(MBX, 1, at), at + took)
+                for at, took in sorted(attempts)]
+    for at, _ in sorted(attempts):
+        bisect.insort(expected, at)
+    for admission, ended in sorted(admitted, key=lambda pair: pair[1]):
+        now = ended
+        g.settle(admission, now, sent=True)
+        expected.remove(admission.at)
+        bisect.insort(expected, max(now, admission.at))
+        window = list(g._box(MBX, now).minute)
+        expected = [t for t in expected if t + 60 > now]
+        assert window == expected
+
+
+def test_an_attempt_that_outlived_its_minute_is_not_counted_twice() -> None:
+    g = Governor(Limits(max_sessions=10, messages_per_minute=5))
+    slow = g.admit(MBX, 1, 0.0)
+    send(g, 30.0)
+    g.settle(slow, 75.0, sent=True)     # its admission time expired meanwhile
+    assert list(g._box(MBX, 75.0).minute) == [30.0, 75.0]

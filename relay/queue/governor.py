@@ -27,8 +27,6 @@ flight and throttling steps describe live connections and are not kept.
 
 from __future__ import annotations
 
-import bisect
-import contextlib
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -86,6 +84,31 @@ class _Mailbox:
 
     def session_limit(self, limits: Limits) -> int:
         return max(1, limits.max_sessions - self.lowered)
+
+
+def _discard_recent(window: deque[float], at: float) -> None:
+    """Remove one ``at`` from ``window``, looking from its newest end.
+
+    The time of an attempt that just ended is among the newest in the window, behind at
+    most the attempts admitted while it ran; ``deque.remove`` would look from the oldest,
+    through up to ``messages_per_minute`` entries, for every message. (Only an attempt
+    that took over a minute, whose time has expired, is looked for through it all.)"""
+    for back, value in enumerate(reversed(window)):
+        if value == at:
+            del window[-1 - back]
+            return
+
+
+def _insert_recent(window: deque[float], at: float) -> None:
+    """Insert ``at`` into the sorted ``window`` (not full), from its newest end: ``at``
+    is the time now, later than all or nearly all of it."""
+    if not window or window[-1] <= at:
+        window.append(at)
+        return
+    back = 1
+    while back < len(window) and window[-1 - back] > at:
+        back += 1
+    window.insert(len(window) - back, at)
 
 
 class Governor:
@@ -220,18 +243,16 @@ class Governor:
         if not sent:
             self._forget(box, admission)
             return
-        with contextlib.suppress(ValueError):
-            box.minute.remove(admission.at)     # gone if the attempt took over a minute
+        _discard_recent(box.minute, admission.at)   # gone if the attempt took over a minute
         if len(box.minute) == box.minute.maxlen:
             box.minute.popleft()                # the oldest counts the least
-        bisect.insort(box.minute, max(now, admission.at))
+        _insert_recent(box.minute, max(now, admission.at))
         self.changes += 1
 
     def _forget(self, box: _Mailbox, admission: Admission) -> None:
         """Take back what :meth:`admit` recorded."""
         at, recipients = admission.at, admission.recipients
-        with contextlib.suppress(ValueError):
-            box.minute.remove(at)
+        _discard_recent(box.minute, at)
         for i in range(len(box.day) - 1, -1, -1):
             latest, count = box.day[i]
             if int(latest // MINUTE) == int(at // MINUTE):
