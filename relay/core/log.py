@@ -101,6 +101,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    # What neither format shows is not collected for every record: the caller's file and
+    # line (a walk up the stack), the process, thread and multiprocessing names. The
+    # logging HOWTO's "Optimization" section names these switches.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ContextFilter())
     logging.getLogger().handlers[:] = [handler]
