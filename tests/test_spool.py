@@ -109,6 +109,41 @@ async def test_concurrent_accepts_share_directory_fsyncs(
     await files.close()
 
 
+async def test_removals_share_a_sync_of_their_directory_and_close_makes_it(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delivered message's removal is made durable by an fsync of its directory that
+    the removals of the same moment share and nobody waits for; the take before its
+    attempt is not synced at all (recovery returns active/ to incoming/ either way). The
+    last removal is followed by a sync, at the latest when the spool closes."""
+    files = AsyncSpool(spool)
+    entries = [entry(f"R{i:03d}") for i in range(100)]
+    await asyncio.gather(*(files.accept(e, b"x") for e in entries))
+    events: list[str] = []
+    real_fsync, real_unlink = disk.fsync_dir, os.unlink
+
+    def fsync_dir(path: Path) -> None:
+        events.append(f"fsync {path.name}")
+        real_fsync(path)
+
+    def unlink(path: Any, *a: Any, **kw: Any) -> None:
+        events.append(f"unlink {Path(path).parent.name}")
+        real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(disk, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(os, "unlink", unlink)
+    for e in entries:
+        await files.take(e, State.INCOMING)
+    assert events == []                                 # the takes: no fsync
+    assert spool.count(State.ACTIVE) == 100
+    await asyncio.gather(*(files.remove(e.id, State.ACTIVE) for e in entries))
+    await files.close()
+    assert spool.count(State.ACTIVE) == 0 and not any((spool.root / "data").iterdir())
+    syncs = events.count("fsync active")
+    assert 1 <= syncs < 100                             # shared, and made
+    assert events[-1] == "fsync active"                 # after the last unlink
+    assert events.count("unlink active") == 100 and "fsync data" not in events
+
+
 async def test_a_sync_that_breaks_down_answers_every_waiting_accept(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Not only a disk error: whatever the sync raises, no arrival waits for ever, and

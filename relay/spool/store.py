@@ -195,10 +195,12 @@ class Spool:
             return
         disk.unlink_quietly(self.data_path(mid))
 
-    def sync_dirs(self, states: Collection[State] = tuple(State)) -> None:
+    def sync_dirs(self, states: Collection[State] = tuple(State), *,
+                  data: bool = True) -> None:
         """Make the names of every message added so far to ``states`` durable (see
-        :meth:`add`): data/ and those directories, the only ones an add changes."""
-        for name in ("data", *states):
+        :meth:`add`): data/ and those directories, the only ones an add changes. Without
+        ``data``, only the states' directories (after removals, see :meth:`remove`)."""
+        for name in (*(("data",) if data else ()), *states):
             disk.fsync_dir(self.root / name)
 
     # --- state changes -----------------------------------------------------------------------
@@ -218,7 +220,8 @@ class Spool:
         path = self.data_path(mid)
         return Content.from_file(path, path.stat().st_size)
 
-    def move(self, entry: Entry, src: State, dst: State, *, rewrite: bool = True) -> None:
+    def move(self, entry: Entry, src: State, dst: State, *, rewrite: bool = True,
+             sync: bool = True) -> None:
         """Move ``entry`` from ``src`` to ``dst`` with one rename (see the package docstring).
 
         With ``rewrite``, ``entry`` becomes the file's content first, replacing the file in
@@ -228,6 +231,9 @@ class Spool:
         ``entry.next_attempt`` as its mtime before it appears there, so nobody ever sees it
         there with a wrong due time. Raises FileNotFoundError, changing nothing, when the
         message is no longer in ``src`` (another process moved or deleted it first).
+
+        ``sync=False`` leaves the directories unsynced, for a move whose loss in a power
+        cut does no harm (the take into active/, which recovery returns to incoming/).
         """
         if rewrite and src not in _OWNED:
             raise ValueError(f"metadata in {src}/ is shared and never rewritten in place")
@@ -255,9 +261,10 @@ class Spool:
             os.utime(old, due)          # FileNotFoundError if it has gone: nothing changed
         if old != new:
             os.rename(old, new)         # the state change, and the only one
-        disk.fsync_dir(new.parent)
-        if old.parent != new.parent:
-            disk.fsync_dir(old.parent)
+        if sync:
+            disk.fsync_dir(new.parent)
+            if old.parent != new.parent:
+                disk.fsync_dir(old.parent)
 
     def record_delivered(self, entry: Entry, *, complete: bool) -> None:
         """Write down, right after the upstream's 250, what it accepted: the one step between
@@ -296,25 +303,23 @@ class Spool:
         """Change when a deferred message is due (FileNotFoundError if it is not deferred)."""
         os.utime(self.meta_path(State.DEFERRED, mid), (when, when))
 
-    def remove(self, entry_id: str, state: State, *, claimed: bool = False) -> None:
+    def remove(self, entry_id: str, state: State, *, claimed: bool = False,
+               sync: bool = True) -> None:
         """Forget a message (delivered, or deleted by an operator): metadata, then data.
 
         Unlinking the metadata is the claim: if the message has left ``state`` meanwhile
         (the relay took a deferred message into active/ just as an operator deleted it),
         it raises FileNotFoundError and the data is left alone. A crash between the two
         unlinks leaves orphaned data, which recovery (relay.spool.recovery) removes.
-        ``claimed``: the metadata may already be gone because the caller removed it itself
-        (:meth:`record_delivered`).
+        ``claimed``: the caller has removed the metadata itself (:meth:`record_delivered`).
+        ``sync=False``: the caller syncs the directory later (AsyncSpool shares the fsync).
 
         Once the metadata is gone the message is gone: a data file that cannot be unlinked
         (a disk error) is logged and left to recovery, not raised, since the caller
         has nothing left to retry and would only mistake it for a failed delivery.
         """
-        try:
+        if not claimed:
             os.unlink(self.meta_path(state, entry_id))
-        except OSError:
-            if not claimed:         # else the caller unlinked it already: this only checks
-                raise
         try:
             os.unlink(self.data_path(entry_id))
         except FileNotFoundError:
@@ -324,7 +329,8 @@ class Spool:
                       entry_id, exc.strerror or exc)
         # data/ needs no fsync of its own: data that comes back after a crash has no
         # metadata, and recovery removes it.
-        disk.fsync_dir(self.root / state)
+        if sync:
+            disk.fsync_dir(self.root / state)
 
     def holds(self, state: State, mid: str) -> bool:
         """Whether ``mid``'s metadata is in ``state`` right now."""
