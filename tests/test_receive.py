@@ -1161,3 +1161,33 @@ async def test_replies_are_not_held_back_for_the_clients_ack(start: Start) -> No
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def test_a_multi_line_reply_leaves_in_one_write(start: Start) -> None:
+    """aiosmtpd pushes EHLO's reply a line at a time; the session writes it once, as one
+    TCP segment instead of six, whole and in order."""
+    h = await start()
+    reader, writer = await asyncio.open_connection(*h.address)
+    try:
+        assert (await reader.readline()).startswith(b"220 ")
+        [session] = list(h.receiver._sessions)
+        writes: list[bytes] = []
+        real_write = session._writer.write
+
+        def write(data: bytes) -> None:
+            writes.append(bytes(data))
+            real_write(data)
+
+        session._writer.write = write
+        writer.write(b"EHLO client.example\r\n")
+        lines = [await reader.readline()]
+        while lines[-1][3:4] == b"-":
+            lines.append(await reader.readline())
+        assert len(lines) >= 4 and lines[-1].startswith(b"250 ")
+        assert writes == [b"".join(lines)]
+        writer.write(b"NOOP\r\n")
+        assert (await reader.readline()).startswith(b"250 ")
+        assert len(writes) == 2                 # nothing held back from the one before
+    finally:
+        writer.close()
+        await writer.wait_closed()

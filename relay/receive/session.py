@@ -59,20 +59,6 @@ _PLAIN_PATH = re.compile(rf"<(?P<address>{PLAIN_LOCAL}@{PLAIN_DOMAIN})>[ \t]*(?P
                          re.DOTALL)
 
 
-class _UnknownCommandFilter(logging.Filter):
-    """aiosmtpd logs the name of an unknown command at WARNING, a level the relay lets
-    through. A client out of step sends its AUTH answers as commands (a printer that does
-    not wait for the 334s, after AUTH was refused): that name is a password in clear or
-    in base64, so the line goes out without it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg == "%r unrecognised: %s" and isinstance(record.args, tuple):
-            record.msg, record.args = "%r unrecognised command (not logged)", record.args[:1]
-        return True
-
-
-logging.getLogger("mail.log").addFilter(_UnknownCommandFilter())
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -146,8 +132,8 @@ class RelaySMTP(LazyIdleTimer, AuthSMTP):
         self._gate = gate
         self._loopback_check = loopback_check
         self._implicit_tls = listener.tls == "implicit"
-        self._refused = False
-        self._auth_failures = 0
+        self._refused, self._auth_failures = False, 0
+        self._held: list[str] = []          # the lines of a multi-line reply so far
         self._accounts = bool(settings.config.users)
         loop = asyncio.get_running_loop()
         self._clocks = Clocks(loop, line_timeout=server.line_timeout,
@@ -308,10 +294,9 @@ class RelaySMTP(LazyIdleTimer, AuthSMTP):
                                    or self._tls_protocol is not None)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        # aiosmtpd refuses MAIL FROM:<> (an empty address is a syntax error to it), but
-        # apps send receipts and bounces that way. It is carried as "<>", which routing
-        # and the sender policy read as the null sender; as a recipient it fails the
-        # address check.
+        # aiosmtpd refuses MAIL FROM:<>, which apps send receipts and bounces with. It is
+        # carried as "<>", the null sender to routing and the sender policy (and a failed
+        # address check as a recipient).
         stripped = arg.lstrip()
         if stripped.startswith("<>"):
             return NULL_SENDER, stripped[2:]
@@ -339,6 +324,13 @@ class RelaySMTP(LazyIdleTimer, AuthSMTP):
             if not self._accounts and status.startswith("250-AUTH "):
                 return                  # aiosmtpd's EHLO line; there are no accounts
             status = replies.fit_reply(status)
+            if status.rpartition("\r\n")[2][3:4] == "-":
+                # aiosmtpd pushes EHLO's reply a line at a time: one write and TCP
+                # segment each, unless held back to leave with the last line.
+                self._held.append(status)
+                return
+            if self._held:
+                status, self._held = "\r\n".join([*self._held, status]), []
         await super().push(status)
         code = status[:3] if isinstance(status, str) else status[:3].decode("ascii", "replace")
         if code == "421" and self.transport is not None:
