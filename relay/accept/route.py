@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 from relay.config import Config
 from relay.core.errors import ReplyError
+from relay.core.net import IPAddress, parse_ip
 from relay.core.reply import Reply
 from relay.core.text import truncate
 
 log = logging.getLogger(__name__)
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _UNSAFE_TEXT = re.compile(r"[^\x20-\x7e]")
@@ -67,9 +67,8 @@ def _candidates(client_ip: str) -> tuple[IPAddress, ...]:
     An IPv4 client on a dual-stack listener shows up as ``::ffff:10.0.0.1``; an operator
     writes ``10.0.0.0/8``. Both spellings are tried, in both directions.
     """
-    try:
-        ip = ipaddress.ip_address(client_ip.strip().strip("[]"))
-    except ValueError:
+    ip = parse_ip(client_ip.strip().strip("[]"))
+    if ip is None:
         return ()
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:

@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable
 from email.header import Header
 
+from relay.core.net import parse_ip
 from relay.core.text import one_line, truncate
 
 _HELO_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\;<>\"]")
@@ -29,9 +30,8 @@ _MAX_PATH = 256
 
 
 def _ip_literal(client_ip: str) -> str:
-    try:
-        ip = ipaddress.ip_address(client_ip)
-    except ValueError:
+    ip = parse_ip(client_ip)
+    if ip is None:
         return "unknown"
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped  # an IPv4 client on a dual-stack socket

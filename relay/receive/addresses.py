@@ -18,6 +18,7 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
+from relay.core.net import parse_ip
 from relay.core.reply import Reply
 from relay.receive import replies
 
@@ -35,9 +36,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 def client_address(peer: Any) -> str:
     """The client's IP as text, with IPv4-mapped IPv6 (``::ffff:a.b.c.d``) unwrapped."""
     host = peer[0] if isinstance(peer, tuple) and peer else peer
-    try:
-        ip = ipaddress.ip_address(str(host))
-    except ValueError:
+    ip = parse_ip(str(host))
+    if ip is None:
         return str(host) or "unknown"
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
@@ -45,18 +45,13 @@ def client_address(peer: Any) -> str:
 
 
 def is_loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return False
+    addr = parse_ip(ip)
+    return addr is not None and addr.is_loopback
 
 
 def in_networks(ip: str, networks: Iterable[Network]) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return any(addr in net for net in networks)
+    addr = parse_ip(ip)
+    return addr is not None and any(addr in net for net in networks)
 
 
 def _encoding_problem(address: str, smtputf8: bool) -> Reply | None:

@@ -36,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from relay.core.net import parse_ip
+
 Clock = Callable[[], float]
 
 # An IPv6 host picks its own address within its /64 at will (privacy addresses, RFC 8981):
@@ -73,9 +75,8 @@ class ThrottleSettings(Protocol):
 
 def client_key(ip: str) -> str:
     """The key failures of ``ip`` are counted under: the address, or its /64 for IPv6."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
+    addr = parse_ip(ip)
+    if addr is None:
         return ip
     if isinstance(addr, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((addr, _IPV6_PREFIX), strict=False))
