@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+import types
+from typing import Any
 
 import aiosmtpd.smtp
 import aiosmtplib
@@ -119,6 +121,52 @@ def test_the_plain_path_shortcut_reads_addresses_as_aiosmtpd_does() -> None:
         return taken
 
     assert asyncio.run(compare()) > 500         # the shortcut was really taken
+
+
+def test_commands_and_hooks_are_found_once_per_class_with_the_same_result() -> None:
+    """relay.receive.setuponce gives aiosmtpd.smtp a ``dir`` of its own; aiosmtpd must
+    call it only for the ``smtp_*`` commands and ``handle_*`` hooks, and find the same."""
+    from relay.receive import setuponce
+    from relay.receive.handler import RelayHandler
+    from relay.receive.session import RelaySMTP
+
+    source = inspect.getsource(aiosmtpd.smtp)
+    uses = re.findall(r"\bdir\((\w+)\)\s+if m\.startswith\(['\"](\w+)['\"]\)", source)
+    assert sorted(uses) == [("handler", "handle_"), ("self", "smtp_")]
+    assert len(re.findall(r"\bdir\(", source)) == 2
+    setuponce.install()
+
+    class Handler:
+        extra = "not a hook"
+
+        async def handle_DATA(self, *args: object) -> str: ...
+
+    def module_handler() -> object:
+        handler = types.ModuleType("handler")
+        handler.handle_RCPT = lambda *args: None      # type: ignore[attr-defined]
+        return handler
+
+    async def found(smtp_class: type[SMTP], handler: object
+                    ) -> tuple[dict[str, object], dict[str, object]]:
+        smtp = smtp_class.__new__(smtp_class)
+        smtp.smtp_OWN = lambda arg: None        # an instance's own command counts too
+        SMTP.__init__(smtp, handler, loop=asyncio.get_running_loop())
+
+        def named(methods: dict[str, Any]) -> dict[str, object]:
+            return {n: getattr(m, "__func__", m).__qualname__ for n, m in methods.items()}
+
+        return named(smtp._smtp_methods), named(smtp._handle_hooks)
+
+    for smtp_class, handler in ((SMTP, Handler()), (RelaySMTP, RelayHandler.__new__(
+            RelayHandler)), (SMTP, module_handler())):
+        fast = asyncio.run(found(smtp_class, handler))
+        aiosmtpd.smtp.dir = dir  # type: ignore[attr-defined]
+        try:
+            slow = asyncio.run(found(smtp_class, handler))
+        finally:
+            setuponce.install()
+        assert fast == slow and {"EHLO", "DATA", "OWN"} <= set(fast[0]), smtp_class
+        assert fast[1], handler
 
 
 def test_auth_mechanisms_are_found_once_per_class_with_the_same_result() -> None:
