@@ -113,7 +113,7 @@ def _enospc_once(monkeypatch: pytest.MonkeyPatch) -> None:
     def write(path: Path, data: bytes, *, sync: bool = True) -> None:
         # Only durable writes: the quick record right after the upstream's 250 is not
         # the outcome being saved.
-        if ".json." in path.name and sync and left[0]:
+        if ".json." in Path(path).name and sync and left[0]:
             left[0] -= 1
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, data, sync=sync)
@@ -639,7 +639,7 @@ async def test_a_deferral_whose_directory_sync_failed_is_retried_on_time(
     failed: list[Path] = []
 
     def fsync_dir(path: Path) -> None:
-        if path.name == "deferred" and deliverer.calls and not failed:
+        if Path(path).name == "deferred" and deliverer.calls and not failed:
             failed.append(path)
             raise OSError(errno.EIO, "Input/output error")
         real_fsync(path)

@@ -31,12 +31,9 @@ Durability: a new message's bytes are written to ``tmp/`` as they arrive from th
 (DataWriter, so a large message never sits in memory), its metadata follows; both are
 fsynced and renamed into place (Spool.add), and the directories are fsynced
 (Spool.sync_dirs) before AsyncSpool.accept returns. Directory fsyncs of concurrent
-arrivals are shared (group commit), so durability does not cap throughput. Moves whose
-loss in a power cut does no harm are not waited for: the take of a message into active/
-is not synced at all (recovery returns active/ to incoming/, so either side of the rename
-is safe), and the removal of a delivered message is synced once for all removed in the
-same moment, without the queue waiting (undone, it means the message is sent again, the
-risk that a power cut right after the upstream's 250 carries anyway). Whatever fails
+arrivals are shared (group commit), so durability does not cap throughput. The take of
+a message into active/ for an attempt is not synced at all: recovery returns active/ to
+incoming/, so either side of a rename that a power cut undid is safe. Whatever fails
 on the way (a full disk, a client that goes away) removes its own files from tmp/ at once:
 nothing is left to fill the disk until the next start. A directory sync that fails takes
 the placed files out again (Spool.withdraw): the client is told 4xx and sends the message

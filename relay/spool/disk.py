@@ -56,7 +56,7 @@ def tighten(path: Path) -> None:
         os.chmod(path, st.st_mode & DIR_MODE)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -71,7 +71,7 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def write_synced(path: Path, data: bytes, *, sync: bool = True) -> None:
+def write_synced(path: str | Path, data: bytes, *, sync: bool = True) -> None:
     """Create ``path`` with ``data`` (fsynced unless ``sync`` is False); on any failure the
     partial file is removed, so a full disk leaves nothing behind to keep it full."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
@@ -87,7 +87,7 @@ def write_synced(path: Path, data: bytes, *, sync: bool = True) -> None:
     os.close(fd)
 
 
-def overwrite(path: Path, data: bytes) -> bool:
+def overwrite(path: str | Path, data: bytes) -> bool:
     """Write ``data`` over the file at ``path`` in place; False (nothing done) unless that
     is as safe as the rename it stands in for, against the process dying at any moment.
 
@@ -107,7 +107,7 @@ def overwrite(path: Path, data: bytes) -> bool:
         os.close(fd)
 
 
-def unlink_quietly(*paths: Path) -> None:
+def unlink_quietly(*paths: str | Path) -> None:
     for path in paths:
         with contextlib.suppress(OSError):
             os.unlink(path)

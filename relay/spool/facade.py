@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Container
 
 from relay.core import diskio
@@ -26,7 +25,6 @@ from relay.spool import recovery
 from relay.spool.records import Entry, State
 from relay.spool.store import Spool
 
-log = logging.getLogger(__name__)
 
 class AsyncSpool:
     """The async face of ``store`` (see the module docstring)."""
@@ -35,7 +33,6 @@ class AsyncSpool:
         self.store = store
         self._commit_waiters: list[asyncio.Future[None]] = []
         self._commit_states: set[State] = set()     # where the waiting arrivals went
-        self._tidy_states: set[State] = set()       # where messages were removed from
         self._commit_wakeup: asyncio.Event | None = None
         self._committer: asyncio.Task[None] | None = None
 
@@ -67,32 +64,26 @@ class AsyncSpool:
     async def _group_commit(self, state: State) -> None:
         loop = asyncio.get_running_loop()
         self._commit_states.add(state)
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._commit_waiters.append(waiter)
-        self._wake_committer()
-        await waiter
-
-    def _wake_committer(self) -> None:
         if self._committer is None or self._committer.done():
             self._commit_wakeup = asyncio.Event()
-            self._committer = asyncio.get_running_loop().create_task(self._commit_loop())
+            self._committer = loop.create_task(self._commit_loop())
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._commit_waiters.append(waiter)
         assert self._commit_wakeup is not None
         self._commit_wakeup.set()
+        await waiter
 
     async def _commit_loop(self) -> None:
-        """Each turn syncs what the arrivals and removals since the last turn changed, in
-        one trip to the disk thread: under load, one fsync per directory serves many."""
         assert self._commit_wakeup is not None
         while True:
             await self._commit_wakeup.wait()
             self._commit_wakeup.clear()
             batch, self._commit_waiters = self._commit_waiters, []
             states, self._commit_states = self._commit_states, set()
-            tidy, self._tidy_states = self._tidy_states, set()
-            if not batch and not tidy:
+            if not batch:
                 continue
             try:
-                await diskio.run(self._sync, states if batch else set(), tidy)
+                await diskio.run(self.store.sync_dirs, states)
             except Exception as exc:    # not only OSError: the waiters must never hang
                 for w in batch:
                     if not w.done():
@@ -102,28 +93,12 @@ class AsyncSpool:
                 if not w.done():
                     w.set_result(None)
 
-    def _sync(self, states: set[State], tidy: set[State]) -> None:
-        """The arrivals' directories (raising to their waiters), then the removals'
-        (nobody waits for those: a failure is logged, see :meth:`remove`)."""
-        if tidy:
-            try:
-                self.store.sync_dirs(tidy, data=False)
-            except OSError as exc:
-                log.error("spool: cannot sync %s after delivered messages were removed "
-                          "(%s); a power cut now would send them again",
-                          ", ".join(sorted(f"{s}/" for s in tidy)), exc.strerror or exc)
-        if states:
-            self.store.sync_dirs(states)
-
     async def close(self) -> None:
         if self._committer is not None:
             self._committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._committer
             self._committer = None
-        if self._tidy_states:
-            tidy, self._tidy_states = self._tidy_states, set()
-            await diskio.run(self._sync, set(), tidy)
 
     # --- starting and stopping ----------------------------------------------------------
 
@@ -155,7 +130,8 @@ class AsyncSpool:
         return incoming, due, upcoming
 
     async def flush_deferred(self, now: float) -> int:
-        return await diskio.run(self.store.flush_deferred, now)
+        """Make every deferred message due at ``now``; returns how many were changed."""
+        return len(await diskio.run(self.store.flush_deferred_ids, now))
 
     async def read(self, state: State, name: str) -> Entry:
         return await diskio.run(self.store.read, state, name)
@@ -194,13 +170,7 @@ class AsyncSpool:
         await diskio.run(self.store.set_due, mid, when)
 
     async def remove(self, mid: str, state: State, *, claimed: bool = False) -> None:
-        """Spool.remove, with the directory's fsync shared among the removals of a moment
-        and not waited for: nothing waits on it, and a power cut before it at worst sends
-        the message again, as one right after the upstream's 250 would anyway (see
-        Spool.record_delivered)."""
-        await diskio.run(self.store.remove, mid, state, claimed=claimed, sync=False)
-        self._tidy_states.add(state)
-        self._wake_committer()
+        await diskio.run(self.store.remove, mid, state, claimed=claimed)
 
     async def set_aside(self, state: State, mid: str, why: str) -> None:
         await diskio.run(self.store.set_aside, state, mid, why)
