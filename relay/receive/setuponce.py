@@ -29,6 +29,7 @@ import aiosmtpd.smtp
 
 # The prefixes of the names aiosmtpd.smtp looks for with getmembers and dir.
 _PREFIXES = ("auth_", "smtp_", "handle_")
+_INITIALS = frozenset(p[0] for p in _PREFIXES)
 _NAMES: dict[type, tuple[str, ...]] = {}      # one entry per protocol/handler class
 
 
@@ -42,7 +43,9 @@ def _class_names(cls: type) -> tuple[str, ...]:
 def _names(obj: object) -> list[str]:
     """The names of ``obj`` that aiosmtpd looks for, as ``dir(obj)`` has them."""
     own = getattr(obj, "__dict__", {})
-    return [*_class_names(type(obj)), *(n for n in own if n.startswith(_PREFIXES))]
+    # Most of an object's own names are private ("_..."): the first letter rules them out.
+    return [*_class_names(type(obj)),
+            *(n for n in own if n[:1] in _INITIALS and n.startswith(_PREFIXES))]
 
 
 def _dir(obj: object) -> list[str]:
