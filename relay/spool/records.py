@@ -24,7 +24,7 @@ import enum
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from pydantic import PlainValidator, TypeAdapter
@@ -78,11 +78,13 @@ class Entry(Envelope):
     failed: dict[str, StoredReply] = field(default_factory=dict)   # for good, and why
 
     def to_json(self) -> bytes:
-        record = asdict(self)
-        record["last_reply"] = None if self.last_reply is None else str(self.last_reply)
-        record["failed"] = {rcpt: str(reply) for rcpt, reply in self.failed.items()}
-        out = {key: record[key] for key in KEYS}
-        out.update((key, record[key]) for key in LATER_KEYS if record[key] is not None)
+        # The attributes as they are (dataclasses.asdict would deep-copy every list and
+        # turn each Reply into a dict, only for json.dumps to read them once).
+        out = {key: getattr(self, key) for key in KEYS}
+        out["last_reply"] = None if self.last_reply is None else str(self.last_reply)
+        out["failed"] = {rcpt: str(reply) for rcpt, reply in self.failed.items()}
+        out.update((key, value) for key in LATER_KEYS
+                   if (value := getattr(self, key)) is not None)
         return json.dumps(out, separators=(",", ":")).encode()
 
     @classmethod
