@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,7 +27,7 @@ import aiosmtplib
 import pytest
 
 from relay.app import Relay
-from relay.core.log import _NOISY, setup_logging
+from relay.core.log import _NOISY, JsonFormatter, TextFormatter, setup_logging
 from relay.sandbox.service import Sandbox
 from relay.spool.records import State
 from tests.conftest import PASSWORDS, address, build_config, wait_until
@@ -327,3 +328,26 @@ async def test_the_log_names_the_reply_the_client_got(
     assert len(logged) == 1
     assert logged[0].startswith("message: client=127.0.0.1 user=- profile=system ")
     assert f" reply={got} (" in logged[0]
+
+
+def test_both_formats_stamp_each_line_with_its_own_utc_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The text of a second is reused for the lines within it, never for the next one,
+    and is UTC whatever the machine's time zone."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        stamps = []
+        for created in (1_800_000_000.25, 1_800_000_000.999, 1_800_000_001.0, 86_399.5):
+            record = logging.LogRecord("relay", logging.INFO, "", 0, "x", None, None)
+            record.created, record.msecs = created, (created % 1) * 1000
+            record.msgid = "-"
+            text = TextFormatter().format(record)
+            data = json.loads(JsonFormatter().format(record))
+            assert text.startswith(data["ts"] + " INFO")
+            stamps.append(data["ts"])
+        assert stamps == ["2027-01-15T08:00:00.250Z", "2027-01-15T08:00:00.999Z",
+                          "2027-01-15T08:00:01.000Z", "1970-01-01T23:59:59.500Z"]
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
