@@ -11,7 +11,7 @@ import pytest
 
 from relay.accept.headers import Address, HeaderError, RawMessage
 from relay.accept.names import clean_display_name
-from relay.accept.trace import received_header
+from relay.accept.trace import _date, received_header
 
 LONG_LINE = b"<p>" + b"x" * 5000 + b"</p>"
 EIGHT_BIT = "Grüße \u2013 €100 \u2014 日本語\r\n".encode()
@@ -360,3 +360,14 @@ def test_other_address_values_go_to_the_email_package(value: str) -> None:
     from relay.accept.names import plain_address
 
     assert plain_address(value) is None
+
+
+def test_the_received_date_is_each_messages_own() -> None:
+    """The text of the last second is reused only for the same second in the same zone."""
+    utc = dt.datetime(2026, 12, 7, 11, 24, 50, 100, tzinfo=dt.UTC)
+    berlin = utc.astimezone(dt.timezone(dt.timedelta(hours=1)))
+    assert _date(utc) == "Mon, 07 Dec 2026 11:24:50 +0000"
+    assert _date(utc.replace(microsecond=999_999)) == "Mon, 07 Dec 2026 11:24:50 +0000"
+    assert _date(berlin) == "Mon, 07 Dec 2026 12:24:50 +0100"      # the same instant
+    assert _date(utc + dt.timedelta(seconds=1)) == "Mon, 07 Dec 2026 11:24:51 +0000"
+    assert _date(utc.replace(tzinfo=None)) == "Mon, 07 Dec 2026 11:24:50 +0000"
