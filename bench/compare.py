@@ -91,15 +91,24 @@ class Summary:
     p99: float
     cpu_ms: float | None      # per message
     kernel_ms: float | None
+    # CPU per message against the floor's: the median of each round's ratio. The floor
+    # runs just before the relay in every round, so a machine that is slower for a while
+    # (a busy neighbour of a virtual machine) moves both sides of a round's ratio alike,
+    # and the median of ratios is steadier than the ratio of medians.
+    vs_floor: float | None = None
 
     @classmethod
-    def of(cls, rows: list[Row]) -> Summary:
+    def of(cls, rows: list[Row], floor: list[Row] | None = None) -> Summary:
         med = statistics.median
         cpu = [r.cpu * 1000 / r.messages for r in rows if r.cpu is not None]
         kernel = [r.system * 1000 / r.messages for r in rows if r.system is not None]
+        ratios = [(r.cpu / r.messages) / (f.cpu / f.messages)
+                  for r, f in zip(rows, floor or [], strict=False)
+                  if r.cpu is not None and f.cpu]
         return cls(rows[0].path, len(rows), med(r.rate for r in rows),
                    med(r.p(0.5) for r in rows), med(r.p(0.99) for r in rows),
-                   med(cpu) if cpu else None, med(kernel) if kernel else None)
+                   med(cpu) if cpu else None, med(kernel) if kernel else None,
+                   med(ratios) if ratios else None)
 
 
 def message(size: int, i: int) -> bytes:
@@ -268,7 +277,8 @@ def main(ns: argparse.Namespace) -> None:
     drained = drain.run(argparse.Namespace(
         mailboxes=ns.drain_mailboxes, per_minute=ns.drain_per_minute,
         backlog=ns.drain_backlog)) if "drain" in ns.only else None
-    report(ns, [Summary.of(rows) for rows in runs.values()], memory, tokens, drained)
+    floor = next((rows for path, rows in runs.items() if path.startswith("floor")), None)
+    report(ns, [Summary.of(rows, floor) for rows in runs.values()], memory, tokens, drained)
 
 
 def one_round(ns: argparse.Namespace, h: Harness, bench: Bench, token: str, directory: Path,
@@ -374,16 +384,15 @@ def queued_memory(count: int, seconds: float = 10.0) -> dict[str, float]:
 def report(ns: argparse.Namespace, rows: list[Summary], memory: dict[str, float],
            tokens: dict[str, int], drained: dict[str, Any] | None) -> None:
     print(f"# {ns.messages} messages of ~{ns.size} bytes, {ns.concurrency} concurrent clients, "
-          f"one connection per message; medians of {ns.rounds} rounds, the paths in turn; "
+          f"one connection per message; medians of {ns.rounds} rounds, the paths in turn "
+          f"(x floor: the median of each round's ratio); "
           f"Python {platform.python_version()}, {os.cpu_count()} CPUs")
     direct = next((r for r in rows if r.path.startswith("direct")), None)
-    floor = next((r for r in rows if r.path.startswith("floor")), None)
     print(f"{'path':38} {'msg/s':>7} {'x direct':>8} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'CPU ms/msg':>10} {'in kernel':>9} {'x floor':>7}")
     for r in rows:
         vs_direct = f"{r.rate / direct.rate:.2f}" if direct else "-"
-        vs_floor = (f"{r.cpu_ms / floor.cpu_ms:.2f}" if r.cpu_ms and floor and floor.cpu_ms
-                    else "-")
+        vs_floor = f"{r.vs_floor:.2f}" if r.vs_floor is not None else "-"
         cpu = f"{r.cpu_ms:.2f}" if r.cpu_ms is not None else "-"
         kernel = f"{r.kernel_ms:.2f}" if r.kernel_ms is not None else "-"
         print(f"{r.path:38} {r.rate:7.0f} {vs_direct:>8} {r.p50:7.1f} {r.p99:7.1f} "
