@@ -7,6 +7,7 @@ client unchanged; and every infrastructure failure becomes a 4xx, never a bounce
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -15,13 +16,17 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import aiosmtplib
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.config import Upstream
 from relay.core.message import Content, Outbound
 from relay.core.secrets import Secret
+from relay.deliver import data as data_module
 from relay.deliver.failures import AuthenticationRejected, refusal_for
 from relay.deliver.upstream import UpstreamClient
 from relay.oauth.token import Token
@@ -529,3 +534,45 @@ def test_fault_injection_arguments_are_checked(pki: LocalPKI) -> None:
         fake.fail_next("quit", 421, "4.3.2 bye")
     with pytest.raises(ValueError, match="count"):
         fake.drop_next("data", count=0)
+
+
+class _Protocol:
+    """What send_data uses of aiosmtplib's protocol, keeping every write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    async def execute_command(self, *args: Any, **kw: Any) -> aiosmtplib.SMTPResponse:
+        return aiosmtplib.SMTPResponse(354, "go ahead")
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    async def _drain_helper(self) -> None:
+        pass
+
+    async def read_response(self, **kw: Any) -> aiosmtplib.SMTPResponse:
+        return aiosmtplib.SMTPResponse(250, "queued")
+
+
+@settings(max_examples=200)
+@given(lines=st.lists(st.sampled_from([b".", b"..", b".x", b"x.", b"", b"abc"]),
+                      min_size=1, max_size=12),
+       chunk=st.integers(1, 12), ends_with_break=st.booleans())
+def test_data_is_dot_stuffed_across_chunks_and_ends_in_the_last_write(
+        lines: list[bytes], chunk: int, ends_with_break: bool) -> None:
+    """Whatever the chunks cut through (a dot at a chunk's start, a CRLF split in two),
+    the upstream gets every line start's dot doubled, then one end of data, and the last
+    chunk leaves in the same write as the final dot."""
+    body = b"\r\n".join(lines) + (b"\r\n" if ends_with_break else b"")
+    protocol = _Protocol()
+    smtp = mock.Mock(protocol=protocol)
+    with mock.patch.object(data_module, "_DATA_CHUNK", chunk):
+        reply = asyncio.run(data_module.send_data(smtp, Content(data=body), 5))
+    assert reply.code == 250
+    stuffed = b"\r\n".join(b"." + line if line.startswith(b".") else line
+                            for line in body.split(b"\r\n"))
+    at_line_start = body == b"" or body.endswith(b"\r\n")
+    assert b"".join(protocol.writes) == stuffed + (b".\r\n" if at_line_start
+                                                   else b"\r\n.\r\n")
+    assert len(protocol.writes) == max(1, -(-len(body) // chunk))

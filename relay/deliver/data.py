@@ -25,7 +25,8 @@ from relay.core.message import Content
 # (2 Mbit/s) on top of the configured timeout rather than failing big messages.
 _DATA_BYTES_PER_SECOND = 250_000
 # Bytes of the message handed to the connection at a time; the transport's own buffer
-# stays near its high-water mark, so a 30 MB message costs this much memory, not 90 MB.
+# stays near its high-water mark, so a 30 MB message costs two of these (the one being
+# read and the one held back for the next write), not 90 MB.
 _DATA_CHUNK = 64 * 1024
 
 
@@ -46,6 +47,7 @@ async def send_data(smtp: aiosmtplib.SMTP, content: Content,
         raise SMTPDataError(start.code, start.message)
     at_line_start = True
     last = b"\n"
+    held = b""          # the latest chunk, written with the next (or with the final dot)
     try:
         async with contextlib.aclosing(content.chunks(_DATA_CHUNK)) as chunks:
             async for chunk in chunks:
@@ -54,9 +56,13 @@ async def send_data(smtp: aiosmtplib.SMTP, content: Content,
                     stuffed = b"." + stuffed
                 at_line_start = chunk.endswith(b"\n")
                 last = chunk[-1:]
-                protocol.write(stuffed)
-                await protocol._drain_helper()
-        protocol.write(b".\r\n" if last == b"\n" else b"\r\n.\r\n")
+                if held:
+                    protocol.write(held)
+                    await protocol._drain_helper()
+                held = stuffed
+        # The last chunk and the final dot in one write: one TLS record and one system
+        # call for the usual message, which is a single chunk.
+        protocol.write(held + (b".\r\n" if last == b"\n" else b"\r\n.\r\n"))
         response = await protocol.read_response(timeout=final_timeout)
     except (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError):
         smtp.close()
