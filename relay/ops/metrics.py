@@ -26,6 +26,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -140,6 +141,7 @@ class RelayMetrics(Hooks):
         # What delivery attempts showed about each profile's setup: /readyz and the
         # profile_ready gauge read it.
         self.profiles = ProfileHealth()
+        self._known_series: dict[tuple[Counter | Histogram, tuple[str, ...]], Any] = {}
         self._configured_profiles: set[str] = set()
         self._relay: RelayView | None = None
         self._dates = _CertificateDates()
@@ -148,20 +150,31 @@ class RelayMetrics(Hooks):
 
     # --- hooks -----------------------------------------------------------------------------
 
+    def _series(self, metric: Counter | Histogram, *values: str) -> Any:
+        """``metric.labels(*values)``, remembered: prometheus_client's lookup (a str() of
+        each value, a lock) cost 1.5 % of the relay's CPU at four per message. Only for
+        the per-message series below, which are never removed; their number is bounded
+        by the profiles configured and the few reply classes."""
+        key = (metric, values)
+        series = self._known_series.get(key)
+        if series is None:
+            series = self._known_series[key] = metric.labels(*values)
+        return series
+
     def received(self, profile: str, reply: Reply) -> None:
-        self._received.labels(profile, reply_class(reply)).inc()
+        self._series(self._received, profile, reply_class(reply)).inc()
 
     def delivered(self, profile: str, reply: Reply) -> None:
-        self._delivered.labels(profile, reply_class(reply)).inc()
+        self._series(self._delivered, profile, reply_class(reply)).inc()
 
     def deferred(self, profile: str, reply: Reply) -> None:
-        self._deferred.labels(profile, reply_class(reply)).inc()
+        self._series(self._deferred, profile, reply_class(reply)).inc()
 
     def bounced(self, profile: str, reply: Reply) -> None:
-        self._bounced.labels(profile, reply_class(reply)).inc()
+        self._series(self._bounced, profile, reply_class(reply)).inc()
 
     def attempt(self, reply: Reply, seconds: float) -> None:
-        self._latency.labels(reply_class(reply)).observe(seconds)
+        self._series(self._latency, reply_class(reply)).observe(seconds)
 
     def token_error(self, credential: str) -> None:
         self._token_errors.labels(credential).inc()
