@@ -13,8 +13,6 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 message_id: contextvars.ContextVar[str] = contextvars.ContextVar("message_id", default="-")
 
@@ -52,13 +50,21 @@ def scrub(text: str) -> str:
     return _scrub(text)
 
 
-@contextmanager
-def message_context(mid: str) -> Iterator[None]:
-    token = message_id.set(mid)
-    try:
-        yield
-    finally:
-        message_id.reset(token)
+class message_context:
+    """Every line logged inside the block names message ``mid``. A class rather than a
+    generator with @contextmanager, which costs several times as much, some six times
+    per message."""
+
+    __slots__ = ("_mid", "_token")
+
+    def __init__(self, mid: str) -> None:
+        self._mid = mid
+
+    def __enter__(self) -> None:
+        self._token = message_id.set(self._mid)
+
+    def __exit__(self, *exc: object) -> None:
+        message_id.reset(self._token)
 
 
 class _ContextFilter(logging.Filter):

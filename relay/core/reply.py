@@ -43,6 +43,8 @@ class Reply:
 
     def as_smtp(self) -> str:
         """Render for aiosmtpd: multi-line replies use ``code-text`` continuation lines."""
+        if "\n" not in self.text and "\r" not in self.text and self.text:
+            return f"{self.code} {self.text}"       # one line, as nearly every reply is
         lines = [ln for ln in self.text.replace("\r", "").split("\n") if ln] or [""]
         out = [f"{self.code}-{ln}" for ln in lines[:-1]]
         out.append(f"{self.code} {lines[-1]}")
