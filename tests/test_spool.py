@@ -139,6 +139,27 @@ async def test_the_take_into_active_is_not_synced_and_the_removal_is(
     await files.close()
 
 
+async def test_an_arrival_that_cannot_be_placed_fails_alone(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arrivals placed and synced in one trip: one whose files cannot be written is
+    refused on its own, and the others of its batch are durable all the same."""
+    real_add = spool.add
+
+    def add(e: Entry, content: Any, state: State = State.INCOMING) -> None:
+        if e.id == "BAD":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_add(e, content, state)
+
+    monkeypatch.setattr(spool, "add", add)
+    files = AsyncSpool(spool)
+    results = await asyncio.gather(*(files.accept(entry(mid), b"x")
+                                     for mid in ("G01", "BAD", "G02")),
+                                   return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["Content", "OSError", "Content"]
+    assert set(spool.names(State.INCOMING)) == {"G01.json", "G02.json"}
+    await files.close()
+
+
 async def test_a_sync_that_breaks_down_answers_every_waiting_accept(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Not only a disk error: whatever the sync raises, no arrival waits for ever, and

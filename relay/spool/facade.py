@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Container
 
 from relay.core import diskio
@@ -26,13 +27,22 @@ from relay.spool.records import Entry, State
 from relay.spool.store import Spool
 
 
+@dataclasses.dataclass(frozen=True)
+class _Arrival:
+    """A new message waiting for the committer (AsyncSpool.accept)."""
+
+    entry: Entry
+    content: Content
+    state: State
+    waiter: asyncio.Future[None]
+
+
 class AsyncSpool:
     """The async face of ``store`` (see the module docstring)."""
 
     def __init__(self, store: Spool) -> None:
         self.store = store
-        self._commit_waiters: list[asyncio.Future[None]] = []
-        self._commit_states: set[State] = set()     # where the waiting arrivals went
+        self._arrivals: list[_Arrival] = []     # waiting for the committer's next trip
         self._commit_wakeup: asyncio.Event | None = None
         self._committer: asyncio.Task[None] | None = None
 
@@ -46,52 +56,67 @@ class AsyncSpool:
         finished writer file of this message (Spool.writer). Returns the stored content.
         Raises OSError (disk full, ...) with nothing of the message left behind.
 
-        The files are in place before the directories are synced, so a failed sync must
-        take them out again: the caller answers 4xx, the client sends the message again,
-        and a copy left in ``state`` would be delivered as well. The caller must keep the
-        queue from taking the message until this returns (or the withdrawal could fail).
+        The message is placed (Spool.add) and the directories synced in one trip to the
+        disk thread, together with whatever else arrived meanwhile (group commit): one
+        fsync of each directory for all of them. The files are in place before the sync,
+        so a failed sync takes them out again: the caller answers 4xx, the client sends
+        the message again, and a copy left in ``state`` would be delivered as well. The
+        caller must keep the queue from taking the message until this returns.
         """
         if isinstance(content, bytes):
             content = Content(data=content)
-        await diskio.run(self.store.add, entry, content, state)
-        try:
-            await self._group_commit(state)
-        except Exception:
-            await diskio.run(self.store.withdraw, entry.id, state)
-            raise
-        return content.moved(self.store.data_path(entry.id))
-
-    async def _group_commit(self, state: State) -> None:
         loop = asyncio.get_running_loop()
-        self._commit_states.add(state)
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._arrivals.append(_Arrival(entry, content, state, waiter))
         if self._committer is None or self._committer.done():
             self._commit_wakeup = asyncio.Event()
             self._committer = loop.create_task(self._commit_loop())
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._commit_waiters.append(waiter)
         assert self._commit_wakeup is not None
         self._commit_wakeup.set()
         await waiter
+        return content.moved(self.store.data_path(entry.id))
 
     async def _commit_loop(self) -> None:
         assert self._commit_wakeup is not None
         while True:
             await self._commit_wakeup.wait()
             self._commit_wakeup.clear()
-            batch, self._commit_waiters = self._commit_waiters, []
-            states, self._commit_states = self._commit_states, set()
+            batch, self._arrivals = self._arrivals, []
             if not batch:
                 continue
             try:
-                await diskio.run(self.store.sync_dirs, states)
+                outcomes = await diskio.run(self._commit, batch)
             except Exception as exc:    # not only OSError: the waiters must never hang
-                for w in batch:
-                    if not w.done():
-                        w.set_exception(exc)
-                continue
-            for w in batch:
-                if not w.done():
-                    w.set_result(None)
+                outcomes = [exc] * len(batch)
+            for arrival, outcome in zip(batch, outcomes, strict=True):
+                if arrival.waiter.done():
+                    continue
+                if outcome is None:
+                    arrival.waiter.set_result(None)
+                else:
+                    arrival.waiter.set_exception(outcome)
+
+    def _commit(self, batch: list[_Arrival]) -> list[Exception | None]:
+        """On the disk thread: place each arrival, then sync the directories they went
+        to; each arrival's outcome (None: durable), in order."""
+        outcomes: list[Exception | None] = []
+        for a in batch:
+            try:
+                self.store.add(a.entry, a.content, a.state)
+            except Exception as exc:    # this one only; the others go on
+                outcomes.append(exc)
+            else:
+                outcomes.append(None)
+        placed = [a for a, outcome in zip(batch, outcomes, strict=True) if outcome is None]
+        if not placed:
+            return outcomes
+        try:
+            self.store.sync_dirs({a.state for a in placed})
+        except Exception as exc:
+            for a in placed:
+                self.store.withdraw(a.entry.id, a.state)
+            return [outcome or exc for outcome in outcomes]
+        return outcomes
 
     async def close(self) -> None:
         if self._committer is not None:
