@@ -210,9 +210,17 @@ class DataReader:
                 continue
             if line[:1] == b"." and line not in (b".\r\n", b".\n"):
                 line = line[1:]     # transparency (RFC 5321 4.5.2)
-            if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+            if not line.endswith(b"\r\n") or line.count(b"\r") != 1:
                 line = LINE_BREAK.sub(b"\r\n", line)
-            await self._take(line, sink)
+            if self._head is None:
+                # A body line, as nearly all are: kept here rather than in a coroutine
+                # call per line.
+                self._batch.append(line)
+                self._batch_size += len(line)
+                if self._batch_size >= CHUNK:
+                    await self._flush(sink)
+            else:
+                await self._take(line, sink)
         if result.refusal is None:
             if self._head is not None:
                 await self._end_of_headers(sink)    # a message without a body
@@ -225,13 +233,8 @@ class DataReader:
     # --- one canonical line ---------------------------------------------------------------
 
     async def _take(self, line: bytes, sink: Sink) -> None:
-        if self._head is None:
-            self._batch.append(line)
-            self._batch_size += len(line)
-            if self._batch_size >= CHUNK:
-                await self._flush(sink)
-            return
-        # Still in the header section: a bare CR may have made this several lines.
+        """A line of the header section (a bare CR may have made it several lines), or
+        the empty line that ends it."""
         start = 0
         while start < len(line):
             end = line.index(b"\r\n", start) + 2
