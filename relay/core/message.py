@@ -178,8 +178,12 @@ class Envelope:
     def envelope(self) -> dict[str, Any]:
         """The envelope's fields by name (lists copied), to build another record of the
         same message: ``Outbound(**entry.envelope(), content=...)``."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), list) else v)
-                for f in fields(Envelope)}
+        return {name: (list(v) if isinstance(v := getattr(self, name), list) else v)
+                for name in _ENVELOPE_FIELDS}
+
+
+# Read once: dataclasses.fields() builds its tuple anew on every call, twice per message.
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
 
 
 @dataclass(kw_only=True)

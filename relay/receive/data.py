@@ -220,7 +220,7 @@ class DataReader:
                 if self._batch_size >= CHUNK:
                     await self._flush(sink)
             else:
-                await self._take(line, sink)
+                await self._take(self._head, line, sink)
         if result.refusal is None:
             if self._head is not None:
                 await self._end_of_headers(sink)    # a message without a body
@@ -232,9 +232,9 @@ class DataReader:
 
     # --- one canonical line ---------------------------------------------------------------
 
-    async def _take(self, line: bytes, sink: Sink) -> None:
-        """A line of the header section (a bare CR may have made it several lines), or
-        the empty line that ends it."""
+    async def _take(self, head: list[bytes], line: bytes, sink: Sink) -> None:
+        """A line of the header section ``head`` (a bare CR may have made it several
+        lines), or the empty line that ends it."""
         start = 0
         while start < len(line):
             end = line.index(b"\r\n", start) + 2
@@ -251,7 +251,7 @@ class DataReader:
                 self._fields += 1
                 if field_name(piece).lower() == "received":
                     self._hops += 1
-            self._head.append(piece)
+            head.append(piece)
             self._head_size += len(piece)
             start = end
         self._limit_headers()
