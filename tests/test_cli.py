@@ -417,3 +417,30 @@ def test_uvloop_asked_for_and_missing_is_a_config_error(
     assert cli.main(["run", "--sandbox", "--config", str(sandbox_config)]) == 78
     assert ("cannot start: server.event_loop: uvloop is not installed (pip install uvloop, "
             "or event_loop: auto to use asyncio's own loop without it)") in capsys.readouterr().err
+
+
+def test_what_start_up_made_is_frozen_out_of_the_collectors_sight_once_it_is_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run`` freezes the objects alive when the relay is ready (gc.freeze), so that full
+    collections under load do not walk the config and the libraries again; not before
+    it is ready, since start-up may still fail and tidy up."""
+    import gc
+
+    from relay.cli import run as run_command
+
+    ready: list[object] = []
+
+    async def serve(self: Relay, reload: object = None, on_ready: object = None) -> None:
+        assert gc.get_freeze_count() == 0       # nothing frozen while starting
+        assert callable(on_ready)
+        on_ready()
+        ready.append(gc.get_freeze_count())
+
+    monkeypatch.setattr(Relay, "serve", serve)
+    monkeypatch.setattr(Relay, "__init__", lambda self, config: None)
+    args = argparse.Namespace(sandbox=False, config="unused.yaml")
+    try:
+        assert asyncio.run(run_command._run(args, object())) == 0  # type: ignore[arg-type]
+    finally:
+        gc.unfreeze()
+    assert ready and ready[0] > 0
