@@ -52,10 +52,13 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
                        http_port=args.http_port) as sandbox:
         relay = Relay(sandbox.apply(config), on_reload=sandbox.adopt)
 
+        def ready() -> None:
+            _started()
+            print(sandbox.banner(relay.listening), file=sys.stderr, flush=True)
+
         await relay.serve(
             reload=lambda: sandbox.rewrite(load_config(args.config, check_secrets=False)),
-            on_ready=lambda: (_started(), print(sandbox.banner(relay.listening),
-                                                file=sys.stderr, flush=True)))
+            on_ready=ready)
     return EX_OK
 
 
