@@ -10,7 +10,7 @@ import re
 import pytest
 
 from relay.accept.headers import Address, HeaderError, RawMessage
-from relay.accept.names import clean_display_name
+from relay.accept.names import clean_display_name, header_factory
 from relay.accept.trace import _date, received_header
 
 LONG_LINE = b"<p>" + b"x" * 5000 + b"</p>"
@@ -371,3 +371,19 @@ def test_the_received_date_is_each_messages_own() -> None:
     assert _date(berlin) == "Mon, 07 Dec 2026 12:24:50 +0100"      # the same instant
     assert _date(utc + dt.timedelta(seconds=1)) == "Mon, 07 Dec 2026 11:24:51 +0000"
     assert _date(utc.replace(tzinfo=None)) == "Mon, 07 Dec 2026 11:24:50 +0000"
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("From", "Ann Example <ann@example.com>"), ("Reply-To", "a@example.com, b@example.com"),
+    ("Subject", "=?utf-8?q?caf=C3=A9?= menu"), ("Sender", "bad@@example")])
+def test_the_header_factory_makes_each_kind_of_field_once_and_reads_as_emails_own(
+        name: str, value: str) -> None:
+    """relay.accept.names.header_factory keeps the class it makes for a kind of field (the
+    email package's makes a new one per header object); what it reads and renders is the
+    email package's, to the byte."""
+    ours, theirs = header_factory(name, value), email.policy.SMTP.header_factory(name, value)
+    assert type(ours) is type(header_factory(name.upper(), value))
+    assert type(theirs) is not type(email.policy.SMTP.header_factory(name, value))
+    assert (str(ours), [type(d) for d in ours.defects]) == (
+        str(theirs), [type(d) for d in theirs.defects])
+    assert ours.fold(policy=email.policy.SMTP) == theirs.fold(policy=email.policy.SMTP)

@@ -22,10 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.headerregistry import Address, BaseHeader
 from email.policy import SMTP, SMTPUTF8, EmailPolicy
-from email.policy import default as _default_policy
 from typing import Any
 
-from relay.accept.names import plain_address, salvage
+from relay.accept.names import header_factory, plain_address, salvage
 from relay.accept.trace import text_field
 from relay.core.errors import RelayError
 from relay.core.text import one_line, truncate
@@ -228,7 +227,7 @@ class RawMessage:
     def _parsed(self, f: _Field) -> BaseHeader:
         if f.parsed is None:
             try:
-                f.parsed = _default_policy.header_factory(f.name, self._value(f))
+                f.parsed = header_factory(f.name, self._value(f))
             except Exception as exc:  # the registry raises IndexError etc. on odd input
                 raise HeaderError(f"{f.name} header cannot be parsed") from exc
         return f.parsed
@@ -359,7 +358,7 @@ class RawMessage:
             raise ValueError(f"invalid header field name {name!r}")
         if isinstance(value, str):
             return text_field(name, value, self.eol)    # read back as exactly that text
-        header = SMTP.header_factory(name, value)
+        header = header_factory(name, value)
         utf8 = _needs_utf8(header)
         policy = _POLICIES[(self.eol, utf8)]
         return header.fold(policy=policy).encode("utf-8" if utf8 else "ascii",

@@ -6,7 +6,9 @@
   standard parser cannot take (``Sales @ HQ <sales@example.com>``), or None;
 - :func:`plain_address`: the other way round, the address of a plain ``local@domain`` or
   ``Name <local@domain>`` read without the standard parser, which costs more than the
-  rest of the header work together.
+  rest of the header work together;
+- :data:`header_factory`: the email package's factory of header objects, the one every
+  field the relay parses or renders goes through.
 
 The strict reading is the email package's (:mod:`relay.accept.headers`); this is the one
 fallback, for one ``name <addr>`` at most 998 characters long, never for a list.
@@ -15,10 +17,36 @@ fallback, for one ``name <addr>`` at most 998 characters long, never for a list.
 from __future__ import annotations
 
 import re
-from email.headerregistry import Address
-from email.policy import default as _default_policy
+from collections.abc import Callable
+from email.headerregistry import Address, BaseHeader, HeaderRegistry
+from typing import Any
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+class _Factory(HeaderRegistry):
+    """The email package's header factory, with each kind of field's class made once.
+
+    HeaderRegistry makes a new class (``type(...)``) for every header object: for every
+    field parsed or rendered, twice per message that the sender policy rewrites. Making a
+    class costs more than parsing the field, and each one is left to the garbage
+    collector. The class depends only on the kind of field, so it is kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes: dict[type, type[BaseHeader]] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        kind = self.registry.get(name.lower(), self.default_class)
+        made = self._classes.get(kind)
+        if made is None:
+            made = self._classes[kind] = super().__getitem__(name)
+        return made
+
+
+# Typed as the policies' header_factory is: the header classes' own attributes
+# (``addresses``, ``defects``) are not on BaseHeader.
+header_factory: Callable[[str, Any], Any] = _Factory()
 
 # Last resort for a single ``name <addr>`` whose name has unquoted specials, e.g.
 # ``Sales @ HQ <sales@example.com>`` or ``Smith, John <js@example.com>``: the standard parser
@@ -52,7 +80,7 @@ def salvage(value: str) -> Address | None:
     if not m:
         return None
     try:
-        addr = _default_policy.header_factory("To", m["addr"])
+        addr = header_factory("To", m["addr"])
     except Exception:  # same registry quirks as above
         return None
     if addr.defects or len(addr.addresses) != 1:
@@ -68,7 +96,7 @@ def salvage(value: str) -> Address | None:
     if "=?" in name:
         # Encoded words may hide any character, CR and LF among them (which is why the
         # registry gave up on this value: no Address may hold them).
-        name = clean_display_name(str(_default_policy.header_factory("Subject", name)))
+        name = clean_display_name(str(header_factory("Subject", name)))
     return Address(display_name=name, username=spec.username, domain=spec.domain)
 
 
