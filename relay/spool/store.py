@@ -47,7 +47,7 @@ class Spool:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._claim_fd: int | None = None
-        self._base = os.fspath(root)    # for names built as text (see _in)
+        self._base = os.fspath(root)    # for names built as text (see _meta)
 
     # --- set-up ---------------------------------------------------------------------------
 
@@ -103,7 +103,7 @@ class Spool:
     def save_state(self, name: str, data: bytes) -> None:
         """Keep a small file of the relay's own next to the queue (e.g. the governor's
         windows): written to tmp/, fsynced and renamed, so it is whole or absent."""
-        tmp = self.root / "tmp" / f"{name}.{os.getpid()}.{time.monotonic_ns()}"
+        tmp = self._scratch(name)
         disk.write_synced(tmp, data)
         try:
             os.replace(tmp, self.root / name)
@@ -127,11 +127,11 @@ class Spool:
             os.replace(self.data_path(mid), self.root / "corrupt" / f"{mid}.eml")
         self.set_aside_file(state, self.meta_path(state, mid).name, why)
         for name in ("corrupt", "data", state):
-            disk.fsync_dir(self.root / name)
+            disk.fsync_dir(self._dir(name))
 
     def set_aside_file(self, state: State, name: str, why: str) -> None:
         """Move one file of ``state`` to corrupt/ (and say so), as it is."""
-        os.replace(self.root / state / name, self.root / "corrupt" / name)
+        os.replace(self._dir(f"{state}/{name}"), self._dir(f"corrupt/{name}"))
         log.error("spool: %s/%s %s; moved to corrupt/", state, name, why)
 
     # --- naming -------------------------------------------------------------------------
@@ -141,21 +141,29 @@ class Spool:
         return name[:-5] or None if name.endswith(".json") else None
 
     def meta_path(self, state: State, mid: str) -> Path:
-        return self.root / state / f"{mid}.json"
+        return Path(self._meta(state, mid))
 
     def data_path(self, mid: str) -> Path:
-        return self.root / "data" / f"{mid}.eml"
+        return Path(self._data(mid))
 
-    def _in(self, directory: str, name: str) -> str:
-        """``directory/name`` as text: a Path per name on the message path cost more than
-        the system call it names (4 % of the relay's CPU in make bench)."""
-        return f"{self._base}/{directory}/{name}"
+    # The layout as text (a Path per name cost 4 % of the relay's CPU in make bench).
+    def _dir(self, name: str) -> str:
+        return f"{self._base}/{name}"
+
+    def _meta(self, state: State, mid: str) -> str:
+        return f"{self._base}/{state.value}/{mid}.json"
+
+    def _data(self, mid: str) -> str:
+        return f"{self._base}/data/{mid}.eml"
+
+    def _scratch(self, name: str) -> str:     # a new file in tmp/, unique per writer
+        return self._dir(f"tmp/{name}.{os.getpid()}.{time.monotonic_ns()}")
 
     # --- accepting -------------------------------------------------------------------------
 
     def writer(self, mid: str) -> DataWriter:
         """Where the bytes of new message ``mid`` go while they arrive (see :meth:`add`)."""
-        return DataWriter(self.root / "tmp" / f"{mid}.eml")
+        return DataWriter(Path(self._dir(f"tmp/{mid}.eml")))
 
     def add(self, entry: Entry, content: Content | bytes,
             state: State = State.INCOMING) -> None:
@@ -170,9 +178,9 @@ class Spool:
         """
         if isinstance(content, bytes):
             content = Content(data=content)
-        staged = self._in("tmp", f"{entry.id}.eml")
-        meta = self._in("tmp", f"{entry.id}.json")
-        data = self._in("data", f"{entry.id}.eml")
+        staged = self._dir(f"tmp/{entry.id}.eml")
+        meta = self._dir(f"tmp/{entry.id}.json")
+        data = self._data(entry.id)
         placed = False
         try:
             if content.path is None:
@@ -184,7 +192,7 @@ class Spool:
                 os.utime(meta, (entry.next_attempt, entry.next_attempt))
             os.replace(staged, data)
             placed = True
-            os.replace(meta, self._in(state.value, f"{entry.id}.json"))
+            os.replace(meta, self._meta(state, entry.id))
         except BaseException:
             disk.unlink_quietly(staged, meta, *([data] if placed else []))
             raise
@@ -204,7 +212,7 @@ class Spool:
         """Make the names of every message added so far to ``states`` durable (see
         :meth:`add`): data/ and those directories, the only ones an add changes."""
         for name in ("data", *states):
-            disk.fsync_dir(f"{self._base}/{name}")
+            disk.fsync_dir(self._dir(name))
 
     # --- state changes -----------------------------------------------------------------------
 
@@ -240,11 +248,11 @@ class Spool:
         """
         if rewrite and src not in _OWNED:
             raise ValueError(f"metadata in {src}/ is shared and never rewritten in place")
-        old = self._in(src.value, f"{entry.id}.json")
-        new = self._in(dst.value, f"{entry.id}.json")
+        old = self._meta(src, entry.id)
+        new = self._meta(dst, entry.id)
         due = (entry.next_attempt, entry.next_attempt)
         if rewrite:
-            tmp = self._in("tmp", f"{entry.id}.json.{os.getpid()}.{time.monotonic_ns()}")
+            tmp = self._scratch(f"{entry.id}.json")
             disk.write_synced(tmp, entry.to_json())
             try:
                 if dst is State.DEFERRED:
@@ -265,9 +273,9 @@ class Spool:
         if old != new:
             os.rename(old, new)         # the state change, and the only one
         if sync:
-            disk.fsync_dir(f"{self._base}/{dst.value}")
+            disk.fsync_dir(self._dir(dst))
             if src is not dst:
-                disk.fsync_dir(f"{self._base}/{src.value}")
+                disk.fsync_dir(self._dir(src))
 
     def record_delivered(self, entry: Entry, *, complete: bool) -> None:
         """Write down, right after the upstream's 250, what it accepted: the one step between
@@ -284,12 +292,12 @@ class Spool:
         until space frees up, which may take a while: then the record is written over the
         file in place instead (relay.spool.disk.overwrite), where the file's own blocks hold it.
         """
-        path = self._in(State.ACTIVE.value, f"{entry.id}.json")
+        path = self._meta(State.ACTIVE, entry.id)
         if complete:
             os.unlink(path)
             return
         data = entry.to_json()
-        tmp = self._in("tmp", f"{entry.id}.json.{os.getpid()}.{time.monotonic_ns()}")
+        tmp = self._scratch(f"{entry.id}.json")
         try:
             disk.write_synced(tmp, data, sync=False)
         except OSError as exc:
@@ -320,9 +328,9 @@ class Spool:
         has nothing left to retry and would only mistake it for a failed delivery.
         """
         if not claimed:
-            os.unlink(self._in(state.value, f"{entry_id}.json"))
+            os.unlink(self._meta(state, entry_id))
         try:
-            os.unlink(self._in("data", f"{entry_id}.eml"))
+            os.unlink(self._data(entry_id))
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -330,18 +338,15 @@ class Spool:
                       entry_id, exc.strerror or exc)
         # data/ needs no fsync of its own: data that comes back after a crash has no
         # metadata, and recovery removes it.
-        disk.fsync_dir(f"{self._base}/{state.value}")
+        disk.fsync_dir(self._dir(state))
 
     def holds(self, state: State, mid: str) -> bool:
         """Whether ``mid``'s metadata is in ``state`` right now."""
         return self.meta_path(state, mid).exists()
 
     def locate(self, mid: str) -> tuple[State, Path] | None:
-        for state in State:
-            path = self.meta_path(state, mid)
-            if path.exists():
-                return state, path
-        return None
+        return next(((state, path) for state in State
+                     if (path := self.meta_path(state, mid)).exists()), None)
 
     # --- scanning ---------------------------------------------------------------------------
 
