@@ -15,7 +15,6 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from relay.accept.route import Router
 from relay.config import Config, ConfigError, changed_keys
@@ -315,9 +314,3 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def _needs_restart(key: str) -> bool:
     return any(key == name or key.startswith(f"{name}.") for name in _RESTART_ONLY)
-
-
-def config_loader(path: Path) -> Callable[[], Config]:
-    from relay.config import load_config
-
-    return lambda: load_config(path)
