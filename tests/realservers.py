@@ -130,6 +130,13 @@ class _SinkHandler:
     def __init__(self, sink: SmtpSink) -> None:
         self._sink = sink
 
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        if address.lower() in self._sink.unknown:
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self._sink._add(SunkMessage(envelope.mail_from, list(envelope.rcpt_tos),
                                     bytes(envelope.original_content or envelope.content),
@@ -143,6 +150,7 @@ class SmtpSink:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._messages: list[SunkMessage] = []
+        self.unknown: set[str] = set()     # recipients refused at RCPT (lower case)
         self._controller: Controller | None = None
         self.host = "127.0.0.1"
         self.port = 0

@@ -226,6 +226,38 @@ async def test_one_session_carries_several_messages_and_is_reopened_when_dovecot
     assert len(upstream.dovecot.logins()) == 2        # a new session, logged in again
 
 
+async def test_a_recipient_refused_inside_a_pipelined_group_gets_nothing(
+        upstream: Upstream, relay: Relay) -> None:
+    """Dovecot offers PIPELINING, so the relay sends MAIL, the RCPTs and DATA in one go
+    and reads the refusal of one recipient after Dovecot already said 354: the message
+    goes to the others, once, and the refused one gets nothing."""
+    upstream.sink.unknown.add("bob@example.net")
+    features = await asyncio.to_thread(_features_after_tls, upstream)
+    assert "pipelining" in features
+
+    code, text = await submit(relay, message("Two of three"))
+
+    assert code == 250 and "to some recipients" in text
+    [got] = [m for m in upstream.sink.messages if b"Subject: Two of three" in m.data]
+    assert sorted(got.rcpt_tos) == ["alice@example.com", "hidden@example.org"]
+    assert re.search(r"nrcpt=2, reply=`250 ", upstream.dovecot.log())
+    code, text = await submit(relay, message("Next one"), ["alice@example.com"])
+    assert code == 250 and "delivered as" in text
+    got_next = [m for m in upstream.sink.messages if b"Subject: Next one" in m.data]
+    assert len(got_next) == 1
+    # Nothing reached the refused recipient; the sender heard of it (the relay's DSN).
+    assert all("bob@example.net" not in m.rcpt_tos for m in upstream.sink.messages)
+    await wait_until(lambda: any(m.rcpt_tos == [MAILBOX] for m in upstream.sink.messages),
+                     within=10)
+
+
+def _features_after_tls(upstream: Upstream) -> dict[str, str]:
+    with smtplib.SMTP(DOVECOT_HOST, upstream.dovecot.port, timeout=30) as c:
+        c.starttls(context=_tls(upstream.pki))
+        c.ehlo("probe.test")
+        return dict(c.esmtp_features)
+
+
 async def test_no_token_goes_to_a_server_without_starttls(
         upstream: Upstream, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # A second Dovecot, misconfigured: no TLS at all, XOAUTH2 offered and taken in clear.

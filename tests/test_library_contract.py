@@ -3,7 +3,8 @@ versions, so that an upgrade that changes it fails here, by name, and not in pro
 
 relay/receive/session.py subclasses aiosmtpd's SMTP protocol (it has no setting for an
 asynchronous AUTH check, per-line deadlines or a streamed DATA) and reads a few of its
-private attributes; relay/deliver/data.py streams DATA through aiosmtplib's protocol object.
+private attributes; relay/deliver/data.py streams DATA through aiosmtplib's protocol object,
+and relay/deliver/pipelining.py subclasses that object and makes it in aiosmtplib's way.
 Two shortcuts past aiosmtpd's per-connection costs are checked against aiosmtpd's own
 results: relay/receive/setuponce.py (AUTH methods found once per class) and the plain-path
 reading in RelaySMTP._getaddr. pyproject.toml bounds both versions to the ranges checked here.
@@ -90,6 +91,38 @@ def test_aiosmtplib_protocol_has_what_the_streamed_data_uses() -> None:
     assert "timeout" in inspect.signature(protocol.execute_command).parameters
     assert "timeout" in inspect.signature(protocol.read_response).parameters
     assert "protocol" in vars(aiosmtplib.SMTP())
+
+
+def test_aiosmtplib_has_what_the_pipelining_protocol_uses() -> None:
+    """relay/deliver/pipelining.py subclasses the protocol (its reply buffer and waiter)
+    and repeats SMTP._create_connection, which is where aiosmtplib makes the protocol."""
+    import aiosmtplib.email
+
+    protocol = aiosmtplib.protocol.SMTPProtocol
+    for name in ("data_received", "_read_response_from_buffer", "_set_response_exception",
+                 "connection_made"):
+        assert callable(getattr(protocol, name, None)), f"aiosmtplib's {name} is gone"
+    loop = asyncio.new_event_loop()
+    try:
+        made = protocol(loop=loop)
+        for name in ("_buffer", "_response_waiter", "_response_pending"):
+            assert hasattr(made, name), f"aiosmtplib's protocol has no {name}"
+    finally:
+        loop.close()
+    assert list(inspect.signature(protocol.__init__).parameters) == [
+        "self", "loop", "connection_lost_callback"]
+    smtp = aiosmtplib.SMTP
+    assert list(inspect.signature(smtp._create_connection).parameters) == ["self", "timeout"]
+    for name in ("_on_connection_lost", "_get_tls_context", "_get_default_port"):
+        assert callable(getattr(smtp, name, None)), f"aiosmtplib's SMTP.{name} is gone"
+    client = vars(aiosmtplib.SMTP())
+    for name in ("sock", "socket_path", "source_address", "loop", "transport", "use_tls"):
+        assert name in client, f"aiosmtplib's SMTP has no {name}"
+    source = inspect.getsource(smtp._create_connection)
+    assert "SMTPProtocol(" in source and "create_connection(" in source
+    assert aiosmtplib.protocol.MAX_RESPONSE_LENGTH <= 64 * 1024
+    assert aiosmtplib.protocol.COMMAND_INJECTION_REGEX.search(b"a\x00b")
+    assert aiosmtplib.email.quote_address("a@b") == "<a@b>"
 
 
 def test_the_plain_path_shortcut_reads_addresses_as_aiosmtpd_does() -> None:

@@ -355,8 +355,7 @@ async def test_partial_refusal_abandons_message_by_default(
     assert "alice@example.com" not in result.reply.text
     assert result.accepted == [] and list(result.refused) == ["ghost@example.com"]
     assert result.refused["ghost@example.com"].text == text
-    assert exchange.messages == []
-    assert "RSET" in exchange.commands and "DATA" not in exchange.commands
+    assert exchange.messages == []     # tests/test_pipelining.py: how, either way
 
 
 async def test_partial_refusal_with_a_4xx_makes_the_whole_reply_4xx(

@@ -2,7 +2,9 @@
 
 - :func:`send_data`: DATA, the message, the final dot and the upstream's verdict, for a
   message of any size in a small, fixed amount of memory; raises ``SMTPDataError`` for a
-  refusal, like aiosmtplib's ``SMTP.data``.
+  refusal, like aiosmtplib's ``SMTP.data``;
+- :func:`send_body`: the same from the message on, for a DATA sent in a pipelined group
+  (:mod:`relay.deliver.transaction`).
 
 aiosmtplib's ``SMTP.data`` wants the whole message as one bytes object and makes copies of
 it (line endings, dot-stuffing), so a 30 MB message would cost about 100 MB. This sends it
@@ -33,7 +35,19 @@ _DATA_CHUNK = 64 * 1024
 async def send_data(smtp: aiosmtplib.SMTP, content: Content,
                     reply_timeout: float) -> aiosmtplib.SMTPResponse:
     """DATA with ``content``; ``reply_timeout`` for each reply, plus the time a slow link
-    takes to carry the message for the final one.
+    takes to carry the message for the final one."""
+    protocol = smtp.protocol
+    if protocol is None:
+        raise SMTPServerDisconnected("Connection lost")
+    start = await protocol.execute_command(b"DATA", timeout=reply_timeout)
+    if start.code != 354:
+        raise SMTPDataError(start.code, start.message)
+    return await send_body(smtp, content, reply_timeout)
+
+
+async def send_body(smtp: aiosmtplib.SMTP, content: Content,
+                    reply_timeout: float) -> aiosmtplib.SMTPResponse:
+    """The message and the final dot, once the upstream answered DATA with 354.
 
     The content is canonical (relay.core.message), so stuffing is a matter of a dot after
     every CRLF.
@@ -42,9 +56,6 @@ async def send_data(smtp: aiosmtplib.SMTP, content: Content,
     protocol = smtp.protocol
     if protocol is None:
         raise SMTPServerDisconnected("Connection lost")
-    start = await protocol.execute_command(b"DATA", timeout=reply_timeout)
-    if start.code != 354:
-        raise SMTPDataError(start.code, start.message)
     at_line_start = True
     last = b"\n"
     held = b""          # the latest chunk, written with the next (or with the final dot)

@@ -26,16 +26,11 @@ import functools
 import hashlib
 import logging
 import ssl
-from collections.abc import Callable
 from typing import Protocol
 
-import aiosmtplib
 from aiosmtplib import (
-    SMTPDataError,
     SMTPException,
-    SMTPRecipientRefused,
     SMTPResponseException,
-    SMTPSenderRefused,
 )
 
 from relay.config import Upstream
@@ -45,25 +40,19 @@ from relay.core.net import host_port
 from relay.core.reply import Reply
 from relay.core.secrets import Secret
 from relay.core.text import one_line
-from relay.deliver.data import send_data
 from relay.deliver.failures import (
     AuthenticationRejected,
     UpstreamUnavailable,
     path_failure,
-    refusal_for,
     session_refusal,
-    transaction_reply,
 )
+from relay.deliver.pipelining import UpstreamSMTP
+from relay.deliver.transaction import OnAccepted, Transaction
 
 log = logging.getLogger(__name__)
 
 _QUIT_TIMEOUT = 5.0
 _CHECK_TIMEOUT = 10.0
-
-# Called with the recipients the upstream accepted, the moment its final reply to DATA
-# arrives (see UpstreamSession.send_one).
-OnAccepted = Callable[[list[str]], None]
-
 
 class HasAccessToken(Protocol):
     """What :mod:`relay.oauth.provider` hands out; only the access token is used here."""
@@ -91,7 +80,7 @@ class UpstreamSession:
         self.helo_name = helo_name
         self.where = host_port(upstream.host, upstream.port)
         self._tls = tls_context
-        self._smtp: aiosmtplib.SMTP | None = None
+        self._smtp: UpstreamSMTP | None = None
         self._stage = "connect"
         self.mailbox: str | None = None
         self._token_digest: bytes | None = None
@@ -126,7 +115,7 @@ class UpstreamSession:
         if self._smtp is not None:
             raise RuntimeError("session already opened")
         implicit = self.upstream.tls == "implicit"
-        smtp = aiosmtplib.SMTP(
+        smtp = UpstreamSMTP(
             hostname=self.upstream.host, port=self.upstream.port,
             local_hostname=self.helo_name, timeout=self.upstream.timeout,
             use_tls=implicit, start_tls=False, tls_context=self._tls)
@@ -185,7 +174,7 @@ class UpstreamSession:
         smtp = self._smtp
         return smtp.get_transport_info(key) if smtp is not None and smtp.is_connected else None
 
-    async def _authenticate(self, smtp: aiosmtplib.SMTP, mailbox: str,
+    async def _authenticate(self, smtp: UpstreamSMTP, mailbox: str,
                             token: HasAccessToken) -> None:
         """SASL XOAUTH2 in the two-step form: the 2-3 kB response goes on its own line,
         not on the AUTH command line (RFC 4954's 512-octet command limit)."""
@@ -235,110 +224,20 @@ class UpstreamSession:
         smtp = self._smtp
         if smtp is None or not self.is_open:
             raise RuntimeError("session is not open")
+        transaction = Transaction(smtp, msg, self.where, self.upstream.timeout)
         try:
-            result = await self._transaction(smtp, msg, require_all_recipients, dry_run,
-                                             on_accepted)
+            result = await transaction.run(require_all_recipients, dry_run, on_accepted)
         except BaseException as exc:
+            self._stage = transaction.stage
             self._abort()
             if isinstance(exc, SMTPException | OSError | TimeoutError):
                 return DeliveryResult(path_failure(exc, self.upstream, self._stage),
                                       authenticated=True)
             raise
+        self._stage = transaction.stage
         # Only a logged-in session gets this far (is_open above).
         result.authenticated = True
         return result
-
-    def _mail_options(self, smtp: aiosmtplib.SMTP, msg: Outbound) -> tuple[list[str], bool]:
-        """The client's BODY/SMTPUTF8 where the upstream supports them, and our SIZE."""
-        options: list[str] = []
-        utf8 = False
-        for option in msg.mail_options:
-            key, _, value = option.partition("=")
-            key, value = key.upper(), value.upper()
-            if key == "BODY" and value in ("7BIT", "8BITMIME") \
-                    and smtp.supports_extension("8bitmime"):
-                options.append(f"BODY={value}")
-            elif key == "SMTPUTF8" and not value and smtp.supports_extension("smtputf8"):
-                utf8 = True
-        addresses = [msg.mail_from, *msg.rcpt_tos]
-        if not utf8 and not all(a.isascii() for a in addresses) \
-                and smtp.supports_extension("smtputf8"):
-            utf8 = True
-        if utf8:
-            options.append("SMTPUTF8")
-        if smtp.supports_extension("size"):
-            options.append(f"SIZE={msg.content.size}")
-        return options, utf8
-
-    def _verdict(self, code: int, text: str) -> Reply:
-        return transaction_reply(code, text, self.where, self._stage)
-
-    async def _transaction(self, smtp: aiosmtplib.SMTP, msg: Outbound,
-                           require_all: bool, dry_run: bool = False,
-                           on_accepted: OnAccepted | None = None) -> DeliveryResult:
-        options, utf8 = self._mail_options(smtp, msg)
-        encoding = "utf-8" if utf8 else "ascii"
-        self._stage = "MAIL FROM"
-        try:
-            await smtp.mail(msg.mail_from, options=options, encoding=encoding)
-        except SMTPSenderRefused as exc:
-            return DeliveryResult(self._verdict(exc.code, exc.message))
-        except UnicodeEncodeError:
-            return DeliveryResult(Reply(550, f"5.6.7 Sender <{msg.mail_from}> is not ASCII "
-                                             f"and upstream {self.where} lacks SMTPUTF8"))
-        except ValueError:
-            return DeliveryResult(Reply(501, f"5.1.7 Bad sender address <{msg.mail_from}>"))
-
-        self._stage = "RCPT TO"
-        accepted: list[str] = []
-        refused: dict[str, Reply] = {}
-        for rcpt in msg.rcpt_tos:
-            try:
-                await smtp.rcpt(rcpt, encoding=encoding)
-            except SMTPRecipientRefused as exc:
-                refused[rcpt] = self._verdict(exc.code, exc.message)
-                if not smtp.is_connected:  # 421: the upstream is closing the session
-                    self._abort()
-                    return DeliveryResult(refused[rcpt], [], refused)
-            except UnicodeEncodeError:
-                refused[rcpt] = Reply(550, "5.6.7 Address is not ASCII and upstream "
-                                           "lacks SMTPUTF8")
-            except ValueError:
-                refused[rcpt] = Reply(501, "5.1.3 Bad recipient address syntax")
-            else:
-                accepted.append(rcpt)
-
-        if refused and (require_all or not accepted):
-            self._stage = "RSET"
-            await self._rset(smtp)
-            return DeliveryResult(refusal_for(refused, len(msg.rcpt_tos)), [], refused)
-
-        if dry_run:
-            self._stage = "RSET"
-            await self._rset(smtp)
-            return DeliveryResult(Reply(250, "2.0.0 Sender and recipients accepted; dry run, "
-                                             "RSET instead of DATA: nothing was sent"),
-                                  accepted, refused)
-
-        self._stage = "DATA"
-        try:
-            response = await send_data(smtp, msg.content, self.upstream.timeout)
-        except SMTPDataError as exc:
-            return DeliveryResult(self._verdict(exc.code, exc.message), [], refused)
-        if on_accepted is not None:
-            try:
-                on_accepted(accepted)
-            except Exception:
-                # The message was delivered: nothing may turn that into a failure (and so
-                # into a second delivery on retry).
-                log.exception("recording an accepted message failed")
-        return DeliveryResult(Reply(response.code, response.message), accepted, refused)
-
-    async def _rset(self, smtp: aiosmtplib.SMTP) -> None:
-        try:
-            await smtp.rset()
-        except (SMTPException, OSError, TimeoutError):
-            self._abort()
 
     async def check(self) -> bool:
         """RSET an idle session before reusing it; False (and closed) if it fails.

@@ -84,11 +84,12 @@ class FakeExchange:
 
     def __init__(self, pki: LocalPKI, validate_token: TokenValidator, *,
                  maildir: Path | None = None, hostname: str = "fake-exchange.local",
-                 starttls: bool = True) -> None:
+                 starttls: bool = True, pipelining: bool = True) -> None:
         self.pki = pki
         self.hostname = hostname
         self.maildir = maildir
         self.offer_starttls = starttls  # False simulates a STARTTLS-stripping middlebox
+        self.offer_pipelining = pipelining  # RFC 2920, which Exchange Online offers
         # False: the app is authorised by RBAC for Applications (New-ManagementRoleAssignment
         # -Role 'Application SMTP.SendAsApp'), so tokens without that role are accepted.
         self.require_send_as_role = True
@@ -103,6 +104,8 @@ class FakeExchange:
         self.port = 0
         self.messages: list[ReceivedMessage] = []
         self.commands: list[str] = []  # command lines seen; AUTH payloads replaced
+        # Commands that arrived with the next one already behind them (pipelined).
+        self.pipelined_commands = 0
         self.auth_attempts: list[AuthAttempt] = []
         self.sessions = 0
         self.max_concurrent_sessions = 0  # high-water mark of open connections
@@ -441,6 +444,9 @@ class _ExchangeSMTP(SMTP):
 
     def _record(self, line: str) -> None:
         self.fake.commands.append(line)
+        reader = self._reader
+        if reader is not None and reader._buffer:  # type: ignore[attr-defined]
+            self.fake.pipelined_commands += 1
 
     def _tls_active(self) -> bool:
         return self._tls_protocol is not None
@@ -468,7 +474,9 @@ class _ExchangeSMTP(SMTP):
         self.session.extended_smtp = True
         self.session.host_name = hostname
         peer = self.session.peer[0] if self.session.peer else "unknown"
-        lines = [f"{self.hostname} Hello [{peer}]", f"SIZE {MAX_MESSAGE_SIZE}", "PIPELINING"]
+        lines = [f"{self.hostname} Hello [{peer}]", f"SIZE {MAX_MESSAGE_SIZE}"]
+        if self.fake.offer_pipelining:
+            lines.append("PIPELINING")
         if self._tls_active():
             lines.append("AUTH LOGIN XOAUTH2")
         elif self.tls_context is not None:
