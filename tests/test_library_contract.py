@@ -20,9 +20,13 @@ from typing import Any
 
 import aiosmtpd.smtp
 import aiosmtplib
+import aiosmtplib.email
 import aiosmtplib.protocol
 from aiosmtpd.smtp import SMTP
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from relay.core.addrspec import PLAIN_DOMAIN, PLAIN_LOCAL, is_plain
 from relay.receive import replies as replies_module
 
 # Attributes an aiosmtpd SMTP instance has once constructed, which the session reads.
@@ -154,6 +158,19 @@ def test_the_plain_path_shortcut_reads_addresses_as_aiosmtpd_does() -> None:
         return taken
 
     assert asyncio.run(compare()) > 500         # the shortcut was really taken
+
+
+@settings(max_examples=500)
+@given(address=st.one_of(
+    st.from_regex(rf"{PLAIN_LOCAL}@{PLAIN_DOMAIN}", fullmatch=True),
+    st.text(alphabet="ab.@-_+<> \"(),:;[]\\\u00e9", max_size=16)))
+def test_a_plain_address_goes_on_the_command_line_as_aiosmtplib_would_write_it(
+        address: str) -> None:
+    """relay.deliver.transaction writes ``<local@domain>`` itself for a plain address,
+    without aiosmtplib's parser (email.utils.parseaddr); it must be what aiosmtplib writes."""
+    if not is_plain(address):
+        return
+    assert aiosmtplib.email.quote_address(address) == f"<{address}>"
 
 
 def test_commands_and_hooks_are_found_once_per_class_with_the_same_result() -> None:

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from email.headerregistry import Address, BaseHeader, HeaderRegistry
 from typing import Any
 
+from relay.core.addrspec import ATEXT, PLAIN_DOMAIN, PLAIN_LOCAL
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
@@ -105,11 +107,6 @@ def salvage(value: str) -> Address | None:
 # specials. Such a value is read without the email package's parser, which is the cost of
 # the sender policy otherwise (relay.accept.headers tries this first);
 # tests/test_prop_headers.py checks that the two agree.
-# ``local@domain`` as nearly every client writes it: a dot-atom local part and a domain of
-# plain labels (RFC 5321 4.1.2); relay.receive's reading of MAIL FROM uses them too.
-ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-PLAIN_LOCAL = rf"{ATEXT}(?:\.{ATEXT})*"
-PLAIN_DOMAIN = r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
 _PLAIN_ADDRESS = re.compile(
     rf"(?:(?P<name>{ATEXT}(?: {ATEXT})*) )?(?P<open><?)(?P<local>{PLAIN_LOCAL})"
     rf"@(?P<domain>{PLAIN_DOMAIN})(?P<close>>?)")

@@ -29,6 +29,7 @@ from aiosmtplib import (
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX
 
+from relay.core.addrspec import is_plain
 from relay.core.message import DeliveryResult, Outbound
 from relay.core.reply import Reply
 from relay.deliver.data import send_body, send_data
@@ -249,8 +250,10 @@ class Transaction:
 
 def _command(verb: bytes, address: str, encoding: str, options: Sequence[str] = ()) -> bytes:
     """``MAIL FROM:<a> opts`` or ``RCPT TO:<a>``, as aiosmtplib's mail() and rcpt() write
-    them; ValueError (or UnicodeEncodeError) for what may not go on a command line."""
-    line = b" ".join([verb + quote_address(address).encode(encoding),
+    them (a plain address without its parser; tests/test_library_contract.py compares);
+    ValueError (or UnicodeEncodeError) for what may not go on a command line."""
+    path = f"<{address}>" if is_plain(address) else quote_address(address)
+    line = b" ".join([verb + path.encode(encoding),
                       *(o.encode("ascii") for o in options)])
     if COMMAND_INJECTION_REGEX.search(line):
         raise ValueError("command contains a control character")

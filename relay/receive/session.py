@@ -30,9 +30,9 @@ from typing import Any, AnyStr, Protocol
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay.accept.names import PLAIN_DOMAIN, PLAIN_LOCAL
 from relay.accept.route import Router
 from relay.config import Config, Listener
+from relay.core.addrspec import PLAIN_DOMAIN, PLAIN_LOCAL
 from relay.core.net import host_port
 from relay.core.reply import Reply
 from relay.receive import replies
