@@ -77,6 +77,18 @@ def test_limits_combine_to_the_latest_blocker() -> None:
     assert g.ready_at(MBX, 1, 120.0) == 120.0
 
 
+def test_a_hold_keeps_all_of_the_mailboxs_mail_back_until_it_ends() -> None:
+    """Graph's 429 with Retry-After: the whole mailbox waits, then sends as before; a
+    shorter hold does not cut a longer one short."""
+    g = Governor()
+    g.hold("m@x", 100.0, 30.0)
+    g.hold("m@x", 101.0, 5.0)
+    assert g.ready_at("m@x", 1, 100.0) == 130.0
+    assert g.ready_at("other@x", 1, 100.0) == 100.0
+    assert g.ready_at("m@x", 1, 130.0) == 130.0
+    assert g.snapshot("m@x", 131.0)["paused_until"] is None
+
+
 def test_throttle_lowers_concurrency_then_recovers_step_by_step() -> None:
     g = Governor(Limits(throttle_cooldown=600.0))
     g.throttled(MBX, 0.0)

@@ -70,6 +70,11 @@ def contradictions(cfg: Config) -> list[tuple[str, str]]:
         problems.append(("server.max_connections_per_client",
                          f"{per_client} must not exceed server.max_connections "
                          f"({server.max_connections})"))
+    for name, profile in cfg.profiles.items():
+        if profile.fallback_to_smtp and profile.transport != "graph":
+            problems.append((f"profiles.{name}.fallback_to_smtp",
+                             "only for transport: graph (an SMTP profile has nothing to "
+                             "fall back from)"))
     throttle = server.auth_throttle
     if throttle.max_delay < throttle.delay:
         problems.append(("server.auth_throttle.max_delay",
@@ -95,6 +100,8 @@ def named_files(cfg: Config) -> list[tuple[str, Path]]:
     for name, up in cfg.upstreams.items():
         if up.ca_file:
             out.append((f"upstreams.{name}.ca_file", up.ca_file))
+    if cfg.graph.ca_file:
+        out.append(("graph.ca_file", cfg.graph.ca_file))
     return out
 
 

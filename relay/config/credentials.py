@@ -37,15 +37,19 @@ class Cloud:
     authority_host: str
     scope: str
     smtp_host: str
+    graph_url: str          # Microsoft Graph, whose token scope is graph_url + "/.default"
 
 
 CLOUDS: dict[str, Cloud] = {
     "global": Cloud("https://login.microsoftonline.com",
-                    "https://outlook.office365.com/.default", "smtp.office365.com"),
+                    "https://outlook.office365.com/.default", "smtp.office365.com",
+                    "https://graph.microsoft.com"),
     "gcc-high": Cloud("https://login.microsoftonline.us",
-                      "https://outlook.office365.us/.default", "smtp.office365.us"),
+                      "https://outlook.office365.us/.default", "smtp.office365.us",
+                      "https://graph.microsoft.us"),
     "china": Cloud("https://login.partner.microsoftonline.cn",
-                   "https://partner.outlook.cn/.default", "smtp.partner.outlook.cn"),
+                   "https://partner.outlook.cn/.default", "smtp.partner.outlook.cn",
+                   "https://microsoftgraph.chinacloudapi.cn"),
 }
 CloudName = Literal["global", "gcc-high", "china"]
 
@@ -214,5 +218,11 @@ class Credential(Section):
 
     @property
     def scopes(self) -> list[str]:
+        """For the SMTP upstream's XOAUTH2 login."""
         return [self.scope or CLOUDS[self.cloud].scope]
+
+    @property
+    def graph_scopes(self) -> list[str]:
+        """For Microsoft Graph (profiles with ``transport: graph``)."""
+        return [CLOUDS[self.cloud].graph_url + "/.default"]
 

@@ -1,12 +1,14 @@
 """The sections of the configuration file, and :class:`Config`, the whole.
 
 - :class:`Config`: the validated, frozen configuration (``server``, ``users``, ``profiles``,
-  ``routing``, ``spool``, ``delivery``, ``credentials``, ``upstreams``, ``logging``,
-  ``http``); :meth:`Config.upstream_for` says where a profile's mail leaves;
+  ``routing``, ``spool``, ``delivery``, ``credentials``, ``upstreams``, ``graph``,
+  ``logging``, ``http``); :meth:`Config.upstream_for` and :meth:`Config.graph_url_for`
+  say where a profile's mail leaves;
 - one class per section or entry: :class:`Server` (with :class:`Listener`,
   :class:`ServerTLS`, :class:`AuthThrottle`), :class:`User`, :class:`Profile`,
   :class:`Routing` and :class:`Route`, :class:`SpoolSettings`, :class:`Delivery` (with
-  :class:`MailboxLimits`), :class:`Upstream`, :class:`Logging`, :class:`Http`.
+  :class:`MailboxLimits`), :class:`Upstream`, :class:`Graph`, :class:`Logging`,
+  :class:`Http`.
 
 The defaults are here, with the reason for each where it is not obvious: a key left out of
 the YAML gets exactly what these classes say. Names that point at other sections (a
@@ -27,6 +29,7 @@ from relay.config.credentials import CLOUDS, Credential
 from relay.config.values import (
     Address,
     Duration,
+    HttpsUrl,
     IPAddress,
     Name,
     Network,
@@ -48,12 +51,24 @@ class Upstream(Section):
     helo_name: str | None = None
 
 
+class Graph(Section):
+    """Microsoft Graph, for profiles with ``transport: graph``."""
+
+    url: HttpsUrl | None = None     # the credential's cloud's Graph endpoint
+    ca_file: Path | None = None
+    timeout: Duration = 60.0
+
+
 class Profile(Section):
     """A mailbox that mail is sent as, with the credential and upstream to use."""
 
     mailbox: Address
     credential: Name
     upstream: Name | None = None
+    transport: Literal["smtp", "graph"] = "smtp"
+    # transport: graph only: what Graph cannot take (over its request limit) goes over
+    # SMTP through ``upstream`` instead of being refused.
+    fallback_to_smtp: bool = False
     sender_policy: Literal["keep", "rewrite", "reject"] = "rewrite"
     send_as: list[str] = Field(default_factory=list)
     synchronous: Duration | None = None
@@ -233,6 +248,7 @@ class Config(Section):
     delivery: Delivery = Field(default_factory=Delivery)
     credentials: dict[Name, Credential] = Field(default_factory=dict)
     upstreams: dict[Name, Upstream] = Field(default_factory=dict)
+    graph: Graph = Field(default_factory=Graph)
     logging: Logging = Field(default_factory=Logging)
     http: Http = Field(default_factory=Http)
 
@@ -242,4 +258,10 @@ class Config(Section):
             return self.upstreams[profile.upstream]
         cloud = CLOUDS[self.credentials[profile.credential].cloud]
         return Upstream(host=cloud.smtp_host)
+
+    def graph_url_for(self, profile: Profile) -> str:
+        """Microsoft Graph's endpoint for the profile: ``graph.url``, or its cloud's."""
+        if self.graph.url is not None:
+            return str(self.graph.url).rstrip("/")
+        return CLOUDS[self.credentials[profile.credential].cloud].graph_url
 

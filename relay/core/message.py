@@ -207,6 +207,8 @@ class DeliveryResult:
     upstream latency figures leave it out. ``authenticated`` is True when the attempt got
     as far as a session whose login the upstream had accepted (the transaction may still
     have failed): what tells a profile's working login from one that is refused.
+    ``retry_after``: how long the upstream asked the whole mailbox to wait, which the
+    queue applies to every message of the mailbox, not only this one.
     """
 
     reply: Reply
@@ -214,3 +216,5 @@ class DeliveryResult:
     refused: dict[str, Reply] = field(default_factory=dict)
     offered: bool = True
     authenticated: bool = False
+    # Seconds the upstream asked this mailbox to send nothing (Graph's Retry-After).
+    retry_after: float | None = None

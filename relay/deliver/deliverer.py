@@ -26,6 +26,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from relay.config import Config, Profile
 from relay.core.events import NO_HOOKS, Hooks
@@ -33,13 +34,19 @@ from relay.core.message import DeliveryResult, Outbound
 from relay.core.reply import Reply
 from relay.deliver.classify import Problem, classify
 from relay.deliver.failures import AuthenticationRejected
+from relay.deliver.graph import GraphClient, Prepared
 from relay.deliver.pool import SessionPool
 from relay.deliver.session import OnAccepted
 from relay.deliver.upstream import UpstreamClient
+from relay.oauth.provider import TokenProvider
 from relay.oauth.registry import Tokens
-from relay.oauth.token import TokenError
+from relay.oauth.token import Token, TokenError
 
 log = logging.getLogger(__name__)
+
+_Send = Callable[[Token], Awaitable[DeliveryResult]]
+# What prepare() builds for apply(): the SMTP session pools and the Graph clients.
+Built = tuple[dict[tuple[str, str], SessionPool], dict[str, GraphClient]]
 
 
 class Deliverer:
@@ -56,6 +63,8 @@ class Deliverer:
         self._config = config
         self._pools: dict[tuple[str, str], SessionPool] = {}
         self._by_profile: dict[str, SessionPool] = {}   # the pool each profile uses
+        self._graphs: dict[str, GraphClient] = {}
+        self._graph_by_profile: dict[str, GraphClient] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self.update(config)
 
@@ -63,7 +72,7 @@ class Deliverer:
         """Use a new config (:meth:`prepare` and :meth:`apply` in one step)."""
         self.apply(config, self.prepare(config))
 
-    def prepare(self, config: Config) -> dict[tuple[str, str], SessionPool]:
+    def prepare(self, config: Config) -> Built:
         """Everything for ``config`` that can fail (a CA file), changing nothing yet, so
         that a reload can check every stage before it switches any of them.
 
@@ -72,6 +81,7 @@ class Deliverer:
         unused result needs no cleanup.
         """
         pools: dict[tuple[str, str], SessionPool] = {}
+        graphs: dict[str, GraphClient] = {}
         max_sessions = config.delivery.mailbox_limits.max_sessions
         for profile in config.profiles.values():
             key = _pool_key(config, profile)
@@ -79,14 +89,27 @@ class Deliverer:
                 upstream = config.upstream_for(profile)
                 pools[key] = self._pools.get(key) or SessionPool(
                     UpstreamClient(upstream, key[1]), max_sessions=max_sessions)
-        return pools
+            if profile.transport == "graph":
+                gkey = _graph_key(config, profile)
+                if gkey not in graphs:
+                    graphs[gkey] = self._graphs.get(gkey) or GraphClient(
+                        config.graph_url_for(profile), config.graph)
+        return pools, graphs
 
-    def apply(self, config: Config, pools: dict[tuple[str, str], SessionPool]) -> None:
+    def apply(self, config: Config, prepared: Built) -> None:
         """Switch to what :meth:`prepare` built. Pools of changed or removed upstreams are
         closed (their lent-out sessions when the attempt using them ends)."""
+        pools, graphs = prepared
         old, self._config, self._pools = self._pools, config, pools
         self._by_profile = {name: pools[_pool_key(config, profile)]
                             for name, profile in config.profiles.items()}
+        old_graphs, self._graphs = self._graphs, graphs
+        self._graph_by_profile = {name: graphs[_graph_key(config, profile)]
+                                  for name, profile in config.profiles.items()
+                                  if profile.transport == "graph"}
+        for gkey, graph in old_graphs.items():
+            if graphs.get(gkey) is not graph:
+                graph.close()
         for pool in pools.values():
             pool.configure(max_sessions=config.delivery.mailbox_limits.max_sessions)
         for key, pool in old.items():
@@ -106,6 +129,8 @@ class Deliverer:
         """Close every upstream session (QUIT); at shutdown, after the queue stopped."""
         await asyncio.gather(*(pool.close() for pool in self._pools.values()), *self._retiring,
                              return_exceptions=True)
+        for graph in self._graphs.values():
+            graph.close()
 
     def upstream_sessions(self) -> dict[str, int]:
         """Open upstream sessions per configured mailbox (what Exchange counts), for metrics."""
@@ -127,12 +152,42 @@ class Deliverer:
             return DeliveryResult(Reply(451, f"4.3.5 Profile {msg.profile} is no longer "
                                              "configured; message kept for retry"),
                                   offered=False)
-        pool = self._by_profile[msg.profile]
-        provider = self._tokens.provider(profile.credential)
         mailbox = msg.mailbox or profile.mailbox
+        if profile.transport == "graph":
+            graph = self._graph_by_profile[msg.profile]
+            prepared = await graph.prepare(msg)
+            if isinstance(prepared, Prepared):
+                send: _Send = functools.partial(self._send_graph, graph, prepared, mailbox,
+                                                on_accepted)
+                return await self._with_token(
+                    msg, profile, mailbox,
+                    self._tokens.provider(profile.credential, graph=True), send)
+            if not profile.fallback_to_smtp:
+                return DeliveryResult(prepared)
+            log.info("message %s goes over SMTP instead of Microsoft Graph: %s", msg.id,
+                     prepared.text, extra={"profile": msg.profile, "mailbox": mailbox})
+        pool = self._by_profile[msg.profile]
         send = functools.partial(pool.send, msg, mailbox,
                                  require_all_recipients=require_all_recipients,
                                  on_accepted=on_accepted)
+        return await self._with_token(msg, profile, mailbox,
+                                      self._tokens.provider(profile.credential), send)
+
+    @staticmethod
+    async def _send_graph(graph: GraphClient, prepared: Prepared, mailbox: str,
+                          on_accepted: OnAccepted | None, token: Token) -> DeliveryResult:
+        result = await graph.send(prepared, mailbox, token)
+        if result.reply.ok and on_accepted is not None:
+            try:
+                on_accepted(result.accepted)
+            except Exception:
+                log.exception("recording an accepted message failed")
+        return result
+
+    async def _with_token(self, msg: Outbound, profile: Profile, mailbox: str,
+                          provider: TokenProvider, send: _Send) -> DeliveryResult:
+        """``send`` with the provider's token; once more with a fresh one if the upstream
+        refused the login."""
         started = time.monotonic()
         try:
             token = await provider.get()
@@ -219,6 +274,11 @@ class Deliverer:
         return DeliveryResult(Reply(
             451, f"4.7.0 Relay cannot obtain an OAuth token for profile {msg.profile} "
                  "(see the relay's log); try again later"), offered=False)
+
+
+def _graph_key(config: Config, profile: Profile) -> str:
+    """Profiles share a Graph client when its endpoint and settings are the same."""
+    return config.graph_url_for(profile) + " " + config.graph.model_dump_json()
 
 
 def _pool_key(config: Config, profile: Profile) -> tuple[str, str]:

@@ -60,9 +60,12 @@ class TokenProvider:
     """The token of one credential, shared by every upstream session that uses it."""
 
     def __init__(self, name: str, credential: Credential, *,
-                 clock: Callable[[], float] = time.time, hooks: Hooks = NO_HOOKS) -> None:
+                 clock: Callable[[], float] = time.time, hooks: Hooks = NO_HOOKS,
+                 scopes: list[str] | None = None) -> None:
         self.name = name
         self.credential = credential
+        # The resource the tokens are for: the SMTP upstream's unless told (Graph's).
+        self.scopes = scopes if scopes is not None else credential.scopes
         self._clock = clock
         self._hooks = hooks
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"token-{name}")
@@ -242,7 +245,7 @@ class TokenProvider:
             if app is None:
                 app = self._app = self._build_app()
             app.remove_tokens_for_client()  # our cache decides when to refresh, not msal's
-            result = app.acquire_token_for_client(scopes=self.credential.scopes)
+            result = app.acquire_token_for_client(scopes=self.scopes)
         except Exception as exc:
             log.debug("token fetch for credential %s failed", self.name, exc_info=True)
             error = explain_exception(exc, self.name, authority)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from relay.config import Config
+from relay.config import Config, Credential
 from relay.core.events import NO_HOOKS, Hooks
 from relay.oauth.provider import TokenProvider
 
@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 
 class Tokens:
-    """One :class:`TokenProvider` per configured credential, kept across config reloads."""
+    """One :class:`TokenProvider` per configured credential, kept across config reloads;
+    a second one, for Microsoft Graph, for each credential that a ``transport: graph``
+    profile uses (a token is for one resource)."""
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
                  hooks: Hooks = NO_HOOKS) -> None:
@@ -34,23 +36,31 @@ class Tokens:
         self._started = False
         self._providers = {name: TokenProvider(name, cred, clock=clock, hooks=hooks)
                            for name, cred in config.credentials.items()}
+        self._graph = {name: self._graph_provider(name, config.credentials[name])
+                       for name in _graph_credentials(config)}
 
-    def provider(self, credential_name: str) -> TokenProvider:
+    def _graph_provider(self, name: str, cred: Credential) -> TokenProvider:
+        return TokenProvider(name, cred, clock=self._clock, hooks=self._hooks,
+                             scopes=cred.graph_scopes)
+
+    def provider(self, credential_name: str, *, graph: bool = False) -> TokenProvider:
+        """The credential's provider for the SMTP upstream, or with ``graph`` for Graph."""
         try:
-            return self._providers[credential_name]
+            return (self._graph if graph else self._providers)[credential_name]
         except KeyError:
-            raise KeyError(f"no credential named {credential_name!r}") from None
+            raise KeyError(f"no credential named {credential_name!r}"
+                           + (" used by a Graph profile" if graph else "")) from None
 
     def __iter__(self) -> Any:
         return iter(self._providers.items())
 
     def start(self) -> None:
         self._started = True
-        for provider in self._providers.values():
+        for provider in (*self._providers.values(), *self._graph.values()):
             provider.start()
 
     async def aclose(self) -> None:
-        providers = list(self._providers.values())
+        providers = [*self._providers.values(), *self._graph.values()]
         self._started = False
         await asyncio.gather(*(p.aclose() for p in providers))
 
@@ -74,3 +84,23 @@ class Tokens:
                 if name not in new:
                     log.info("credential %s removed", name)
                 provider.close()
+        old_graph, self._graph = self._graph, {}
+        for name in _graph_credentials(config):
+            cred = config.credentials[name]
+            existing = old_graph.get(name)
+            if existing is not None and existing.credential == cred:
+                self._graph[name] = existing
+                continue
+            provider = self._graph_provider(name, cred)
+            if self._started:
+                provider.start()
+            self._graph[name] = provider
+        for name, provider in old_graph.items():
+            if self._graph.get(name) is not provider:
+                provider.close()
+
+
+def _graph_credentials(config: Config) -> list[str]:
+    """The credentials that profiles with ``transport: graph`` use, each once."""
+    return sorted({p.credential for p in config.profiles.values()
+                   if p.transport == "graph" and p.credential in config.credentials})

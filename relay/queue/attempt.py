@@ -265,6 +265,9 @@ class Attempt:
         pause = bool(mailbox) and s.pause
         if pause and mailbox:
             ctx.governor.quota_exceeded(mailbox, now)
+        if mailbox and result.retry_after:
+            ctx.governor.hold(mailbox, now, result.retry_after)
+            pause = True
         pending = list(s.pending)
         r = AttemptReport(entry, mailbox, tuple(tried), frozenset(result.accepted),
                           s.pending, result, duration, s.expired)

@@ -271,6 +271,13 @@ class Governor:
         box.lowered = min(box.lowered + 1, self.limits.max_sessions - 1)
         box.recover_at = now + self.limits.throttle_cooldown
 
+    def hold(self, mailbox: str, now: float, seconds: float) -> None:
+        """The upstream asked the mailbox to send nothing for ``seconds`` (Graph's 429
+        with Retry-After): its mail waits that long, all of it, not only the message."""
+        box = self._box(mailbox, now)
+        self.changes += 1
+        box.paused_until = max(box.paused_until, now + seconds)
+
     def quota_exceeded(self, mailbox: str, now: float) -> None:
         """Exchange says the day's recipients are used: hold the mailbox until some expire.
 

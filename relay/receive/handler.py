@@ -26,6 +26,8 @@ from aiosmtpd.smtp import TLSSetupException
 
 from relay.accept.policy import PolicyRejected, check_envelope_sender
 from relay.accept.route import Unroutable
+from relay.config import Config
+from relay.core.graphsize import too_big_for_graph
 from relay.core.log import message_context
 from relay.core.message import Outbound, new_message_id
 from relay.core.reply import Reply
@@ -44,6 +46,8 @@ from relay.receive.session import RelayEnvelope, RelaySession, RelaySMTP
 from relay.spool.writer import DataWriter
 
 log = logging.getLogger(__name__)
+
+_RECEIVED_ALLOWANCE = 1024   # bytes: the Received field, with room for a long host name
 
 Submit = Callable[[Outbound], Awaitable[Reply]]
 # Where a new message's bytes are written while it arrives (Spool.writer).
@@ -216,7 +220,8 @@ class RelayHandler:
                         envelope: RelayEnvelope, incoming: Incoming,
                         received: Received) -> str:
         mid = incoming.id
-        refusal = received.refusal or incoming.refusal
+        refusal = (received.refusal or incoming.refusal
+                   or _graph_refusal(server.settings.config, envelope, received.size))
         if refusal is not None:
             incoming.discard()
             refusal = replies.as_sent(refusal)
@@ -302,3 +307,14 @@ class RelayHandler:
         with message_context(incident):
             log.error("internal error in SMTP session: client=%s", client, exc_info=error)
         return replies.internal_error(incident).as_smtp()
+
+
+def _graph_refusal(config: Config, envelope: RelayEnvelope, size: int) -> Reply | None:
+    """A message its Graph profile cannot send and has no SMTP for: refused at DATA, so
+    the application hears it now rather than from a bounce."""
+    profile = config.profiles.get(envelope.profile or "")
+    if profile is None or profile.transport != "graph" or profile.fallback_to_smtp:
+        return None
+    # The relay's own Received field is added after this; allow for it, so that what
+    # passes here is not refused (and bounced) at delivery instead.
+    return too_big_for_graph(size + _RECEIVED_ALLOWANCE, list(envelope.rcpt_tos))

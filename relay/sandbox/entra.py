@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -28,15 +27,13 @@ import json
 import logging
 import re
 import secrets
-import socket
-import ssl
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote_plus, urlsplit
 
@@ -45,6 +42,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from relay.sandbox.https import HTTPSServer, serve
 from relay.sandbox.pki import LocalPKI
 
 log = logging.getLogger(__name__)
@@ -125,46 +123,17 @@ def _split_jwt(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes
     return header, payload, f"{parts[0]}.{parts[1]}".encode("ascii"), signature
 
 
-class _Server(ThreadingHTTPServer):
-    """Threaded HTTPS server; the TLS handshake runs in the connection's own thread."""
-
-    daemon_threads = True
-    entra: FakeEntra
-    ssl_context: ssl.SSLContext
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, addr = self.socket.accept()
-        sock.settimeout(10)
-        # Handshake lazily on first read, in the handler thread, so a client that connects
-        # and never speaks TLS cannot block the accept loop.
-        return self.ssl_context.wrap_socket(sock, server_side=True,
-                                            do_handshake_on_connect=False), addr
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("fake Entra: connection from %s failed", client_address, exc_info=True)
-
-
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as msal's requests session expects
-    server: _Server
+    server: HTTPSServer
     server_version = "FakeEntra/1.0"
     sys_version = ""
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.entra._track(self.connection, add=True)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.entra._track(self.connection, add=False)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("fake Entra: " + format, *args)
 
     def do_GET(self) -> None:
-        status, body = self.server.entra._handle_get(self.path)
+        status, body = self.server.owner._handle_get(self.path)
         self._reply(status, body)
 
     def do_POST(self) -> None:
@@ -174,7 +143,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         body = self.rfile.read(length) if length else b""
-        self._reply(*self.server.entra._handle_post(
+        self._reply(*self.server.owner._handle_post(
             self.path, self.headers.get("Content-Type", ""),
             self.headers.get("Authorization"), body))
 
@@ -225,8 +194,7 @@ class FakeEntra:
         self._token_requests = 0
         self._discovery_requests = 0
         self._issued: deque[str] = deque(maxlen=10_000)
-        self._connections: set[socket.socket] = set()
-        self._server: _Server | None = None
+        self._server: HTTPSServer | None = None
         self._thread: threading.Thread | None = None
         self.host = "127.0.0.1"
         self.port = 0
@@ -242,17 +210,8 @@ class FakeEntra:
     def start(self) -> FakeEntra:
         if self._server is not None:
             return self
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self._pki.cert_file, self._pki.key_file)
-        server = _Server((self.host, 0), _Handler)
-        server.entra = self
-        server.ssl_context = ctx
-        self.port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="fake-entra", daemon=True)
-        self._thread.start()
+        self._server, self._thread = serve(self, _Handler, self._pki, self.host, "fake-entra")
+        self.port = self._server.server_address[1]
         return self
 
     def stop(self) -> None:
@@ -260,28 +219,13 @@ class FakeEntra:
         if server is None:
             return
         self._gate.set()  # requests held by hold_token_requests() end now
-        server.shutdown()
-        with self._lock:
-            connections = list(self._connections)
-        for conn in connections:  # keep-alive connections would otherwise linger 10 s
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        server.stop(self._thread)
 
     def __enter__(self) -> FakeEntra:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def _track(self, conn: socket.socket, *, add: bool) -> None:
-        with self._lock:
-            if add:
-                self._connections.add(conn)
-            else:
-                self._connections.discard(conn)
 
     # --- configuration and observation ---------------------------------------------------
 

@@ -1,8 +1,9 @@
 """Sandbox mode: the relay runs against local stand-ins instead of Microsoft's services.
 
 ``smtp-oauth-relay run --sandbox`` (and ``make run``) needs no Microsoft account: a fake
-Entra ID issues tokens over HTTPS and a fake Exchange Online demands STARTTLS and a valid
-XOAUTH2 token, exactly as the real ones do, and keeps every delivered message as a file.
+Entra ID issues tokens over HTTPS, a fake Exchange Online demands STARTTLS and a valid
+XOAUTH2 token and a fake Microsoft Graph a token for Graph with Mail.Send, exactly as the
+real ones do, and both keep every delivered message as a file.
 The user's profiles, users and routing are used unchanged; only credentials and upstreams
 are pointed at the stand-ins, and the spool lives in the sandbox directory. Sandbox mode
 is only ever entered on request and announced loudly — it is never a fallback for a
@@ -14,10 +15,11 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from relay.config import Config, Credential, SecretRef, Upstream
+from relay.config import Config, Credential, Graph, SecretRef, Upstream
 from relay.core.net import host_port
 from relay.sandbox.entra import FakeEntra
 from relay.sandbox.exchange import FakeExchange
+from relay.sandbox.graph import GRAPH_AUDIENCE, FakeGraph
 from relay.sandbox.pki import create_pki
 
 SANDBOX_UPSTREAM = "sandbox"
@@ -44,13 +46,18 @@ class Sandbox:
         self._pki = create_pki(self.directory / "pki")
         self.entra = FakeEntra(self._pki, token_lifetime=token_lifetime)
         self.exchange = FakeExchange(self._pki, self.entra.validate_token, maildir=self.maildir)
+        self.graph = FakeGraph(
+            self._pki, lambda token: self.entra.validate_token(token, GRAPH_AUDIENCE),
+            maildir=self.maildir)
 
     async def start(self) -> None:
         self.maildir.mkdir(parents=True, exist_ok=True)
         self.entra.start()
         try:
+            self.graph.start()
             await self.exchange.start()
         except BaseException:
+            self.graph.stop()
             self.entra.stop()
             raise
 
@@ -58,6 +65,7 @@ class Sandbox:
         try:
             await self.exchange.stop()
         finally:
+            self.graph.stop()
             self.entra.stop()
 
     async def __aenter__(self) -> Sandbox:
@@ -104,6 +112,7 @@ class Sandbox:
             "spool": spool,
             "credentials": credentials,
             "upstreams": {SANDBOX_UPSTREAM: upstream},
+            "graph": Graph(url=self.graph.url, ca_file=self._pki.ca_file, timeout=30),
             "profiles": profiles,
         })
 
@@ -111,11 +120,15 @@ class Sandbox:
         """Have the stand-ins know what a :meth:`rewrite` config uses: its apps with their
         secrets at Entra ID, its profiles' Send As permissions at Exchange (as an
         administrator would grant them)."""
-        for cred in config.credentials.values():
+        graph = {p.credential for p in config.profiles.values() if p.transport == "graph"}
+        for name, cred in config.credentials.items():
             assert cred.client_secret is not None and cred.client_secret.value is not None
+            # The permissions an administrator grants: Graph's only where a profile uses it.
+            roles = ("SMTP.SendAsApp", "Mail.Send") if name in graph else ("SMTP.SendAsApp",)
             self.entra.add_app(cred.tenant_id, cred.client_id,
-                               secret=cred.client_secret.value)
+                               secret=cred.client_secret.value, roles=roles)
         for profile in config.profiles.values():
+            self.graph.add_mailbox(profile.mailbox, *profile.send_as)
             for pattern in profile.send_as:
                 self.exchange.allow_send_as(profile.mailbox, pattern)
 
@@ -126,6 +139,8 @@ class Sandbox:
             f"Entra ID (token endpoint) is simulated at {self.entra.url}",
             f"Exchange Online is simulated at {self.exchange.host}:{self.exchange.port} "
             "(STARTTLS + XOAUTH2 enforced)",
+            f"Microsoft Graph (sendMail, for transport: graph) is simulated at "
+            f"{self.graph.url}",
             f"Delivered messages are kept in {self.maildir}",
             f"The relay's queue (spool) is {spool_directory(self.directory)}",
             f"Send mail to the relay at {where}",
