@@ -60,6 +60,11 @@ CASES: list[tuple[int, str, Action, bool, tuple[str, ...]]] = [
     (552, "5.3.4 Message size exceeds fixed maximum message size", A.BOUNCE, False,
      ("MaxSendSize",)),
     (552, "Message size exceeds fixed maximum message size", A.BOUNCE, False, ("MaxSendSize",)),
+    # Microsoft Graph (transport: graph), as relay.deliver.graph words its answers.
+    (550, "5.7.1 Microsoft Graph denied the app access to m@contoso.com (Graph: 403 "
+          "ErrorAccessDenied: Access is denied.)", A.BOUNCE, True, ("RBAC",)),
+    (550, "5.7.1 The mailbox m@contoso.com cannot send through Microsoft Graph (Graph: 404 "
+          "MailboxNotEnabledForRESTAPI: ...)", A.BOUNCE, True, ("Exchange Online",)),
     # Unknown logins: still never a bounce.
     (535, "5.7.8 Authentication credentials invalid", A.AUTH, True, ()),
     (534, "5.7.9 Authentication mechanism is too weak", A.AUTH, True, ()),

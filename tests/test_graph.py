@@ -19,7 +19,7 @@ import pytest
 from relay.app import Relay
 from relay.config import ConfigError
 from relay.core.graphsize import GRAPH_REQUEST_LIMIT, graph_request_size
-from relay.deliver.classify import Action, classify
+from relay.deliver.classify import Action, Problem, classify
 from relay.deliver.graph import graph_reply
 from relay.sandbox.service import Sandbox
 from relay.spool.records import State
@@ -200,6 +200,11 @@ def test_graphs_answers_become_replies_the_queue_acts_on() -> None:
     assert act(401) is Action.AUTH
     assert act(403, "ErrorSendAsDenied") is Action.BOUNCE
     assert act(400, "ErrorMimeContentInvalid") is Action.BOUNCE
+    # The app may not use the mailbox: permanent as Graph says, and the profile's setup.
+    for status, code in ((403, "ErrorAccessDenied"), (404, "MailboxNotEnabledForRESTAPI")):
+        verdict = classify(graph_reply(status, (code, "words"), None, "m@contoso.com")[0])
+        assert verdict.action is Action.BOUNCE and verdict.alert
+        assert verdict.problem is Problem.LOGIN
     assert graph_reply(429, ("", ""), "7", "m")[1] == 7.0
     assert graph_reply(429, ("", ""), None, "m")[1] == 60.0
     assert graph_reply(503, ("", ""), "999999", "m")[1] == 3600.0

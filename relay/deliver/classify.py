@@ -143,6 +143,14 @@ TABLE: tuple[Rule, ...] = (
           hint="the mailbox {mailbox} lacks Send As permission for {address}; the relay's "
                "administrator must grant it (Add-RecipientPermission) or add the address "
                "to the profile's send_as"),
+    # Graph (transport: graph): the app may not use the mailbox at all. Permanent, as
+    # Graph means it, but the profile's setup is what is wrong: alert, and not ready.
+    _rule(r"Microsoft Graph denied the app access|MailboxNotEnabledForRESTAPI",
+          Action.BOUNCE,
+          "Microsoft Graph refuses the app for this mailbox: the reply names the fix (the "
+          "app's RBAC for Applications scope or Mail.Send permission, or a mailbox that is "
+          "not in Exchange Online)",
+          alert=True, problem=Problem.LOGIN),
     # Any other 530/534/535 is a login problem too, never the message's fault.
     _rule(r"^53[045] ",
           Action.AUTH,

@@ -155,15 +155,17 @@ class Deliverer:
         mailbox = msg.mailbox or profile.mailbox
         if profile.transport == "graph":
             graph = self._graph_by_profile[msg.profile]
-            prepared = await graph.prepare(msg)
-            if isinstance(prepared, Prepared):
-                send: _Send = functools.partial(self._send_graph, graph, prepared, mailbox,
-                                                on_accepted)
-                return await self._with_token(
-                    msg, profile, mailbox,
-                    self._tokens.provider(profile.credential, graph=True), send)
+            async with graph.slots:
+                prepared = await graph.prepare(msg)
+                if isinstance(prepared, Prepared):
+                    send: _Send = functools.partial(self._send_graph, graph, prepared,
+                                                    mailbox, on_accepted)
+                    return await self._with_token(
+                        msg, profile, mailbox,
+                        self._tokens.provider(profile.credential, graph=True), send)
             if not profile.fallback_to_smtp:
-                return DeliveryResult(prepared)
+                # Not offered: Graph counted nothing, nor do the mailbox's limits.
+                return DeliveryResult(prepared, offered=False)
             log.info("message %s goes over SMTP instead of Microsoft Graph: %s", msg.id,
                      prepared.text, extra={"profile": msg.profile, "mailbox": mailbox})
         pool = self._by_profile[msg.profile]

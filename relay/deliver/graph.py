@@ -47,7 +47,7 @@ from relay.oauth.http import EntraSession
 log = logging.getLogger(__name__)
 
 _CONNECT_TIMEOUT = 10.0
-_WORKERS = 8                  # requests in flight at once, all mailboxes together
+_WORKERS = 4                  # requests in flight at once, all mailboxes together
 _RETRY_AFTER_DEFAULT = 60.0   # a 429 without Retry-After
 _RETRY_AFTER_MAX = 3600.0
 
@@ -71,6 +71,9 @@ class GraphClient:
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=_WORKERS, max_retries=0)
         self._http.mount("https://", adapter)
         self._executor = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="graph")
+        # Messages read into memory at once (each up to 3 MB, 4 MB more as base64): the
+        # queue may run a hundred attempts at a time, and memory must not follow.
+        self.slots = asyncio.Semaphore(_WORKERS)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -83,10 +86,9 @@ class GraphClient:
         addressed (too big; To or Cc naming someone outside the envelope)."""
         if (refusal := too_big_for_graph(msg.content.size, msg.rcpt_tos)) is not None:
             return refusal
-        parts = []
-        async for chunk in msg.content.chunks():
-            parts.append(chunk)
-        data = b"".join(parts)
+        parts = [chunk async for chunk in msg.content.chunks()]
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        del parts
         head_end = _header_end(data)
         header = BytesHeaderParser(policy=compat32).parsebytes(data[:head_end])
         named = [addr for _, addr in email.utils.getaddresses(
@@ -117,11 +119,10 @@ class GraphClient:
         url = f"{self.base_url}/v1.0/users/{quote(mailbox, safe='@')}/sendMail"
         access = token.access_token.reveal()
         redact(access)
-        body = base64.b64encode(prepared.mime)
         loop = asyncio.get_running_loop()
         try:
             response = await loop.run_in_executor(self._executor, self._post, url, access,
-                                                  body)
+                                                  prepared.mime)
         except requests.RequestException as exc:
             result = DeliveryResult(Reply(451, f"4.4.1 Microsoft Graph {self.base_url} "
                                                f"unreachable: {_cause(exc)}"))
@@ -136,8 +137,10 @@ class GraphClient:
             return DeliveryResult(reply, list(prepared.recipients), authenticated=True)
         return DeliveryResult(reply, authenticated=True, retry_after=retry_after)
 
-    def _post(self, url: str, access: str, body: bytes) -> requests.Response:
-        return self._http.post(url, data=body, headers={
+    def _post(self, url: str, access: str, mime: bytes) -> requests.Response:
+        # Encoded here, on the worker thread: a few milliseconds per megabyte that the
+        # event loop does not spend.
+        return self._http.post(url, data=base64.b64encode(mime), headers={
             "Authorization": f"Bearer {access}", "Content-Type": "text/plain"})
 
     def _log(self, mailbox: str, prepared: Prepared, reply: Reply, started: float) -> None:
