@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -136,6 +137,25 @@ class GraphClient:
         if reply.ok:
             return DeliveryResult(reply, list(prepared.recipients), authenticated=True)
         return DeliveryResult(reply, authenticated=True, retry_after=retry_after)
+
+    async def probe(self, mailbox: str, token: HasAccessToken) -> tuple[int, Reply]:
+        """A sendMail as ``mailbox`` that Graph must refuse (its body is not base64), for
+        ``doctor``: Graph's status and what it means, and nothing is sent. 400 says the
+        token was taken and the request got as far as reading the message."""
+        url = f"{self.base_url}/v1.0/users/{quote(mailbox, safe='@')}/sendMail"
+        access = token.access_token.reveal()
+        redact(access)
+        loop = asyncio.get_running_loop()
+        try:
+            response = await loop.run_in_executor(self._executor, functools.partial(
+                self._http.post, url, data=b"(not base64: nothing to send)", headers={
+                    "Authorization": f"Bearer {access}", "Content-Type": "text/plain"}))
+        except requests.RequestException as exc:
+            return 0, Reply(451, f"4.4.1 Microsoft Graph {self.base_url} unreachable: "
+                                 f"{_cause(exc)}")
+        reply, _ = graph_reply(response.status_code, _error(response),
+                               response.headers.get("Retry-After"), mailbox)
+        return response.status_code, reply
 
     def _post(self, url: str, access: str, mime: bytes) -> requests.Response:
         # Encoded here, on the worker thread: a few milliseconds per megabyte that the

@@ -12,6 +12,7 @@ deliveries, see :mod:`relay.deliver.session` and :mod:`relay.oauth.provider`), s
 passes here passes for mail. A failure stops only the steps that depend on it: the token
 does not need the network path to Exchange, so one run shows every independent problem, and
 steps after a failure they depend on are listed as skipped rather than failing noisily.
+A profile with ``transport: graph`` gets Graph's own steps (:mod:`relay.ops.doctorgraph`).
 
 What a failure means and how to fix it is in :mod:`relay.ops.doctoradvice`. Nothing
 reported contains a token or a secret; MAIL/RCPT is a dry run (RSET instead of DATA), so
@@ -48,6 +49,7 @@ from relay.ops.doctoradvice import (
     setup_step,
     token_failed,
 )
+from relay.ops.doctorgraph import graph_steps
 from relay.ops.doctorreport import ProfileReport, Status, Step, skip, worst
 from relay.ops.testmessage import build_test_message
 
@@ -122,6 +124,23 @@ class Doctor:
 
     async def check_profile(self, name: str) -> ProfileReport:
         profile = self.config.profiles[name]
+        if profile.transport != "graph":
+            return await self._check_smtp(name, self.send_to)
+        # Graph, then (with fallback_to_smtp) the SMTP path its larger messages take,
+        # whose test message is not sent twice.
+        report = ProfileReport(name, profile.mailbox, profile.credential,
+                               self.config.graph_url_for(profile))
+        report.steps.append(Step("config", Status.OK, f"{self.source} is valid"))
+        token = await self._token(profile.credential, graph=True)
+        report.steps += await graph_steps(self.config, name, token, self.send_to)
+        if profile.fallback_to_smtp:
+            smtp = await self._check_smtp(name, None)
+            report.steps += smtp.steps[1:-1]
+        report.steps.append(self._expiry(profile.credential))
+        return report
+
+    async def _check_smtp(self, name: str, send_to: str | None) -> ProfileReport:
+        profile = self.config.profiles[name]
         upstream = self.config.upstream_for(profile)
         upstream = upstream.model_copy(update={"timeout": min(upstream.timeout, self.timeout)})
         report = ProfileReport(name, profile.mailbox, profile.credential,
@@ -156,9 +175,9 @@ class Doctor:
                 steps.append(await self._envelope(session, name, profile))
             else:
                 steps.append(skip("envelope", "no login"))
-            if self.send_to is not None:
+            if send_to is not None:
                 if session is not None and session.is_open and steps[-1].status is Status.OK:
-                    steps.append(await self._send(session, name, profile, self.send_to))
+                    steps.append(await self._send(session, name, profile, send_to))
                 else:
                     steps.append(skip("send", "the checks before it failed"))
         finally:
@@ -215,19 +234,21 @@ class Doctor:
 
     # --- token -----------------------------------------------------------------------
 
-    async def _token(self, name: str) -> Token | TokenError:
-        if name not in self._tokens:
-            provider = self._providers[name] = TokenProvider(name,
-                                                             self.config.credentials[name])
+    async def _token(self, name: str, *, graph: bool = False) -> Token | TokenError:
+        key = f"{name} graph" if graph else name
+        if key not in self._tokens:
+            cred = self.config.credentials[name]
+            provider = self._providers[key] = TokenProvider(
+                name, cred, scopes=cred.graph_scopes if graph else None)
             try:
-                self._tokens[name] = await asyncio.wait_for(provider.get(), TOKEN_TIMEOUT)
+                self._tokens[key] = await asyncio.wait_for(provider.get(), TOKEN_TIMEOUT)
             except TokenError as exc:
-                self._tokens[name] = exc
+                self._tokens[key] = exc
             except TimeoutError:
-                self._tokens[name] = TokenError(
+                self._tokens[key] = TokenError(
                     f"credential {name!r}: Entra ID did not answer within "
                     f"{TOKEN_TIMEOUT:g} s", transient=True)
-        return self._tokens[name]
+        return self._tokens[key]
 
     def _token_ok(self, token: Token) -> Step:
         minutes = max(0, int(token.expires_in() // 60))
