@@ -57,10 +57,11 @@ def render_text(reports: list[ProfileReport]) -> str:
         else:
             lines.append(f"profile {report.profile}: {report.mailbox} via {report.upstream} "
                          f"(credential {report.credential})")
+        width = max([9, *(len(step.name) for step in report.steps)])
         for step in report.steps:
             detail = step.detail.splitlines() or [""]
-            lines.append(f"  {_LABEL[step.status]} {step.name:<9} {detail[0]}")
-            lines += [f"  {'':6} {'':<9} {extra}" for extra in detail[1:]]
+            lines.append(f"  {_LABEL[step.status]} {step.name:<{width}} {detail[0]}")
+            lines += [f"  {'':6} {'':<{width}} {extra}" for extra in detail[1:]]
             if step.fix and step.status in (Status.FAIL, Status.WARN):
                 fix = step.fix.splitlines()
                 lines.append(f"{'':9}fix: {fix[0]}")
