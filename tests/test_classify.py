@@ -60,6 +60,12 @@ CASES: list[tuple[int, str, Action, bool, tuple[str, ...]]] = [
     (552, "5.3.4 Message size exceeds fixed maximum message size", A.BOUNCE, False,
      ("MaxSendSize",)),
     (552, "Message size exceeds fixed maximum message size", A.BOUNCE, False, ("MaxSendSize",)),
+    # The tenant external recipient rate limit: never a bounce.
+    (550, "5.7.233 Recipient address rejected: Tenant has exceeded its external recipient "
+          "rate limit", A.TENANT_LIMIT, True, ("Azure Communication Services",)),
+    # The per-mailbox daily recipient limit comes as 554 5.2.0 with this exception.
+    (554, "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to "
+          "process message due to a permanent exception", A.PAUSE_MAILBOX, True, ()),
     # Microsoft Graph (transport: graph), as relay.deliver.graph words its answers.
     (550, "5.7.1 Microsoft Graph denied the app access to m@contoso.com (Graph: 403 "
           "ErrorAccessDenied: Access is denied.)", A.BOUNCE, True, ("RBAC",)),

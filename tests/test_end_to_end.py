@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import smtplib
+import time
 
 import aiosmtplib
 import pytest
@@ -267,6 +268,22 @@ async def test_partial_recipient_rejection_bounces_only_the_rejected(
     assert dsn.data.startswith(b"Received: by relay.test (smtp-oauth-relay) id ")
     assert dsn.path is not None and re.search(r"-[0-9A-F]{12}\.eml$", dsn.path.name)
     assert dsn.path.name.split("-")[1] != f"{queue_id}.eml"
+
+
+async def test_the_tenants_external_limit_defers_those_recipients_without_a_bounce(
+        relay: Relay, sandbox: Sandbox) -> None:
+    sandbox.exchange.fail_next("rcpt", 550, "5.7.233 Recipient address rejected: Tenant "
+                               "has exceeded its external recipient rate limit",
+                               recipient="partner@fabrikam.example")
+    response = await send(relay, "billing@contoso.com",
+                          ["colleague@contoso.com", "partner@fabrikam.example"])
+    assert response.code == 250
+    await wait_until(lambda: relay.spool.count(State.DEFERRED) == 1)
+    [delivered] = sandbox.exchange.messages          # no report: nothing failed
+    assert delivered.rcpt_tos == ["colleague@contoso.com"]
+    [entry] = deferred_entries(relay)
+    assert entry.pending == ["partner@fabrikam.example"] and entry.failed == {}
+    assert entry.next_attempt - time.time() > 3000    # an hour, not the usual backoff
 
 
 async def test_upstream_down_keeps_the_message(

@@ -9,7 +9,7 @@ import pytest
 
 from relay.core.message import DeliveryResult
 from relay.core.reply import Reply
-from relay.queue.settle import EXPIRED, RetryPolicy, backoff, settle
+from relay.queue.settle import EXPIRED, TENANT_LIMIT_RETRY, RetryPolicy, backoff, settle
 from relay.spool.records import Entry
 
 DAY = 86_400.0
@@ -54,6 +54,20 @@ def test_a_temporary_refusal_stays_pending_and_waits_its_backoff() -> None:
     assert not s.done and s.pending == (SLOW,) and s.delivered == (OK,)
     assert s.entry.delivered == [OK] and s.entry.failed == {}
     assert s.retry_in == 0.8 * 60               # the first step, jitter at its lowest
+
+
+def test_the_tenants_external_limit_holds_the_recipient_an_hour_and_never_fails_it() -> None:
+    external = "partner@fabrikam.example"
+    s = settle(entry(OK, external), [OK, external],
+               result([OK], {external: "550 5.7.233 Tenant has exceeded its external "
+                                       "recipient rate limit"}), RECEIVED + 1, POLICY, LOW)
+    assert s.pending == (external,) and s.failed == {} and s.delivered == (OK,)
+    assert s.retry_in == TENANT_LIMIT_RETRY and len(s.alerts) == 1
+    # At the end of its lifetime it fails like any other waiting recipient, with the reply.
+    late = settle(s.entry, [external], result([], {external: "550 5.7.233 limit"},
+                                              reply="550 5.7.233 limit"),
+                  RECEIVED + 5 * DAY, POLICY, LOW)
+    assert late.expired and late.failed[external].code == 550
 
 
 def test_the_delay_doubles_with_each_attempt_up_to_retry_max() -> None:

@@ -34,6 +34,8 @@ class Action(enum.StrEnum):
     RETRY = "retry"                  # back off and try again later
     THROTTLE = "throttle"            # lower this mailbox's concurrency, then retry
     PAUSE_MAILBOX = "pause_mailbox"  # 24 h submission quota used: hold all its mail
+    TENANT_LIMIT = "tenant_limit"    # the tenant's external recipients for the day are used:
+                                     # those recipients wait (an hour at least), never bounce
     AUTH = "auth"                    # token or permission problem: refresh, defer, alert
     BOUNCE = "bounce"                # permanent for this recipient or message
 
@@ -93,6 +95,14 @@ TABLE: tuple[Rule, ...] = (
           Action.PAUSE_MAILBOX,
           "the mailbox has used its 10,000 recipients per rolling 24 hours: holding its mail "
           "until the window frees (other programs sending as this mailbox count too)",
+          alert=True),
+    _rule(_status("5.7.233"),
+          Action.TENANT_LIMIT,
+          "the tenant has sent to as many external recipients as it may in 24 hours (the "
+          "tenant external recipient rate limit, which every sender in the tenant counts "
+          "against): the external recipients wait and are retried hourly until the window "
+          "frees; bulk external mail belongs on Azure Communication Services Email, which "
+          "does not count",
           alert=True),
     _rule(r"^5\d\d " + _status("5.2.2") + r"|QuotaExceededException",
           Action.RETRY,

@@ -22,7 +22,7 @@ from relay.deliver.session import OnAccepted, UpstreamSession
 # Stages at which a broken connection cannot have delivered any part of the message.
 _BEFORE_DATA = frozenset({"MAIL FROM", "RCPT TO"})
 # Verdicts after which the session is known to be in a clean state and welcome upstream.
-_REUSABLE = frozenset({Action.DELIVERED, Action.BOUNCE})
+_REUSABLE = frozenset({Action.DELIVERED, Action.BOUNCE, Action.TENANT_LIMIT})
 
 
 @dataclass(eq=False)

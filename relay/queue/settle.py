@@ -36,6 +36,9 @@ from relay.spool.records import Entry
 # A recipient whose last reply was an acceptance and whose time ran out all the same (it
 # was accepted in an attempt whose outcome was not saved).
 EXPIRED = Reply(451, "4.4.7 Delivery time expired")
+# The least wait after the tenant's external recipient limit (550 5.7.233): its window is
+# a rolling 24 hours shared by every sender in the tenant, so sooner only asks in vain.
+TENANT_LIMIT_RETRY = 3600.0
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,8 @@ def settle(entry: Entry, tried: Sequence[str], result: DeliveryResult, now: floa
         pending=tuple(pending), expired=expired,
         throttle=Action.THROTTLE in actions, pause=Action.PAUSE_MAILBOX in actions,
         alerts=tuple(alerts.values()),
-        retry_in=backoff(attempts, policy.retry_initial, policy.retry_max, draw))
+        retry_in=max(backoff(attempts, policy.retry_initial, policy.retry_max, draw),
+                     TENANT_LIMIT_RETRY if Action.TENANT_LIMIT in actions else 0.0))
 
 
 def backoff(attempts: int, initial: float, maximum: float,
