@@ -313,6 +313,8 @@ async def test_expiry_gauges_for_secret_and_server_certificate(
     assert secret_days is not None and 89 < secret_days <= 90
     cert_days = value(text, "smtp_relay_certificate_expires_in_days", source="server.tls")
     assert cert_days is not None and 29 < cert_days <= 30
+    assert value(text, "smtp_relay_credential_info", credential="main",
+                 kind="client_secret") == 1
 
 
 def test_certificate_credentials_expiry_from_pem_and_pfx(tmp_path: Path) -> None:

@@ -636,6 +636,50 @@ def test_pod_hardening_and_shutdown_budget() -> None:
     assert by_kind("PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteOnce"]
 
 
+WORKLOAD_IDENTITY = ROOT / "deploy" / "kubernetes-workload-identity"
+
+
+def test_the_workload_identity_variant_has_no_secret_and_a_usable_config() -> None:
+    """The overlay: a service account for the app, the projected token as the credential,
+    and the Secret's volume gone; its config is valid and matches the service account."""
+    docs = {p.name: yaml.safe_load(p.read_text()) for p in WORKLOAD_IDENTITY.glob("*.yaml")}
+    kustomization = docs["kustomization.yaml"]
+    assert "../kubernetes" in kustomization["resources"]
+    data = yaml.safe_load(docs["configmap-patch.yaml"]["data"]["config.yaml"])
+    config = parse_config(data, "configmap-patch.yaml", check_secrets=False,
+                          check_files=False)
+    cred = config.credentials["main"]
+    assert cred.kind_key == "federated_token" and cred.client_secret is None
+    assert str(cred.federated_token_file) == (
+        "/var/run/secrets/azure/tokens/azure-identity-token")   # where AKS projects it
+    account = docs["serviceaccount.yaml"]
+    assert account["metadata"]["annotations"][
+        "azure.workload.identity/client-id"] == cred.client_id
+    pod = docs["deployment-patch.yaml"]["spec"]["template"]
+    assert pod["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+    assert pod["spec"]["serviceAccountName"] == account["metadata"]["name"]
+    # Everything but the credential is the base's config.
+    base, _ = shipped_config()
+    assert {k: v for k, v in data.items() if k != "credentials"} == {
+        k: v for k, v in base.items() if k != "credentials"}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None,
+                    reason="kubectl is not installed (it renders the kustomization)")
+def test_the_workload_identity_variant_renders_without_the_secret() -> None:
+    out = subprocess.run(["kubectl", "kustomize", str(WORKLOAD_IDENTITY)], check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ConfigMap", "Deployment", "PersistentVolumeClaim", "ServiceAccount"]
+    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert "client-secret" not in json.dumps(pod)
+    assert pod["serviceAccountName"] == "smtp-oauth-relay"
+    [configmap] = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert "federated_token_file" in configmap["data"]["config.yaml"]
+
+
 # --- the image's install steps, in a fresh virtualenv ----------------------------------------
 
 @pytest.mark.slow

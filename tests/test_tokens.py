@@ -27,6 +27,7 @@ from cryptography.x509.oid import NameOID
 
 from relay.config import Config, Credential
 from relay.core.secrets import Secret
+from relay.oauth import clients as clients_module
 from relay.oauth import provider as provider_module
 from relay.oauth.advice import explain_entra_error
 from relay.oauth.provider import TokenProvider
@@ -211,7 +212,7 @@ async def test_msal_runs_only_in_a_worker_thread(fake: FakeEntra, make: Any,
             threads.append(threading.current_thread())
             return super().acquire_token_for_client(*args, **kwargs)
 
-    monkeypatch.setattr(provider_module.msal, "ConfidentialClientApplication", Spy)
+    monkeypatch.setattr(clients_module.msal, "ConfidentialClientApplication", Spy)
     await make().get()
     assert len(threads) == 2
     assert threading.main_thread() not in threads

@@ -93,6 +93,8 @@ def named_files(cfg: Config) -> list[tuple[str, Path]]:
         base = f"credentials.{name}"
         if cred.ca_file:
             out.append((f"{base}.ca_file", cred.ca_file))
+        if cred.federated_token_file:
+            out.append((f"{base}.federated_token_file", cred.federated_token_file))
         if cert := cred.certificate:
             for field in ("private_key_file", "public_certificate_file", "pfx_file"):
                 if (p := getattr(cert, field)) is not None:

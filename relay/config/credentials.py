@@ -201,15 +201,43 @@ class Credential(Section):
     scope: str | None = None
     client_secret: SecretRef | None = None
     certificate: CertificateCredential | None = None
+    # No long-lived secret: a token the platform writes to a file and renews (workload
+    # identity federation: AKS, any OIDC issuer), or the platform's managed identity
+    # ("system", or "user": the user-assigned identity whose client ID is client_id).
+    federated_token_file: Path | None = None
+    managed_identity: Literal["system", "user"] | None = None
     ca_file: Path | None = None
     refresh_before: Duration = 600.0
     secret_expires: dt.date | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> Credential:
-        if (self.client_secret is None) == (self.certificate is None):
-            raise ValueError("set exactly one of client_secret or certificate")
+        kinds = [self.client_secret, self.certificate, self.federated_token_file,
+                 self.managed_identity]
+        if sum(k is not None for k in kinds) != 1:
+            raise ValueError("set exactly one of client_secret, certificate, "
+                             "federated_token_file or managed_identity")
         return self
+
+    @property
+    def kind_key(self) -> str:
+        """The setting that proves the app's identity, as a metric label."""
+        for key in ("client_secret", "certificate", "federated_token_file",
+                    "managed_identity"):
+            if getattr(self, key) is not None:
+                return key.removesuffix("_file")
+        raise AssertionError("a credential has one kind")
+
+    @property
+    def kind(self) -> str:
+        """What proves the app's identity, in words (logs, doctor, metrics)."""
+        if self.client_secret is not None:
+            return "client secret"
+        if self.certificate is not None:
+            return "certificate"
+        if self.federated_token_file is not None:
+            return "federated token"
+        return f"managed identity ({self.managed_identity}-assigned)"
 
     @property
     def authority_url(self) -> str:

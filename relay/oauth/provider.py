@@ -32,14 +32,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeGuard
 
-import msal
-
 from relay.config import Credential
 from relay.core.events import NO_HOOKS, Hooks
 from relay.core.log import redact
 from relay.core.secrets import Secret
 from relay.oauth.advice import TRANSIENT_ERRORS, entra_code, explain_entra_error, explain_exception
-from relay.oauth.certificates import CertificateError, msal_credential
+from relay.oauth.clients import TokenClient, build_client, fingerprint
 from relay.oauth.http import HTTP_TIMEOUT, EntraSession
 from relay.oauth.token import Token, TokenError, decode_claims
 
@@ -70,9 +68,9 @@ class TokenProvider:
         self._hooks = hooks
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"token-{name}")
         # Worker-thread state: only touched from the executor's single thread.
-        self._app: Any = None
+        self._app: TokenClient | None = None
+        self._material = b""        # fingerprint() of what the client was built with
         self._session: EntraSession | None = None
-        self._certificate: dict[str, str] | None = None
         # Event-loop state.
         self._token: Token | None = None
         self._refresh_at = 0.0  # when the background refresher replaces the token
@@ -236,16 +234,25 @@ class TokenProvider:
             log.error("no token: %s", exc.message, extra=fields)
 
     def _acquire_blocking(self) -> dict[str, Any]:
-        """Runs in the worker thread: build msal's app if needed, then fetch a fresh token."""
+        """Runs in the worker thread: (re)build the client if needed, then fetch a fresh
+        token. The client is rebuilt when the credential's material changed on disk (a
+        rotated secret or certificate) and after a failure that is not transient."""
         authority = self.credential.authority_url
         try:
             if self._closed:
                 raise TokenError(f"credential {self.name!r} is closed", transient=True)
-            app = self._app
-            if app is None:
-                app = self._app = self._build_app()
-            app.remove_tokens_for_client()  # our cache decides when to refresh, not msal's
-            result = app.acquire_token_for_client(scopes=self.scopes)
+            if self._session is None:
+                cred = self.credential
+                self._session = EntraSession(str(cred.ca_file) if cred.ca_file else None,
+                                              HTTP_TIMEOUT)
+            now = fingerprint(self.credential)
+            if self._app is None or now != self._material:
+                if self._app is not None:
+                    log.info("credential %s: its %s changed on disk; using the new one",
+                             self.name, self.credential.kind)
+                self._app, self._material = build_client(self.name, self.credential,
+                                                         self._session), now
+            result = self._app.fetch(self.scopes)
         except Exception as exc:
             log.debug("token fetch for credential %s failed", self.name, exc_info=True)
             error = explain_exception(exc, self.name, authority)
@@ -256,34 +263,6 @@ class TokenProvider:
                 and str(result.get("error")) not in TRANSIENT_ERRORS):
             self._app = None  # e.g. a rotated secret file is picked up on the next attempt
         return result
-
-    def _build_app(self) -> Any:
-        cred = self.credential
-        if self._session is None:
-            self._session = EntraSession(str(cred.ca_file) if cred.ca_file else None,
-                                          HTTP_TIMEOUT)
-        kwargs: dict[str, Any] = {}
-        if cred.authority:  # a non-Microsoft host: don't ask login.microsoftonline.com
-            kwargs["instance_discovery"] = False
-        return msal.ConfidentialClientApplication(
-            cred.client_id, client_credential=self._client_credential(),
-            authority=cred.authority_url, http_client=self._session,
-            token_cache=msal.TokenCache(), **kwargs)
-
-    def _client_credential(self) -> str | dict[str, str]:
-        cred = self.credential
-        if cred.client_secret is not None:
-            secret = cred.client_secret.resolve().reveal()
-            redact(secret)
-            return secret
-        if self._certificate is None:
-            assert cred.certificate is not None
-            try:
-                self._certificate = msal_credential(
-                    cred.certificate, f"credentials.{self.name}.certificate")
-            except CertificateError as exc:
-                raise TokenError(str(exc)) from None
-        return self._certificate
 
     def _close_blocking(self) -> None:
         self._app = None

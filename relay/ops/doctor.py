@@ -312,6 +312,9 @@ class Doctor:
     def _expiry(self, name: str) -> Step:
         cred = self._expiry_credentials.get(name) or self.config.credentials[name]
         base = f"credentials.{name}"
+        if cred.federated_token_file is not None or cred.managed_identity is not None:
+            return Step("expiry", Status.OK, f"{cred.kind}: no long-lived secret to expire "
+                                             "(the platform renews what it hands out)")
         checks: list[tuple[Status, str, str | None]] = []
         kind = "client secret" if cred.client_secret is not None else "certificate"
         renew = (f"create a new client secret ({setup_step(2)}), update {base}.client_secret's "

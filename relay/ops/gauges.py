@@ -137,6 +137,14 @@ class StateCollector(Collector):
 
     def _expiries(self, now: float) -> Iterator[Metric]:
         config = self._relay.config
+        kinds = GaugeMetricFamily(
+            PREFIX + "credential_info",
+            "1 for each credential, labelled with what proves it: client_secret, "
+            "certificate, federated_token or managed_identity.",
+            labels=["credential", "kind"])
+        for name, cred in config.credentials.items():
+            kinds.add_metric([name, cred.kind_key], 1)
+        yield kinds
         secrets = GaugeMetricFamily(
             PREFIX + "client_secret_expires_in_days",
             "Days until a client secret expires (credentials.<name>.secret_expires).",

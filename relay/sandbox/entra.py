@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from relay.sandbox.https import HTTPSServer, serve
+from relay.sandbox.issuer import FEDERATED_AUDIENCE
 from relay.sandbox.pki import LocalPKI
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class _App:
     roles: tuple[str, ...]
     secret_expired: bool
     object_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    # Federated identity credentials: (issuer, subject, the issuer's public key).
+    federated: list[tuple[str, str, Any]] = field(default_factory=list)
 
     def thumbprints(self) -> set[str]:
         """x5t and x5t#S256 header values (base64url) that identify the app's certificate."""
@@ -133,7 +136,7 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("fake Entra: " + format, *args)
 
     def do_GET(self) -> None:
-        status, body = self.server.owner._handle_get(self.path)
+        status, body = self.server.owner._handle_get(self.path, self.headers.get("Metadata"))
         self._reply(status, body)
 
     def do_POST(self) -> None:
@@ -188,6 +191,7 @@ class FakeEntra:
         self._pki = pki
         self._lock = threading.Lock()
         self._apps: dict[tuple[str, str], _App] = {}
+        self._identities: dict[str, _App] = {}    # managed identities by client id
         self._tenants: set[str] = set()
         self._key, self._kid = self._new_key()
         self._failures: list[tuple[int, dict[str, Any] | None, int | None]] = []
@@ -244,6 +248,31 @@ class FakeEntra:
         with self._lock:
             self._tenants.add(tenant_id.lower())
             self._apps[(tenant_id.lower(), client_id.lower())] = app
+
+    def add_federated_credential(self, tenant_id: str, client_id: str, issuer: str,
+                                 subject: str, public_key: Any, *,
+                                 roles: tuple[str, ...] = ("SMTP.SendAsApp",)) -> None:
+        """Trust tokens of an outside OIDC issuer (a Kubernetes cluster, GitHub Actions)
+        for ``subject`` as the app's credential, as a federated identity credential does;
+        the app is registered without a secret if it is not yet."""
+        key = (tenant_id.lower(), client_id.lower())
+        with self._lock:
+            self._tenants.add(tenant_id.lower())
+            app = self._apps.get(key)
+            if app is None:
+                app = self._apps[key] = _App(tenant_id, client_id, None, None, roles, False)
+            app.federated.append((issuer, subject, public_key))
+
+    def add_managed_identity(self, tenant_id: str, client_id: str, *, system: bool = True,
+                             roles: tuple[str, ...] = ("SMTP.SendAsApp",)) -> None:
+        """The managed identity of the machine the relay runs on (``system``: the one a
+        request without client_id gets), served at the instance metadata endpoint."""
+        with self._lock:
+            self._tenants.add(tenant_id.lower())
+            self._identities[client_id.lower()] = _App(tenant_id, client_id, None, None,
+                                                       tuple(roles), False)
+            if system:
+                self._identities[""] = self._identities[client_id.lower()]
 
     def fail_next(self, status: int = 500, count: int = 1, body: dict[str, Any] | None = None,
                   *, retry_after: int | None = None) -> None:
@@ -424,7 +453,9 @@ class FakeEntra:
                            "subscription administrator, this may happen if there are no active "
                            "subscriptions for the tenant.")
 
-    def _handle_get(self, path: str) -> tuple[int, dict[str, Any]]:
+    def _handle_get(self, path: str, metadata: str | None = None) -> tuple[int, dict[str, Any]]:
+        if urlsplit(path).path == "/metadata/identity/oauth2/token":
+            return self._managed_identity_token(path, metadata)
         m = re.fullmatch(r"/([^/]+)/v2\.0/\.well-known/openid-configuration",
                          urlsplit(path).path)
         if not m:
@@ -523,9 +554,65 @@ class FakeEntra:
         return 200, {"token_type": "Bearer", "expires_in": expires_in,
                      "ext_expires_in": expires_in, "access_token": token}
 
+    def _managed_identity_token(self, path: str,
+                                metadata: str | None) -> tuple[int, dict[str, Any]]:
+        """Azure's instance metadata service (IMDS): a token for the machine's identity."""
+        if (metadata or "").lower() != "true":
+            return 400, {"error": "invalid_request",
+                         "error_description": "Required metadata header not specified"}
+        query = parse_qs(urlsplit(path).query)
+        resource = (query.get("resource") or [""])[0].rstrip("/")
+        with self._lock:
+            self._token_requests += 1
+            identity = self._identities.get((query.get("client_id") or [""])[0].lower())
+        if identity is None:
+            return 400, {"error": "invalid_request",
+                         "error_description": "Identity not found"}
+        if resource not in self.resources:
+            return 400, {"error": "invalid_resource",
+                         "error_description": f"AADSTS500011: The resource principal named "
+                                              f"{resource} was not found in the tenant."}
+        token, expires_in = self._issue(identity, resource, by_certificate=False)
+        return 200, {"access_token": token, "expires_in": str(expires_in),
+                     "expires_on": str(int(time.time()) + expires_in), "resource": resource,
+                     "token_type": "Bearer"}
+
     def _missing(self, name: str) -> _EntraError:
         return self._error(400, "invalid_request", 900144,
                            f"The request body must contain the following parameter: '{name}'.")
+
+    def _check_federated(self, app: _App, header: dict[str, Any], claims: dict[str, Any],
+                         signing_input: bytes, signature: bytes) -> None:
+        """A token of an outside issuer presented as the app's credential."""
+        issuer, subject = claims.get("iss"), claims.get("sub")
+        known = [f for f in app.federated if f[0] == issuer]
+        if not known:
+            raise self._error(400, "invalid_request", 700211,
+                              f"No matching federated identity record found for presented "
+                              f"assertion issuer '{issuer}'.")
+        matching = [f for f in known if f[1] == subject]
+        if not matching:
+            raise self._error(400, "invalid_request", 700213,
+                              f"No matching federated identity record found for presented "
+                              f"assertion subject '{subject}'.")
+        try:
+            if header.get("alg") != "RS256":
+                raise InvalidSignature
+            matching[0][2].verify(signature, signing_input, padding.PKCS1v15(),
+                                  hashes.SHA256())
+        except InvalidSignature:
+            raise self._error(401, "invalid_client", 700027,
+                              "Client assertion failed signature validation.") from None
+        audience = claims.get("aud")
+        audiences = audience if isinstance(audience, list) else [audience]
+        if FEDERATED_AUDIENCE not in audiences:
+            raise self._error(400, "invalid_request", 700212,
+                              "No matching federated identity record found for presented "
+                              f"assertion audience '{audience}'.")
+        exp = claims.get("exp")
+        if not isinstance(exp, int | float) or time.time() > exp + _ASSERTION_SKEW:
+            raise self._error(400, "invalid_client", 700024,
+                              "Client assertion is not within its valid time range.")
 
     @staticmethod
     def _basic(authorization: str | None) -> tuple[str | None, str | None]:
@@ -596,6 +683,10 @@ class FakeEntra:
         except ValueError:
             raise self._error(401, "invalid_client", 50027,
                               "JWT token is invalid or malformed.") from None
+        if claims.get("iss") != app.client_id and not (header.get("x5t")
+                                                       or header.get("x5t#S256")):
+            self._check_federated(app, header, claims, signing_input, signature)
+            return
         thumb = str(header.get("x5t#S256") or header.get("x5t") or "")
         # msal pads its base64url thumbprints with '='; Entra accepts both forms.
         if app.certificate is None or thumb.rstrip("=") not in app.thumbprints():
