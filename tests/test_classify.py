@@ -60,6 +60,9 @@ CASES: list[tuple[int, str, Action, bool, tuple[str, ...]]] = [
     (552, "5.3.4 Message size exceeds fixed maximum message size", A.BOUNCE, False,
      ("MaxSendSize",)),
     (552, "Message size exceeds fixed maximum message size", A.BOUNCE, False, ("MaxSendSize",)),
+    # Azure Communication Services refuses the client secret as a password.
+    (535, "5.7.3 Authentication unsuccessful (Azure Communication Services refused the "
+          "login as acs.app.tenant)", A.AUTH, True, ("ACS SMTP Username",)),
     # The tenant external recipient rate limit: never a bounce.
     (550, "5.7.233 Recipient address rejected: Tenant has exceeded its external recipient "
           "rate limit", A.TENANT_LIMIT, True, ("Azure Communication Services",)),

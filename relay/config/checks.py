@@ -70,7 +70,24 @@ def contradictions(cfg: Config) -> list[tuple[str, str]]:
         problems.append(("server.max_connections_per_client",
                          f"{per_client} must not exceed server.max_connections "
                          f"({server.max_connections})"))
+    limits_of: dict[str, tuple[str, object]] = {}
     for name, profile in cfg.profiles.items():
+        upstream = cfg.upstreams.get(profile.upstream or "")
+        cred = cfg.credentials.get(profile.credential)
+        if upstream is not None and upstream.service == "acs" and cred is not None \
+                and cred.client_secret is None:
+            problems.append((f"profiles.{name}.credential",
+                             f"upstream {profile.upstream!r} is Azure Communication Services, "
+                             "whose SMTP login is the app's client secret: the credential "
+                             "needs client_secret"))
+        if profile.transport == "smtp":
+            own = upstream.limits if upstream is not None else None
+            seen = limits_of.setdefault(profile.mailbox.lower(), (name, own))
+            if seen[1] != own:
+                problems.append((f"profiles.{name}.upstream",
+                                 f"mailbox {profile.mailbox} is also sent as by profile "
+                                 f"{seen[0]} through an upstream with other limits; one "
+                                 "mailbox has one set of limits"))
         if profile.fallback_to_smtp and profile.transport != "graph":
             problems.append((f"profiles.{name}.fallback_to_smtp",
                              "only for transport: graph (an SMTP profile has nothing to "

@@ -39,16 +39,44 @@ from relay.config.values import (
     check_password_hash,
 )
 
+# The SMTP endpoint of each Microsoft service an upstream can be (``service``), used when
+# the upstream names no host of its own.
+SERVICE_HOSTS = {"exchange": "smtp.office365.com", "hve": "smtp.hve.mx.microsoft",
+                 "acs": "smtp.azurecomm.net"}
+
 
 class Upstream(Section):
-    """Where mail leaves: the Exchange Online SMTP submission endpoint by default."""
+    """Where mail leaves: the Exchange Online SMTP submission endpoint by default.
 
-    host: str = "smtp.office365.com"
+    ``service`` says which Microsoft service it is: Exchange Online (``exchange``), High
+    Volume Email (``hve``: the same XOAUTH2 login, internal recipients only) or Azure
+    Communication Services Email (``acs``: AUTH LOGIN as ``username`` with the profile's
+    client secret). ``limits``, when set, replace ``delivery.mailbox_limits`` for the
+    mailboxes that send through this upstream: HVE and ACS have limits of their own.
+    """
+
+    service: Literal["exchange", "hve", "acs"] = "exchange"
+    host: str = ""
     port: Port = 587
     tls: Literal["starttls", "implicit"] = "starttls"
     ca_file: Path | None = None
     timeout: Duration = 60.0
     helo_name: str | None = None
+    username: str | None = None
+    limits: MailboxLimits | None = None
+
+    @model_validator(mode="after")
+    def _service(self) -> Upstream:
+        if not self.host:
+            object.__setattr__(self, "host", SERVICE_HOSTS[self.service])
+        if self.service == "acs" and not self.username:
+            raise ValueError("service: acs needs username: the ACS SMTP username (an SMTP "
+                             "Username resource, or <ACS resource name>.<app client "
+                             "id>.<tenant id>)")
+        if self.service != "acs" and self.username:
+            raise ValueError("username is only for service: acs (the others log in with "
+                             "XOAUTH2 as the profile's mailbox)")
+        return self
 
 
 class Graph(Section):

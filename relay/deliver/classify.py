@@ -109,6 +109,15 @@ TABLE: tuple[Rule, ...] = (
           "the sending mailbox is full (Exchange saves every sent message to Sent Items): "
           "empty Sent Items, add a retention policy for it, or raise the mailbox quota",
           alert=True),
+    # Before 5.7.3: ACS words its refusal like Exchange, and the fix is another.
+    _rule(r"Azure Communication Services refused the login",
+          Action.AUTH,
+          "Azure Communication Services refused the SMTP login: check the upstream's "
+          "username (the ACS SMTP Username resource, or <ACS resource>.<app client "
+          "id>.<tenant id>), that the credential's client secret is current, and that the "
+          "app has a role on the ACS resource that allows sending (e.g. Communication and "
+          "Email Service Owner)",
+          alert=True, problem=Problem.LOGIN),
     _rule(_status("5.7.139"),
           Action.AUTH,
           "SMTP AUTH is disabled for the mailbox or the tenant: run Set-CASMailbox -Identity "

@@ -27,8 +27,9 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
-from relay.config import Config, Profile
+from relay.config import Config, Profile, Upstream
 from relay.core.events import NO_HOOKS, Hooks
 from relay.core.message import DeliveryResult, Outbound
 from relay.core.reply import Reply
@@ -36,15 +37,26 @@ from relay.deliver.classify import Problem, classify
 from relay.deliver.failures import AuthenticationRejected
 from relay.deliver.graph import GraphClient, Prepared
 from relay.deliver.pool import SessionPool
-from relay.deliver.session import OnAccepted
+from relay.deliver.session import HasAccessToken, OnAccepted
 from relay.deliver.upstream import UpstreamClient
-from relay.oauth.provider import TokenProvider
+from relay.oauth.password import SecretSource
 from relay.oauth.registry import Tokens
-from relay.oauth.token import Token, TokenError
+from relay.oauth.token import TokenError
 
 log = logging.getLogger(__name__)
 
-_Send = Callable[[Token], Awaitable[DeliveryResult]]
+_Send = Callable[[Any], Awaitable[DeliveryResult]]
+
+
+class _Source(Protocol):
+    """Where a send's credential comes from: an OAuth token provider, or (ACS) the client
+    secret itself (relay.oauth.password)."""
+
+    async def get(self) -> Any: ...
+
+    async def refresh(self, stale: Any = None) -> Any: ...
+
+
 # What prepare() builds for apply(): the SMTP session pools and the Graph clients.
 Built = tuple[dict[tuple[str, str], SessionPool], dict[str, GraphClient]]
 
@@ -64,6 +76,7 @@ class Deliverer:
         self._pools: dict[tuple[str, str], SessionPool] = {}
         self._by_profile: dict[str, SessionPool] = {}   # the pool each profile uses
         self._graphs: dict[str, GraphClient] = {}
+        self._secrets: dict[str, SecretSource] = {}
         self._graph_by_profile: dict[str, GraphClient] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self.update(config)
@@ -82,13 +95,13 @@ class Deliverer:
         """
         pools: dict[tuple[str, str], SessionPool] = {}
         graphs: dict[str, GraphClient] = {}
-        max_sessions = config.delivery.mailbox_limits.max_sessions
         for profile in config.profiles.values():
             key = _pool_key(config, profile)
             if key not in pools:
                 upstream = config.upstream_for(profile)
                 pools[key] = self._pools.get(key) or SessionPool(
-                    UpstreamClient(upstream, key[1]), max_sessions=max_sessions)
+                    UpstreamClient(upstream, key[1]),
+                    max_sessions=_max_sessions(config, upstream))
             if profile.transport == "graph":
                 gkey = _graph_key(config, profile)
                 if gkey not in graphs:
@@ -111,7 +124,7 @@ class Deliverer:
             if graphs.get(gkey) is not graph:
                 graph.close()
         for pool in pools.values():
-            pool.configure(max_sessions=config.delivery.mailbox_limits.max_sessions)
+            pool.configure(max_sessions=_max_sessions(config, pool.client.upstream))
         for key, pool in old.items():
             if pools.get(key) is not pool:
                 self._retire(pool)
@@ -172,12 +185,24 @@ class Deliverer:
         send = functools.partial(pool.send, msg, mailbox,
                                  require_all_recipients=require_all_recipients,
                                  on_accepted=on_accepted)
-        return await self._with_token(msg, profile, mailbox,
-                                      self._tokens.provider(profile.credential), send)
+        source: _Source = (self._secret_source(profile)
+                           if pool.client.upstream.service == "acs"
+                           else self._tokens.provider(profile.credential))
+        return await self._with_token(msg, profile, mailbox, source, send)
+
+    def _secret_source(self, profile: Profile) -> SecretSource:
+        """ACS logs in with the client secret itself: one source per credential."""
+        source = self._secrets.get(profile.credential)
+        cred = self._config.credentials[profile.credential]
+        if source is None or source.credential != cred:
+            source = self._secrets[profile.credential] = SecretSource(profile.credential,
+                                                                      cred)
+        return source
 
     @staticmethod
     async def _send_graph(graph: GraphClient, prepared: Prepared, mailbox: str,
-                          on_accepted: OnAccepted | None, token: Token) -> DeliveryResult:
+                          on_accepted: OnAccepted | None,
+                          token: HasAccessToken) -> DeliveryResult:
         result = await graph.send(prepared, mailbox, token)
         if result.reply.ok and on_accepted is not None:
             try:
@@ -187,7 +212,7 @@ class Deliverer:
         return result
 
     async def _with_token(self, msg: Outbound, profile: Profile, mailbox: str,
-                          provider: TokenProvider, send: _Send) -> DeliveryResult:
+                          provider: _Source, send: _Send) -> DeliveryResult:
         """``send`` with the provider's token; once more with a fresh one if the upstream
         refused the login."""
         started = time.monotonic()
@@ -276,6 +301,12 @@ class Deliverer:
         return DeliveryResult(Reply(
             451, f"4.7.0 Relay cannot obtain an OAuth token for profile {msg.profile} "
                  "(see the relay's log); try again later"), offered=False)
+
+
+def _max_sessions(config: Config, upstream: Upstream) -> int:
+    """Sessions per mailbox: the upstream's own limit (HVE, ACS), else Exchange's."""
+    limits = upstream.limits or config.delivery.mailbox_limits
+    return limits.max_sessions
 
 
 def _graph_key(config: Config, profile: Profile) -> str:

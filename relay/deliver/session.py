@@ -177,7 +177,12 @@ class UpstreamSession:
     async def _authenticate(self, smtp: UpstreamSMTP, mailbox: str,
                             token: HasAccessToken) -> None:
         """SASL XOAUTH2 in the two-step form: the 2-3 kB response goes on its own line,
-        not on the AUTH command line (RFC 4954's 512-octet command limit)."""
+        not on the AUTH command line (RFC 4954's 512-octet command limit). An ACS
+        upstream takes the app's client secret as a password instead (``token`` is then
+        that secret, see relay.oauth.password)."""
+        if self.upstream.service == "acs":
+            await self._login_with_password(smtp, token)
+            return
         if "xoauth2" not in smtp.server_auth_methods:
             offered = " ".join(smtp.server_auth_methods).upper() or "none"
             raise UpstreamUnavailable(Reply(
@@ -204,6 +209,25 @@ class UpstreamSession:
         raise UpstreamUnavailable(Reply(
             451, f"4.4.2 Upstream {self.where} gave an unexpected reply to AUTH: "
                  f"{response.code} {one_line(response.message)}"))
+
+    async def _login_with_password(self, smtp: UpstreamSMTP, token: HasAccessToken) -> None:
+        offered = set(smtp.server_auth_methods)
+        if not offered & {"login", "plain"}:
+            raise UpstreamUnavailable(Reply(
+                451, f"4.7.0 Upstream {self.where} does not offer AUTH LOGIN or PLAIN "
+                     f"(offers: {' '.join(sorted(offered)).upper() or 'none'})"))
+        assert self.upstream.username is not None
+        try:
+            await _password_login(smtp, self.upstream.username, token.access_token.reveal())
+        except SMTPResponseException as exc:
+            reply = Reply(exc.code, exc.message)
+            if 500 <= exc.code < 600:
+                raise AuthenticationRejected(Reply(exc.code, (
+                    f"{exc.message} (Azure Communication Services refused the login as "
+                    f"{self.upstream.username})"))) from None
+            raise UpstreamUnavailable(reply if 400 <= exc.code < 500 else Reply(
+                451, f"4.4.2 Upstream {self.where} gave an unexpected reply to AUTH: "
+                     f"{exc.code} {one_line(exc.message)}")) from None
 
     # --- sending -------------------------------------------------------------------------
 
@@ -285,6 +309,16 @@ class UpstreamSession:
         self.mailbox = None
         if smtp is not None:
             smtp.close()
+
+
+async def _password_login(smtp: UpstreamSMTP, username: str, password: str) -> None:
+    """AUTH LOGIN, or PLAIN where LOGIN is not offered, as ``username``: one try (unlike
+    aiosmtplib's login(), which goes on to the next mechanism after a refusal)."""
+    redact(password)
+    if "login" in smtp.server_auth_methods:
+        await smtp.auth_login(username, password)
+    else:
+        await smtp.auth_plain(username, password)
 
 
 def _decode_challenge(message: str) -> str:

@@ -67,8 +67,9 @@ class _Mailbox:
     recover_at: float = 0.0                  # when the next lowered step is given back
     paused_until: float = 0.0
     last_seen: float = 0.0
+    limits: Limits = field(default_factory=Limits)   # this mailbox's (its upstream's)
 
-    def expire(self, now: float, limits: Limits) -> None:
+    def expire(self, now: float) -> None:
         """Forget what no longer counts at ``now``: old sends, served pauses, cooldowns."""
         while self.minute and self.minute[0] + MINUTE <= now:
             self.minute.popleft()
@@ -77,13 +78,13 @@ class _Mailbox:
         if self.paused_until <= now:
             self.paused_until = 0.0
         if self.lowered and now >= self.recover_at:
-            cooldown = limits.throttle_cooldown
+            cooldown = self.limits.throttle_cooldown
             steps = 1 + int((now - self.recover_at) // cooldown) if cooldown > 0 else self.lowered
             self.lowered = max(0, self.lowered - steps)
-            self.recover_at += steps * limits.throttle_cooldown
+            self.recover_at += steps * cooldown
 
-    def session_limit(self, limits: Limits) -> int:
-        return max(1, limits.max_sessions - self.lowered)
+    def session_limit(self) -> int:
+        return max(1, self.limits.max_sessions - self.lowered)
 
 
 def _discard_recent(window: deque[float], at: float) -> None:
@@ -114,8 +115,11 @@ def _insert_recent(window: deque[float], at: float) -> None:
 class Governor:
     """Answers "may this mailbox send now, and if not, when?" for the queue manager."""
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self, limits: Limits | None = None,
+                 special: dict[str, Limits] | None = None) -> None:
         self.limits = limits or Limits()
+        # Mailboxes (lower case) that send through an upstream with limits of its own.
+        self.special = dict(special or {})
         self._boxes: dict[str, _Mailbox] = {}
         self._next_sweep = 0.0
         self.changes = 0    # bumped by whatever export() would show differently
@@ -124,7 +128,7 @@ class Governor:
         """What must survive a restart, as JSON-ready data (see the module docstring)."""
         boxes: dict[str, Any] = {}
         for name, box in self._boxes.items():
-            box.expire(now, self.limits)
+            box.expire(now)
             if box.day or box.minute or box.paused_until:
                 boxes[name] = {"day": [[t, n] for t, n in box.day], "minute": list(box.minute),
                                "paused_until": box.paused_until}
@@ -142,7 +146,7 @@ class Governor:
             try:
                 day = deque((float(t), int(n)) for t, n in saved["day"])
                 minute = deque((float(t) for t in saved["minute"]),
-                               maxlen=self.limits.messages_per_minute)
+                               maxlen=self.limits_for(str(name)).messages_per_minute)
                 paused_until = float(saved["paused_until"])
             except (KeyError, TypeError, ValueError):
                 continue
@@ -155,28 +159,34 @@ class Governor:
             box = self._box(str(name), now)
             box.day, box.day_total = day, sum(n for _, n in day)
             box.minute, box.paused_until = minute, paused_until
-            box.expire(now, self.limits)
+            box.expire(now)
             if box.day or box.minute or box.paused_until:
                 restored += 1
             else:
                 del self._boxes[str(name)]      # it all expired while the relay was down
         return restored
 
-    def update(self, limits: Limits) -> None:
+    def limits_for(self, mailbox: str) -> Limits:
+        return self.special.get(mailbox.lower(), self.limits)
+
+    def update(self, limits: Limits, special: dict[str, Limits] | None = None) -> None:
         """New limits (config reload); what was recorded still counts against them."""
         self.limits = limits
-        for box in self._boxes.values():
-            box.minute = deque(box.minute, maxlen=limits.messages_per_minute)
-            box.lowered = min(box.lowered, limits.max_sessions - 1)
+        self.special = dict(special or {})
+        for name, box in self._boxes.items():
+            box.limits = mine = self.limits_for(name)
+            box.minute = deque(box.minute, maxlen=mine.messages_per_minute)
+            box.lowered = min(box.lowered, mine.max_sessions - 1)
 
     def _box(self, mailbox: str, now: float) -> _Mailbox:
         if now >= self._next_sweep:
             self._sweep(now)
         box = self._boxes.get(mailbox)
         if box is None:
+            limits = self.limits_for(mailbox)
             box = self._boxes[mailbox] = _Mailbox(
-                deque(maxlen=self.limits.messages_per_minute))
-        box.expire(now, self.limits)
+                deque(maxlen=limits.messages_per_minute), limits=limits)
+        box.expire(now)
         box.last_seen = max(box.last_seen, now)
         return box
 
@@ -196,7 +206,7 @@ class Governor:
         messages of the mailbox already wait for the minute's window before this one, so
         that each waits for its own place in it, not all for the first."""
         box = self._box(mailbox, now)
-        limits = self.limits
+        limits = box.limits
         at = max(now, box.paused_until)
         # The minute's places: those free now, then one more as each send in the window
         # becomes a minute old; the sends they admit free theirs a minute later again.
@@ -213,7 +223,7 @@ class Governor:
                 if excess <= 0:
                     at = max(at, latest + DAY)
                     break
-        if (sessions or box.lowered) and box.in_flight >= box.session_limit(limits):
+        if (sessions or box.lowered) and box.in_flight >= box.session_limit():
             at = max(at, now + SLOT_RETRY)
         return at
 
@@ -268,8 +278,8 @@ class Governor:
     def throttled(self, mailbox: str, now: float) -> None:
         """Exchange refused a session (432 4.3.2): one session fewer for a cooldown."""
         box = self._box(mailbox, now)
-        box.lowered = min(box.lowered + 1, self.limits.max_sessions - 1)
-        box.recover_at = now + self.limits.throttle_cooldown
+        box.lowered = min(box.lowered + 1, box.limits.max_sessions - 1)
+        box.recover_at = now + box.limits.throttle_cooldown
 
     def hold(self, mailbox: str, now: float, seconds: float) -> None:
         """The upstream asked the mailbox to send nothing for ``seconds`` (Graph's 429
@@ -288,7 +298,7 @@ class Governor:
         box = self._box(mailbox, now)
         self.changes += 1
         until = box.day[0][0] + DAY if box.day else math.inf
-        if box.day_total < self.limits.recipients_per_day:
+        if box.day_total < box.limits.recipients_per_day:
             until = min(until, now + UNKNOWN_QUOTA_PAUSE)
         box.paused_until = until
 
@@ -297,7 +307,7 @@ class Governor:
         box = self._box(mailbox, now)
         return {
             "in_flight": box.in_flight,
-            "limit": box.session_limit(self.limits),
+            "limit": box.session_limit(),
             "sent_last_minute": len(box.minute),
             "recipients_last_24h": box.day_total,
             "paused_until": box.paused_until or None,

@@ -1,7 +1,8 @@
 """The governor in the running queue: its limits from the config, the mailbox it paces, and
 its windows kept in the spool across restarts.
 
-- :func:`governor_limits`: relay.queue.governor.Limits from ``delivery.mailbox_limits``;
+- :func:`governor_limits`: relay.queue.governor.Limits from ``delivery.mailbox_limits``,
+  and :func:`special_limits` for the mailboxes whose upstream has its own (HVE, ACS);
 - :func:`mailbox_of`: the mailbox a queued message is sent as (the governor's key);
 - :class:`GovernorFile`: loads the governor's windows from ``governor.json`` in the spool
   at start-up and saves them when they changed, at most every 30 s and at stop;
@@ -18,7 +19,7 @@ import json
 import logging
 from collections.abc import Callable
 
-from relay.config import Config
+from relay.config import Config, MailboxLimits
 from relay.queue.governor import Governor, Limits
 from relay.spool.facade import AsyncSpool
 from relay.spool.records import Entry
@@ -30,7 +31,21 @@ SAVE_EVERY = 30.0
 
 
 def governor_limits(config: Config) -> Limits:
-    lim = config.delivery.mailbox_limits
+    return _limits(config.delivery.mailbox_limits)
+
+
+def special_limits(config: Config) -> dict[str, Limits]:
+    """The mailboxes (lower case) whose upstream has limits of its own (HVE, ACS)."""
+    out: dict[str, Limits] = {}
+    for profile in config.profiles.values():
+        if profile.upstream is not None and profile.transport == "smtp":
+            own = config.upstreams[profile.upstream].limits
+            if own is not None:
+                out[profile.mailbox.lower()] = _limits(own)
+    return out
+
+
+def _limits(lim: MailboxLimits) -> Limits:
     return Limits(max_sessions=lim.max_sessions, messages_per_minute=lim.messages_per_minute,
                   recipients_per_day=lim.recipients_per_day,
                   throttle_cooldown=lim.throttle_cooldown)

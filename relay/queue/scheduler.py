@@ -42,7 +42,7 @@ from relay.queue import attempt
 from relay.queue.attempt import Attempt, Context
 from relay.queue.bounce import Bouncer
 from relay.queue.governor import Admission, Governor
-from relay.queue.pacing import GovernorFile, governor_limits, mailbox_of
+from relay.queue.pacing import GovernorFile, governor_limits, mailbox_of, special_limits
 from relay.queue.waiters import Outcome, Waiter, wait_for_answer
 from relay.queue.waiting import IDLE_POLL, Waiting
 from relay.spool.facade import AsyncSpool
@@ -68,7 +68,7 @@ class Queue:
         self._waiting = Waiting(self.spool)
         self.deliverer = deliverer
         self.config = config
-        self.governor = Governor(governor_limits(config))
+        self.governor = Governor(governor_limits(config), special_limits(config))
         self._clock = clock
         self._pacing = GovernorFile(self.governor, self.spool, clock)
         self._bouncer = Bouncer(config, self._accept_report, clock)
@@ -91,7 +91,7 @@ class Queue:
         self.config = config
         self._context.config = config
         self._bouncer.config = config
-        self.governor.update(governor_limits(config))
+        self.governor.update(governor_limits(config), special_limits(config))
         self.wake()
 
     def wake(self) -> None:

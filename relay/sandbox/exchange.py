@@ -19,6 +19,7 @@ import binascii
 import collections
 import datetime as dt
 import fnmatch
+import hmac
 import json
 import logging
 import os
@@ -90,6 +91,9 @@ class FakeExchange:
         self.maildir = maildir
         self.offer_starttls = starttls  # False simulates a STARTTLS-stripping middlebox
         self.offer_pipelining = pipelining  # RFC 2920, which Exchange Online offers
+        # Azure Communication Services Email instead of Exchange: AUTH LOGIN/PLAIN with
+        # these usernames and passwords (the app's client secret), and no XOAUTH2.
+        self.password_logins: dict[str, str] | None = None
         # False: the app is authorised by RBAC for Applications (New-ManagementRoleAssignment
         # -Role 'Application SMTP.SendAsApp'), so tokens without that role are accepted.
         self.require_send_as_role = True
@@ -478,7 +482,8 @@ class _ExchangeSMTP(SMTP):
         if self.fake.offer_pipelining:
             lines.append("PIPELINING")
         if self._tls_active():
-            lines.append("AUTH LOGIN XOAUTH2")
+            lines.append("AUTH LOGIN XOAUTH2" if self.fake.password_logins is None
+                         else "AUTH LOGIN PLAIN")
         elif self.tls_context is not None:
             lines.append("STARTTLS")
         lines += ["8BITMIME", "SMTPUTF8"]
@@ -578,16 +583,34 @@ class _ExchangeSMTP(SMTP):
         await self.push(reply)
 
     async def _auth_basic(self, mechanism: str, initial: str) -> None:
-        """Collect the credentials as a real server would, then refuse them."""
+        """Collect the credentials as a real server would; Exchange then refuses them,
+        ACS (``password_logins``) checks them."""
+        user = password = None
         if mechanism == "LOGIN":
             user = await self._read_response(initial, b"VXNlcm5hbWU6")  # "Username:"
             if user is not None:
-                await self._read_response("", b"UGFzc3dvcmQ6")  # "Password:"
+                password = await self._read_response("", b"UGFzc3dvcmQ6")  # "Password:"
         else:
-            await self._read_response(initial, b"")
-        reply = ("535 5.7.139 Authentication unsuccessful, basic authentication is "
-                 f"disabled. [{self.hostname}]")
-        self._auth_done(mechanism, bool(initial), None, reply)
+            plain = await self._read_response(initial, b"")
+            if plain is not None and plain.count(b"\0") == 2:
+                _, user, password = plain.split(b"\0")
+        logins = self.fake.password_logins
+        if logins is None:
+            reply = ("535 5.7.139 Authentication unsuccessful, basic authentication is "
+                     f"disabled. [{self.hostname}]")
+            self._auth_done(mechanism, bool(initial), None, reply)
+            await self.push(reply)
+            return
+        name = (user or b"").decode("utf-8", "replace")
+        given = (password or b"").decode("utf-8", "replace")
+        if name in logins and hmac.compare_digest(logins[name].encode(), given.encode()):
+            assert self.session is not None
+            self.session.authenticated = True
+            self.session.auth_data = name  # type: ignore[assignment]
+            reply = "235 2.7.0 Authentication successful"
+        else:
+            reply = "535 5.7.3 Authentication unsuccessful"
+        self._auth_done(mechanism, bool(initial), name or None, reply)
         await self.push(reply)
 
     async def _check_transaction(self) -> bool:
