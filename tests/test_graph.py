@@ -55,6 +55,17 @@ async def test_delivered_over_sendmail_with_a_graph_token_and_the_envelope_as_bc
     assert sandbox.graph.tokens_refused == 0
 
 
+async def test_hundreds_of_blind_recipients_stay_within_the_line_limit(
+        start_relay: RelayFactory, sandbox: Sandbox) -> None:
+    relay = await start_relay(GRAPH)
+    blind = [f"reader{i:03d}@example.com" for i in range(300)]
+    response = await send(relay, "billing@contoso.com", ["customer@example.com", *blind])
+    assert response.code == 250
+    [got] = sandbox.graph.messages
+    assert sorted(got.recipients) == sorted(["customer@example.com", *blind])
+    assert max(len(line) for line in got.mime.split(b"\r\n")) <= 998
+
+
 async def test_a_to_or_cc_outside_the_envelope_cannot_go_over_graph(
         start_relay: RelayFactory, sandbox: Sandbox) -> None:
     """Graph would deliver to every address in To: a client that names one it did not

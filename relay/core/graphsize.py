@@ -25,15 +25,20 @@ def graph_request_size(message_size: int, added: int = 0) -> int:
 
 
 def bcc_field_size(recipients: list[str]) -> int:
-    """The most a ``Bcc:`` field naming ``recipients`` adds (all of them, each ``<a>``)."""
-    return len(b"Bcc: \r\n") + sum(len(r.encode()) + 4 for r in recipients)
+    """The most a ``Bcc:`` field naming ``recipients`` adds (all of them, each ``<a>`` on
+    a line of its own)."""
+    return len(b"Bcc: \r\n") + sum(len(r.encode()) + 6 for r in recipients)
 
 
-def too_big_for_graph(message_size: int, recipients: list[str]) -> Reply | None:
-    """The 552 for a message to ``recipients`` that Graph cannot take, else None."""
+NO_FALLBACK = "; the profile has no SMTP fallback (fallback_to_smtp)"
+
+
+def too_big_for_graph(message_size: int, recipients: list[str], *,
+                      refusal: bool = True) -> Reply | None:
+    """The 552 for a message to ``recipients`` that Graph cannot take, else None; with
+    ``refusal`` it says that no SMTP fallback will take it either."""
     size = graph_request_size(message_size, bcc_field_size(recipients))
     if size <= GRAPH_REQUEST_LIMIT:
         return None
     return Reply(552, f"5.3.4 Message too big for Microsoft Graph: {size:,} bytes as base64, "
-                      f"Graph takes {GRAPH_REQUEST_LIMIT:,}; the profile has no SMTP "
-                      "fallback (fallback_to_smtp)")
+                      f"Graph takes {GRAPH_REQUEST_LIMIT:,}" + (NO_FALLBACK if refusal else ""))

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from relay.config import Config, Profile, Upstream
 from relay.core.events import NO_HOOKS, Hooks
+from relay.core.graphsize import NO_FALLBACK
 from relay.core.message import DeliveryResult, Outbound
 from relay.core.reply import Reply
 from relay.deliver.classify import Problem, classify
@@ -178,7 +179,8 @@ class Deliverer:
                         self._tokens.provider(profile.credential, graph=True), send)
             if not profile.fallback_to_smtp:
                 # Not offered: Graph counted nothing, nor do the mailbox's limits.
-                return DeliveryResult(prepared, offered=False)
+                return DeliveryResult(Reply(prepared.code, prepared.text + NO_FALLBACK),
+                                      offered=False)
             log.info("message %s goes over SMTP instead of Microsoft Graph: %s", msg.id,
                      prepared.text, extra={"profile": msg.profile, "mailbox": mailbox})
         pool = self._by_profile[msg.profile]

@@ -83,10 +83,12 @@ class GraphClient:
     # --- what Graph can send ---------------------------------------------------------------
 
     async def prepare(self, msg: Outbound) -> Prepared | Reply:
-        """The MIME to post for ``msg``, or the refusal when Graph cannot send it as
-        addressed (too big; To or Cc naming someone outside the envelope)."""
-        if (refusal := too_big_for_graph(msg.content.size, msg.rcpt_tos)) is not None:
-            return refusal
+        """The MIME to post for ``msg``, or why Graph cannot send it as addressed (too
+        big; To or Cc naming someone outside the envelope): the caller's refusal, or its
+        reason to send over SMTP instead."""
+        too_big = too_big_for_graph(msg.content.size, msg.rcpt_tos, refusal=False)
+        if too_big is not None:
+            return too_big
         parts = [chunk async for chunk in msg.content.chunks()]
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         del parts
@@ -101,12 +103,12 @@ class GraphClient:
             return Reply(554, "5.6.0 Message cannot go over Microsoft Graph as addressed: "
                               "Graph sends to every address in To and Cc, and "
                               f"{truncate(', '.join(outside), 200)} is not a recipient of "
-                              "the transaction; the profile has no SMTP fallback "
-                              "(fallback_to_smtp)")
+                              "the transaction")
         in_header = {a.lower() for a in named}
         blind = [r for r in msg.rcpt_tos if r.lower() not in in_header]
         if blind:
-            data = (b"Bcc: " + ", ".join(f"<{r}>" for r in blind).encode() + b"\r\n"
+            # One address a line: a field of hundreds must stay within RFC 5322's 998.
+            data = (b"Bcc: " + ",\r\n ".join(f"<{r}>" for r in blind).encode() + b"\r\n"
                     + data)
         return Prepared(data, list(msg.rcpt_tos))
 
