@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from relay.app import Relay
-from relay.config import ConfigError, Upstream
+from relay.config import Config, ConfigError, Upstream
+from relay.ops.doctor import Doctor
+from relay.ops.doctorreport import Status
 from relay.queue.governor import Limits
 from relay.sandbox.exchange import FakeExchange
 from relay.sandbox.pki import LocalPKI, create_pki
@@ -62,8 +64,8 @@ async def acs(sandbox: Sandbox, tmp_path: Path) -> AsyncIterator[FakeExchange]:
         yield fake
 
 
-async def relay_through(sandbox: Sandbox, acs: FakeExchange, secret_file: Path,
-                        **upstream: Any) -> Relay:
+def acs_config(sandbox: Sandbox, acs: FakeExchange, secret_file: Path,
+               **upstream: Any) -> Config:
     ca_file = create_pki(sandbox.directory / "pki").ca_file
     config = sandbox.apply(build_config())
     cred = config.credentials["main"].model_copy(
@@ -73,10 +75,30 @@ async def relay_through(sandbox: Sandbox, acs: FakeExchange, secret_file: Path,
                   ca_file=ca_file, timeout=10, **upstream)
     profiles = {n: p.model_copy(update={"upstream": "acs"})
                 for n, p in config.profiles.items()}
-    relay = Relay(config.model_copy(update={"upstreams": {"acs": up}, "profiles": profiles,
-                                            "credentials": {"main": cred}}))
+    return config.model_copy(update={"upstreams": {"acs": up}, "profiles": profiles,
+                                     "credentials": {"main": cred}})
+
+
+async def relay_through(sandbox: Sandbox, acs: FakeExchange, secret_file: Path,
+                        **upstream: Any) -> Relay:
+    relay = Relay(acs_config(sandbox, acs, secret_file, **upstream))
     await relay.start()
     return relay
+
+
+async def test_doctor_checks_an_acs_profile_with_the_secret_as_password(
+        sandbox: Sandbox, acs: FakeExchange, tmp_path: Path) -> None:
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text(SECRET)
+    [report] = await Doctor(acs_config(sandbox, acs, secret_file)).run(["system"])
+    steps = {s.name: s for s in report.steps}
+    assert steps["token"].status is Status.INFO and "client secret" in steps["token"].detail
+    assert steps["login"].status is Status.OK and USERNAME in steps["login"].detail
+    assert steps["envelope"].status is Status.OK
+    secret_file.write_text("wrong")
+    [report] = await Doctor(acs_config(sandbox, acs, secret_file)).run(["system"])
+    login = {s.name: s for s in report.steps}["login"]
+    assert login.status is Status.FAIL and "ACS SMTP Username" in (login.fix or "")
 
 
 async def test_acs_logs_in_with_the_client_secret_and_delivers(

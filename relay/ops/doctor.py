@@ -22,7 +22,6 @@ nothing is sent unless ``--send-to`` asks for it.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import ipaddress
 import socket
 import ssl
@@ -36,7 +35,7 @@ from relay.core.net import host_port
 from relay.deliver.failures import AuthenticationRejected, UpstreamUnavailable
 from relay.deliver.session import UpstreamSession
 from relay.deliver.upstream import UpstreamClient
-from relay.oauth.certificates import CertificateError, app_certificate
+from relay.oauth.password import Password, SecretSource
 from relay.oauth.provider import TokenProvider
 from relay.oauth.token import Token, TokenError
 from relay.ops.doctoradvice import (
@@ -46,16 +45,15 @@ from relay.ops.doctoradvice import (
     host_hint,
     judge_claims,
     login_fix,
-    setup_step,
     token_failed,
 )
+from relay.ops.doctorexpiry import expiry_step
 from relay.ops.doctorgraph import graph_steps
-from relay.ops.doctorreport import ProfileReport, Status, Step, skip, worst
+from relay.ops.doctorreport import ProfileReport, Status, Step, skip
 from relay.ops.testmessage import build_test_message
 
 DEFAULT_TIMEOUT = 10.0
 TOKEN_TIMEOUT = 60.0   # msal may retry; its own HTTP timeouts bound each request
-WARN_DAYS = 30
 SUBJECT = "smtp-oauth-relay doctor test message"
 
 
@@ -148,8 +146,10 @@ class Doctor:
         steps = report.steps
         steps.append(Step("config", Status.OK, f"{self.source} is valid"))
         # The token first (shown after the network steps): the session must not sit idle
-        # before AUTH while Entra ID is slow to answer.
-        token = await self._token(profile.credential)
+        # before AUTH while Entra ID is slow to answer. ACS takes the client secret.
+        acs = upstream.service == "acs"
+        token: Any = (await self._password(profile.credential) if acs
+                      else await self._token(profile.credential))
         session: UpstreamSession | None = None
         try:
             dns = await self._dns(profile, upstream)
@@ -162,6 +162,11 @@ class Doctor:
 
             if isinstance(token, TokenError):
                 steps.append(token_failed(profile.credential, token))
+                steps.append(skip("claims", "no token"))
+            elif acs:
+                steps.append(Step("token", Status.INFO, "Azure Communication Services: no "
+                                  "token, the login is the client secret as the password "
+                                  f"of {upstream.username}"))
                 steps.append(skip("claims", "no token"))
             else:
                 steps.append(self._token_ok(token))
@@ -250,6 +255,12 @@ class Doctor:
                     f"{TOKEN_TIMEOUT:g} s", transient=True)
         return self._tokens[key]
 
+    async def _password(self, name: str) -> Password | TokenError:
+        try:
+            return await SecretSource(name, self.config.credentials[name]).get()
+        except TokenError as exc:
+            return exc
+
     def _token_ok(self, token: Token) -> Step:
         minutes = max(0, int(token.expires_in() // 60))
         return Step("token", Status.OK, f"acquired (app {token.app_id or '?'}, audience "
@@ -258,7 +269,7 @@ class Doctor:
     # --- Exchange --------------------------------------------------------------------
 
     async def _login(self, session: UpstreamSession | None, profile: Profile,
-                     token: Token | TokenError, steps: list[Step]) -> Step:
+                     token: Any, steps: list[Step]) -> Step:
         if session is None:
             return skip("login", "no TLS connection to the upstream")
         if isinstance(token, TokenError):
@@ -268,12 +279,17 @@ class Doctor:
         try:
             await session.login(profile.mailbox, token)
         except AuthenticationRejected as exc:
+            if isinstance(token, Password):     # ACS: the table knows its refusal
+                return Step("login", Status.FAIL, str(exc.reply), explain(exc.reply))
             return Step("login", Status.FAIL, str(exc.reply),
                         login_fix(self.config, exc.reply, profile, token))
         except UpstreamUnavailable as exc:
             return Step("login", Status.FAIL, str(exc.reply), explain(exc.reply) or (
                 "the upstream did not complete the login (see the detail); if it persists, "
                 f"check that {session.where} is Exchange Online"))
+        if isinstance(token, Password):
+            return Step("login", Status.OK, f"AUTH LOGIN as {session.upstream.username} "
+                                            "accepted")
         return Step("login", Status.OK, f"XOAUTH2 login accepted for {profile.mailbox}")
 
     async def _envelope(self, session: UpstreamSession, name: str, profile: Profile) -> Step:
@@ -311,57 +327,7 @@ class Doctor:
 
     def _expiry(self, name: str) -> Step:
         cred = self._expiry_credentials.get(name) or self.config.credentials[name]
-        base = f"credentials.{name}"
-        if cred.federated_token_file is not None or cred.managed_identity is not None:
-            return Step("expiry", Status.OK, f"{cred.kind}: no long-lived secret to expire "
-                                             "(the platform renews what it hands out)")
-        checks: list[tuple[Status, str, str | None]] = []
-        kind = "client secret" if cred.client_secret is not None else "certificate"
-        renew = (f"create a new client secret ({setup_step(2)}), update {base}.client_secret's "
-                 f"source and {base}.secret_expires" if cred.client_secret is not None else
-                 f"create a new certificate, upload it to the app registration "
-                 f"({setup_step(2)}) and update {base}.certificate")
-        now = dt.datetime.now(dt.UTC)
-        if cred.secret_expires is not None:
-            days = (cred.secret_expires - dt.date.today()).days
-            checks.append(_judge(kind, cred.secret_expires.isoformat(), days, renew))
-        if cred.certificate is not None:
-            try:
-                not_after = _certificate_expiry(cred, base)
-            except CertificateError as exc:
-                checks.append((Status.FAIL, str(exc), f"check {base}.certificate"))
-            else:
-                if not_after is not None:
-                    days = (not_after - now).days if not_after > now else -1
-                    checks.append(_judge("certificate", not_after.strftime("%Y-%m-%d %H:%M UTC"),
-                                         days, renew))
-        if not checks:
-            where = (f"set {base}.secret_expires: YYYY-MM-DD" if cred.client_secret is not None
-                     else f"only a thumbprint is configured; set {base}.secret_expires: "
-                          "YYYY-MM-DD")
-            return Step("expiry", Status.INFO, f"{kind} expiry unknown; {where} (Entra ID > "
-                                               "Certificates & secrets shows the date) to "
-                                               f"get a warning {WARN_DAYS} days ahead")
-        fixes = list(dict.fromkeys(c[2] for c in checks if c[2] and c[0] is not Status.OK))
-        return Step("expiry", worst(c[0] for c in checks), "; ".join(c[1] for c in checks),
-                    "\n".join(fixes) or None)
-
-
-def _judge(what: str, when: str, days: int, renew: str) -> tuple[Status, str, str | None]:
-    if days < 0:
-        return Status.FAIL, f"the {what} expired ({when})", renew
-    if days < WARN_DAYS:
-        left = "today" if days == 0 else f"in {days} day{'s' if days != 1 else ''}"
-        return Status.WARN, f"the {what} expires {left} ({when})", renew + " now"
-    return Status.OK, f"the {what} is valid until {when} ({days} days)", None
-
-
-def _certificate_expiry(cred: Credential, base: str) -> dt.datetime | None:
-    """The app certificate's notAfter (UTC), None if only a thumbprint is configured;
-    CertificateError (safe to show) when the file cannot be read."""
-    assert cred.certificate is not None
-    leaf = app_certificate(cred.certificate, f"{base}.certificate")
-    return leaf.not_valid_after_utc if leaf is not None else None
+        return expiry_step(name, cred)
 
 
 # --- helpers ---------------------------------------------------------------------------
