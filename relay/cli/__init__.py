@@ -20,6 +20,7 @@ in use), 75 temporary failure (try again), 78 configuration error.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from relay.cli import (
     init,
     queue,
     run,
+    sendmail,
     sendtest,
     token,
 )
@@ -136,6 +138,13 @@ def _port(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # sendmail's command line is not argparse's (-oi, -fADDR): its own parser, also when
+    # this program is installed under the name sendmail.
+    if argv is None and Path(sys.argv[0]).name == "sendmail":
+        return sendmail.main(sys.argv[1:])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sendmail"]:
+        return sendmail.main(argv[1:])
     args = build_parser().parse_args(argv)
     if isinstance(getattr(args, "config", None), Path):
         credentials_beside(args.config)
