@@ -9,6 +9,7 @@ and a client secret or certificate replaced in its file while the relay runs.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,19 @@ async def test_no_managed_identity_here_is_a_clear_error(
     p = provider(fake, pki, providers, managed_identity="user", client_id=IDENTITY)
     with pytest.raises(TokenError, match="Identity not found"):
         await p.get()
+
+
+async def test_an_unreachable_identity_endpoint_is_named_as_such(
+        fake: FakeEntra, pki: LocalPKI, providers: list[TokenProvider],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", f"http://127.0.0.1:{port}")
+    p = provider(fake, pki, providers, managed_identity="system")
+    with pytest.raises(TokenError) as err:
+        await p.get()
+    assert f"127.0.0.1:{port}" in err.value.message and err.value.transient
 
 
 # --- rotation on disk ------------------------------------------------------------------------

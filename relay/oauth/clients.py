@@ -3,6 +3,7 @@
 - :func:`build_client`: an object with ``fetch(scopes)`` (msal's result dict) for a client
   secret, a certificate, a federated token file (workload identity federation) or the
   platform's managed identity;
+- :func:`token_endpoint`: where its tokens come from, for messages;
 - :func:`fingerprint`: what the credential's material is now (a digest of the secret and
   of the certificate files), so that the provider builds a new client when it changed:
   a secret or certificate rotated on disk is used from the next token on, without a
@@ -17,6 +18,7 @@ Kubernetes' projected service account token) replaces it well before it expires.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,6 +67,16 @@ class _Managed:
         resource = scopes[0].removesuffix("/.default")
         result: dict[str, Any] = client.acquire_token_for_client(resource=resource)
         return result
+
+
+def token_endpoint(cred: Credential) -> str:
+    """Where the credential's tokens come from, for messages: Entra ID's authority, or
+    the platform's managed identity endpoint (as msal finds it)."""
+    if cred.managed_identity is None:
+        return cred.authority_url
+    return (os.environ.get("IDENTITY_ENDPOINT") or os.environ.get("MSI_ENDPOINT")
+            or os.environ.get("AZURE_POD_IDENTITY_AUTHORITY_HOST")
+            or "http://169.254.169.254")
 
 
 def build_client(name: str, cred: Credential, session: Any) -> TokenClient:

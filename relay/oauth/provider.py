@@ -37,7 +37,7 @@ from relay.core.events import NO_HOOKS, Hooks
 from relay.core.log import redact
 from relay.core.secrets import Secret
 from relay.oauth.advice import TRANSIENT_ERRORS, entra_code, explain_entra_error, explain_exception
-from relay.oauth.clients import TokenClient, build_client, fingerprint
+from relay.oauth.clients import TokenClient, build_client, fingerprint, token_endpoint
 from relay.oauth.http import HTTP_TIMEOUT, EntraSession
 from relay.oauth.token import Token, TokenError, decode_claims
 
@@ -237,7 +237,7 @@ class TokenProvider:
         """Runs in the worker thread: (re)build the client if needed, then fetch a fresh
         token. The client is rebuilt when the credential's material changed on disk (a
         rotated secret or certificate) and after a failure that is not transient."""
-        authority = self.credential.authority_url
+        authority = token_endpoint(self.credential)
         try:
             if self._closed:
                 raise TokenError(f"credential {self.name!r} is closed", transient=True)
