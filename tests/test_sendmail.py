@@ -81,6 +81,17 @@ def test_the_message_gets_crlf_and_a_lone_dot_ends_it_without_i() -> None:
     assert sendmail.read_message(io.BytesIO(data), False).endswith(b".\r\nnot read\r\n")
 
 
+def test_a_message_without_headers_gets_them_and_keeps_its_first_line_as_body() -> None:
+    data = sendmail.read_message(io.BytesIO(b"hello: world is not a header here\n"), True)
+    done, _ = sendmail.complete(b"backup done\r\n", "root@host", None)
+    assert done.startswith(b"From: root@host\r\nDate: ")
+    assert done.endswith(b"\r\n\r\nbackup done\r\n")
+    done, _ = sendmail.complete(b"Subject: only headers\r\n", "root@host", "Root")
+    assert done.startswith(b'From: Root <root@host>\r\n')
+    assert done.endswith(b"Subject: only headers\r\n\r\n")
+    assert data == b"hello: world is not a header here\r\n"
+
+
 # --- with the relay running ------------------------------------------------------------------
 
 async def test_php_mail_through_the_running_relay(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import email.utils
 import getpass
+import re
 import smtplib
 import socket
 import sys
@@ -35,6 +36,8 @@ from relay.spool.store import SpoolError
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER = 0, 64, 65, 67
 EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 69, 75, 78
 
+# A header field's start: a name of printable characters but the colon, then the colon.
+_FIELD = re.compile(rb"[!-9;-~]+:")
 # Options that take an argument and are accepted without effect (sendmail's and Postfix's).
 _IGNORED_WITH_ARG = frozenset("BLNRVXhO")
 _IGNORED = frozenset("vGUnm")
@@ -122,6 +125,8 @@ def complete(data: bytes, sender: str, full_name: str | None) -> tuple[bytes, li
     from email.parser import BytesHeaderParser
     from email.policy import compat32
 
+    if not _FIELD.match(data):
+        data = b"\r\n" + data    # no header section at all (`echo hi | sendmail x@y`)
     head = data.split(b"\r\n\r\n", 1)[0]
     header = BytesHeaderParser(policy=compat32).parsebytes(head + b"\r\n\r\n")
     named = [a for _, a in email.utils.getaddresses(
@@ -131,7 +136,7 @@ def complete(data: bytes, sender: str, full_name: str | None) -> tuple[bytes, li
         added += b"From: " + email.utils.formataddr((full_name or "", sender)).encode() + b"\r\n"
     if header.get("Date") is None:
         added += b"Date: " + email.utils.formatdate(localtime=True).encode() + b"\r\n"
-    if not data.startswith(b"\r\n") and b"\r\n\r\n" not in data and data:
+    if not data.startswith(b"\r\n") and b"\r\n\r\n" not in data:
         data += b"\r\n"            # headers only: the empty line that ends them
     return added + data, named
 
