@@ -4,8 +4,12 @@
   (:meth:`~UpstreamSession.send_one`), with :meth:`~UpstreamSession.check` to prove an idle
   one alive and :attr:`~UpstreamSession.stage` to tell where it broke;
 - :class:`HasAccessToken`: what it needs of a token (only the access token);
-- :data:`OnAccepted`: the callback told which recipients the upstream accepted, the moment
-  its reply to DATA arrives.
+- :data:`OnAccepted` (from :mod:`relay.deliver.transaction`, which runs each message):
+  the callback told which recipients the upstream accepted, the moment its reply to DATA
+  arrives.
+
+An upstream with ``service: acs`` (Azure Communication Services) is logged in to with
+AUTH LOGIN and the app's client secret instead of XOAUTH2 (see relay.oauth.password).
 
 Two rules shape this module. First, the token is only ever sent over TLS that verified
 the server: in ``starttls`` mode a server that does not offer STARTTLS gets no AUTH at
@@ -53,6 +57,7 @@ log = logging.getLogger(__name__)
 
 _QUIT_TIMEOUT = 5.0
 _CHECK_TIMEOUT = 10.0
+
 
 class HasAccessToken(Protocol):
     """What :mod:`relay.oauth.provider` hands out; only the access token is used here."""
