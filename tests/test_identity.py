@@ -169,7 +169,8 @@ async def test_a_secret_rotated_in_its_file_is_used_from_the_next_token_on(
 def test_exactly_one_kind_of_credential(tmp_path: Path) -> None:
     base = {"tenant_id": TENANT, "client_id": CLIENT}
     with pytest.raises(ConfigError, match="exactly one of client_secret, certificate, "
-                                          "federated_token_file or managed_identity"):
+                                          "federated_token_file, managed_identity or "
+                                          "delegated"):
         build_config({"credentials": {"main": {**base, "managed_identity": "system"}}})
     cfg = build_config({"credentials": {"main": {
         **base, "client_secret": None, "managed_identity": "system"}}})

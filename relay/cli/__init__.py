@@ -26,6 +26,7 @@ from pathlib import Path
 
 from relay import __version__
 from relay.cli import (
+    authorize,
     check,
     doctor,
     exampleconfig,
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--sandbox-dir; no config is read")
     p.add_argument("--sandbox-dir", default=".sandbox", metavar="DIR",
                    help="the sandbox directory (default .sandbox)")
+    p = command("authorize", authorize.command,
+                "sign a user in once (device-code flow) for a credential with delegated "
+                "permissions; the refresh token is kept encrypted")
+    authorize.arguments(p)
     p = command("hash-password", hashpassword.command,
                 "print a password hash for users.<name>.password_hash")
     p.add_argument("--stdin", action="store_true", help="read the password from standard input")

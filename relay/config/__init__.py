@@ -24,6 +24,7 @@ from relay.config.credentials import (
     Cloud,
     CloudName,
     Credential,
+    DelegatedAuth,
     SecretRef,
 )
 from relay.config.diff import changed_keys
@@ -58,6 +59,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Credential",
+    "DelegatedAuth",
     "Delivery",
     "Graph",
     "Http",

@@ -191,8 +191,26 @@ class CertificateCredential(Section):
         return self
 
 
+class DelegatedAuth(Section):
+    """A user's own sign-in (delegated permissions: SMTP.Send, Mail.Send), made once with
+    ``smtp-oauth-relay authorize``; its refresh token is kept encrypted in ``token_file``
+    with ``key``, which comes from a file or a systemd credential, never from the config."""
+
+    token_file: Path
+    key: SecretRef
+
+    @model_validator(mode="after")
+    def _key_outside(self) -> DelegatedAuth:
+        if self.key.value is not None or self.key.env is not None:
+            raise ValueError("key must be {file: PATH} or {credential: NAME}: the key that "
+                             "encrypts the refresh token is not kept in the config or the "
+                             "environment")
+        return self
+
+
 class Credential(Section):
-    """An Entra ID app registration used with the client-credentials flow."""
+    """An Entra ID app registration used with the client-credentials flow, or with a
+    user's delegated sign-in (``delegated``)."""
 
     tenant_id: TenantId
     client_id: str = Field(min_length=1)
@@ -206,6 +224,7 @@ class Credential(Section):
     # ("system", or "user": the user-assigned identity whose client ID is client_id).
     federated_token_file: Path | None = None
     managed_identity: Literal["system", "user"] | None = None
+    delegated: DelegatedAuth | None = None
     ca_file: Path | None = None
     refresh_before: Duration = 600.0
     secret_expires: dt.date | None = None
@@ -213,17 +232,17 @@ class Credential(Section):
     @model_validator(mode="after")
     def _one_kind(self) -> Credential:
         kinds = [self.client_secret, self.certificate, self.federated_token_file,
-                 self.managed_identity]
+                 self.managed_identity, self.delegated]
         if sum(k is not None for k in kinds) != 1:
             raise ValueError("set exactly one of client_secret, certificate, "
-                             "federated_token_file or managed_identity")
+                             "federated_token_file, managed_identity or delegated")
         return self
 
     @property
     def kind_key(self) -> str:
         """The setting that proves the app's identity, as a metric label."""
         for key in ("client_secret", "certificate", "federated_token_file",
-                    "managed_identity"):
+                    "managed_identity", "delegated"):
             if getattr(self, key) is not None:
                 return key.removesuffix("_file")
         raise AssertionError("a credential has one kind")
@@ -237,6 +256,8 @@ class Credential(Section):
             return "certificate"
         if self.federated_token_file is not None:
             return "federated token"
+        if self.delegated is not None:
+            return "a user's delegated sign-in"
         return f"managed identity ({self.managed_identity}-assigned)"
 
     @property

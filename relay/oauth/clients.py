@@ -1,8 +1,8 @@
 """The msal object that fetches a credential's tokens, for each kind of credential.
 
 - :func:`build_client`: an object with ``fetch(scopes)`` (msal's result dict) for a client
-  secret, a certificate, a federated token file (workload identity federation) or the
-  platform's managed identity;
+  secret, a certificate, a federated token file (workload identity federation), the
+  platform's managed identity, or a user's delegated sign-in (relay.oauth.tokenstore);
 - :func:`token_endpoint`: where its tokens come from, for messages;
 - :func:`fingerprint`: what the credential's material is now (a digest of the secret and
   of the certificate files), so that the provider builds a new client when it changed:
@@ -26,8 +26,11 @@ import msal
 
 from relay.config import Credential
 from relay.core.log import redact
+from relay.core.text import one_line
+from relay.oauth.advice import entra_code
 from relay.oauth.certificates import CertificateError, msal_credential
 from relay.oauth.token import TokenError
+from relay.oauth.tokenstore import TokenStore
 
 
 class TokenClient(Protocol):
@@ -69,6 +72,51 @@ class _Managed:
         return result
 
 
+class _Delegated:
+    """A user's sign-in: the stored refresh token redeemed, and its successor stored."""
+
+    def __init__(self, name: str, cred: Credential, session: Any) -> None:
+        assert cred.delegated is not None
+        kwargs: dict[str, Any] = {"instance_discovery": False} if cred.authority else {}
+        self._app = msal.PublicClientApplication(
+            cred.client_id, authority=cred.authority_url, http_client=session,
+            token_cache=msal.TokenCache(), **kwargs)
+        self._store = TokenStore(name, cred.delegated)
+        self._name = name
+
+    def fetch(self, scopes: list[str]) -> dict[str, Any]:
+        again = f"run `smtp-oauth-relay authorize --credential {self._name}`"
+        with self._store.lock:
+            saved = self._store.load()
+            if saved is None:
+                raise TokenError(f"credential {self._name!r} has no user sign-in yet: "
+                                 f"{again}, signing in as the mailbox's user")
+            result: dict[str, Any] = self._app.acquire_token_by_refresh_token(
+                saved["refresh_token"], scopes=delegated_scopes(scopes))
+            if result.get("refresh_token"):
+                self._store.save(result["refresh_token"], str(saved.get("user", "")))
+        if result.get("error") == "invalid_grant":
+            # Revoked, expired or unused too long: only the user can sign in again.
+            said = str(result.get("error_description") or "").split(" Trace ID:")[0]
+            raise TokenError(
+                f"credential {self._name!r}: the sign-in of {saved.get('user') or 'the user'}"
+                f" is no longer valid (Entra ID said: {one_line(said)}): {again} and sign in "
+                "as that user; the profile's mail waits in the queue until then",
+                code=entra_code(result))
+        return result
+
+
+def delegated_scopes(scopes: list[str]) -> list[str]:
+    """The delegated permission for each resource's app-only ``/.default`` scope: SMTP.Send
+    for Exchange Online, Mail.Send for Graph."""
+    out = []
+    for scope in scopes:
+        resource = scope.removesuffix("/.default")
+        out.append(resource + ("/Mail.Send" if "graph" in resource else "/SMTP.Send")
+                   if resource != scope else scope)
+    return out
+
+
 def token_endpoint(cred: Credential) -> str:
     """Where the credential's tokens come from, for messages: Entra ID's authority, or
     the platform's managed identity endpoint (as msal finds it)."""
@@ -83,6 +131,8 @@ def build_client(name: str, cred: Credential, session: Any) -> TokenClient:
     """The client for ``cred``; raises :class:`TokenError` for material it cannot use."""
     if cred.managed_identity is not None:
         return _Managed(cred, session)
+    if cred.delegated is not None:
+        return _Delegated(name, cred, session)
     if cred.federated_token_file is not None:
         path = cred.federated_token_file
         return _Confidential(cred, {"client_assertion": lambda: _read_assertion(name, path)},

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from relay.sandbox.https import HTTPSServer, serve
 from relay.sandbox.issuer import FEDERATED_AUDIENCE
 from relay.sandbox.pki import LocalPKI
+from relay.sandbox.userflows import DEVICE_CODE_GRANT, FlowError, UserFlows
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,7 @@ class FakeEntra:
         self._lock = threading.Lock()
         self._apps: dict[tuple[str, str], _App] = {}
         self._identities: dict[str, _App] = {}    # managed identities by client id
+        self.users = UserFlows()                   # users' sign-ins (delegated)
         self._tenants: set[str] = set()
         self._key, self._kid = self._new_key()
         self._failures: list[tuple[int, dict[str, Any] | None, int | None]] = []
@@ -236,9 +238,10 @@ class FakeEntra:
     def add_app(self, tenant_id: str, client_id: str, *, secret: str | None = None,
                 certificate_pem: str | bytes | None = None,
                 roles: tuple[str, ...] | list[str] = ("SMTP.SendAsApp",),
-                secret_expired: bool = False) -> None:
-        """Register an app (and its tenant); give a secret, a certificate, or both."""
-        if secret is None and certificate_pem is None:
+                secret_expired: bool = False, public: bool = False) -> None:
+        """Register an app (and its tenant); give a secret, a certificate, or both; or
+        ``public``: a public client for users' sign-ins (the device-code flow)."""
+        if secret is None and certificate_pem is None and not public:
             raise ValueError("an app needs a secret or a certificate")
         cert = None
         if certificate_pem is not None:
@@ -369,7 +372,8 @@ class FakeEntra:
             raise InvalidToken(f"wrong audience {aud!r} (expected {audience_prefix}...)")
         return claims
 
-    def _issue(self, app: _App, resource: str, by_certificate: bool) -> tuple[str, int]:
+    def _issue(self, app: _App, resource: str, by_certificate: bool,
+               given: dict[str, Any] | None = None) -> tuple[str, int]:
         now = self._clock()
         iat = int(now)
         lifetime = self.token_lifetime
@@ -389,7 +393,7 @@ class FakeEntra:
             "tid": app.tenant_id, "uti": _b64(secrets.token_bytes(16)), "ver": "1.0",
             "wids": ["0997a1d0-0d1d-4acb-b408-d5ca73121e90"], "xms_idrel": "7 14",
         }
-        for name, value in dict(self.extra_claims).items():
+        for name, value in {**(given or {}), **self.extra_claims}.items():
             if value is None:
                 claims.pop(name, None)
             else:
@@ -496,6 +500,12 @@ class FakeEntra:
 
     def _handle_post(self, path: str, content_type: str, authorization: str | None,
                      body: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
+        device = re.fullmatch(r"/([^/]+)/oauth2/v2\.0/devicecode", urlsplit(path).path)
+        if device:
+            form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+            return 200, self.users.start_device_flow(
+                form.get("client_id", ""), form.get("scope", ""),
+                f"{self.url}/devicelogin"), {}
         m = re.fullmatch(r"/([^/]+)/oauth2/v2\.0/token", urlsplit(path).path)
         if not m:
             return 404, {"error": "not_found"}, {}
@@ -533,6 +543,8 @@ class FakeEntra:
         grant = form.get("grant_type")
         if not grant:
             raise self._missing("grant_type")
+        if grant in (DEVICE_CODE_GRANT, "refresh_token"):
+            return self._user_grant(tenant, grant, form)
         if grant != "client_credentials":
             raise self._error(400, "unsupported_grant_type", 70003,
                               f"The app requested an unsupported grant type '{grant}'.")
@@ -553,6 +565,33 @@ class FakeEntra:
         token, expires_in = self._issue(app, resource, by_certificate)
         return 200, {"token_type": "Bearer", "expires_in": expires_in,
                      "ext_expires_in": expires_in, "access_token": token}
+
+    def _user_grant(self, tenant: str, grant: str,
+                    form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """A delegated token for a user's sign-in (relay.sandbox.userflows)."""
+        client_id = form.get("client_id", "")
+        with self._lock:
+            app = self._apps.get((tenant.lower(), client_id.lower()))
+        if app is None:
+            raise self._error(400, "unauthorized_client", 700016,
+                              f"Application with identifier '{client_id}' was not found.")
+        try:
+            if grant == DEVICE_CODE_GRANT:
+                user, scopes, refresh = self.users.redeem_device_code(
+                    client_id, form.get("device_code", ""))
+            else:
+                user, scopes, refresh = self.users.redeem_refresh_token(
+                    client_id, form.get("refresh_token", ""))
+        except FlowError as e:
+            raise self._error(400, e.error, e.code, e.text) from None
+        resource, _, _ = scopes[0].rpartition("/") if scopes else ("", "", "")
+        permissions = " ".join(s.rpartition("/")[2] for s in scopes)
+        token, expires_in = self._issue(app, resource, False, given={
+            "roles": None, "scp": permissions, "upn": user, "unique_name": user,
+            "idtyp": "user", "name": user.partition("@")[0]})
+        return 200, {"token_type": "Bearer", "scope": " ".join(scopes),
+                     "expires_in": expires_in, "ext_expires_in": expires_in,
+                     "access_token": token, "refresh_token": refresh}
 
     def _managed_identity_token(self, path: str,
                                 metadata: str | None) -> tuple[int, dict[str, Any]]:

@@ -266,6 +266,12 @@ class FakeExchange:
         except Exception as exc:
             reason = " ".join(str(exc).replace(token, "[token]").split())[:200]
             return mailbox, reason or exc.__class__.__name__
+        if "scp" in claims:     # a user's delegated token: SMTP.Send, as that user only
+            if "SMTP.Send" not in str(claims["scp"]).split():
+                return mailbox, "delegated token without SMTP.Send"
+            if str(claims.get("upn", "")).lower() != mailbox.lower():
+                return mailbox, f"delegated token of {claims.get('upn')}, not {mailbox}"
+            return mailbox, None
         roles = claims.get("roles") or []
         if SEND_AS_APP not in roles and self.require_send_as_role:
             return mailbox, f"token has no {SEND_AS_APP} role"

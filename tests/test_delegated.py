@@ -1,0 +1,130 @@
+"""Delegated credentials: a user signs in once (`authorize`, device-code flow), the relay
+keeps the refresh token encrypted, renews it with every token, and sends as that user.
+
+Against the fake Entra's user flows (authorization_pending until the user acts, declined,
+rotation of refresh tokens, invalid_grant for a revoked sign-in) and the fake Exchange,
+which takes a delegated token only with SMTP.Send and only for its own user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from relay.app import Relay
+from relay.cli import main
+from relay.config import ConfigError, Credential
+from relay.sandbox.pki import create_pki
+from relay.sandbox.service import Sandbox
+from relay.spool.records import State
+from tests.conftest import BASE_CONFIG, build_config, wait_until
+from tests.relayproc import merge
+from tests.test_end_to_end import send
+
+TENANT, CLIENT, USER = "contoso.onmicrosoft.com", "relay-app", "alice@contoso.com"
+
+
+def delegated(sandbox: Sandbox, tmp_path: Path) -> dict[str, Any]:
+    return {"tenant_id": TENANT, "client_id": CLIENT, "authority": sandbox.entra.url,
+            "ca_file": str(create_pki(sandbox.directory / "pki").ca_file),
+            "delegated": {"token_file": str(tmp_path / "alice.token"),
+                          "key": {"file": str(tmp_path / "token.key")}}}
+
+
+def config_file(sandbox: Sandbox, tmp_path: Path) -> Path:
+    data = copy.deepcopy(BASE_CONFIG)
+    merge(data, {"credentials": {"main": {**delegated(sandbox, tmp_path),
+                                          "client_secret": None}}})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def authorize(sandbox: Sandbox, tmp_path: Path, act: str = "approve",
+                    capsys: pytest.CaptureFixture[str] | None = None) -> int:
+    """`smtp-oauth-relay authorize`, with the test as the user at the browser."""
+    sandbox.entra.add_app(TENANT, CLIENT, public=True)   # "Allow public client flows"
+    cfg = config_file(sandbox, tmp_path)
+    running = asyncio.create_task(asyncio.to_thread(
+        main, ["authorize", "--config", str(cfg), "--credential", "main"]))
+    await wait_until(lambda: sandbox.entra.users.pending() or running.done())
+    if not running.done():
+        [code] = sandbox.entra.users.pending()
+        if act == "approve":
+            sandbox.entra.users.approve(code, USER)
+        else:
+            sandbox.entra.users.decline(code)
+    return await asyncio.wait_for(running, 30)
+
+
+async def start(sandbox: Sandbox, tmp_path: Path) -> Relay:
+    config = sandbox.apply(build_config({"profiles": {"system": {"mailbox": USER},
+                                                      "alice": {"mailbox": USER}}}))
+    cred = Credential(**{**delegated(sandbox, tmp_path), "ca_file": config.credentials[
+        "main"].ca_file})
+    relay = Relay(config.model_copy(update={"credentials": {"main": cred}}))
+    await relay.start()
+    return relay
+
+
+async def test_a_user_signs_in_once_and_the_relay_sends_as_them(
+        sandbox: Sandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await authorize(sandbox, tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "enter the code" in out and f"signed in as {USER}" in out
+    token_file, key_file = tmp_path / "alice.token", tmp_path / "token.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    sealed = token_file.read_bytes()
+    assert b"refresh_token" not in sealed and b"0.rt." not in sealed    # encrypted
+
+    relay = await start(sandbox, tmp_path)
+    try:
+        response = await send(relay, USER, ["customer@example.com"],
+                              b"From: Alice <alice@contoso.com>\r\nTo: customer@example.com"
+                              b"\r\nSubject: hi\r\n\r\nHello.\r\n", login=None)
+    finally:
+        await relay.stop()
+    assert response.code == 250 and "delivered as" in response.message
+    [got] = sandbox.exchange.messages
+    assert got.mailbox == USER
+    [login] = sandbox.exchange.auth_attempts
+    assert login.ok and login.mailbox == USER
+    assert token_file.read_bytes() != sealed            # rotated with the new token
+
+
+async def test_a_revoked_sign_in_keeps_the_mail_and_says_how_to_sign_in_again(
+        sandbox: Sandbox, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert await authorize(sandbox, tmp_path) == 0
+    sandbox.entra.users.revoke(USER)                    # a password change, say
+    relay = await start(sandbox, tmp_path)
+    try:
+        response = await send(relay, USER, ["customer@example.com"],
+                              b"Subject: hi\r\n\r\nHello.\r\n")
+        assert response.code == 250 and "queued as" in response.message   # kept
+        assert relay.spool.count(State.FAILED) == 0
+    finally:
+        await relay.stop()
+    assert "smtp-oauth-relay authorize --credential main" in caplog.text
+    assert "AADSTS50173" in caplog.text
+    assert sandbox.exchange.messages == []
+
+
+async def test_a_declined_sign_in_is_exit_77_and_stores_nothing(
+        sandbox: Sandbox, tmp_path: Path) -> None:
+    assert await authorize(sandbox, tmp_path, act="decline") == 77
+    assert not (tmp_path / "alice.token").exists()
+
+
+def test_the_key_is_never_in_the_config_or_the_environment(tmp_path: Path) -> None:
+    for key in ({"value": "x" * 44}, {"env": "RELAY_TOKEN_KEY"}):
+        with pytest.raises(ConfigError, match=r"credentials\.main\.delegated.*key must be"):
+            build_config({"credentials": {"main": {
+                "client_secret": None,
+                "delegated": {"token_file": str(tmp_path / "t"), "key": key}}}})
