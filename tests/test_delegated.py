@@ -20,6 +20,8 @@ import yaml
 from relay.app import Relay
 from relay.cli import main
 from relay.config import ConfigError, Credential
+from relay.ops.doctor import Doctor
+from relay.ops.doctorreport import Status
 from relay.sandbox.pki import create_pki
 from relay.sandbox.service import Sandbox
 from relay.spool.records import State
@@ -63,8 +65,8 @@ async def authorize(sandbox: Sandbox, tmp_path: Path, act: str = "approve",
     return await asyncio.wait_for(running, 30)
 
 
-async def start(sandbox: Sandbox, tmp_path: Path) -> Relay:
-    config = sandbox.apply(build_config({"profiles": {"system": {"mailbox": USER},
+async def start(sandbox: Sandbox, tmp_path: Path, **profile: Any) -> Relay:
+    config = sandbox.apply(build_config({"profiles": {"system": {"mailbox": USER, **profile},
                                                       "alice": {"mailbox": USER}}}))
     cred = Credential(**{**delegated(sandbox, tmp_path), "ca_file": config.credentials[
         "main"].ca_file})
@@ -128,3 +130,36 @@ def test_the_key_is_never_in_the_config_or_the_environment(tmp_path: Path) -> No
             build_config({"credentials": {"main": {
                 "client_secret": None,
                 "delegated": {"token_file": str(tmp_path / "t"), "key": key}}}})
+
+
+async def test_over_graph_the_delegated_token_is_for_mail_send(
+        sandbox: Sandbox, tmp_path: Path) -> None:
+    assert await authorize(sandbox, tmp_path) == 0
+    relay = await start(sandbox, tmp_path, transport="graph")
+    try:
+        response = await send(relay, USER, ["customer@example.com"],
+                              b"To: customer@example.com\r\nSubject: hi\r\n\r\nHello.\r\n")
+    finally:
+        await relay.stop()
+    assert response.code == 250 and "delivered as" in response.message
+    [got] = sandbox.graph.messages
+    assert got.mailbox == USER and got.recipients == ["customer@example.com"]
+
+
+async def test_doctor_checks_the_users_token(sandbox: Sandbox, tmp_path: Path) -> None:
+    assert await authorize(sandbox, tmp_path) == 0
+    relay = await start(sandbox, tmp_path)
+    config = relay.config
+    await relay.stop()
+    [report] = await Doctor(config).run(["system"])
+    steps = {s.name: s for s in report.steps}
+    assert steps["claims"].status is Status.OK
+    assert f"delegated token of {USER} with SMTP.Send; signed in 0 day(s) ago" in (
+        steps["claims"].detail)
+    assert steps["login"].status is Status.OK and steps["envelope"].status is Status.OK
+    # Someone else's sign-in for this mailbox is named, with the fix.
+    other = config.model_copy(update={"profiles": {
+        "system": config.profiles["system"].model_copy(update={"mailbox": "bob@contoso.com"})}})
+    [report] = await Doctor(other).run(["system"])
+    claims = {s.name: s for s in report.steps}["claims"]
+    assert claims.status is Status.FAIL and "sign in as bob@contoso.com" in (claims.fix or "")

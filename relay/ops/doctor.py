@@ -25,6 +25,7 @@ import asyncio
 import ipaddress
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,11 @@ from relay.deliver.upstream import UpstreamClient
 from relay.oauth.password import Password, SecretSource
 from relay.oauth.provider import TokenProvider
 from relay.oauth.token import Token, TokenError
+from relay.oauth.tokenstore import TokenStore
 from relay.ops.doctoradvice import (
     ca_setting,
     connect_failure,
+    delegated_claims,
     explain,
     host_hint,
     judge_claims,
@@ -171,7 +174,7 @@ class Doctor:
             else:
                 steps.append(self._token_ok(token))
                 report.app_object_id = str(token.claims.get("oid") or "") or None
-                steps.append(judge_claims(self.config, profile, upstream, token))
+                steps.append(self._claims(profile, upstream, token))
 
             login = await self._login(session, profile, token, steps)
             steps.append(login)
@@ -254,6 +257,17 @@ class Doctor:
                     f"credential {name!r}: Entra ID did not answer within "
                     f"{TOKEN_TIMEOUT:g} s", transient=True)
         return self._tokens[key]
+
+    def _claims(self, profile: Profile, upstream: Upstream, token: Token) -> Step:
+        cred = self.config.credentials[profile.credential]
+        if cred.delegated is None:
+            return judge_claims(self.config, profile, upstream, token)
+        try:
+            saved = TokenStore(profile.credential, cred.delegated).load() or {}
+        except TokenError:
+            saved = {}
+        return delegated_claims(profile, token, "SMTP.Send", saved.get("saved_at"),
+                                time.time())
 
     async def _password(self, name: str) -> Password | TokenError:
         try:

@@ -144,6 +144,28 @@ def token_failed(name: str, exc: TokenError) -> Step:
     return Step("token", Status.FAIL, detail, fix)
 
 
+def delegated_claims(profile: Profile, token: Token, permission: str,
+                     saved_at: float | None, now: float) -> Step:
+    """The claims step for a user's delegated token: the permission, and that the user is
+    the profile's mailbox (Exchange and Graph let a user send only as themselves)."""
+    user = str(token.claims.get("upn") or token.claims.get("preferred_username") or "")
+    again = f"run `smtp-oauth-relay authorize --credential {profile.credential}`"
+    age = (f"; signed in {int((now - saved_at) // 86400)} day(s) ago" if saved_at else "")
+    if permission not in token.scopes:
+        return Step("claims", Status.FAIL,
+                    f"the delegated token of {user or '?'} lacks {permission} (scp: "
+                    f"{' '.join(token.scopes) or 'none'})",
+                    f"add the delegated permission {permission} to the app registration, "
+                    f"consent to it, and {again}")
+    if user.lower() != profile.mailbox.lower():
+        return Step("claims", Status.FAIL,
+                    f"the token is {user or 'nobody'}'s, but the profile sends as "
+                    f"{profile.mailbox}",
+                    f"{again} and sign in as {profile.mailbox}, or set the profile's mailbox "
+                    f"to {user}")
+    return Step("claims", Status.OK, f"delegated token of {user} with {permission}{age}")
+
+
 def judge_claims(config: Config, profile: Profile, up: Upstream, token: Token) -> Step:
     """The claims step: whether the token is one Exchange Online takes for this upstream
     (audience, tenant, an application token, the SMTP.SendAsApp role)."""

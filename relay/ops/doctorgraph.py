@@ -15,7 +15,7 @@ from relay.config import CLOUDS, Config, Profile
 from relay.core.message import Content, Outbound, new_message_id
 from relay.deliver.graph import GraphClient, Prepared
 from relay.oauth.token import Token, TokenError
-from relay.ops.doctoradvice import explain, token_failed
+from relay.ops.doctoradvice import delegated_claims, explain, token_failed
 from relay.ops.doctorreport import Status, Step, skip
 from relay.ops.testmessage import build_test_message
 
@@ -32,6 +32,9 @@ def graph_claims(config: Config, profile: Profile, token: Token) -> Step:
                     f"the token is for {audience or 'no audience'}, not {cloud.graph_url}",
                     "the relay asks for the Graph scope itself; a proxy or a credential "
                     "setting in between changed it")
+    if config.credentials[profile.credential].delegated is not None:
+        step = delegated_claims(profile, token, MAIL_SEND, None, 0.0)
+        return Step("graph-claims", step.status, step.detail, step.fix)
     if token.scopes:
         return Step("graph-claims", Status.FAIL,
                     f"a delegated token (scp: {' '.join(token.scopes)}), issued for a user",

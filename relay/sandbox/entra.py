@@ -581,7 +581,7 @@ class FakeEntra:
                     client_id, form.get("device_code", ""))
             else:
                 user, scopes, refresh = self.users.redeem_refresh_token(
-                    client_id, form.get("refresh_token", ""))
+                    client_id, form.get("refresh_token", ""), form.get("scope", ""))
         except FlowError as e:
             raise self._error(400, e.error, e.code, e.text) from None
         resource, _, _ = scopes[0].rpartition("/") if scopes else ("", "", "")

@@ -130,8 +130,10 @@ class UserFlows:
             return device.user, device.scopes, self._new_grant(client_id, device.user,
                                                                device.scopes)
 
-    def redeem_refresh_token(self, client_id: str, token: str) -> tuple[str, list[str], str]:
-        """(user, scopes, the refresh token that replaces ``token``); else FlowError."""
+    def redeem_refresh_token(self, client_id: str, token: str,
+                             scope: str = "") -> tuple[str, list[str], str]:
+        """(user, scopes, the refresh token that replaces ``token``); else FlowError. A
+        refresh token serves any resource the user consented to: ``scope`` picks it."""
         with self._lock:
             grant = self._grants.pop(token, None)
             if grant is None or grant.client_id.lower() != client_id.lower():
@@ -142,8 +144,9 @@ class UserFlows:
                 raise FlowError("invalid_grant", 700082, "The refresh token has expired due "
                                 "to inactivity. The token was issued on ... and was inactive "
                                 "for 90.00:00:00.")
-            return grant.user, grant.scopes, self._new_grant(client_id, grant.user,
-                                                             grant.scopes)
+            wanted = [s for s in scope.split() if s.lower() not in _RESERVED]
+            return grant.user, wanted or grant.scopes, self._new_grant(
+                client_id, grant.user, grant.scopes)
 
     def _new_grant(self, client_id: str, user: str, scopes: list[str]) -> str:
         token = "0.rt." + secrets.token_urlsafe(48)
