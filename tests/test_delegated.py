@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import stat
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +50,7 @@ def config_file(sandbox: Sandbox, tmp_path: Path) -> Path:
     return path
 
 
-async def authorize(sandbox: Sandbox, tmp_path: Path, act: str = "approve",
-                    capsys: pytest.CaptureFixture[str] | None = None) -> int:
+async def authorize(sandbox: Sandbox, tmp_path: Path, act: str = "approve") -> int:
     """`smtp-oauth-relay authorize`, with the test as the user at the browser."""
     sandbox.entra.add_app(TENANT, CLIENT, public=True)   # "Allow public client flows"
     cfg = config_file(sandbox, tmp_path)
@@ -163,3 +164,46 @@ async def test_doctor_checks_the_users_token(sandbox: Sandbox, tmp_path: Path) -
     [report] = await Doctor(other).run(["system"])
     claims = {s.name: s for s in report.steps}["claims"]
     assert claims.status is Status.FAIL and "sign in as bob@contoso.com" in (claims.fix or "")
+
+
+async def test_in_a_browser_with_pkce(sandbox: Sandbox, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`authorize --browser`: the authorization-code flow with PKCE, back to a loopback
+    server of the command's own; the test plays the user's browser."""
+    sandbox.entra.add_app(TENANT, CLIENT, public=True)
+    cfg = config_file(sandbox, tmp_path)
+    running = asyncio.create_task(asyncio.to_thread(
+        main, ["authorize", "--config", str(cfg), "--credential", "main", "--browser"]))
+    shown: list[str] = []
+
+    def auth_uri() -> str | None:
+        shown.append(capsys.readouterr().out)
+        return next((line for line in "".join(shown).splitlines()
+                     if line.startswith(sandbox.entra.url)), None)
+
+    await wait_until(lambda: auth_uri() or running.done())
+    uri = auth_uri()
+    assert uri is not None and "code_challenge_method=S256" in uri
+    assert "response_mode=form_post" in uri
+    back = urllib.parse.urlsplit(sandbox.entra.users.sign_in(uri, USER))
+    assert back.netloc.startswith("localhost:")
+    # The browser posts the code and the state back (form_post), as Entra's page does.
+    page = await asyncio.to_thread(
+        urllib.request.urlopen, f"http://{back.netloc}/", back.query.encode(), 10)
+    assert b"can be closed" in page.read()
+    assert await asyncio.wait_for(running, 30) == 0
+    assert f"signed in as {USER}" in "".join(shown) + capsys.readouterr().out
+    assert (tmp_path / "alice.token").exists()
+
+
+def test_a_code_redeemed_without_its_verifier_is_refused() -> None:
+    from relay.sandbox.userflows import FlowError, UserFlows
+
+    flows = UserFlows()
+    uri = ("https://login.example/authorize?client_id=app&redirect_uri=http%3A%2F%2F"
+           "localhost%3A1&state=s&scope=https%3A%2F%2Foutlook.office365.com%2FSMTP.Send"
+           "&code_challenge=E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+           "&code_challenge_method=S256")
+    code = urllib.parse.parse_qs(urllib.parse.urlsplit(flows.sign_in(uri, USER)).query)
+    with pytest.raises(FlowError, match="Code_Verifier does not match"):
+        flows.redeem_code("app", code["code"][0], "not-the-verifier", "http://localhost:1")

@@ -3,7 +3,9 @@ that the relay can send as them with delegated permissions.
 
 :func:`command` runs Entra ID's device-code flow, which works on a server without a
 browser: it prints a web address and a code, the user opens the address anywhere, enters
-the code and signs in; the relay then keeps the refresh token, encrypted
+the code and signs in. With ``--browser`` it runs the authorization-code flow with PKCE
+instead, back to a loopback address of this machine. Either way the relay then keeps the
+refresh token, encrypted
 (relay.oauth.tokenstore), and renews it on every use. The key is created if its file does
 not exist yet. Exit 0 signed in, 77 the user declined, 75 the code expired (run it
 again), 69 Entra ID refused, 2 a credential that is not ``delegated``.
@@ -22,12 +24,21 @@ from relay.oauth.clients import delegated_scopes
 from relay.oauth.http import HTTP_TIMEOUT, EntraSession
 from relay.oauth.token import decode_claims
 from relay.oauth.tokenstore import TokenStore, write_key
+from relay.ops.loopback import LoopbackRedirect
+
+_BROWSER_TIMEOUT = 600.0
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--profile", help="the profile whose (delegated) credential to sign in")
     which.add_argument("--credential", help="the delegated credential to sign in")
+    p.add_argument("--browser", action="store_true",
+                   help="sign in in a browser on this machine (authorization code with "
+                        "PKCE, back to http://localhost) instead of with a device code")
+    p.add_argument("--port", type=int, default=0, metavar="PORT",
+                   help="with --browser: the local port the sign-in comes back to "
+                        "(default: any free one; fix it to forward it over SSH)")
 
 
 def command(args: argparse.Namespace) -> int:
@@ -47,12 +58,8 @@ def command(args: argparse.Namespace) -> int:
         cred.client_id, authority=cred.authority_url, token_cache=msal.TokenCache(),
         http_client=EntraSession(str(cred.ca_file) if cred.ca_file else None, HTTP_TIMEOUT),
         **kwargs)
-    flow = app.initiate_device_flow(scopes=scopes)
-    if "user_code" not in flow:
-        print(f"Entra ID did not start the sign-in: {flow.get('error_description') or flow}")
-        return EX_UNAVAILABLE
-    print(flow["message"], flush=True)
-    result = app.acquire_token_by_device_flow(flow)
+    result = (_in_browser(app, scopes, args.port) if args.browser
+              else _with_device_code(app, scopes))
     if "access_token" not in result:
         error = str(result.get("error", ""))
         print(f"not signed in: {error}: {result.get('error_description', '')}")
@@ -70,6 +77,38 @@ def command(args: argparse.Namespace) -> int:
               f"({', '.join(sorted(mailboxes))}): Exchange lets a user send only as "
               "themselves")
     return EX_OK
+
+
+def _with_device_code(app: Any, scopes: list[str]) -> dict[str, Any]:
+    flow = app.initiate_device_flow(scopes=scopes)
+    if "user_code" not in flow:
+        return {"error": flow.get("error", "no_device_code"),
+                "error_description": flow.get("error_description", "")}
+    print(flow["message"], flush=True)
+    result: dict[str, Any] = app.acquire_token_by_device_flow(flow)
+    return result
+
+
+def _in_browser(app: Any, scopes: list[str], port: int) -> dict[str, Any]:
+    """The authorization-code flow with PKCE: the browser comes back to a one-shot HTTP
+    server on this machine's loopback with the code, which msal redeems with the
+    verifier only it knows."""
+    with LoopbackRedirect(port) as back:
+        flow = app.initiate_auth_code_flow(scopes, redirect_uri=back.uri,
+                                           response_mode="form_post")
+        print("Open this address in a browser on this machine and sign in as the "
+              "mailbox's user (from elsewhere: ssh -L "
+              f"{back.port}:localhost:{back.port} to this machine first):", flush=True)
+        print(flow["auth_uri"], flush=True)
+        response = back.wait(_BROWSER_TIMEOUT)
+    if response is None:
+        return {"error": "expired_token",
+                "error_description": f"no sign-in came back within {_BROWSER_TIMEOUT:g} s"}
+    try:
+        result: dict[str, Any] = app.acquire_token_by_auth_code_flow(flow, response)
+    except ValueError as exc:       # the state did not match: not our sign-in
+        return {"error": "invalid_request", "error_description": str(exc)}
+    return result
 
 
 def _credential(config: Config, profile: str | None, credential: str | None) -> str:

@@ -543,7 +543,7 @@ class FakeEntra:
         grant = form.get("grant_type")
         if not grant:
             raise self._missing("grant_type")
-        if grant in (DEVICE_CODE_GRANT, "refresh_token"):
+        if grant in (DEVICE_CODE_GRANT, "refresh_token", "authorization_code"):
             return self._user_grant(tenant, grant, form)
         if grant != "client_credentials":
             raise self._error(400, "unsupported_grant_type", 70003,
@@ -579,6 +579,10 @@ class FakeEntra:
             if grant == DEVICE_CODE_GRANT:
                 user, scopes, refresh = self.users.redeem_device_code(
                     client_id, form.get("device_code", ""))
+            elif grant == "authorization_code":
+                user, scopes, refresh = self.users.redeem_code(
+                    client_id, form.get("code", ""), form.get("code_verifier", ""),
+                    form.get("redirect_uri", ""))
             else:
                 user, scopes, refresh = self.users.redeem_refresh_token(
                     client_id, form.get("refresh_token", ""), form.get("scope", ""))

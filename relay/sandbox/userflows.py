@@ -1,6 +1,8 @@
 """The fake Entra ID's delegated flows: a user signs in once, the app keeps a refresh token.
 
-- :class:`UserFlows`: the device-code flow (``/devicecode``, then the
+- :class:`UserFlows`: the authorization-code flow with PKCE (:meth:`~UserFlows.sign_in`
+  plays the user at the browser; the code is redeemed with its verifier), the
+  device-code flow (``/devicecode``, then the
   ``device_code`` grant answering ``authorization_pending``, ``slow_down``,
   ``expired_token`` or ``authorization_declined`` until the user acts, through
   :meth:`~UserFlows.approve` and :meth:`~UserFlows.decline`), and the ``refresh_token``
@@ -15,11 +17,15 @@ as a device-code app registration is ("Allow public client flows").
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 _RESERVED = {"openid", "profile", "offline_access", "email"}
@@ -33,6 +39,16 @@ class _Device:
     user: str | None = None
     declined: bool = False
     last_poll: float = 0.0
+
+
+@dataclass
+class _Code:
+    client_id: str
+    redirect_uri: str
+    challenge: str
+    scopes: list[str]
+    user: str
+    expires_at: float
 
 
 @dataclass
@@ -57,6 +73,7 @@ class UserFlows:
         self._devices: dict[str, _Device] = {}      # by device code
         self._by_user_code: dict[str, str] = {}
         self._grants: dict[str, _Grant] = {}        # refresh token -> grant
+        self._codes: dict[str, _Code] = {}          # authorization codes
         self.poll_interval = 1
         self.inactivity_limit = 90 * 86400.0       # Entra's: 90 days unused
 
@@ -76,6 +93,43 @@ class UserFlows:
             return [code for code, device in self._by_user_code.items()
                     if device in self._devices and self._devices[device].user is None
                     and not self._devices[device].declined]
+
+    def sign_in(self, auth_uri: str, user: str) -> str:
+        """``user`` signs in at ``auth_uri`` (the authorization-code flow): the address the
+        browser is sent back to, with the code and the state."""
+        query = {k: v[0] for k, v in parse_qs(urlsplit(auth_uri).query).items()}
+        if query.get("code_challenge_method") != "S256" or not query.get("code_challenge"):
+            raise ValueError("no PKCE code challenge (S256) in the authorization request")
+        code = secrets.token_urlsafe(32)
+        scopes = [s for s in query.get("scope", "").split() if s.lower() not in _RESERVED]
+        with self._lock:
+            self._codes[code] = _Code(query["client_id"], query["redirect_uri"],
+                                      query["code_challenge"], scopes, user,
+                                      time.time() + 600)
+        return (f"{query['redirect_uri']}?"
+                f"{urlencode({'code': code, 'state': query.get('state', '')})}")
+
+    def redeem_code(self, client_id: str, code: str, verifier: str,
+                    redirect_uri: str) -> tuple[str, list[str], str]:
+        """(user, scopes, a new refresh token) for an authorization code; else FlowError."""
+        with self._lock:
+            grant = self._codes.pop(code, None)
+            if grant is None or grant.client_id.lower() != client_id.lower() \
+                    or time.time() > grant.expires_at:
+                raise FlowError("invalid_grant", 70008, "The provided authorization code or "
+                                "refresh token has expired due to inactivity. Send a new "
+                                "interactive authorization request for this user and "
+                                "resource.")
+            if grant.redirect_uri != redirect_uri:
+                raise FlowError("invalid_grant", 50011, "The redirect URI specified in the "
+                                "request does not match the redirect URIs configured.")
+            challenge = base64.urlsafe_b64encode(
+                hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+            if not hmac.compare_digest(challenge, grant.challenge):
+                raise FlowError("invalid_grant", 501481, "The Code_Verifier does not match "
+                                "the code_challenge supplied in the authorization request.")
+            return grant.user, grant.scopes, self._new_grant(client_id, grant.user,
+                                                             grant.scopes)
 
     def revoke(self, user: str) -> None:
         """The user's sessions are revoked (password change, admin action)."""
