@@ -22,6 +22,7 @@ import yaml
 from relay.app import Relay
 from relay.cli import main
 from relay.config import ConfigError, Credential
+from relay.oauth.clients import delegated_scopes
 from relay.ops.doctor import Doctor
 from relay.ops.doctorreport import Status
 from relay.sandbox.pki import create_pki
@@ -207,3 +208,22 @@ def test_a_code_redeemed_without_its_verifier_is_refused() -> None:
     code = urllib.parse.parse_qs(urllib.parse.urlsplit(flows.sign_in(uri, USER)).query)
     with pytest.raises(FlowError, match="Code_Verifier does not match"):
         flows.redeem_code("app", code["code"][0], "not-the-verifier", "http://localhost:1")
+
+
+def test_personal_accounts_are_delegated_only_and_use_outlook_com() -> None:
+    base = {"client_id": CLIENT, "client_secret": None}
+    with pytest.raises(ConfigError, match="cloud: consumer and tenant_id: consumers"):
+        build_config({"credentials": {"main": {**base, "tenant_id": "consumers",
+                                               "managed_identity": "system"}}})
+    with pytest.raises(ConfigError, match="works only with delegated"):
+        build_config({"credentials": {"main": {**base, "tenant_id": "consumers",
+                                               "cloud": "consumer",
+                                               "managed_identity": "system"}}})
+    config = build_config({"credentials": {"main": {
+        **base, "tenant_id": "consumers", "cloud": "consumer",
+        "delegated": {"token_file": "/tmp/t", "key": {"file": "/tmp/k"}}}}})
+    cred = config.credentials["main"]
+    assert cred.authority_url == "https://login.microsoftonline.com/consumers"
+    assert config.upstream_for(config.profiles["system"]).host == "smtp-mail.outlook.com"
+    assert delegated_scopes(cred.scopes) == ["https://outlook.office.com/SMTP.Send"]
+    assert delegated_scopes(cred.graph_scopes) == ["https://graph.microsoft.com/Mail.Send"]

@@ -50,8 +50,11 @@ CLOUDS: dict[str, Cloud] = {
     "china": Cloud("https://login.partner.microsoftonline.cn",
                    "https://partner.outlook.cn/.default", "smtp.partner.outlook.cn",
                    "https://microsoftgraph.chinacloudapi.cn"),
+    # Personal Microsoft accounts (outlook.com, hotmail.com): delegated sign-ins only.
+    "consumer": Cloud("https://login.microsoftonline.com", "https://outlook.office.com/.default",
+                      "smtp-mail.outlook.com", "https://graph.microsoft.com"),
 }
-CloudName = Literal["global", "gcc-high", "china"]
+CloudName = Literal["global", "gcc-high", "china", "consumer"]
 
 
 # --- identifiers -----------------------------------------------------------------------
@@ -69,8 +72,9 @@ def is_guid(value: str) -> bool:
 
 
 def _check_tenant(value: str) -> str:
-    """A tenant id (GUID) or one of the tenant's domain names (contoso.onmicrosoft.com)."""
-    if is_guid(value):
+    """A tenant id (GUID) or one of the tenant's domain names (contoso.onmicrosoft.com),
+    or ``consumers`` (personal Microsoft accounts, cloud: consumer)."""
+    if is_guid(value) or value == "consumers":
         return value
     if "/" in value or _login_host(value):
         parts = [p for p in value.split("/") if is_guid(p)
@@ -236,6 +240,16 @@ class Credential(Section):
         if sum(k is not None for k in kinds) != 1:
             raise ValueError("set exactly one of client_secret, certificate, "
                              "federated_token_file, managed_identity or delegated")
+        return self
+
+    @model_validator(mode="after")
+    def _consumer(self) -> Credential:
+        if (self.cloud == "consumer") != (self.tenant_id == "consumers"):
+            raise ValueError("personal Microsoft accounts go together: cloud: consumer and "
+                             "tenant_id: consumers")
+        if self.cloud == "consumer" and self.delegated is None:
+            raise ValueError("cloud: consumer (personal accounts) works only with delegated: "
+                             "a personal account has no application permissions")
         return self
 
     @property
