@@ -23,12 +23,14 @@ from relay.app import Relay
 from relay.cli import main
 from relay.config import ConfigError, Credential
 from relay.oauth.clients import delegated_scopes
+from relay.oauth.provider import TokenProvider
+from relay.oauth.token import TokenError
 from relay.ops.doctor import Doctor
 from relay.ops.doctorreport import Status
 from relay.sandbox.pki import create_pki
 from relay.sandbox.service import Sandbox
 from relay.spool.records import State
-from tests.conftest import BASE_CONFIG, build_config, wait_until
+from tests.conftest import BASE_CONFIG, PASSWORDS, build_config, wait_until
 from tests.relayproc import merge
 from tests.test_end_to_end import send
 
@@ -118,6 +120,43 @@ async def test_a_revoked_sign_in_keeps_the_mail_and_says_how_to_sign_in_again(
     assert "smtp-oauth-relay authorize --credential main" in caplog.text
     assert "AADSTS50173" in caplog.text
     assert sandbox.exchange.messages == []
+
+
+async def test_a_code_nobody_uses_expires_and_is_exit_75(
+        sandbox: Sandbox, tmp_path: Path) -> None:
+    sandbox.entra.add_app(TENANT, CLIENT, public=True)
+    sandbox.entra.users.device_lifetime = 2
+    code = await asyncio.to_thread(main, ["authorize", "--config",
+                                          str(config_file(sandbox, tmp_path)),
+                                          "--credential", "main"])
+    assert code == 75 and not (tmp_path / "alice.token").exists()
+
+
+async def test_each_legacy_login_sends_as_its_own_person(
+        sandbox: Sandbox, tmp_path: Path) -> None:
+    """users.alice.profile -> a profile whose credential is alice's own sign-in; mail of
+    everyone else still goes through the system profile's app credential."""
+    assert await authorize(sandbox, tmp_path) == 0
+    config = sandbox.apply(build_config({"profiles": {
+        "alice": {"mailbox": USER, "credential": "alice"}}, "credentials": {
+        "alice": {"tenant_id": TENANT, "client_id": CLIENT,
+                  "client_secret": {"value": "replaced-by-sandbox"}}}}))
+    cred = Credential(**{**delegated(sandbox, tmp_path),
+                         "ca_file": config.credentials["main"].ca_file})
+    relay = Relay(config.model_copy(update={"credentials": {
+        **config.credentials, "alice": cred}}))
+    await relay.start()
+    try:
+        await send(relay, USER, ["customer@example.com"],
+                   b"From: alice@contoso.com\r\nSubject: mine\r\n\r\nHi.\r\n",
+                   login=("alice", PASSWORDS["alice"]))
+        await send(relay, "billing@contoso.com", ["customer@example.com"])
+    finally:
+        await relay.stop()
+    mine, billing = sandbox.exchange.messages
+    assert mine.mailbox == USER and billing.mailbox == "relay@contoso.com"
+    assert {a.mailbox for a in sandbox.exchange.auth_attempts if a.ok} == {
+        USER, "relay@contoso.com"}
 
 
 async def test_a_declined_sign_in_is_exit_77_and_stores_nothing(
@@ -227,3 +266,23 @@ def test_personal_accounts_are_delegated_only_and_use_outlook_com() -> None:
     assert config.upstream_for(config.profiles["system"]).host == "smtp-mail.outlook.com"
     assert delegated_scopes(cred.scopes) == ["https://outlook.office.com/SMTP.Send"]
     assert delegated_scopes(cred.graph_scopes) == ["https://graph.microsoft.com/Mail.Send"]
+
+
+async def test_every_renewal_keeps_the_sign_in_alive_and_long_disuse_ends_it(
+        sandbox: Sandbox, tmp_path: Path) -> None:
+    """Entra ends a refresh token unused for 90 days; the relay uses it with each renewal
+    (hourly), so only a relay stopped for that long loses the sign-in."""
+    assert await authorize(sandbox, tmp_path) == 0
+    cred = Credential(**delegated(sandbox, tmp_path))
+    provider = TokenProvider("main", cred)
+    try:
+        first = await provider.get()
+        sandbox.entra.users.age(89 * 86400)
+        second = await provider.refresh(stale=first)      # 89 days unused: still good
+        sandbox.entra.users.age(89 * 86400)
+        third = await provider.refresh(stale=second)      # and counted from its last use
+        sandbox.entra.users.age(91 * 86400)
+        with pytest.raises(TokenError, match=r"AADSTS700082.*authorize --credential main"):
+            await provider.refresh(stale=third)
+    finally:
+        await provider.aclose()

@@ -65,7 +65,9 @@ def command(args: argparse.Namespace) -> int:
         print(f"not signed in: {error}: {result.get('error_description', '')}")
         if error == "authorization_declined":
             return EX_NOPERM
-        return EX_TEMPFAIL if error == "expired_token" else EX_UNAVAILABLE
+        # Nobody signed in before the code expired: run it again.
+        waited = error in ("expired_token", "authorization_pending", "slow_down")
+        return EX_TEMPFAIL if waited else EX_UNAVAILABLE
     claims = decode_claims(result["access_token"])
     user = str(claims.get("upn") or claims.get("preferred_username") or "")
     TokenStore(name, cred.delegated).save(result["refresh_token"], user)

@@ -75,6 +75,7 @@ class UserFlows:
         self._grants: dict[str, _Grant] = {}        # refresh token -> grant
         self._codes: dict[str, _Code] = {}          # authorization codes
         self.poll_interval = 1
+        self.device_lifetime = 900                 # seconds a device code stays valid
         self.inactivity_limit = 90 * 86400.0       # Entra's: 90 days unused
 
     # --- the user's side (tests act as the user) -----------------------------------------
@@ -149,10 +150,11 @@ class UserFlows:
         scopes = [s for s in scope.split() if s.lower() not in _RESERVED]
         device_code, user_code = secrets.token_urlsafe(32), secrets.token_hex(4).upper()
         with self._lock:
-            self._devices[device_code] = _Device(client_id, scopes, time.time() + 900)
+            self._devices[device_code] = _Device(client_id, scopes,
+                                                 time.time() + self.device_lifetime)
             self._by_user_code[user_code] = device_code
         return {"device_code": device_code, "user_code": user_code,
-                "verification_uri": verification, "expires_in": 900,
+                "verification_uri": verification, "expires_in": self.device_lifetime,
                 "interval": self.poll_interval,
                 "message": f"To sign in, use a web browser to open the page {verification} "
                            f"and enter the code {user_code} to authenticate."}
