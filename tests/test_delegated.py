@@ -58,7 +58,7 @@ async def authorize(sandbox: Sandbox, tmp_path: Path, act: str = "approve") -> i
     sandbox.entra.add_app(TENANT, CLIENT, public=True)   # "Allow public client flows"
     cfg = config_file(sandbox, tmp_path)
     running = asyncio.create_task(asyncio.to_thread(
-        main, ["authorize", "--config", str(cfg), "--credential", "main"]))
+        main, ["authorize", "--config", str(cfg), "system"]))
     await wait_until(lambda: sandbox.entra.users.pending() or running.done())
     if not running.done():
         [code] = sandbox.entra.users.pending()
@@ -115,11 +115,19 @@ async def test_a_revoked_sign_in_keeps_the_mail_and_says_how_to_sign_in_again(
                               b"Subject: hi\r\n\r\nHello.\r\n")
         assert response.code == 250 and "queued as" in response.message   # kept
         assert relay.spool.count(State.FAILED) == 0
+        # Not ready (/readyz, smtp_relay_profile_ready) until the user signs in again.
+        assert not relay.metrics.profiles.ready("system")
+        [status] = [s for s in relay.metrics.profiles.statuses() if s.profile == "system"]
+        assert "authorize --credential main" in status.detail
+        assert sandbox.exchange.messages == []
+        assert await authorize(sandbox, tmp_path) == 0
+        relay.queue.flush()
+        await wait_until(lambda: len(sandbox.exchange.messages) == 1)
+        await wait_until(lambda: relay.metrics.profiles.ready("system"))
     finally:
         await relay.stop()
     assert "smtp-oauth-relay authorize --credential main" in caplog.text
     assert "AADSTS50173" in caplog.text
-    assert sandbox.exchange.messages == []
 
 
 async def test_a_code_nobody_uses_expires_and_is_exit_75(

@@ -1,4 +1,4 @@
-"""``smtp-oauth-relay authorize (--profile P | --credential C)``: a user signs in once, so
+"""``smtp-oauth-relay authorize (PROFILE | --credential C)``: a user signs in once, so
 that the relay can send as them with delegated permissions.
 
 :func:`command` runs Entra ID's device-code flow, which works on a server without a
@@ -30,8 +30,10 @@ _BROWSER_TIMEOUT = 600.0
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--profile", help="the profile whose (delegated) credential to sign in")
+    p.add_argument("profile_name", nargs="?", metavar="PROFILE",
+                   help="the profile whose (delegated) credential to sign in")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--profile", help="the same, as an option")
     which.add_argument("--credential", help="the delegated credential to sign in")
     p.add_argument("--browser", action="store_true",
                    help="sign in in a browser on this machine (authorization code with "
@@ -43,7 +45,10 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 def command(args: argparse.Namespace) -> int:
     config = load(args)
-    name = _credential(config, args.profile, args.credential)
+    profile = args.profile or args.profile_name
+    if (profile is None) == (args.credential is None):
+        raise UsageError("name one profile (PROFILE or --profile) or one --credential")
+    name = _credential(config, profile, args.credential)
     cred = config.credentials[name]
     assert cred.delegated is not None
     key_file = cred.delegated.key.file

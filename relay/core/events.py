@@ -38,6 +38,10 @@ class Hooks:
     def token_error(self, credential: str) -> None:
         """A token fetch for ``credential`` failed."""
 
+    def sign_in_needed(self, profile: str, reason: str) -> None:
+        """``profile``'s credential is a user's sign-in that no longer works (revoked,
+        expired, never made): only that user can mend it (``reason`` says how)."""
+
     def login_refused(self, profile: str, mailbox: str, reply: Reply, *,
                       fresh_token: bool) -> None:
         """An attempt for ``profile`` ended with the upstream refusing the relay's login for

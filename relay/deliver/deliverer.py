@@ -294,12 +294,18 @@ class Deliverer:
         if (send_as := found.get(Problem.SEND_AS)) is not None:
             self._hooks.send_as_denied(profile, mailbox, send_as)
 
-    @staticmethod
-    def _token_failure(msg: Outbound, profile: Profile, exc: TokenError) -> DeliveryResult:
+    def _token_failure(self, msg: Outbound, profile: Profile,
+                       exc: TokenError) -> DeliveryResult:
         log.error("no OAuth token for credential %s (profile %s): %s",
                   profile.credential, msg.profile, exc.message,
                   extra={"profile": msg.profile, "credential": profile.credential,
                          "mailbox": msg.mailbox or profile.mailbox})
+        if self._config.credentials[profile.credential].delegated is not None \
+                and not exc.transient:
+            try:
+                self._hooks.sign_in_needed(msg.profile, exc.message)
+            except Exception:
+                log.exception("reporting the failed sign-in failed")
         return DeliveryResult(Reply(
             451, f"4.7.0 Relay cannot obtain an OAuth token for profile {msg.profile} "
                  "(see the relay's log); try again later"), offered=False)

@@ -179,6 +179,9 @@ class RelayMetrics(Hooks):
     def token_error(self, credential: str) -> None:
         self._token_errors.labels(credential).inc()
 
+    def sign_in_needed(self, profile: str, reason: str) -> None:
+        self.profiles.sign_in_needed(profile, reason)
+
     def login_refused(self, profile: str, mailbox: str, reply: Reply, *,
                       fresh_token: bool) -> None:
         if profile in self.profiles:          # no series for a profile no longer configured

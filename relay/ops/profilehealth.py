@@ -78,6 +78,7 @@ class _State:
     send_as: _Streak | None = None
     last_login: float | None = None      # wall clock of the last accepted login
     last_delivery: float | None = None
+    sign_in: str | None = None           # why the user's sign-in must be made again
 
 
 @dataclass(frozen=True)
@@ -153,10 +154,24 @@ class ProfileHealth:
         state.login = self._extend(state.login, mailbox, reply, definitive=fresh_token)
         self._transition(profile, state, was_ready)
 
+    def sign_in_needed(self, profile: str, reason: str) -> None:
+        """The profile's delegated sign-in no longer works: not ready until a login with
+        a new one is accepted."""
+        state = self._profiles.get(profile)
+        if state is None:
+            return
+        was_ready = self._ready(state)
+        state.sign_in = reason
+        self._transition(profile, state, was_ready)
+
     def logged_in(self, profile: str, mailbox: str, *, delivered: bool) -> None:
         """An attempt ran on a session whose login was accepted, with no login-problem
         reply; ``delivered``: the upstream also took the message."""
         state = self._profiles.get(profile)
+        if state is not None and state.sign_in is not None:
+            was_ready = self._ready(state)
+            state.sign_in = None
+            self._transition(profile, state, was_ready)
         if state is None:
             return
         was_ready = self._ready(state)
@@ -201,7 +216,8 @@ class ProfileHealth:
         return state.send_as is not None and state.send_as.count >= SEND_AS_DENIALS
 
     def _ready(self, state: _State) -> bool:
-        return not (self._login_fails(state) or self._send_as_fails(state))
+        return not (self._login_fails(state) or self._send_as_fails(state)
+                    or state.sign_in is not None)
 
     def ready(self, profile: str) -> bool:
         """False while a configured profile has a problem; unknown profiles are ready."""
@@ -232,7 +248,7 @@ class ProfileHealth:
         return out
 
     def _problems(self, state: _State) -> list[str]:
-        out = []
+        out = [f"no token: {state.sign_in}"] if state.sign_in is not None else []
         login, send_as = state.login, state.send_as
         if login is not None and self._login_fails(state):
             fresh = ", also with a freshly fetched token" if login.definitive else ""
