@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import stat
 import urllib.parse
 import urllib.request
@@ -21,10 +22,11 @@ import yaml
 
 from relay.app import Relay
 from relay.cli import main
-from relay.config import ConfigError, Credential
+from relay.config import ConfigError, Credential, DelegatedAuth
 from relay.oauth.clients import delegated_scopes
 from relay.oauth.provider import TokenProvider
 from relay.oauth.token import TokenError
+from relay.oauth.tokenstore import TokenStore, write_key
 from relay.ops.doctor import Doctor
 from relay.ops.doctorreport import Status
 from relay.sandbox.pki import create_pki
@@ -294,3 +296,19 @@ async def test_every_renewal_keeps_the_sign_in_alive_and_long_disuse_ends_it(
             await provider.refresh(stale=third)
     finally:
         await provider.aclose()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file away needs root")
+def test_run_as_root_the_files_belong_to_the_relays_user(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 10025, 10025)             # the relay's StateDirectory=
+    settings = DelegatedAuth(token_file=state / "alice.token",
+                             key={"file": str(state / "token.key")})
+    write_key(state / "token.key")
+    TokenStore("main", settings).save("0.rt.secret-refresh-token", USER)
+    for name in ("alice.token", "token.key"):
+        st = (state / name).stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (10025, 10025, 0o600)
+    assert TokenStore("main", settings).load()["refresh_token"] == (  # type: ignore[index]
+        "0.rt.secret-refresh-token")

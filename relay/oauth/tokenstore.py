@@ -94,6 +94,7 @@ class TokenStore:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
+            _keep_owner(fd, self.path if self.path.exists() else self.path.parent)
             os.write(fd, sealed)
             os.fsync(fd)
         finally:
@@ -106,10 +107,21 @@ class TokenStore:
             os.close(dfd)
 
 
+def _keep_owner(fd: int, like: Path) -> None:
+    """Run as root (``sudo smtp-oauth-relay authorize``), give the file the owner of
+    ``like`` (the file it replaces, or its directory): the relay's user, in its state
+    directory, must go on reading and renewing it."""
+    if os.geteuid() == 0:
+        st = like.stat()
+        os.fchown(fd, st.st_uid, st.st_gid)
+
+
 def write_key(path: Path) -> None:
-    """A new key at ``path`` (0600), for a first ``authorize``; an existing one is kept."""
+    """A new key at ``path`` (0600, owned like its directory when run as root), for a
+    first ``authorize``; an existing one is kept."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
+        _keep_owner(fd, path.parent)
         os.write(fd, new_key() + b"\n")
         os.fsync(fd)
     finally:
