@@ -55,17 +55,19 @@ def config_file(sandbox: Sandbox, tmp_path: Path) -> Path:
     return path
 
 
-async def authorize(sandbox: Sandbox, tmp_path: Path, act: str = "approve") -> int:
+async def authorize(sandbox: Sandbox, tmp_path: Path, act: str = "approve",
+                    cfg: Path | None = None, tenant: str = TENANT,
+                    user: str = USER) -> int:
     """`smtp-oauth-relay authorize`, with the test as the user at the browser."""
-    sandbox.entra.add_app(TENANT, CLIENT, public=True)   # "Allow public client flows"
-    cfg = config_file(sandbox, tmp_path)
+    sandbox.entra.add_app(tenant, CLIENT, public=True)   # "Allow public client flows"
+    cfg = cfg or config_file(sandbox, tmp_path)
     running = asyncio.create_task(asyncio.to_thread(
         main, ["authorize", "--config", str(cfg), "system"]))
     await wait_until(lambda: sandbox.entra.users.pending() or running.done())
     if not running.done():
         [code] = sandbox.entra.users.pending()
         if act == "approve":
-            sandbox.entra.users.approve(code, USER)
+            sandbox.entra.users.approve(code, user)
         else:
             sandbox.entra.users.decline(code)
     return await asyncio.wait_for(running, 30)
@@ -312,3 +314,34 @@ def test_run_as_root_the_files_belong_to_the_relays_user(tmp_path: Path) -> None
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (10025, 10025, 0o600)
     assert TokenStore("main", settings).load()["refresh_token"] == (  # type: ignore[index]
         "0.rt.secret-refresh-token")
+
+
+async def test_a_personal_account_signs_in_at_the_consumers_authority(
+        sandbox: Sandbox, tmp_path: Path) -> None:
+    data = copy.deepcopy(BASE_CONFIG)
+    merge(data, {"credentials": {"main": {**delegated(sandbox, tmp_path),
+                                          "tenant_id": "consumers", "cloud": "consumer",
+                                          "client_secret": None}}})
+    cfg = tmp_path / "personal.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    assert await authorize(sandbox, tmp_path, cfg=cfg, tenant="consumers",
+                           user="jane@outlook.com") == 0
+    cred = Credential(**{**delegated(sandbox, tmp_path), "tenant_id": "consumers",
+                         "cloud": "consumer"})
+    provider = TokenProvider("main", cred)
+    try:
+        token = await provider.get()
+    finally:
+        await provider.aclose()
+    assert token.audience == "https://outlook.office.com" and "SMTP.Send" in token.scopes
+    assert token.claims["upn"] == "jane@outlook.com"
+
+
+@pytest.mark.slow
+async def test_told_to_slow_down_it_waits_longer_and_still_signs_in(
+        sandbox: Sandbox, tmp_path: Path) -> None:
+    """Entra's slow_down: msal waits five seconds more between polls, and goes on."""
+    sandbox.entra.users.slow_down_once = True
+    started = asyncio.get_running_loop().time()
+    assert await authorize(sandbox, tmp_path) == 0
+    assert asyncio.get_running_loop().time() - started > 5

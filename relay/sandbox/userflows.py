@@ -76,6 +76,7 @@ class UserFlows:
         self._codes: dict[str, _Code] = {}          # authorization codes
         self.poll_interval = 1
         self.device_lifetime = 900                 # seconds a device code stays valid
+        self.slow_down_once = False                # answer the next poll with slow_down
         self.inactivity_limit = 90 * 86400.0       # Entra's: 90 days unused
 
     # --- the user's side (tests act as the user) -----------------------------------------
@@ -175,8 +176,10 @@ class UserFlows:
             if device.declined:
                 raise FlowError("authorization_declined", 70019,
                                 "The end user denied the authorization request.")
-            if device.user is None:
-                too_soon = now - device.last_poll < self.poll_interval * 0.5
+            if device.user is None or self.slow_down_once:
+                too_soon = (now - device.last_poll < self.poll_interval * 0.5
+                            or self.slow_down_once)
+                self.slow_down_once = False
                 device.last_poll = now
                 if too_soon:
                     raise FlowError("slow_down", 70019, "Polling too fast.")
