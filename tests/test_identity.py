@@ -164,6 +164,28 @@ async def test_a_secret_rotated_in_its_file_is_used_from_the_next_token_on(
     assert "new-secret-value" not in caplog.text
 
 
+async def test_a_certificate_rotated_in_its_files_is_used_from_the_next_token_on(
+        fake: FakeEntra, pki: LocalPKI, providers: list[TokenProvider],
+        tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.test_tokens import _app_certificate
+
+    _, old = _app_certificate(tmp_path)
+    fake.add_app(TENANT, CLIENT, certificate_pem=old.public_bytes(serialization.Encoding.PEM))
+    p = provider(fake, pki, providers, certificate={
+        "pfx_file": str(tmp_path / "app.pfx"), "passphrase": {"value": "pfx-pass-phrase"}})
+    first = await p.get()
+    # A new certificate is uploaded to the app (the old one removed) and its files
+    # replaced: the next token is signed for with the new one, with no failed request.
+    _, new = _app_certificate(tmp_path)
+    fake.add_app(TENANT, CLIENT, certificate_pem=new.public_bytes(serialization.Encoding.PEM))
+    requests = fake.token_requests
+    second = await p.refresh(stale=first)
+    assert second.access_token != first.access_token
+    assert fake.token_requests == requests + 1
+
+
 # --- configuration ---------------------------------------------------------------------------
 
 def test_exactly_one_kind_of_credential(tmp_path: Path) -> None:
