@@ -142,6 +142,24 @@ async def test_refusals_become_sendmails_exit_codes(
         sendmail.EX_CONFIG)
 
 
+async def test_a_user_who_may_not_read_the_config_sends_to_the_default_listener(
+        start_relay: RelayFactory, sandbox: Sandbox, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """www-data and the config's 0640: the relay is looked for at 127.0.0.1:2525."""
+    cfg = config_file(tmp_path, 1)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if Path(p) == cfg else real(p, m))
+    relay = await start_relay()
+    assert sendmail.DEFAULT_LISTENER == ("127.0.0.1", 2525)
+    monkeypatch.setattr(sendmail, "DEFAULT_LISTENER", address(relay))
+    assert await run(["-C", str(cfg), "-t", "-i"], PHP_MAIL) == 0
+    [got] = sandbox.exchange.messages
+    assert got.rcpt_tos == ["customer@example.com"]
+    await relay.stop()
+    assert await run(["-C", str(cfg), "-t", "-i"], PHP_MAIL) == sendmail.EX_TEMPFAIL
+    assert "may not read its config" in capsys.readouterr().err
+
+
 # --- with the relay stopped ------------------------------------------------------------------
 
 async def test_with_the_relay_stopped_it_waits_in_the_spool_and_goes_out_at_start(

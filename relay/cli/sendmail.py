@@ -8,7 +8,9 @@ call it (cron, PHP's mail(), monitoring tools, shell scripts).
 
 The message goes to the running relay over SMTP, on its first listener, from this
 machine (so within the default ``relay_networks``); when nothing listens there it goes
-straight into the relay's spool (relay.receive.local), sent when the relay starts. Other
+straight into the relay's spool (relay.receive.local), sent when the relay starts. A
+user who may not read the relay's config (a web server's) sends to the default listener,
+127.0.0.1:2525. Other
 sendmail options (``-odi``, ``-oem``, ``-v``, ``-N``, ...) are accepted and have no
 effect, as with Postfix's sendmail; ``-bs`` and the queue options are not offered.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import email.utils
 import getpass
+import os
 import re
 import smtplib
 import socket
@@ -29,12 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, Listener, load_config
 from relay.receive.local import LocalRefusal, spool_locally
 from relay.spool.store import SpoolError
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER = 0, 64, 65, 67
 EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 69, 75, 78
+# Where the relay listens unless its config says otherwise (server.listeners' default).
+DEFAULT_LISTENER = ("127.0.0.1", Listener().port)
 
 # A header field's start: a name of printable characters but the colon, then the colon.
 _FIELD = re.compile(rb"[!-9;-~]+:")
@@ -146,11 +151,18 @@ def main(argv: list[str] | None = None, stdin: BinaryIO | None = None) -> int:
         opts = parse(sys.argv[1:] if argv is None else argv)
     except Usage as exc:
         return _fail(EX_USAGE, str(exc))
-    try:
-        config = load_config(opts.config, check_secrets=False)
-    except ConfigError as exc:
-        return _fail(EX_CONFIG, exc.render())
-    sender = opts.sender if opts.sender is not None else f"{_user()}@{config.server.hostname}"
+    config: Config | None = None
+    if opts.config.exists() and not os.access(opts.config, os.R_OK):
+        # A web server's or a user's program, which may not read the relay's config
+        # (root:smtp-oauth-relay 0640): the relay where the config's default puts it.
+        hostname = socket.getfqdn()
+    else:
+        try:
+            config = load_config(opts.config, check_secrets=False)
+        except ConfigError as exc:
+            return _fail(EX_CONFIG, exc.render())
+        hostname = config.server.hostname
+    sender = opts.sender if opts.sender is not None else f"{_user()}@{hostname}"
     try:
         data = read_message(stdin or sys.stdin.buffer, opts.dots_end)
     except OSError as exc:
@@ -163,9 +175,10 @@ def main(argv: list[str] | None = None, stdin: BinaryIO | None = None) -> int:
     return submit(config, sender, recipients, data)
 
 
-def submit(config: Config, sender: str, recipients: list[str], data: bytes) -> int:
-    """To the running relay, or into its spool when nothing listens."""
-    host, port = _listener(config)
+def submit(config: Config | None, sender: str, recipients: list[str], data: bytes) -> int:
+    """To the running relay, or into its spool when nothing listens. ``config`` None: it
+    could not be read; the relay is looked for where the defaults put it."""
+    host, port = _listener(config) if config is not None else DEFAULT_LISTENER
     try:
         return _over_smtp(host, port, sender, recipients, data)
     except ConnectionRefusedError:
@@ -173,6 +186,10 @@ def submit(config: Config, sender: str, recipients: list[str], data: bytes) -> i
     except (OSError, smtplib.SMTPException) as exc:
         return _fail(EX_TEMPFAIL, f"the relay at {host}:{port} did not take the message: "
                                   f"{exc}; try again later")
+    if config is None:
+        return _fail(EX_TEMPFAIL, f"the relay is not running at {host}:{port}, and this "
+                                  "user may not read its config to find its spool; try "
+                                  "again once it runs")
     try:
         mid = spool_locally(config, sender, recipients, data)
     except LocalRefusal as exc:
