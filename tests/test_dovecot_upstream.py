@@ -238,12 +238,15 @@ async def test_a_recipient_refused_inside_a_pipelined_group_gets_nothing(
     code, text = await submit(relay, message("Two of three"))
 
     assert code == 250 and "to some recipients" in text
-    [got] = [m for m in upstream.sink.messages if b"Subject: Two of three" in m.data]
+    # (The sender's delivery report quotes the headers too: it goes to the mailbox.)
+    [got] = [m for m in upstream.sink.messages
+             if b"Subject: Two of three" in m.data and m.rcpt_tos != [MAILBOX]]
     assert sorted(got.rcpt_tos) == ["alice@example.com", "hidden@example.org"]
     assert re.search(r"nrcpt=2, reply=`250 ", upstream.dovecot.log())
     code, text = await submit(relay, message("Next one"), ["alice@example.com"])
     assert code == 250 and "delivered as" in text
-    got_next = [m for m in upstream.sink.messages if b"Subject: Next one" in m.data]
+    got_next = [m for m in upstream.sink.messages
+                if b"Subject: Next one" in m.data and m.rcpt_tos != [MAILBOX]]
     assert len(got_next) == 1
     # Nothing reached the refused recipient; the sender heard of it (the relay's DSN).
     assert all("bob@example.net" not in m.rcpt_tos for m in upstream.sink.messages)
