@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, Listener, load_config
+from relay.ops.healthcheck import reachable
 from relay.receive.local import LocalRefusal, spool_locally
 from relay.spool.store import SpoolError
 
@@ -217,8 +218,7 @@ def _listener(config: Config) -> tuple[str, int]:
     """The first plain listener (the first one if all use TLS), as reachable from here."""
     listeners = config.server.listeners
     chosen = next((li for li in listeners if li.tls == "none"), listeners[0])
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(chosen.address, chosen.address)
-    return host, chosen.port
+    return reachable(chosen.address), chosen.port
 
 
 def _over_smtp(host: str, port: int, sender: str, recipients: list[str],

@@ -34,7 +34,7 @@ HEALTHY, UNHEALTHY = 0, 1
 _BODY = 2048
 
 
-def _reachable(address: str) -> str:
+def reachable(address: str) -> str:
     """A wildcard bind address is not something to connect to: use loopback instead."""
     ip = ipaddress.ip_address(address)
     if ip.is_unspecified:
@@ -46,7 +46,7 @@ def http_target(config: Config) -> tuple[str, int] | None:
     """(address, port) of the HTTP endpoint, or None when the config disables it."""
     if not config.http.enabled:
         return None
-    return _reachable(config.http.address), config.http.port
+    return reachable(config.http.address), config.http.port
 
 
 def probe_http(address: str, port: int, path: str, timeout: float) -> tuple[bool, str]:
@@ -112,7 +112,7 @@ def check(config: Config, *, ready: bool = False, smtp: bool = False,
         return False, "the first listener is implicit TLS: probe it through http: instead"
     if listener.port == 0:
         return False, "the first listener's port is 0 (any free port): nothing to probe"
-    return probe_smtp(_reachable(listener.address), listener.port, timeout)
+    return probe_smtp(reachable(listener.address), listener.port, timeout)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
