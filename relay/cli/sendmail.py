@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, Listener, load_config
+from relay.core.headerfields import named_addresses, parse_header
 from relay.ops.healthcheck import reachable
 from relay.receive.local import LocalRefusal, spool_locally
 from relay.spool.store import SpoolError
@@ -128,15 +129,10 @@ def read_message(stream: BinaryIO, dots_end: bool) -> bytes:
 def complete(data: bytes, sender: str, full_name: str | None) -> tuple[bytes, list[str]]:
     """The message with From and Date where it has none (as Postfix's cleanup adds them),
     and the addresses its To, Cc and Bcc name (for -t)."""
-    from email.parser import BytesHeaderParser
-    from email.policy import compat32
-
     if not _FIELD.match(data):
         data = b"\r\n" + data    # no header section at all (`echo hi | sendmail x@y`)
-    head = data.split(b"\r\n\r\n", 1)[0]
-    header = BytesHeaderParser(policy=compat32).parsebytes(head + b"\r\n\r\n")
-    named = [a for _, a in email.utils.getaddresses(
-        [str(v) for f in ("To", "Cc", "Bcc") for v in header.get_all(f, [])]) if a]
+    header = parse_header(data)
+    named = named_addresses(header, ("To", "Cc", "Bcc"))
     added = b""
     if header.get("From") is None:
         added += b"From: " + email.utils.formataddr((full_name or "", sender)).encode() + b"\r\n"

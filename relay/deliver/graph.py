@@ -28,8 +28,6 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import Any
 from urllib.parse import quote
 
@@ -37,6 +35,7 @@ import requests
 
 from relay.config import Graph
 from relay.core.graphsize import too_big_for_graph
+from relay.core.headerfields import named_addresses, parse_header
 from relay.core.log import redact
 from relay.core.message import DeliveryResult, Outbound
 from relay.core.reply import Reply
@@ -92,11 +91,7 @@ class GraphClient:
         parts = [chunk async for chunk in msg.content.chunks()]
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         del parts
-        head_end = _header_end(data)
-        header = BytesHeaderParser(policy=compat32).parsebytes(data[:head_end])
-        named = [addr for _, addr in email.utils.getaddresses(
-            [str(v) for field in ("To", "Cc") for v in header.get_all(field, [])])
-            if addr]
+        named = named_addresses(parse_header(data))
         envelope = {r.lower(): r for r in msg.rcpt_tos}
         outside = sorted({a for a in named if a.lower() not in envelope})
         if outside:
@@ -244,12 +239,3 @@ def _cause(exc: BaseException) -> str:
             break
         exc = inner
     return truncate(one_line(str(exc)) or type(exc).__name__, 200)
-
-
-def _header_end(data: bytes) -> int:
-    """Where the header section ends (after its blank line), or the whole message."""
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        at = data.find(sep)
-        if at != -1:
-            return at + len(sep)
-    return len(data)

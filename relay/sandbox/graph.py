@@ -23,14 +23,13 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 from relay.core.graphsize import GRAPH_REQUEST_LIMIT
+from relay.core.headerfields import named_addresses, parse_header
 from relay.sandbox.https import HTTPSServer, serve
 from relay.sandbox.pki import LocalPKI
 
@@ -207,9 +206,8 @@ class FakeGraph:
         except (binascii.Error, ValueError):
             return 400, _body("ErrorMimeContentInvalidBase64String",
                               "Invalid base64 string for MIME content."), None
-        header = BytesHeaderParser(policy=compat32).parsebytes(mime)
-        recipients = [a for _, a in email.utils.getaddresses(
-            [str(v) for f in ("To", "Cc", "Bcc") for v in header.get_all(f, [])]) if a]
+        header = parse_header(mime)
+        recipients = named_addresses(header, ("To", "Cc", "Bcc"))
         if not recipients:
             return 400, _body("ErrorInvalidRecipients",
                               "At least one recipient is not valid."), None
