@@ -23,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
-import functools
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +65,6 @@ class GraphClient:
 
     def __init__(self, base_url: str, settings: Graph) -> None:
         self.base_url = base_url.rstrip("/")
-        self.settings = settings
         self._http = EntraSession(str(settings.ca_file) if settings.ca_file else None,
                                   (_CONNECT_TIMEOUT, settings.timeout))
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=_WORKERS, max_retries=0)
@@ -114,16 +113,13 @@ class GraphClient:
         """POST sendMail as ``mailbox``; raises :class:`AuthenticationRejected` for a
         refused token (401), so that the caller fetches a new one and tries once more."""
         started = time.monotonic()
-        url = f"{self.base_url}/v1.0/users/{quote(mailbox, safe='@')}/sendMail"
-        access = token.access_token.reveal()
-        redact(access)
-        loop = asyncio.get_running_loop()
         try:
-            response = await loop.run_in_executor(self._executor, self._post, url, access,
-                                                  prepared.mime)
+            # Encoded on the worker thread: a few milliseconds per megabyte that the event
+            # loop does not spend.
+            response = await self._send_mail(mailbox, token,
+                                             lambda: base64.b64encode(prepared.mime))
         except requests.RequestException as exc:
-            result = DeliveryResult(Reply(451, f"4.4.1 Microsoft Graph {self.base_url} "
-                                               f"unreachable: {_cause(exc)}"))
+            result = DeliveryResult(self._unreachable(exc))
             self._log(mailbox, prepared, result.reply, started)
             return result
         reply, retry_after = graph_reply(response.status_code, _error(response),
@@ -139,26 +135,30 @@ class GraphClient:
         """A sendMail as ``mailbox`` that Graph must refuse (its body is not base64), for
         ``doctor``: Graph's status and what it means, and nothing is sent. 400 says the
         token was taken and the request got as far as reading the message."""
-        url = f"{self.base_url}/v1.0/users/{quote(mailbox, safe='@')}/sendMail"
-        access = token.access_token.reveal()
-        redact(access)
-        loop = asyncio.get_running_loop()
         try:
-            response = await loop.run_in_executor(self._executor, functools.partial(
-                self._http.post, url, data=b"(not base64: nothing to send)", headers={
-                    "Authorization": f"Bearer {access}", "Content-Type": "text/plain"}))
+            response = await self._send_mail(mailbox, token,
+                                             lambda: b"(not base64: nothing to send)")
         except requests.RequestException as exc:
-            return 0, Reply(451, f"4.4.1 Microsoft Graph {self.base_url} unreachable: "
-                                 f"{_cause(exc)}")
+            return 0, self._unreachable(exc)
         reply, _ = graph_reply(response.status_code, _error(response),
                                response.headers.get("Retry-After"), mailbox)
         return response.status_code, reply
 
-    def _post(self, url: str, access: str, mime: bytes) -> requests.Response:
-        # Encoded here, on the worker thread: a few milliseconds per megabyte that the
-        # event loop does not spend.
-        return self._http.post(url, data=base64.b64encode(mime), headers={
-            "Authorization": f"Bearer {access}", "Content-Type": "text/plain"})
+    async def _send_mail(self, mailbox: str, token: HasAccessToken,
+                         body: Callable[[], bytes]) -> requests.Response:
+        """POST ``body()`` (made on the worker thread) to the mailbox's sendMail."""
+        url = f"{self.base_url}/v1.0/users/{quote(mailbox, safe='@')}/sendMail"
+        access = token.access_token.reveal()
+        redact(access)
+
+        def post() -> requests.Response:
+            return self._http.post(url, data=body(), headers={
+                "Authorization": f"Bearer {access}", "Content-Type": "text/plain"})
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, post)
+
+    def _unreachable(self, exc: requests.RequestException) -> Reply:
+        return Reply(451, f"4.4.1 Microsoft Graph {self.base_url} unreachable: {_cause(exc)}")
 
     def _log(self, mailbox: str, prepared: Prepared, reply: Reply, started: float) -> None:
         level = logging.DEBUG if reply.ok else logging.WARNING

@@ -91,7 +91,7 @@ class PipeliningProtocol(SMTPProtocol):
         try:
             response = await super().read_response(timeout)
         except BaseException:
-            self._owed = 0      # the session is of no further use; see read_group
+            self._owed = 0      # the session is of no further use: the caller closes it
             raise
         self._owed -= 1
         return response
