@@ -148,6 +148,9 @@ async def test_an_upstream_with_limits_of_its_own_paces_its_mailboxes_by_them(
         assert governor.limits_for("relay@contoso.com") == Limits(
             max_sessions=1, messages_per_minute=2, recipients_per_day=500)
         assert governor.limits_for("someone-else@contoso.com") == Limits()
+        # The session pool keeps to the upstream's sessions too (the sends below come one
+        # at a time, so the fake's count alone could not tell).
+        assert relay.deliverer._by_profile["system"].max_sessions == 1
         for _ in range(3):
             response = await send(relay, "billing@contoso.com", ["customer@example.com"])
         # The third waits for the minute's window: two a minute through this upstream.
