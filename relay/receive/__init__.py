@@ -9,7 +9,8 @@
 - :mod:`relay.receive.guard`: failed-AUTH penalties and lockouts, the refusal log;
 - :mod:`relay.receive.clocks`: a connection's line and session deadlines;
 - :mod:`relay.receive.handler`: :class:`RelayHandler`, the MAIL/RCPT/DATA decisions;
-- :mod:`relay.receive.data`: DATA as it arrives (line model, limits, memory budget);
+- :mod:`relay.receive.data`: DATA as it arrives (line model, limits);
+- :mod:`relay.receive.budget`: the memory all DATA in progress may hold at once;
 - :mod:`relay.receive.incoming`: one message streaming to the spool;
 - :mod:`relay.receive.addresses`: checks of client and envelope addresses;
 - :mod:`relay.receive.replies`: the replies the relay gives, as values;

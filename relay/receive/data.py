@@ -2,10 +2,11 @@
 
 aiosmtpd would collect the whole message in memory (and copy it twice) before its
 handler sees a byte; at 35 MB per message and a hundred connections that is gigabytes.
-:class:`DataReader` reads the client's lines instead and hands them on in two parts: the
-header section, whole and bounded (the sender policy needs it), then the body in chunks,
-which the caller writes to the spool. Memory per message is the header section and one
-chunk, and :class:`MemoryBudget` caps the sum over all connections.
+:class:`DataReader` reads the stream itself instead (the header section a line at a time,
+the body in blocks) and hands the message on in two parts: the header section, whole and
+bounded (the sender policy needs it), then the body in chunks, which the caller writes to
+the spool. Memory per message is the header section and one
+chunk, and :class:`relay.receive.budget.MemoryBudget` caps the sum over all connections.
 
 The line model (see relay.core.message): every line break becomes CRLF, a bare LF (what
 legacy Unix programs send) and a bare CR alike, because that is how aiosmtplib and
@@ -26,8 +27,6 @@ standard allows it outside BINARYMIME, and parsers disagree on what follows one)
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,8 +36,12 @@ from relay.core.message import CHUNK, LINE_BREAK
 from relay.core.reply import Reply
 from relay.receive import replies
 
-__all__ = ["DataReader", "Limits", "MemoryBudget", "Received", "Sink"]
+__all__ = ["DataReader", "Limits", "Received", "Sink"]
 
+# The end of the data: a line of one dot, after a line that ended in CRLF.
+_END = b"\r\n.\r\n"
+# The most body bytes taken from the stream at once.
+_PIECE = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -83,113 +86,88 @@ class Received:
     tail: bytes = b""
 
 
-class MemoryBudget:
-    """Bytes of message data the relay holds in memory at once, over all connections.
-
-    Each DATA takes its share before the ``354`` and gives it back when it ends; when the
-    budget is spent, a new DATA waits (FIFO) for a share, and is refused with a 452 if
-    none comes in time. So memory stays bounded whatever the number of connections.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-
-    def update(self, limit: int) -> None:
-        self.limit = limit
-        self._wake()
-
-    @contextlib.asynccontextmanager
-    async def share(self, amount: int, *, wait: float) -> AsyncIterator[bool]:
-        """Hold ``amount`` bytes of the budget; yields False if none came within ``wait``."""
-        amount = min(amount, self.limit)
-        got = await self._take(amount, wait)
-        try:
-            yield got
-        finally:
-            if got:
-                self.used -= amount
-                self._wake()
-
-    async def _take(self, amount: int, wait: float) -> bool:
-        if not self._waiters and self.used + amount <= self.limit:
-            self.used += amount
-            return True
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (amount, waiter)
-        self._waiters.append(entry)
-        try:
-            async with asyncio.timeout(wait):
-                await waiter
-        except TimeoutError:
-            # Granted in the very moment the wait ran out: it is ours, keep it.
-            return self._leave(entry)
-        except BaseException:
-            if self._leave(entry):
-                self.used -= amount
-                self._wake()
-            raise
-        return True
-
-    def _leave(self, entry: tuple[int, asyncio.Future[None]]) -> bool:
-        """Stop waiting; True if the share had been granted already."""
-        if entry in self._waiters:
-            self._waiters.remove(entry)
-        waiter = entry[1]
-        granted = waiter.done() and not waiter.cancelled()
-        if not waiter.done():
-            waiter.cancel()
-        return granted
-
-    def _wake(self) -> None:
-        while self._waiters:
-            amount, waiter = self._waiters[0]
-            if waiter.done():
-                self._waiters.pop(0)
-                continue
-            if self.used + amount > self.limit:
-                return
-            self.used += amount
-            self._waiters.pop(0)
-            waiter.set_result(None)
-
-
 class DataReader:
     """Reads one message's DATA from an aiosmtpd session's stream (see the module
-    docstring); the stream's limit must be ``max_line_length`` + 1 or more."""
+    docstring); the stream's limit must be ``max_line_length`` + 1 or more.
 
-    def __init__(self, limits: Limits) -> None:
+    The header section is read a line at a time, as it must be parsed line by line. The
+    body is then read in blocks, up to the end-of-data sequence ``CRLF . CRLF`` that the
+    stream itself finds: a usual body (CRLF line breaks, lines within the limit) is
+    checked and unstuffed a block at a time, and anything else goes line by line through
+    the same rules, so both ways give the same bytes. The stream's own reads stop before
+    the end sequence or just after it, never inside it; the one place where that is not
+    so is where the line reads leave off (after a CRLF, the next line could be the end),
+    so the body's blocks begin only where a line's first byte shows it cannot be.
+    """
+
+    def __init__(self, limits: Limits, *, blocks: bool = True) -> None:
+        """``blocks=False`` reads the body a line at a time too: the reference that the
+        reading in blocks is tested against (tests/test_prop_data.py)."""
         self.limits = limits
+        self._blocks = blocks
         self._received = Received()
         self._head: list[bytes] | None = []     # None once the header section is over
         self._head_size = 0
         self._fields = 0
         self._hops = 0
+        self._section: bytes | None = None      # the header section, to hand on
         self._batch: list[bytes] = []
         self._batch_size = 0
+        # Body bytes held before they go to the sink: below CHUNK, whatever a step adds.
+        self._flush_at = CHUNK - _PIECE - limits.max_line_length - 4
 
     async def read(self, reader: asyncio.StreamReader, sink: Sink) -> Received:
         """Read up to and including the end-of-data line; never raises for content."""
+        result = self._received
+        try:
+            first = await self._by_line(reader, sink)
+            if first is not None:
+                await self._by_block(reader, sink, first)
+        except asyncio.IncompleteReadError as exc:
+            # The client closed the connection in the middle of DATA.
+            raise ConnectionResetError("connection closed during DATA") from exc
+        if result.refusal is None:
+            if self._head is not None:
+                self._end_of_headers()              # a message without a body
+            if self._section is not None:
+                await self._hand_on(sink)
+            tail = b"".join(self._batch)
+            self._check(tail)
+            result.tail = tail if result.refusal is None else b""
+        self._batch, self._head = [], None
+        return result
+
+    async def _by_line(self, reader: asyncio.StreamReader, sink: Sink) -> bytes | None:
+        """The header section (and the body's first lines, if they look like the end):
+        a line at a time. Returns None if the end of the data was read, otherwise the
+        bytes read of the body's next line (which is not the end line) for
+        :meth:`_by_block`."""
         result = self._received
         limits = self.limits
         after_crlf = True           # the previous line ended in CRLF (or DATA's own)
         in_line = False             # the last read ended inside an over-long line
         while True:
+            first = b""
+            if self._blocks and not in_line and (self._head is None
+                                                 or result.refusal is not None):
+                if not after_crlf:
+                    return first    # after a bare LF no end can follow at once
+                # After a CRLF the next line could be the end: its first byte tells.
+                # (The data has not ended, so the client sends at least one more.)
+                first = await reader.readexactly(1)
+                if first not in (b".", b"\r"):
+                    return first
             try:
-                line = await reader.readuntil(b"\n")
+                line = first + await reader.readuntil(b"\n")
             except asyncio.LimitOverrunError as exc:
                 # Longer than the stream's limit: drop it in pieces (nothing of an
                 # over-long line can end the data), and refuse the message at the end.
-                line = await reader.read(exc.consumed)
+                line = first + await reader.read(exc.consumed)
                 result.size += len(line)
                 self._refuse(replies.line_too_long(limits.max_line_length))
                 # A piece may stop between the line's CR and its LF.
                 in_line, after_crlf = True, line.endswith(b"\r")
                 continue
-            except asyncio.IncompleteReadError as exc:
-                # The client closed the connection in the middle of DATA.
-                raise ConnectionResetError("connection closed during DATA") from exc
             if in_line:
                 # The rest of an over-long line.
                 result.size += len(line)
@@ -197,42 +175,94 @@ class DataReader:
                 after_crlf = line.endswith(b"\r\n") or (line == b"\n" and after_crlf)
                 continue
             if after_crlf and line == b".\r\n":
-                break
+                return None
             after_crlf = line.endswith(b"\r\n")
-            result.size += len(line)
+            self._line(line)
+            await self._hand_on(sink)
+
+    async def _by_block(self, reader: asyncio.StreamReader, sink: Sink,
+                        partial: bytes) -> None:
+        """The rest of the body, a block at a time; ``partial``: the start of its first
+        line, read already."""
+        result = self._received
+        longest = self.limits.max_line_length + 2
+        while True:
+            try:
+                piece = await reader.readuntil(_END)
+                last = True
+            except asyncio.LimitOverrunError as exc:
+                # More than the stream's limit before the end (or no end yet): the part
+                # that cannot hold the end's first byte is taken, a piece at a time.
+                piece = await reader.read(min(exc.consumed, _PIECE))
+                last = False
+            if last:
+                piece = piece[:-3]          # the end line; its CRLF ends the last line
+            if partial:
+                piece, partial = partial + piece, b""
             if result.refusal is not None:
-                continue            # draining: the message is refused already
-            if result.size > limits.max_message_size:
-                self._refuse(replies.TOO_BIG)
-                continue
-            if len(line) > limits.max_line_length + 2:
-                self._refuse(replies.line_too_long(limits.max_line_length))
-                continue
-            if line[:1] == b"." and line not in (b".\r\n", b".\n"):
-                line = line[1:]     # transparency (RFC 5321 4.5.2)
-            if not line.endswith(b"\r\n") or line.count(b"\r") != 1:
-                line = LINE_BREAK.sub(b"\r\n", line)
-            if self._head is None:
-                # A body line, as nearly all are: kept here rather than in a coroutine
-                # call per line.
-                self._batch.append(line)
-                self._batch_size += len(line)
-                if self._batch_size >= CHUNK:
-                    await self._flush(sink)
+                result.size += len(piece)   # draining: the message is refused already
             else:
-                await self._take(self._head, line, sink)
-        if result.refusal is None:
-            if self._head is not None:
-                await self._end_of_headers(sink)    # a message without a body
-            tail = b"".join(self._batch)
-            self._check(tail)
-            result.tail = tail if result.refusal is None else b""
-        self._batch, self._head = [], None
-        return result
+                cut = piece.rfind(b"\n") + 1
+                if cut < len(piece):
+                    piece, partial = piece[:cut], piece[cut:]
+                if piece:
+                    self._lines(piece)
+                if len(partial) > longest:
+                    result.size += len(partial)
+                    partial = b""
+                    self._refuse(replies.line_too_long(self.limits.max_line_length))
+            if last:
+                return
+            await self._hand_on(sink)
 
-    # --- one canonical line ---------------------------------------------------------------
+    # --- the rules, for a block of whole lines or for one line ----------------------------
 
-    async def _take(self, head: list[bytes], line: bytes, sink: Sink) -> None:
+    def _lines(self, block: bytes) -> None:
+        """Whole body lines: a usual block at once, any other a line at a time."""
+        result, limits = self._received, self.limits
+        size = result.size + len(block)
+        # The usual block: every line break a CRLF, no line over the limit, no dot to
+        # remove from its first line (one on the others is a plain replace: a lone dot
+        # line after a CRLF would have been the end).
+        if (size <= limits.max_message_size and block[:1] != b"."
+                and block.count(b"\n") == block.count(b"\r") == block.count(b"\r\n")
+                and (len(block) <= limits.max_line_length + 2
+                     or max(map(len, block.split(b"\r\n"))) <= limits.max_line_length)):
+            result.size = size
+            if b"\r\n." in block:
+                block = block.replace(b"\r\n.", b"\r\n")
+            self._batch.append(block)
+            self._batch_size += len(block)
+            return
+        start = 0
+        while start < len(block):
+            end = block.index(b"\n", start) + 1
+            self._line(block[start:end])
+            start = end
+
+    def _line(self, line: bytes) -> None:
+        """One line (it ends in LF) of the header section or of the body."""
+        result, limits = self._received, self.limits
+        result.size += len(line)
+        if result.refusal is not None:
+            return                  # draining: the message is refused already
+        if len(line) > limits.max_line_length + 2:
+            self._refuse(replies.line_too_long(limits.max_line_length))
+            return
+        if result.size > limits.max_message_size:
+            self._refuse(replies.TOO_BIG)
+            return
+        if line[:1] == b"." and line not in (b".\r\n", b".\n"):
+            line = line[1:]         # transparency (RFC 5321 4.5.2)
+        if not line.endswith(b"\r\n") or line.count(b"\r") != 1:
+            line = LINE_BREAK.sub(b"\r\n", line)
+        if self._head is None:
+            self._batch.append(line)
+            self._batch_size += len(line)
+        else:
+            self._take(self._head, line)
+
+    def _take(self, head: list[bytes], line: bytes) -> None:
         """A line of the header section ``head`` (a bare CR may have made it several
         lines), or the empty line that ends it."""
         start = 0
@@ -240,7 +270,7 @@ class DataReader:
             end = line.index(b"\r\n", start) + 2
             kind = line_kind(line, start, in_field=self._fields > 0)
             if kind is LineKind.END:
-                await self._end_of_headers(sink)
+                self._end_of_headers()
                 rest = line[start:]
                 if self._received.refusal is None:
                     self._batch.append(rest)
@@ -268,20 +298,28 @@ class DataReader:
             self._refuse(Reply(554, f"5.4.6 Too many hops ({self._hops} Received header "
                                     "fields): a mail loop?"))
 
-    async def _end_of_headers(self, sink: Sink) -> None:
+    def _end_of_headers(self) -> None:
         assert self._head is not None
         section = b"".join(self._head)
         self._head = None
         self._check(section)
         if self._received.refusal is None:
-            await sink.headers(section)
+            self._section = section
 
-    async def _flush(self, sink: Sink) -> None:
-        data = b"".join(self._batch)
-        self._batch, self._batch_size = [], 0
-        self._check(data)
-        if self._received.refusal is None:
-            await sink.body(data)
+    # --- handing on ----------------------------------------------------------------------
+
+    async def _hand_on(self, sink: Sink) -> None:
+        """The header section once it is whole, then the body in chunks."""
+        if self._section is not None:
+            section, self._section = self._section, None
+            if self._received.refusal is None:
+                await sink.headers(section)
+        if self._batch_size >= self._flush_at:
+            data = b"".join(self._batch)
+            self._batch, self._batch_size = [], 0
+            self._check(data)
+            if self._received.refusal is None:
+                await sink.body(data)
 
     def _check(self, data: bytes) -> None:
         if b"\0" in data:
@@ -294,5 +332,6 @@ class DataReader:
         if self._received.refusal is None:
             self._received.refusal = reply
         self._batch, self._batch_size = [], 0
+        self._section = None
         if self._head is not None:
             self._head = []

@@ -35,7 +35,7 @@ from relay.core.log import message_context
 from relay.core.message import Outbound
 from relay.core.reply import Reply
 from relay.receive import replies
-from relay.receive.data import MemoryBudget
+from relay.receive.budget import MemoryBudget
 from relay.receive.guard import AuthGuard, Clock, RefusalLog
 from relay.receive.handler import OpenWriter, RelayHandler, Submit
 from relay.receive.listeners import (

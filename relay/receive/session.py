@@ -38,8 +38,9 @@ from relay.core.reply import Reply
 from relay.receive import replies
 from relay.receive.addresses import NULL_SENDER, client_address, is_loopback
 from relay.receive.auth import AuthSMTP
+from relay.receive.budget import MemoryBudget
 from relay.receive.clocks import Clocks
-from relay.receive.data import DataReader, Limits, MemoryBudget
+from relay.receive.data import DataReader, Limits
 from relay.receive.guard import AuthGuard
 from relay.receive.idletimer import LazyIdleTimer
 from relay.receive.passwords import PasswordVerifier
