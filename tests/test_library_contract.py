@@ -219,6 +219,28 @@ def test_commands_and_hooks_are_found_once_per_class_with_the_same_result() -> N
         assert fast[1], handler
 
 
+def test_a_command_table_binds_what_aiosmtpd_would_have_bound() -> None:
+    """RelaySMTP's commands are bound on lookup (setuponce.CommandTable); aiosmtpd must
+    only read its table (get, items), and find there what its own table would hold."""
+    from relay.receive.session import RelaySMTP
+
+    source = inspect.getsource(aiosmtpd.smtp)
+    uses = re.findall(r"self\._smtp_methods(\S*)", source)
+    assert sorted(set(uses)) == [".get(arg.upper())", ".get(command)", ".items():", ":"]
+
+    async def tables() -> tuple[dict[str, object], dict[str, object]]:
+        smtp = RelaySMTP.__new__(RelaySMTP)
+        smtp.smtp_OWN = lambda arg: None        # type: ignore[attr-defined]
+        SMTP.__init__(smtp, object(), loop=asyncio.get_running_loop())
+        own = {m[5:]: getattr(smtp, m) for m in dir(smtp) if m.startswith("smtp_")}
+        table = smtp._smtp_methods
+        assert table.get("NOSUCH") is None and "NOSUCH" not in table
+        return dict(table.items()), own
+
+    table, own = asyncio.run(tables())
+    assert table == own and {"EHLO", "DATA", "AUTH", "OWN"} <= set(table)
+
+
 def test_auth_mechanisms_are_found_once_per_class_with_the_same_result() -> None:
     """relay.receive.setuponce replaces the ``inspect`` aiosmtpd.smtp calls getmembers
     through; aiosmtpd must use it nowhere else, and find the same mechanisms."""

@@ -44,6 +44,7 @@ from relay.receive.data import DataReader, Limits
 from relay.receive.guard import AuthGuard
 from relay.receive.idletimer import LazyIdleTimer
 from relay.receive.passwords import PasswordVerifier
+from relay.receive.setuponce import CommandTable
 from relay.receive.setuponce import install as _setup_once
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,9 @@ class RelayEnvelope(Envelope):
         self.profile: str | None = None
 
 
-class RelaySMTP(LazyIdleTimer, AuthSMTP):
+# aiosmtpd types its command table as a dict; CommandTable's is a read-only mapping,
+# which is all aiosmtpd does with it (tests/test_library_contract.py).
+class RelaySMTP(LazyIdleTimer, CommandTable, AuthSMTP):  # type: ignore[misc]
     """The SMTP protocol for one connection; see the module docstring."""
 
     session: RelaySession | None

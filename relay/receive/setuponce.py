@@ -5,6 +5,9 @@ class instead, and its log kept free of what a client types by mistake.
   ``handle_*`` methods from a table kept per class, instead of with
   :func:`inspect.getmembers` and :func:`dir` on every new connection; and leave the
   command out of its log line for an unknown command (:class:`_UnknownCommandFilter`).
+- :class:`CommandTable`: for a protocol class that takes it, aiosmtpd's table of
+  commands bound to the connection (``_smtp_methods``) is not built per connection at
+  all: a command is bound when it is looked up.
 
 aiosmtpd's ``SMTP.__init__`` finds the AUTH mechanisms by calling ``inspect.getmembers``
 on the new protocol object and on the handler, and the commands and hooks by calling
@@ -16,6 +19,11 @@ with those prefixes) are looked up on the object: the mechanisms offered, the co
 and the hooks are the same. The ``inspect`` and ``dir`` aiosmtpd.smtp sees are the only
 things replaced; tests/test_library_contract.py checks that aiosmtpd uses them only
 there and that what it finds comes out the same.
+
+The command table aiosmtpd builds holds a method bound to the connection for each of its
+twenty-odd commands: objects made for every connection, which also tie the connection
+into a reference cycle the garbage collector must walk. A connection uses five or six
+of them; :class:`CommandTable` binds those when they are looked up.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import builtins
 import inspect
 import logging
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import aiosmtpd.smtp
@@ -50,10 +59,62 @@ def _names(obj: object) -> list[str]:
 
 def _dir(obj: object) -> list[str]:
     """``dir`` as aiosmtpd.smtp sees it; objects that make their own listing (modules,
-    classes, a ``__dir__`` of their own) get the real one."""
+    classes, a ``__dir__`` of their own) get the real one. aiosmtpd looks only for the
+    commands of a protocol object, which a :class:`CommandTable` finds itself."""
+    if isinstance(obj, CommandTable):
+        return []
     if type(obj).__dir__ is not object.__dir__:
         return builtins.dir(obj)
     return _names(obj)
+
+
+class _Commands(Mapping[str, Any]):
+    """aiosmtpd's ``_smtp_methods`` of one connection: command name -> bound method."""
+
+    __slots__ = ("_class_names", "_obj")
+
+    def __init__(self, obj: object) -> None:
+        self._obj = obj
+        self._class_names = _commands(type(obj))
+
+    def __getitem__(self, command: str) -> Any:
+        name = "smtp_" + command
+        if command in self._class_names or name in getattr(self._obj, "__dict__", ()):
+            return getattr(self._obj, name)
+        raise KeyError(command)
+
+    def __iter__(self) -> Iterator[str]:
+        own = getattr(self._obj, "__dict__", {})
+        yield from self._class_names
+        yield from (n[5:] for n in own if n.startswith("smtp_") and
+                    n[5:] not in self._class_names)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+_COMMANDS: dict[type, frozenset[str]] = {}
+
+
+def _commands(cls: type) -> frozenset[str]:
+    names = _COMMANDS.get(cls)
+    if names is None:
+        names = _COMMANDS[cls] = frozenset(
+            n[5:] for n in _class_names(cls) if n.startswith("smtp_"))
+    return names
+
+
+class CommandTable:
+    """A protocol class's commands, bound to the connection when aiosmtpd looks one up
+    (see the module docstring); a base of the protocol class, before aiosmtpd's SMTP."""
+
+    @property
+    def _smtp_methods(self) -> Mapping[str, Any]:
+        return _Commands(self)
+
+    @_smtp_methods.setter
+    def _smtp_methods(self, table: dict[str, Any]) -> None:
+        """What SMTP.__init__ built (nothing: see :func:`_dir`) is not kept."""
 
 
 class _Inspect:
