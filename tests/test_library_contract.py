@@ -109,12 +109,20 @@ def test_aiosmtplib_has_what_the_pipelining_protocol_uses() -> None:
     loop = asyncio.new_event_loop()
     try:
         made = protocol(loop=loop)
-        for name in ("_buffer", "_response_waiter", "_response_pending"):
+        for name in ("_buffer", "_response_waiter", "_response_pending", "_loop",
+                     "transport"):
             assert hasattr(made, name), f"aiosmtplib's protocol has no {name}"
     finally:
         loop.close()
     assert list(inspect.signature(protocol.__init__).parameters) == [
         "self", "loop", "connection_lost_callback"]
+    # PipeliningProtocol._reply is read_response waiting its own way; what else it does
+    # must still be what aiosmtplib's does.
+    reading = inspect.getsource(protocol.read_response)
+    for step in ("self._response_pending = True", "self._response_pending = False",
+                 "wait_for(self._response_waiter, timeout)", "SMTPReadTimeoutError(",
+                 "self._response_waiter = None", "self._loop.create_future()"):
+        assert step in reading, f"aiosmtplib's read_response no longer has {step!r}"
     smtp = aiosmtplib.SMTP
     assert list(inspect.signature(smtp._create_connection).parameters) == ["self", "timeout"]
     for name in ("_on_connection_lost", "_get_tls_context", "_get_default_port"):

@@ -28,6 +28,7 @@ from aiosmtplib import (
     SMTPConnectError,
     SMTPConnectResponseError,
     SMTPConnectTimeoutError,
+    SMTPReadTimeoutError,
     SMTPResponse,
     SMTPServerDisconnected,
     SMTPTimeoutError,
@@ -74,7 +75,7 @@ class PipeliningProtocol(SMTPProtocol):
     async def read_response(  # aiosmtplib's signature
             self, timeout: float | None = None) -> SMTPResponse:  # noqa: ASYNC109
         if not self._owed:
-            return await super().read_response(timeout)
+            return await self._reply(timeout)
         waiter = self._response_waiter
         if self._overflow and waiter is not None and not waiter.done():
             self._owed = 0
@@ -89,12 +90,34 @@ class PipeliningProtocol(SMTPProtocol):
                 if response is not None:
                     waiter.set_result(response)
         try:
-            response = await super().read_response(timeout)
+            response = await self._reply(timeout)
         except BaseException:
             self._owed = 0      # the session is of no further use: the caller closes it
             raise
         self._owed -= 1
         return response
+
+    async def _reply(self, timeout: float | None) -> SMTPResponse:  # noqa: ASYNC109
+        """aiosmtplib's own read_response, but for how it waits: its ``wait_for`` costs
+        a future, a timer and a turn of the event loop even for a reply that is there
+        already, as the second and third of a group are; ``asyncio.timeout`` costs a
+        timer only when there is something to wait for."""
+        waiter = self._response_waiter
+        if waiter is None:
+            raise SMTPServerDisconnected("Connection lost")
+        self._response_pending = True
+        try:
+            if waiter.done():
+                return waiter.result()
+            async with asyncio.timeout(timeout):
+                return await waiter
+        except TimeoutError as exc:
+            raise SMTPReadTimeoutError("Timed out waiting for server response") from exc
+        finally:
+            self._response_pending = False
+            # After a disconnection, no new waiter (as aiosmtplib does).
+            self._response_waiter = None if self.transport is None \
+                else self._loop.create_future()
 
 
 class UpstreamSMTP(aiosmtplib.SMTP):
