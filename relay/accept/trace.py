@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -29,7 +30,10 @@ _MAX_HELO = 100
 _MAX_PATH = 256
 
 
+@functools.lru_cache(maxsize=1024)
 def _ip_literal(client_ip: str) -> str:
+    """The address literal of the ``from`` clause; kept, as most mail comes from a few
+    clients and formatting an address costs more than the lookup."""
     ip = parse_ip(client_ip)
     if ip is None:
         return "unknown"

@@ -14,6 +14,7 @@ header, the spool or the upstream's MAIL FROM.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from typing import Any
@@ -36,9 +37,15 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 def client_address(peer: Any) -> str:
     """The client's IP as text, with IPv4-mapped IPv6 (``::ffff:a.b.c.d``) unwrapped."""
     host = peer[0] if isinstance(peer, tuple) and peer else peer
-    ip = parse_ip(str(host))
+    return _address_text(str(host))
+
+
+@functools.lru_cache(maxsize=1024)
+def _address_text(host: str) -> str:
+    """Kept: a connection's first step, and the same few clients make most of them."""
+    ip = parse_ip(host)
     if ip is None:
-        return str(host) or "unknown"
+        return host or "unknown"
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ip)

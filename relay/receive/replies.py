@@ -14,6 +14,7 @@ and operators can find every reply the relay gives in one place.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from relay.core.reply import Reply
@@ -118,8 +119,10 @@ def _fit_line(line: str) -> str:
     return line
 
 
+@functools.lru_cache(maxsize=512)
 def fit_reply(status: str) -> str:
-    """A reply string (one line, or several joined by CRLF) as it may be sent."""
+    """A reply string (one line, or several joined by CRLF) as it may be sent. Kept for
+    the strings seen last: nearly every reply is one of a few, pushed for every message."""
     status = ENHANCED_REPLIES.get(status, status)
     return "\r\n".join(_fit_line(line) for line in status.split("\r\n"))
 
