@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import re
 import types
 from typing import Any
@@ -22,6 +23,7 @@ import aiosmtpd.smtp
 import aiosmtplib
 import aiosmtplib.email
 import aiosmtplib.protocol
+import pytest
 from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -280,3 +282,30 @@ def test_auth_mechanisms_are_found_once_per_class_with_the_same_result() -> None
         finally:
             setuponce.install()
         assert fast == slow and {"PLAIN", "LOGIN", "CUSTOM"} <= set(fast), smtp_class
+
+
+def test_command_lines_are_masked_when_logged_and_not_looked_at_otherwise(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """setuponce asks the logger before aiosmtpd's sanitized_log masks a line: aiosmtpd
+    must call it with a logger's own method, and a line that is logged is still masked."""
+    from relay.receive import setuponce
+
+    source = inspect.getsource(aiosmtpd.smtp)
+    calls = re.findall(r"sanitized_log\((\w+)\.(\w+),", source)
+    assert calls and all(obj == "log" and level in setuponce._LEVELS for obj, level in calls)
+    setuponce.install()
+    assert aiosmtpd.smtp.sanitized_log is setuponce._sanitized_log
+    masked: list[bytes] = []
+    mask = aiosmtpd.smtp.sanitize
+    monkeypatch.setattr(aiosmtpd.smtp, "sanitize",
+                        lambda text: masked.append(text) or mask(text))
+    logger = logging.getLogger("mail.log")
+    line = b"AUTH PLAIN c2VjcmV0LXBhc3N3b3Jk"
+    with caplog.at_level(logging.WARNING, logger="mail.log"):
+        aiosmtpd.smtp.sanitized_log(logger.info, "%r >> %r", "peer", line)
+    assert masked == [] and not caplog.records
+    with caplog.at_level(logging.INFO, logger="mail.log"):
+        aiosmtpd.smtp.sanitized_log(logger.info, "%r >> %r", "peer", line)
+    assert masked == [line]
+    assert "c2VjcmV0" not in caplog.text and "AUTH PLAIN" in caplog.text
+

@@ -5,6 +5,10 @@ class instead, and its log kept free of what a client types by mistake.
   ``handle_*`` methods from a table kept per class, instead of with
   :func:`inspect.getmembers` and :func:`dir` on every new connection; and leave the
   command out of its log line for an unknown command (:class:`_UnknownCommandFilter`).
+- :func:`_sanitized_log`: aiosmtpd masks AUTH data in every command line it logs (two
+  lines per command, at DEBUG and INFO) before the logger is asked whether it wants the
+  line; the relay's never does (relay.core.log keeps ``mail.log`` at WARNING), so the
+  masking is skipped where the line would be dropped.
 - :class:`CommandTable`: for a protocol class that takes it, aiosmtpd's table of
   commands bound to the connection (``_smtp_methods``) is not built per connection at
   all: a command is bound when it is looked up.
@@ -31,7 +35,7 @@ from __future__ import annotations
 import builtins
 import inspect
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import aiosmtpd.smtp
@@ -141,11 +145,27 @@ class _UnknownCommandFilter(logging.Filter):
         return True
 
 
+_MASKING = aiosmtpd.smtp.sanitized_log
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR, "critical": logging.CRITICAL}
+
+
+def _sanitized_log(func: Callable[..., None], msg: Any, *args: Any, **kwargs: Any) -> None:
+    """aiosmtpd's sanitized_log, asked first whether the line is wanted at all."""
+    logger = getattr(func, "__self__", None)
+    level = _LEVELS.get(getattr(func, "__name__", ""))
+    if isinstance(logger, logging.Logger) and level is not None \
+            and not logger.isEnabledFor(level):
+        return
+    _MASKING(func, msg, *args, **kwargs)
+
+
 def install() -> None:
     """Idempotent; called when the receiving side is imported."""
     if not isinstance(aiosmtpd.smtp.inspect, _Inspect):
         aiosmtpd.smtp.inspect = _Inspect()  # type: ignore[assignment]
     aiosmtpd.smtp.dir = _dir  # type: ignore[attr-defined]
+    aiosmtpd.smtp.sanitized_log = _sanitized_log
     mail_log = logging.getLogger("mail.log")
     if not any(isinstance(f, _UnknownCommandFilter) for f in mail_log.filters):
         mail_log.addFilter(_UnknownCommandFilter())
