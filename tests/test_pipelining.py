@@ -143,6 +143,29 @@ async def test_a_flood_ahead_of_its_turn_is_an_error_not_memory() -> None:
         await protocol.read_response(5)
 
 
+async def test_a_reply_that_does_not_come_times_out_and_one_that_did_is_not_waited_for(
+        ) -> None:
+    """Each read has its own deadline, as aiosmtplib's has; a reply that is there already
+    is taken without one, and a late timer does not touch the next waiter."""
+    protocol, _ = _connected()
+    protocol.send_group(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\n")
+    protocol.data_received(b"250 sender ok\r\n")
+    assert tuple(await protocol.read_response(0.05)) == (250, "sender ok")
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(aiosmtplib.SMTPReadTimeoutError):
+        await protocol.read_response(0.05)
+    assert 0.04 < asyncio.get_running_loop().time() - started < 2
+    protocol._response_pending = True
+    protocol.write(b"NOOP\r\n")
+    reader = asyncio.ensure_future(protocol.read_response(0.05))
+    await asyncio.sleep(0)
+    protocol.data_received(b"250 noop\r\n")
+    assert tuple(await reader) == (250, "noop")
+    await asyncio.sleep(0.1)            # the timer of that read, had it been left running
+    waiter = protocol._response_waiter
+    assert waiter is not None and not waiter.done()
+
+
 async def test_a_group_waits_for_the_last_one_to_be_read() -> None:
     protocol, _ = _connected()
     protocol.send_group(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\n")

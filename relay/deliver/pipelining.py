@@ -100,24 +100,30 @@ class PipeliningProtocol(SMTPProtocol):
     async def _reply(self, timeout: float | None) -> SMTPResponse:  # noqa: ASYNC109
         """aiosmtplib's own read_response, but for how it waits: its ``wait_for`` costs
         a future, a timer and a turn of the event loop even for a reply that is there
-        already, as the second and third of a group are; ``asyncio.timeout`` costs a
-        timer only when there is something to wait for."""
+        already, as the second and third of a group are. Here a reply that is there is
+        taken, and one that is not is awaited with a bare timer that fails the waiter."""
         waiter = self._response_waiter
         if waiter is None:
             raise SMTPServerDisconnected("Connection lost")
         self._response_pending = True
         try:
-            if waiter.done():
-                return waiter.result()
-            async with asyncio.timeout(timeout):
+            if waiter.done() or timeout is None:
                 return await waiter
-        except TimeoutError as exc:
-            raise SMTPReadTimeoutError("Timed out waiting for server response") from exc
+            timer = self._loop.call_later(timeout, _time_out, waiter)
+            try:
+                return await waiter
+            finally:
+                timer.cancel()
         finally:
             self._response_pending = False
             # After a disconnection, no new waiter (as aiosmtplib does).
             self._response_waiter = None if self.transport is None \
                 else self._loop.create_future()
+
+
+def _time_out(waiter: asyncio.Future[SMTPResponse]) -> None:
+    if not waiter.done():
+        waiter.set_exception(SMTPReadTimeoutError("Timed out waiting for server response"))
 
 
 class UpstreamSMTP(aiosmtplib.SMTP):
