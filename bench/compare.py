@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from bench.memory import fetch_token, measure, start_bare, status  # noqa: E402
 from tests.relayproc import MAILBOX, Harness, RelayProcess  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
+FLOOR = "floor (bare aiosmtpd -> aiosmtplib)"
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -69,6 +71,7 @@ class Row:
     latencies: list[float]  # per message, as the client saw it (connect to QUIT)
     cpu: float | None       # the relay process's CPU seconds for the run, if measured
     system: float | None    # ... of which in the kernel (system calls: fsync, sockets, TLS)
+    floor: Row | None = None  # the floor's turn just before this one (Bench.pairs)
 
     @property
     def rate(self) -> float:
@@ -91,24 +94,29 @@ class Summary:
     p99: float
     cpu_ms: float | None      # per message
     kernel_ms: float | None
-    # CPU per message against the floor's: the median of each round's ratio. The floor
-    # runs just before the relay in every round, so a machine that is slower for a while
-    # (a busy neighbour of a virtual machine) moves both sides of a round's ratio alike,
-    # and the median of ratios is steadier than the ratio of medians.
+    # CPU per message against the floor's: the median of the ratios of turns taken one
+    # after the other (Bench.pairs), so
+    # that a machine that is slower for a while (a busy neighbour of a virtual machine)
+    # moves both sides of a ratio alike; the median of ratios is steadier than the ratio
+    # of medians.
     vs_floor: float | None = None
+    spread: tuple[float, float, int] | None = None    # the ratios' quartiles, and how many
 
     @classmethod
-    def of(cls, rows: list[Row], floor: list[Row] | None = None) -> Summary:
+    def of(cls, rows: list[Row]) -> Summary:
         med = statistics.median
         cpu = [r.cpu * 1000 / r.messages for r in rows if r.cpu is not None]
         kernel = [r.system * 1000 / r.messages for r in rows if r.system is not None]
         ratios = [(r.cpu / r.messages) / (f.cpu / f.messages)
-                  for r, f in zip(rows, floor or [], strict=False)
-                  if r.cpu is not None and f.cpu]
+                  for r in rows if (f := r.floor) is not None and r.cpu is not None and f.cpu]
+        spread = None
+        if len(ratios) >= 4:
+            q1, _, q3 = statistics.quantiles(ratios, n=4)
+            spread = (q1, q3, len(ratios))
         return cls(rows[0].path, len(rows), med(r.rate for r in rows),
                    med(r.p(0.5) for r in rows), med(r.p(0.99) for r in rows),
                    med(cpu) if cpu else None, med(kernel) if kernel else None,
-                   med(ratios) if ratios else None)
+                   med(ratios) if ratios else None, spread)
 
 
 def message(size: int, i: int) -> bytes:
@@ -152,6 +160,11 @@ class Plain:
         await smtp.quit()
 
 
+# One side of a comparison: the path's name, the client that sends along it, and the
+# process whose CPU time counts.
+Side = tuple[str, Direct | Plain, int]
+
+
 async def load(client: Direct | Plain, first: int, messages: int, concurrency: int,
                size: int) -> list[float]:
     latencies: list[float] = []
@@ -174,20 +187,41 @@ class Bench:
         self.sent = 0
 
     def run(self, path: str, client: Direct | Plain, pid: int | None) -> Row:
+        self._warm_up(client)
+        return self._measure(path, client, pid, self.ns.messages)
+
+    def pairs(self, floor: Side, relay: Side) -> tuple[list[Row], list[Row]]:
+        """The floor and the relay, both running, in turns of ``--batch`` messages: a
+        stretch in which the machine is slower (a virtual machine's busy neighbour, which
+        moves the CPU time per message by up to 40 % here) then falls on both sides of a
+        pair alike, and the median of many pairs' ratios is steady where the ratio of
+        two long runs, minutes apart, is not."""
         ns = self.ns
-        # Warm-up: sessions opened, token fetched, code paths taken once.
-        self._send(client, max(ns.concurrency, ns.messages // 20))
+        for _, client, _ in (floor, relay):
+            self._warm_up(client)
+        rows: tuple[list[Row], list[Row]] = ([], [])
+        for _ in range(max(1, ns.messages // ns.batch)):
+            for (path, client, pid), out in zip((floor, relay), rows, strict=True):
+                out.append(self._measure(path, client, pid, min(ns.batch, ns.messages)))
+            rows[1][-1].floor = rows[0][-1]
+        return rows
+
+    def _warm_up(self, client: Direct | Plain) -> None:
+        """Sessions opened, token fetched, code paths taken once."""
+        self._send(client, max(self.ns.concurrency, self.ns.messages // 20))
+
+    def _measure(self, path: str, client: Direct | Plain, pid: int | None, n: int) -> Row:
         cpu0 = cpu_seconds(pid) if pid else None
         delivered0 = len(self.h.exchange.messages)
         started = time.perf_counter()
-        latencies = self._send(client, ns.messages)
-        self._wait_delivered(delivered0 + ns.messages)
+        latencies = self._send(client, n)
+        self._wait_delivered(delivered0 + n)
         seconds = time.perf_counter() - started
         if pid and cpu0 is not None:
             cpu1 = cpu_seconds(pid)
             user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
-            return Row(path, ns.messages, seconds, latencies, user + system, system)
-        return Row(path, ns.messages, seconds, latencies, None, None)
+            return Row(path, n, seconds, latencies, user + system, system)
+        return Row(path, n, seconds, latencies, None, None)
 
     def _send(self, client: Direct | Plain, n: int) -> list[float]:
         first, self.sent = self.sent, self.sent + n
@@ -277,8 +311,7 @@ def main(ns: argparse.Namespace) -> None:
     drained = drain.run(argparse.Namespace(
         mailboxes=ns.drain_mailboxes, per_minute=ns.drain_per_minute,
         backlog=ns.drain_backlog)) if "drain" in ns.only else None
-    floor = next((rows for path, rows in runs.items() if path.startswith("floor")), None)
-    report(ns, [Summary.of(rows, floor) for rows in runs.values()], memory, tokens, drained)
+    report(ns, [Summary.of(rows) for rows in runs.values()], memory, tokens, drained)
 
 
 def one_round(ns: argparse.Namespace, h: Harness, bench: Bench, token: str, directory: Path,
@@ -291,13 +324,32 @@ def one_round(ns: argparse.Namespace, h: Harness, bench: Bench, token: str, dire
     if "direct" in ns.only:
         add(bench.run("direct (TLS + XOAUTH2 per message)",
                       Direct(h.exchange.port, h.fakes.pki.ca_file, token), None))
+    floor: Side | None = None
     if "floor" in ns.only:
-        floor, port = start_bare(h, directory)
-        try:
-            add(bench.run("floor (bare aiosmtpd -> aiosmtplib)", Plain(port), floor.pid))
-        finally:
-            floor.terminate()
-            floor.wait(10)
+        process, port = start_bare(h, directory)
+        floor = (FLOOR, Plain(port), process.pid)
+    try:
+        relay_round(ns, h, bench, add, floor, memory, tokens, first=first)
+    finally:
+        if floor is not None:
+            process.terminate()
+            process.wait(10)
+
+
+def relay_round(ns: argparse.Namespace, h: Harness, bench: Bench, add: Callable[[Row], None],
+                floor: Side | None, memory: dict[str, float], tokens: dict[str, int], *,
+                first: bool) -> None:
+    """The relay's turn in a round (the floor's too: beside each relay, in pairs)."""
+    def beside(relay: Side) -> None:
+        if floor is None:
+            add(bench.run(*relay))
+            return
+        for rows in bench.pairs(floor, relay):
+            for row in rows:
+                add(row)
+
+    if floor is not None and not {"queued", "sync"} & ns.only:
+        add(bench.run(*floor))
     if "queued" in ns.only or (first and {"memory", "big"} & ns.only):
         h.config["delivery"].pop("synchronous", None)
         h.write_config()
@@ -312,7 +364,7 @@ def one_round(ns: argparse.Namespace, h: Harness, bench: Bench, token: str, dire
             memory[f"peak while relaying one {ns.big_mb} MB message"] = big["peak"]
         if "queued" in ns.only:
             with profiled(ns.profile if first else None, relay.pid):
-                add(bench.run("relay, queued", Plain(relay.port), relay.pid))
+                beside(("relay, queued", Plain(relay.port), relay.pid))
             if first:
                 memory["after the queued run"] = status(relay.pid, "VmRSS")
         if first and "memory" in ns.only:
@@ -328,7 +380,7 @@ def one_round(ns: argparse.Namespace, h: Harness, bench: Bench, token: str, dire
         h.write_config()
         requests0 = h.fakes.entra.token_requests
         relay = h.start()
-        add(bench.run("relay, synchronous", Plain(relay.port), relay.pid))
+        beside(("relay, synchronous", Plain(relay.port), relay.pid))
         tokens["sync"] = tokens.get("sync", 0) + h.fakes.entra.token_requests - requests0
         relay.terminate()
         relay.wait()
@@ -385,7 +437,8 @@ def report(ns: argparse.Namespace, rows: list[Summary], memory: dict[str, float]
            tokens: dict[str, int], drained: dict[str, Any] | None) -> None:
     print(f"# {ns.messages} messages of ~{ns.size} bytes, {ns.concurrency} concurrent clients, "
           f"one connection per message; medians of {ns.rounds} rounds, the paths in turn "
-          f"(x floor: the median of each round's ratio); "
+          f"(x floor: the median ratio of the floor's and the relay's turns of "
+          f"{min(ns.batch, ns.messages)} messages, both running); "
           f"Python {platform.python_version()}, {os.cpu_count()} CPUs")
     direct = next((r for r in rows if r.path.startswith("direct")), None)
     print(f"{'path':38} {'msg/s':>7} {'x direct':>8} {'p50 ms':>7} {'p99 ms':>7} "
@@ -397,6 +450,10 @@ def report(ns: argparse.Namespace, rows: list[Summary], memory: dict[str, float]
         kernel = f"{r.kernel_ms:.2f}" if r.kernel_ms is not None else "-"
         print(f"{r.path:38} {r.rate:7.0f} {vs_direct:>8} {r.p50:7.1f} {r.p99:7.1f} "
               f"{cpu:>10} {kernel:>9} {vs_floor:>7}")
+    for r in rows:
+        if r.spread is not None:
+            q1, q3, n = r.spread
+            print(f"x floor, {r.path}: quartiles {q1:.2f}-{q3:.2f} of {n} pairs of turns")
     sync = next((r for r in rows if r.path.endswith("synchronous")), None)
     if sync and direct:
         print(f"synchronous p50 over direct: {sync.p50 - direct.p50:+.1f} ms")
@@ -421,6 +478,9 @@ if __name__ == "__main__":
     parser.add_argument("--size", type=int, default=5000, help="approximate message bytes")
     parser.add_argument("--rounds", type=int, default=3,
                         help="each path this many times, in turn; medians are printed")
+    parser.add_argument("--batch", type=int, default=300,
+                        help="messages per turn when the floor and the queued relay take "
+                             "turns (x floor: the median of the turns' ratios)")
     parser.add_argument("--idle-connections", type=int, default=1000)
     parser.add_argument("--only", default="direct,floor,queued,sync,memory,big,queue,drain",
                         help="comma-separated parts to run")
