@@ -495,6 +495,8 @@ if __name__ == "__main__":
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes: shows that the benchmark runs (CI)")
     args = parser.parse_args()
+    if min(args.messages, args.batch, args.rounds, args.concurrency) < 1:
+        parser.error("--messages, --batch, --rounds and --concurrency must be 1 or more")
     if args.smoke:
         args.messages, args.concurrency, args.idle_connections, args.rounds = 20, 4, 20, 1
         args.big_mb, args.queued = 2, 200
