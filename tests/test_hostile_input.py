@@ -142,6 +142,45 @@ async def test_only_crlf_dot_crlf_ends_the_data(
     assert len(sandbox.exchange.messages) == 1
 
 
+async def test_a_body_read_in_blocks_keeps_the_line_rules_on_a_live_connection(
+        start_relay: RelayFactory, sandbox: Sandbox) -> None:
+    """The body is read in blocks: a body that is one 3 MB line, or 3 MB of bare CRs, is
+    refused at its end as a line too long, and the next transaction on the same
+    connection is read from where that one ended; a large body whose lines start with
+    dots, arriving in many segments, reaches Exchange unstuffed and whole."""
+    relay = await start_relay({**REWRITE, "server": {"max_message_size": "10MiB"}})
+    client = await connect(relay)
+    try:
+        for body in (b"x" * 3_000_000, b"\r" * 3_000_000):
+            for line in ("MAIL FROM:<relay@contoso.com>", "RCPT TO:<customer@example.com>"):
+                assert (await client.cmd(line))[0] == 250
+            assert (await client.cmd("DATA"))[0] == 354
+            client.writer.write(b"From: relay@contoso.com\r\n\r\n" + body + b"\r\n.\r\n")
+            await client.writer.drain()
+            code, text = await client.reply()
+            assert (code, text.split(" ", 1)[0]) == (500, "5.5.2"), text
+        lines = [b".starts with a dot %d" % i if i % 7 == 0 else b"line %d" % i
+                 for i in range(40_000)]
+        body = b"\r\n".join(lines) + b"\r\n"
+        for line in ("MAIL FROM:<relay@contoso.com>", "RCPT TO:<customer@example.com>"):
+            assert (await client.cmd(line))[0] == 250
+        assert (await client.cmd("DATA"))[0] == 354
+        stuffed = b"".join(b"." + line + b"\r\n" if line.startswith(b".") else line + b"\r\n"
+                           for line in lines)
+        wire = (b"From: relay@contoso.com\r\nSubject: dots\r\n\r\n" + stuffed
+                + b".\r\nNOOP\r\n")
+        for start in range(0, len(wire), 9_973):       # many segments, cut anywhere
+            client.writer.write(wire[start:start + 9_973])
+            await client.writer.drain()
+        assert (await client.reply())[0] == 250
+        assert (await client.reply())[0] == 250           # the NOOP sent with the data
+    finally:
+        await client.close()
+    [data] = await delivered(sandbox)
+    assert data.endswith(b"\r\n\r\n" + body)
+    assert len(sandbox.exchange.messages) == 1
+
+
 async def test_nul_is_refused(start_relay: RelayFactory, sandbox: Sandbox) -> None:
     relay = await start_relay(REWRITE)
     for raw in (b"From: relay@contoso.com\r\nSubject: a\0b\r\n\r\nhi\r\n.\r\n",
