@@ -25,7 +25,8 @@ pytestmark = pytest.mark.fuzz
 # Pieces that make the line model's cases likely: every kind of line break, dot lines,
 # fields, Received fields (the hop limit), NUL, 8-bit text, the end sequence itself.
 TOKENS = [b"\r\n", b"\n", b"\r", b".", b"..", b"x", b"x" * 9, b"A: 1", b"Received: y",
-          b" folded", b"\0", "é".encode(), b"\r\n.\r\n", b"\r\n.\n", b"\n.\r\n", b"\r\n\r\n"]
+          b" folded", b"\0", "é".encode(), b"\r\n.\r\n", b"\r\n.\n", b"\n.\r\n", b"\r\n\r\n",
+          b"x.\r\n", b".\r\n", b".\r"]
 
 limits = st.builds(
     Limits,
@@ -70,6 +71,11 @@ def run(wire: bytes, cuts: list[int], lim: Limits, *, blocks: bool) -> Outcome:
 @example([b"A: 1", b"\r\n", b"\r\n", b".", b"\r\n"], Limits(10**6, 1000, 4096, 20, 5), [], b"")
 @example([b"A: 1", b"\r\n", b"\r\n", b"\r\n.\r\n"], Limits(10**6, 1000, 4096, 20, 5), [9], b"Q")
 @example([b"A: 1", b"\r\n\r\n", b"x" * 9, b"x" * 9, b"\r\n"], Limits(40, 8, 50, 2, 1), [12], b"")
+@example([b"A: 1", b"\r\n\r\n", b"x.\r\n"], Limits(10**6, 1000, 4096, 20, 5), [], b"")
+@example([b"A: 1", b"\r\n\r\n", b"x.\r\n", b".\r"], Limits(10**6, 1000, 4096, 20, 5), [15, 17],
+         b"")
+@example([b"A: 1", b"\r\n\r\n", b"\r\n\r\n", b"\n", b"x" * 9], Limits(10**6, 30, 4096, 20, 5),
+         [8], b"")
 def test_blocks_read_what_lines_read(tokens: list[bytes], lim: Limits, cuts: list[int],
                                      rest: bytes) -> None:
     wire = b"".join(tokens) + b"\r\n.\r\n" + rest

@@ -5,8 +5,8 @@ handler sees a byte; at 35 MB per message and a hundred connections that is giga
 :class:`DataReader` reads the stream itself instead (the header section a line at a time,
 the body in blocks) and hands the message on in two parts: the header section, whole and
 bounded (the sender policy needs it), then the body in chunks, which the caller writes to
-the spool. Memory per message is the header section and one
-chunk, and :class:`relay.receive.budget.MemoryBudget` caps the sum over all connections.
+the spool. Memory per message is the header section and one chunk, and
+:class:`relay.receive.budget.MemoryBudget` caps the sum over all connections.
 
 The line model (see relay.core.message): every line break becomes CRLF, a bare LF (what
 legacy Unix programs send) and a bare CR alike, because that is how aiosmtplib and
@@ -27,6 +27,7 @@ standard allows it outside BINARYMIME, and parsers disagree on what follows one)
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,6 +41,10 @@ __all__ = ["DataReader", "Limits", "Received", "Sink"]
 
 # The end of the data: a line of one dot, after a line that ended in CRLF.
 _END = b"\r\n.\r\n"
+_DOT_LINE = b".\r\n"
+# The dot that transparency added to a line (RFC 5321 4.5.2): a line's first, unless the
+# line is that dot alone (which is content: the end line is found before).
+_STUFFED = re.compile(rb"^\.(?!\r?\n)", re.MULTILINE)
 # The most body bytes taken from the stream at once.
 _PIECE = 32 * 1024
 
@@ -90,19 +95,18 @@ class DataReader:
     """Reads one message's DATA from an aiosmtpd session's stream (see the module
     docstring); the stream's limit must be ``max_line_length`` + 1 or more.
 
-    The header section is read a line at a time, as it must be parsed line by line. The
-    body is then read in blocks, up to the end-of-data sequence ``CRLF . CRLF`` that the
-    stream itself finds: a usual body (CRLF line breaks, lines within the limit) is
-    checked and unstuffed a block at a time, and anything else goes line by line through
-    the same rules, so both ways give the same bytes. The stream's own reads stop before
-    the end sequence or just after it, never inside it; the one place where that is not
-    so is where the line reads leave off (after a CRLF, the next line could be the end),
-    so the body's blocks begin only where a line's first byte shows it cannot be.
+    The header section is read a line at a time, as it must be parsed line by line; the
+    body in blocks, up to the end that the stream itself finds (see :meth:`_by_block`).
+    A usual block (CRLF line breaks, lines within the limit) is checked and unstuffed at
+    once, one with bare line breaks with two substitutions, and anything else line by
+    line, all by the same rules: the ways give the same bytes (tests/test_prop_data.py),
+    and input made to be costly costs a fraction of what it did when every line was read
+    on its own (bench/data_input.py).
     """
 
     def __init__(self, limits: Limits, *, blocks: bool = True) -> None:
         """``blocks=False`` reads the body a line at a time too: the reference that the
-        reading in blocks is tested against (tests/test_prop_data.py)."""
+        reading in blocks is tested against."""
         self.limits = limits
         self._blocks = blocks
         self._received = Received()
@@ -120,9 +124,9 @@ class DataReader:
         """Read up to and including the end-of-data line; never raises for content."""
         result = self._received
         try:
-            first = await self._by_line(reader, sink)
-            if first is not None:
-                await self._by_block(reader, sink, first)
+            tail = await self._by_line(reader, sink)
+            if tail is not None:
+                await self._by_block(reader, sink, tail)
         except asyncio.IncompleteReadError as exc:
             # The client closed the connection in the middle of DATA.
             raise ConnectionResetError("connection closed during DATA") from exc
@@ -138,65 +142,79 @@ class DataReader:
         return result
 
     async def _by_line(self, reader: asyncio.StreamReader, sink: Sink) -> bytes | None:
-        """The header section (and the body's first lines, if they look like the end):
-        a line at a time. Returns None if the end of the data was read, otherwise the
-        bytes read of the body's next line (which is not the end line) for
-        :meth:`_by_block`."""
+        """The header section, a line at a time. Returns None if the end of the data was
+        read; otherwise, once the body begins (or the message is refused), the last two
+        bytes read, for :meth:`_by_block`."""
         result = self._received
         limits = self.limits
-        after_crlf = True           # the previous line ended in CRLF (or DATA's own)
+        tail = b"\r\n"              # the last two bytes read (DATA's own CRLF at first)
         in_line = False             # the last read ended inside an over-long line
         while True:
-            first = b""
-            if self._blocks and not in_line and (self._head is None
-                                                 or result.refusal is not None):
-                if not after_crlf:
-                    return first    # after a bare LF no end can follow at once
-                # After a CRLF the next line could be the end: its first byte tells.
-                # (The data has not ended, so the client sends at least one more.)
-                first = await reader.readexactly(1)
-                if first not in (b".", b"\r"):
-                    return first
+            if self._blocks and (self._head is None or result.refusal is not None):
+                return tail
             try:
-                line = first + await reader.readuntil(b"\n")
+                line = await reader.readuntil(b"\n")
             except asyncio.LimitOverrunError as exc:
                 # Longer than the stream's limit: drop it in pieces (nothing of an
                 # over-long line can end the data), and refuse the message at the end.
-                line = first + await reader.read(exc.consumed)
+                line = await reader.read(exc.consumed)
+                tail = (tail + line)[-2:]
                 result.size += len(line)
                 self._refuse(replies.line_too_long(limits.max_line_length))
-                # A piece may stop between the line's CR and its LF.
-                in_line, after_crlf = True, line.endswith(b"\r")
+                in_line = True
                 continue
+            after_crlf = tail == b"\r\n"
+            tail = (tail + line)[-2:]
             if in_line:
                 # The rest of an over-long line.
                 result.size += len(line)
                 in_line = False
-                after_crlf = line.endswith(b"\r\n") or (line == b"\n" and after_crlf)
                 continue
             if after_crlf and line == b".\r\n":
                 return None
-            after_crlf = line.endswith(b"\r\n")
             self._line(line)
             await self._hand_on(sink)
 
-    async def _by_block(self, reader: asyncio.StreamReader, sink: Sink,
-                        partial: bytes) -> None:
-        """The rest of the body, a block at a time; ``partial``: the start of its first
-        line, read already."""
+    async def _by_block(self, reader: asyncio.StreamReader, sink: Sink, tail: bytes) -> None:
+        """The rest of the body, a block at a time; ``tail``: the last two bytes read.
+
+        The stream finds the end sequence itself, and never takes part of it: a read
+        stops before it or just after it. What it cannot see is an end that began in
+        what was read already: after a CRLF (where the line reads leave off), the next
+        line may be the end line. So as long as the bytes read end as the end sequence
+        begins, the stream looks for the end line alone (``.`` CRLF), and the CRLF
+        before it is looked for in ``tail``; once they do not, for the whole sequence."""
         result = self._received
         longest = self.limits.max_line_length + 2
+        partial = b""               # the start of a line whose end has not come yet
+        separator = _DOT_LINE
         while True:
             try:
-                piece = await reader.readuntil(_END)
-                last = True
+                piece = await reader.readuntil(separator)
+                found = True
             except asyncio.LimitOverrunError as exc:
-                # More than the stream's limit before the end (or no end yet): the part
-                # that cannot hold the end's first byte is taken, a piece at a time.
+                # Over the stream's limit with no end in sight: what cannot hold the
+                # start of one is taken, a piece at a time.
                 piece = await reader.read(min(exc.consumed, _PIECE))
-                last = False
+                found = False
+            last = found and (separator is _END or piece.endswith(_END)
+                              or (len(piece) < len(_END) and (tail + piece).endswith(_END)))
             if last:
                 piece = piece[:-3]          # the end line; its CRLF ends the last line
+            elif separator is _DOT_LINE:
+                if found:
+                    # A line that ends in a dot; the next could be the end line: its
+                    # first byte tells (the data has not ended, so one comes, and after
+                    # a dot at least the CRLF of its line).
+                    first = await reader.readexactly(1)
+                    if first == b".":
+                        first += await reader.readexactly(2)
+                    last = first == _DOT_LINE
+                    if not last:
+                        piece += first
+                tail = piece[-2:] if len(piece) >= 2 else (tail + piece)[-2:]
+                if tail[-1:] != b"\r" and tail != b"\r\n":
+                    separator = _END        # nothing read can begin the end any more
             if partial:
                 piece, partial = partial + piece, b""
             if result.refusal is not None:
@@ -221,24 +239,37 @@ class DataReader:
         """Whole body lines: a usual block at once, any other a line at a time."""
         result, limits = self._received, self.limits
         size = result.size + len(block)
-        # The usual block: every line break a CRLF, no line over the limit, no dot to
-        # remove from its first line (one on the others is a plain replace: a lone dot
-        # line after a CRLF would have been the end).
-        if (size <= limits.max_message_size and block[:1] != b"."
-                and block.count(b"\n") == block.count(b"\r") == block.count(b"\r\n")
-                and (len(block) <= limits.max_line_length + 2
-                     or max(map(len, block.split(b"\r\n"))) <= limits.max_line_length)):
-            result.size = size
-            if b"\r\n." in block:
-                block = block.replace(b"\r\n.", b"\r\n")
-            self._batch.append(block)
-            self._batch_size += len(block)
-            return
+        if size <= limits.max_message_size:
+            crlf = block.count(b"\n") == block.count(b"\r") == block.count(b"\r\n")
+            if crlf and (len(block) <= limits.max_line_length + 2 or max(
+                    map(len, block.split(b"\r\n"))) <= limits.max_line_length):
+                # The usual block: every line break a CRLF, no line over the limit. Its
+                # dots go with a plain replace (a lone dot line after a CRLF would have
+                # been the end), the first line's on its own (a lone dot there stays:
+                # a bare LF ended the line before, so it is content).
+                if block[:1] == b"." and not block.startswith(b".\r\n"):
+                    block = block[1:]
+                if b"\r\n." in block:
+                    block = block.replace(b"\r\n.", b"\r\n")
+                self._keep(block, size)
+                return
+            if not crlf and max(map(len, block.split(b"\n"))) <= limits.max_line_length + 1:
+                # Bare LFs or CRs (a Unix program's), no line over the limit: the dots
+                # and then the breaks, at once, as line by line would.
+                if block[:1] == b"." or b"\n." in block:
+                    block = _STUFFED.sub(b"", block)
+                self._keep(LINE_BREAK.sub(b"\r\n", block), size)
+                return
         start = 0
         while start < len(block):
             end = block.index(b"\n", start) + 1
             self._line(block[start:end])
             start = end
+
+    def _keep(self, block: bytes, size: int) -> None:
+        self._received.size = size
+        self._batch.append(block)
+        self._batch_size += len(block)
 
     def _line(self, line: bytes) -> None:
         """One line (it ends in LF) of the header section or of the body."""
