@@ -17,8 +17,9 @@ fake has it:
 
 Then the relay's memory: idle, with 1,000 idle client connections, and its peak during the
 runs above; bench/queue_memory.py and bench/memory.py add 100,000 queued messages and a
-30 MB message, and bench/drain.py the drain of a backlog at Exchange's limits. ``--smoke``
-runs everything tiny, to show that it runs (CI); its figures mean nothing.
+30 MB message, bench/drain.py the drain of a backlog at Exchange's limits, and
+bench/data_input.py what reading DATA costs per kind of body, hostile ones included.
+``--smoke`` runs everything tiny, to show that it runs (CI); its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import aiosmtplib
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import drain  # noqa: E402
+from bench import data_input, drain  # noqa: E402
 from bench.memory import fetch_token, measure, start_bare, status  # noqa: E402
 from tests.relayproc import MAILBOX, Harness, RelayProcess  # noqa: E402
 
@@ -312,6 +313,8 @@ def main(ns: argparse.Namespace) -> None:
         mailboxes=ns.drain_mailboxes, per_minute=ns.drain_per_minute,
         backlog=ns.drain_backlog)) if "drain" in ns.only else None
     report(ns, [Summary.of(rows) for rows in runs.values()], memory, tokens, drained)
+    if "data" in ns.only:
+        data_input.table(0.01 if ns.smoke else 1.0)
 
 
 def one_round(ns: argparse.Namespace, h: Harness, bench: Bench, token: str, directory: Path,
@@ -482,7 +485,8 @@ if __name__ == "__main__":
                         help="messages per turn when the floor and the queued relay take "
                              "turns (x floor: the median of the turns' ratios)")
     parser.add_argument("--idle-connections", type=int, default=1000)
-    parser.add_argument("--only", default="direct,floor,queued,sync,memory,big,queue,drain",
+    parser.add_argument("--only",
+                        default="direct,floor,queued,sync,memory,big,queue,data,drain",
                         help="comma-separated parts to run")
     parser.add_argument("--big-mb", type=int, default=30)
     parser.add_argument("--queued", type=int, default=100_000)

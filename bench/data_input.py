@@ -64,22 +64,23 @@ async def _read(body: bytes, segment: int, blocks: bool) -> float:
     return spent
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=float, default=1.0, help="body size of each kind")
-    parser.add_argument("--segment", type=int, default=64 * 1024,
-                        help="bytes the stream is fed at a time")
-    ns = parser.parse_args()
-    print(f"# CPU seconds per MB of body, {ns.mb:g} MB each, fed in {ns.segment}-byte "
-          f"segments; Python {sys.version.split()[0]}")
+def table(mb: float = 1.0, segment: int = 64 * 1024) -> None:
+    """Print the figures (bench/compare.py prints them too, as part of ``make bench``)."""
+    print(f"# reading DATA: CPU seconds per MB of body, {mb:g} MB of each kind, fed in "
+          f"{segment}-byte segments")
     print(f"{'body':34} {'in blocks':>10} {'by line':>10} {'ratio':>7}")
     for name, unit in KINDS.items():
-        body = unit * max(1, int(ns.mb * 1_000_000) // len(unit))
-        mb = len(body) / 1_000_000
-        blocks = asyncio.run(_read(body, ns.segment, True)) / mb
-        lines = asyncio.run(_read(body, ns.segment, False)) / mb
+        body = unit * max(1, int(mb * 1_000_000) // len(unit))
+        size = len(body) / 1_000_000
+        blocks = asyncio.run(_read(body, segment, True)) / size
+        lines = asyncio.run(_read(body, segment, False)) / size
         print(f"{name:34} {blocks:10.3f} {lines:10.3f} {lines / max(blocks, 1e-9):6.1f}x")
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=1.0, help="body size of each kind")
+    parser.add_argument("--segment", type=int, default=64 * 1024,
+                        help="bytes the stream is fed at a time")
+    args = parser.parse_args()
+    table(args.mb, args.segment)
