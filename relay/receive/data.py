@@ -178,12 +178,14 @@ class DataReader:
     async def _by_block(self, reader: asyncio.StreamReader, sink: Sink, tail: bytes) -> None:
         """The rest of the body, a block at a time; ``tail``: the last two bytes read.
 
-        The stream finds the end sequence itself, and never takes part of it: a read
-        stops before it or just after it. What it cannot see is an end that began in
-        what was read already: after a CRLF (where the line reads leave off), the next
-        line may be the end line. So as long as the bytes read end as the end sequence
-        begins, the stream looks for the end line alone (``.`` CRLF), and the CRLF
-        before it is looked for in ``tail``; once they do not, for the whole sequence."""
+        The stream looks for a separator itself and never takes part of one: a read
+        stops before it or just after it. What it cannot see is an end sequence that
+        began in what was read already: after a CRLF (where the line reads leave off),
+        the next line may be the end line. So while the bytes read so far end in a CR or
+        a CRLF, the separator is the end line alone (``.`` CRLF), and the CRLF before it
+        is looked for in ``tail``; after a line that ends in a dot, the next line's first
+        byte tells whether it is the end line. Once the bytes read end otherwise, the
+        separator is the whole end sequence, which no read can split, and stays so."""
         result = self._received
         longest = self.limits.max_line_length + 2
         partial = b""               # the start of a line whose end has not come yet
