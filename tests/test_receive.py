@@ -279,6 +279,20 @@ async def test_relay_network_client_is_accepted_without_auth(start: Start) -> No
     await c.close()
 
 
+async def test_help_and_unknown_commands_find_the_commands_bound_on_lookup(
+        start: Start) -> None:
+    """The commands are bound when aiosmtpd looks one up (setuponce.CommandTable): HELP
+    lists them and gives a command's syntax, an unknown one is still unknown."""
+    h = await start()
+    c = await connect(h)
+    await c.ehlo()
+    code, text = await c.cmd("HELP")
+    assert code == 250 and {"DATA", "EHLO", "MAIL", "QUIT", "RCPT"} <= set(text.split())
+    assert await c.cmd("HELP DATA") == (250, "Syntax: DATA")
+    assert (await c.cmd("FROBNICATE"))[0] == 500
+    await c.close()
+
+
 async def test_refused_network_loopback_client_is_asked_to_authenticate(start: Start) -> None:
     h = await start(REFUSED_NETWORK)
     c = await connect(h)

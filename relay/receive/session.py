@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, AnyStr, Protocol
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from relay.accept.route import Router
 from relay.config import Config, Listener
@@ -351,6 +351,7 @@ class RelaySMTP(LazyIdleTimer, CommandTable, AuthSMTP):  # type: ignore[misc]
 
     # --- DATA ------------------------------------------------------------------------------
 
+    @syntax("DATA")      # aiosmtpd's own, which HELP reads
     async def smtp_DATA(self, arg: str) -> None:
         """DATA streamed to the spool (relay.receive.data) instead of aiosmtpd's version,
         which collects the whole message in memory before its handler sees it.
