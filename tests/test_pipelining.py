@@ -13,6 +13,7 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import aiosmtplib
@@ -123,12 +124,7 @@ async def test_outside_a_group_unasked_data_is_still_dropped() -> None:
     protocol.data_received(b"250 something nobody asked for\r\n")
     assert tuple(await protocol.read_response(5)) == (250, "reset")
     protocol.data_received(b"554 more of it\r\n")
-    protocol._response_pending = True
-    protocol.write(b"NOOP\r\n")
-    reader = asyncio.ensure_future(protocol.read_response(5))
-    await asyncio.sleep(0)
-    protocol.data_received(b"250 noop\r\n")
-    assert tuple(await reader) == (250, "noop")
+    assert await _noop(protocol, 5) == (250, "noop")
 
 
 async def test_a_flood_ahead_of_its_turn_is_an_error_not_memory() -> None:
@@ -144,26 +140,42 @@ async def test_a_flood_ahead_of_its_turn_is_an_error_not_memory() -> None:
 
 
 async def test_a_reply_that_does_not_come_times_out_and_one_that_did_is_not_waited_for(
-        ) -> None:
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Each read has its own deadline, as aiosmtplib's has; a reply that is there already
-    is taken without one, and a late timer does not touch the next waiter."""
+    is taken at once, with no timer and no turn of the event loop; a read's timer is
+    gone once its reply has come."""
     protocol, _ = _connected()
+    loop = asyncio.get_running_loop()
+    timers: list[asyncio.TimerHandle] = []
+    call_later = loop.call_later
+
+    def recorded(*args: Any) -> asyncio.TimerHandle:
+        timers.append(call_later(*args))
+        return timers[-1]
+
+    monkeypatch.setattr(loop, "call_later", recorded)
     protocol.send_group(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\n")
     protocol.data_received(b"250 sender ok\r\n")
-    assert tuple(await protocol.read_response(0.05)) == (250, "sender ok")
-    started = asyncio.get_running_loop().time()
+    reading = protocol.read_response(0.05)
+    with pytest.raises(StopIteration) as done:     # finished without suspending
+        reading.send(None)
+    assert tuple(done.value.value) == (250, "sender ok") and timers == []
+    started = loop.time()
     with pytest.raises(aiosmtplib.SMTPReadTimeoutError):
         await protocol.read_response(0.05)
-    assert 0.04 < asyncio.get_running_loop().time() - started < 2
+    assert 0.04 < loop.time() - started < 2
+    assert await _noop(protocol, 0.05) == (250, "noop")
+    assert len(timers) == 2 and timers[1].cancelled()
+
+
+async def _noop(protocol: PipeliningProtocol, deadline: float) -> tuple[int, str]:
+    """A NOOP outside any group, its reply arriving while the read waits."""
     protocol._response_pending = True
     protocol.write(b"NOOP\r\n")
-    reader = asyncio.ensure_future(protocol.read_response(0.05))
+    reader = asyncio.ensure_future(protocol.read_response(deadline))
     await asyncio.sleep(0)
     protocol.data_received(b"250 noop\r\n")
-    assert tuple(await reader) == (250, "noop")
-    await asyncio.sleep(0.1)            # the timer of that read, had it been left running
-    waiter = protocol._response_waiter
-    assert waiter is not None and not waiter.done()
+    return tuple(await reader)  # type: ignore[return-value]
 
 
 async def test_a_group_waits_for_the_last_one_to_be_read() -> None:
