@@ -55,11 +55,17 @@ def provider(fake: FakeEntra, pki: LocalPKI, made: list[TokenProvider],
 
 # --- workload identity federation ------------------------------------------------------------
 
+@pytest.fixture
+def issuer(fake: FakeEntra) -> OIDCIssuer:
+    """The platform's token issuer, which the fake Entra trusts for the app's SUBJECT."""
+    trusted = OIDCIssuer()
+    fake.add_federated_credential(TENANT, CLIENT, trusted.url, SUBJECT, trusted.public_key)
+    return trusted
+
+
 async def test_a_federated_token_file_is_read_fresh_for_every_request(
         fake: FakeEntra, pki: LocalPKI, providers: list[TokenProvider],
-        tmp_path: Path) -> None:
-    issuer = OIDCIssuer()
-    fake.add_federated_credential(TENANT, CLIENT, issuer.url, SUBJECT, issuer.public_key)
+        tmp_path: Path, issuer: OIDCIssuer) -> None:
     token_file = tmp_path / "azure-identity-token"
     token_file.write_text(issuer.token(SUBJECT))
     p = provider(fake, pki, providers, federated_token_file=token_file)
@@ -78,9 +84,8 @@ async def test_a_federated_token_file_is_read_fresh_for_every_request(
 
 async def test_an_unknown_issuer_or_an_expired_federated_token_is_refused(
         fake: FakeEntra, pki: LocalPKI, providers: list[TokenProvider],
-        tmp_path: Path) -> None:
-    issuer, stranger = OIDCIssuer(), OIDCIssuer("https://token.actions.example")
-    fake.add_federated_credential(TENANT, CLIENT, issuer.url, SUBJECT, issuer.public_key)
+        tmp_path: Path, issuer: OIDCIssuer) -> None:
+    stranger = OIDCIssuer("https://token.actions.example")
     token_file = tmp_path / "token"
     token_file.write_text(stranger.token(SUBJECT))
     with pytest.raises(TokenError, match="AADSTS700211"):
@@ -92,9 +97,7 @@ async def test_an_unknown_issuer_or_an_expired_federated_token_is_refused(
 
 async def test_a_missing_federated_token_file_is_named_and_waited_for(
         fake: FakeEntra, pki: LocalPKI, providers: list[TokenProvider],
-        tmp_path: Path) -> None:
-    issuer = OIDCIssuer()
-    fake.add_federated_credential(TENANT, CLIENT, issuer.url, SUBJECT, issuer.public_key)
+        tmp_path: Path, issuer: OIDCIssuer) -> None:
     missing = tmp_path / "not-projected-yet"
     with pytest.raises(TokenError) as err:
         await provider(fake, pki, providers, federated_token_file=missing).get()
