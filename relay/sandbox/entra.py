@@ -24,7 +24,6 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-import logging
 import re
 import secrets
 import threading
@@ -33,7 +32,6 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote_plus, urlsplit
 
@@ -42,12 +40,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from relay.sandbox.https import HTTPSServer, serve
+from relay.sandbox.https import HTTPSServer, JSONHandler, serve
 from relay.sandbox.issuer import FEDERATED_AUDIENCE
 from relay.sandbox.pki import LocalPKI
 from relay.sandbox.userflows import DEVICE_CODE_GRANT, FlowError, UserFlows
-
-log = logging.getLogger(__name__)
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 DEFAULT_RESOURCES = frozenset({
@@ -127,41 +123,23 @@ def _split_jwt(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes
     return header, payload, f"{parts[0]}.{parts[1]}".encode("ascii"), signature
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as msal's requests session expects
-    server: HTTPSServer
+class _Handler(JSONHandler):
     server_version = "FakeEntra/1.0"
-    sys_version = ""
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("fake Entra: " + format, *args)
 
     def do_GET(self) -> None:
         status, body = self.server.owner._handle_get(self.path, self.headers.get("Metadata"))
-        self._reply(status, body)
+        self.reply(status, body)
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         if length > _MAX_BODY:
-            self._reply(413, {"error": "invalid_request"}, {"Connection": "close"})
+            self.reply(413, {"error": "invalid_request"}, {"Connection": "close"})
             self.close_connection = True
             return
         body = self.rfile.read(length) if length else b""
-        self._reply(*self.server.owner._handle_post(
+        self.reply(*self.server.owner._handle_post(
             self.path, self.headers.get("Content-Type", ""),
             self.headers.get("Authorization"), body))
-
-    def _reply(self, status: int, body: dict[str, Any],
-               headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Cache-Control", "no-store, no-cache")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
 
 
 class FakeEntra:

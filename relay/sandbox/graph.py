@@ -18,22 +18,17 @@ import base64
 import binascii
 import email.utils
 import fnmatch
-import json
-import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 from relay.core.graphsize import GRAPH_REQUEST_LIMIT
 from relay.core.headerfields import named_addresses, parse_header
-from relay.sandbox.https import HTTPSServer, serve
+from relay.sandbox.https import HTTPSServer, JSONHandler, serve
 from relay.sandbox.pki import LocalPKI
-
-log = logging.getLogger(__name__)
 
 GRAPH_AUDIENCE = "https://graph.microsoft.com"
 TokenValidator = Callable[[str], dict[str, Any]]   # claims, or raises
@@ -56,38 +51,22 @@ class _Fault:
     retry_after: int | None
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: HTTPSServer
+class _Handler(JSONHandler):
     server_version = "FakeGraph/1.0"
-    sys_version = ""
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("fake Graph: " + format, *args)
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         if length > GRAPH_REQUEST_LIMIT:
-            self._reply(413, _body("RequestBodyTooLarge",
-                                   "The maximum request length supported is 4MB."), None)
+            self.reply(413, _body("RequestBodyTooLarge",
+                                  "The maximum request length supported is 4MB."))
             self.close_connection = True
             return
         body = self.rfile.read(length) if length else b""
-        self._reply(*self.server.owner._post(
+        status, answer, retry_after = self.server.owner._post(
             self.path, self.headers.get("Content-Type", ""),
-            self.headers.get("Authorization") or "", body))
-
-    def _reply(self, status: int, body: dict[str, Any] | None,
-               retry_after: int | None) -> None:
-        data = json.dumps(body).encode() if body is not None else b""
-        self.send_response(status)
-        if data:
-            self.send_header("Content-Type", "application/json")
-        if retry_after is not None:
-            self.send_header("Retry-After", str(retry_after))
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+            self.headers.get("Authorization") or "", body)
+        self.reply(status, answer,
+                   None if retry_after is None else {"Retry-After": str(retry_after)})
 
 
 def _body(code: str, message: str) -> dict[str, Any]:

@@ -3,12 +3,14 @@ from the sandbox's certificate, on 127.0.0.1 and a free port.
 
 - :class:`HTTPSServer`: a :class:`~http.server.ThreadingHTTPServer` whose connections are
   TLS, with the stand-in it serves as ``owner`` for the request handlers;
+- :class:`JSONHandler`: the base of their request handlers (keep-alive, JSON replies);
 - :func:`serve`: start one on a thread of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import socket
 import ssl
@@ -68,6 +70,31 @@ class HTTPSServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("%s: connection from %s failed", type(self.owner).__name__, client_address,
                   exc_info=True)
+
+
+class JSONHandler(BaseHTTPRequestHandler):
+    """A stand-in's request handler: keep-alive, as the requests session msal and the
+    Graph transport use expects; its requests logged at debug; replies in JSON."""
+
+    protocol_version = "HTTP/1.1"
+    server: HTTPSServer
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s: " + format, self.server_version, *args)
+
+    def reply(self, status: int, body: dict[str, Any] | None,
+              headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode() if body is not None else b""
+        self.send_response(status)
+        if data:
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Cache-Control", "no-store, no-cache")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
 
 
 def serve(owner: object, handler: type[BaseHTTPRequestHandler], pki: LocalPKI,
