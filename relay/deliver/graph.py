@@ -34,6 +34,7 @@ from urllib.parse import quote
 import requests
 
 from relay.config import Graph
+from relay.core.errors import causes
 from relay.core.graphsize import too_big_for_graph
 from relay.core.headerfields import named_addresses, parse_header
 from relay.core.log import redact
@@ -122,8 +123,7 @@ class GraphClient:
             result = DeliveryResult(self._unreachable(exc))
             self._log(mailbox, prepared, result.reply, started)
             return result
-        reply, retry_after = graph_reply(response.status_code, _error(response),
-                                         response.headers.get("Retry-After"), mailbox)
+        reply, retry_after = _meaning(response, mailbox)
         self._log(mailbox, prepared, reply, started)
         if response.status_code == 401:
             raise AuthenticationRejected(reply)
@@ -140,9 +140,7 @@ class GraphClient:
                                              lambda: b"(not base64: nothing to send)")
         except requests.RequestException as exc:
             return 0, self._unreachable(exc)
-        reply, _ = graph_reply(response.status_code, _error(response),
-                               response.headers.get("Retry-After"), mailbox)
-        return response.status_code, reply
+        return response.status_code, _meaning(response, mailbox)[0]
 
     async def _send_mail(self, mailbox: str, token: HasAccessToken,
                          body: Callable[[], bytes]) -> requests.Response:
@@ -221,6 +219,12 @@ def _retry_after(value: str | None) -> float:
     return min(max(seconds, 1.0), _RETRY_AFTER_MAX)
 
 
+def _meaning(response: requests.Response, mailbox: str) -> tuple[Reply, float | None]:
+    """:func:`graph_reply` for a response as requests has it."""
+    return graph_reply(response.status_code, _error(response),
+                       response.headers.get("Retry-After"), mailbox)
+
+
 def _error(response: requests.Response) -> tuple[str, str]:
     """Graph's ``{"error": {"code", "message"}}``, or the start of a body that is not."""
     try:
@@ -233,9 +237,5 @@ def _error(response: requests.Response) -> tuple[str, str]:
 
 def _cause(exc: BaseException) -> str:
     """The innermost reason a request failed, in one line."""
-    for _ in range(10):
-        inner = exc.__cause__ or exc.__context__
-        if inner is None:
-            break
-        exc = inner
-    return truncate(one_line(str(exc)) or type(exc).__name__, 200)
+    *_, innermost = causes(exc)
+    return truncate(one_line(str(innermost)) or type(innermost).__name__, 200)
