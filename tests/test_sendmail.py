@@ -90,6 +90,12 @@ def test_a_message_without_headers_gets_them_and_keeps_its_first_line_as_body() 
     assert done.startswith(b'From: Root <root@host>\r\n')
     assert done.endswith(b"Subject: only headers\r\n\r\n")
     assert data == b"hello: world is not a header here\r\n"
+    # A field as the relay reads one (the obsolete space before the colon too) is a
+    # header; a line that starts with a space is body, not a continuation of From.
+    done, _ = sendmail.complete(b"Subject : old style\r\n\r\nx\r\n", "root@host", None)
+    assert b"\r\nSubject : old style\r\n\r\nx\r\n" in done
+    done, _ = sendmail.complete(b" indented\r\n", "root@host", None)
+    assert done.endswith(b"\r\n\r\n indented\r\n")
 
 
 # --- with the relay running ------------------------------------------------------------------

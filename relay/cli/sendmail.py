@@ -24,7 +24,6 @@ from __future__ import annotations
 import email.utils
 import getpass
 import os
-import re
 import smtplib
 import socket
 import sys
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from relay.accept.headers import field_name
 from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, Listener, load_config
 from relay.core.headerfields import named_addresses, parse_header
 from relay.ops.healthcheck import reachable
@@ -43,8 +43,6 @@ EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 69, 75, 78
 # Where the relay listens unless its config says otherwise (server.listeners' default).
 DEFAULT_LISTENER = ("127.0.0.1", Listener().port)
 
-# A header field's start: a name of printable characters but the colon, then the colon.
-_FIELD = re.compile(rb"[!-9;-~]+:")
 # Options that take an argument and are accepted without effect (sendmail's and Postfix's).
 _IGNORED_WITH_ARG = frozenset("BLNRVXhO")
 _IGNORED = frozenset("vGUnm")
@@ -129,7 +127,7 @@ def read_message(stream: BinaryIO, dots_end: bool) -> bytes:
 def complete(data: bytes, sender: str, full_name: str | None) -> tuple[bytes, list[str]]:
     """The message with From and Date where it has none (as Postfix's cleanup adds them),
     and the addresses its To, Cc and Bcc name (for -t)."""
-    if not _FIELD.match(data):
+    if not field_name(data):
         data = b"\r\n" + data    # no header section at all (`echo hi | sendmail x@y`)
     header = parse_header(data)
     named = named_addresses(header, ("To", "Cc", "Bcc"))
